@@ -1,0 +1,5 @@
+import sys
+
+from llamette.cli import main
+
+sys.exit(main())

@@ -1,0 +1,252 @@
+"""The `llamette` command. Bad input ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable
+
+from llamette.errors import LlametteError
+from llamette.generate import Generation, chat, generate
+from llamette.model import Transformer
+from llamette.sampler import Sampler
+from llamette.tokenizer import Tokenizer
+
+log = logging.getLogger("llamette")
+
+# What run.c leaves out of its output: control characters other than whitespace.
+UNPRINTABLE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise LlametteError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="llamette", description="Run Llama-2-family models on the CPU.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="generate text or chat with a model",
+        description="Generate text or chat, with llama2.c's run.c flags, meanings and defaults.",
+    )
+    run.add_argument("model", help="model file (llama2.c v0, v1 or v2)")
+    run.add_argument("-z", "--tokenizer", help="tokenizer.bin (default: one beside the model)")
+    run.add_argument(
+        "-t", "--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)"
+    )
+    run.add_argument(
+        "-p",
+        "--top-p",
+        "--topp",
+        dest="topp",
+        type=float,
+        default=0.9,
+        help="nucleus sampling threshold in [0, 1]; 0 or 1 turns it off (default 0.9)",
+    )
+    run.add_argument(
+        "-k",
+        "--top-k",
+        dest="topk",
+        type=int,
+        default=0,
+        help="sample from the k most likely tokens only; 0 turns it off (default)",
+    )
+    run.add_argument(
+        "-s",
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed; 0 or less uses the current time (default)",
+    )
+    run.add_argument(
+        "-n",
+        "--steps",
+        type=int,
+        default=256,
+        help="positions to run, prompt included; 0 means the whole context (default 256)",
+    )
+    run.add_argument("-i", "--prompt", help="the prompt (chat: the first user message)")
+    run.add_argument(
+        "-m",
+        "--mode",
+        choices=("generate", "chat"),
+        default="generate",
+        help="generate (default) or chat",
+    )
+    run.add_argument(
+        "-y", "--system-prompt", "--system", dest="system_prompt", help="chat: the system prompt"
+    )
+    run.add_argument(
+        "--exact",
+        action="store_true",
+        help="use the reference kernels: run.c's and runq.c's arithmetic to the bit",
+    )
+    run.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object at the end instead of streaming text",
+    )
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    report_to_stderr()
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except LlametteError as error:
+        print(f"llamette: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if isinstance(error, BrokenPipeError):
+            return 1
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"llamette: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def report_to_stderr() -> None:
+    """Notes and timings from the llamette logger go to stderr as "llamette: ..." lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("llamette: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    check_sampling_flags(args)
+    if args.json and args.mode == "chat":
+        raise LlametteError("--json: works with -m generate only")
+    model = Transformer.load(args.model, exact=args.exact)
+    tokenizer = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
+    steps = clamp_steps(args.steps, model.config.seq_len)
+    sampler = Sampler(
+        model.config.vocab_size,
+        temperature=args.temperature,
+        topp=args.topp,
+        seed=args.seed if args.seed > 0 else None,
+        topk=args.topk,
+    )
+    on_text = None if args.json else print_stream
+    if args.mode == "generate":
+        result = generate(model, tokenizer, sampler, args.prompt or "", steps, on_text)
+        if on_text:
+            print_stream("\n")
+    else:
+        result = chat(
+            model,
+            tokenizer,
+            sampler,
+            user_messages(args.prompt),
+            read_system_prompt(args.system_prompt),
+            steps,
+            on_text,
+        )
+    if args.json:
+        print(json.dumps(result_json(result), ensure_ascii=False))
+    report_speed(result)
+    return 0
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    if not args.temperature >= 0.0:
+        raise LlametteError(f"-t/--temperature: {args.temperature} is not 0 or more")
+    if not 0.0 <= args.topp <= 1.0:
+        raise LlametteError(f"-p/--top-p: {args.topp} is outside [0, 1]")
+    if args.topk < 0:
+        raise LlametteError(f"-k/--top-k: {args.topk} is negative (0 turns top-k off)")
+
+
+def clamp_steps(steps: int, seq_len: int) -> int:
+    """run.c's rule: 0, negative or beyond the context means the whole context."""
+    if steps < 0 or steps > seq_len:
+        log.info(
+            "-n/--steps: %d is outside 0..%d (the model's context); using %d",
+            steps,
+            seq_len,
+            seq_len,
+        )
+    return steps if 0 < steps <= seq_len else seq_len
+
+
+def load_tokenizer_for(model_path: str, tokenizer_path: str | None, vocab_size: int) -> Tokenizer:
+    """The tokenizer given with -z, else the first fitting one beside the model."""
+    model_name = os.path.basename(model_path)
+    if tokenizer_path:
+        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer.check_vocab_size(vocab_size, model_name)
+        return tokenizer
+    folder = os.path.dirname(os.path.abspath(model_path))
+    tried = []
+    for name in ("tokenizer.bin", f"tok{vocab_size}.bin"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            tried.append(f"no {name}")
+            continue
+        tokenizer = Tokenizer.load(path)
+        if tokenizer.vocab_size == vocab_size:
+            return tokenizer
+        tried.append(f"{name} has {tokenizer.vocab_size} pieces")
+    raise LlametteError(
+        f"{model_path}: no tokenizer for its {vocab_size}-token vocabulary beside it "
+        f"({', '.join(tried)}); name one with -z"
+    )
+
+
+def user_messages(first: str | None) -> Callable[[], str | None]:
+    """The chat's source of user turns: the -i prompt first, then lines typed on stdin."""
+    pending = [first] if first is not None else []
+
+    def read() -> str | None:
+        return pending.pop() if pending else read_line("User: ")
+
+    return read
+
+
+def read_system_prompt(given: str | None) -> str:
+    if given is not None:
+        return given
+    return read_line("Enter system prompt (optional): ") or ""
+
+
+def read_line(guide: str) -> str | None:
+    """A line from stdin after printing guide on stdout (as run.c does); None at end of input."""
+    print_stream(guide)
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def print_stream(text: str) -> None:
+    sys.stdout.write(UNPRINTABLE.sub("", text))
+    sys.stdout.flush()
+
+
+def result_json(result: Generation) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "tokens": result.tokens,
+        "text": result.text,
+        "prefill_tok_s": round(result.prefill_tok_s, 2),
+        "decode_tok_s": round(result.decode_tok_s, 2),
+    }
+
+
+def report_speed(result: Generation) -> None:
+    log.info(
+        "prefill %d tokens at %.1f tok/s, decode %d tokens at %.1f tok/s",
+        result.prefill_tokens,
+        result.prefill_tok_s,
+        result.decode_tokens,
+        result.decode_tok_s,
+    )

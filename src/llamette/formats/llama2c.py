@@ -1,0 +1,187 @@
+"""llama2.c checkpoints: v0 (run.c's legacy fp32), v1 (fp32 with a header) and v2 (Q8_0, runq.c).
+
+Facts: ../shared/docs/llama2c-format.md. Every header field is checked against the file's size
+before the file is mapped; tensors are views into the mapping, never copies.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+
+from llamette.errors import LlametteError
+from llamette.quant import Q8Tensor
+from llamette.weights import ModelConfig, Weights
+
+MAGIC = 0x616B3432  # "ak42" as a little-endian uint32; the bytes on disk are b"24ka"
+HEADER_BYTES = 256  # v1 and v2
+V0_HEADER_BYTES = 28  # seven int32
+
+
+def read_llama2c(path: str | os.PathLike) -> Weights:
+    """Memory-map a llama2.c checkpoint of any version."""
+    path = os.fspath(path)
+    size = _file_size(path)
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
+        version = struct.unpack_from("<i", head, 4)[0]
+        if version not in (1, 2):
+            raise LlametteError(f"{path}: llama2.c version {version} is not supported (1 or 2)")
+        if len(head) < HEADER_BYTES:
+            raise LlametteError(
+                f"{path}: truncated: {size} bytes, shorter than the 256-byte header"
+            )
+        config, group_size = _parse_v1_v2_header(path, head, version)
+    else:
+        if head[:4] == b"GGUF":
+            raise LlametteError(f"{path}: is a GGUF file; llamette reads llama2.c checkpoints")
+        if len(head) < V0_HEADER_BYTES:
+            raise LlametteError(f"{path}: {size} bytes, too short for a llama2.c checkpoint")
+        version, group_size = 0, 0
+        config = _parse_v0_header(path, head)
+
+    layout = list(_layout(config, version, group_size))
+    expected = sum(nbytes for _, _, _, nbytes in layout)
+    if size < expected:
+        raise LlametteError(
+            f"{path}: truncated: its header describes {expected} bytes, the file has {size}"
+        )
+    if size > expected:
+        raise LlametteError(
+            f"{path}: {size - expected} bytes beyond what its header describes "
+            f"(not a llama2.c v{version} checkpoint?)"
+        )
+    return Weights(config, _map_tensors(path, layout, group_size), source=path)
+
+
+def _file_size(path: str) -> int:
+    if not os.path.exists(path):
+        raise LlametteError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise LlametteError(f"{path}: is a directory, not a llama2.c checkpoint")
+    return os.path.getsize(path)
+
+
+def _check_config(path: str, config: ModelConfig) -> ModelConfig:
+    c = config
+    sizes = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len)
+    if min(sizes) <= 0 or max(sizes) > 1 << 24:
+        raise LlametteError(f"{path}: not a llama2.c checkpoint (implausible header {sizes})")
+    if c.dim % c.n_heads or c.n_heads % c.n_kv_heads or c.head_size % 2:
+        raise LlametteError(
+            f"{path}: not a llama2.c checkpoint (dim {c.dim}, {c.n_heads} heads and "
+            f"{c.n_kv_heads} kv heads do not make whole, even-sized heads)"
+        )
+    return config
+
+
+def _parse_v0_header(path: str, head: bytes) -> ModelConfig:
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack_from("<7i", head)
+    config = ModelConfig(
+        dim, hidden, layers, heads, kv_heads, abs(vocab), seq_len, shared_classifier=vocab > 0
+    )
+    return _check_config(path, config)
+
+
+def _parse_v1_v2_header(path: str, head: bytes, version: int) -> tuple[ModelConfig, int]:
+    dim, hidden, layers, heads, kv_heads, vocab, seq_len = struct.unpack_from("<7i", head, 8)
+    shared = head[36]
+    if shared not in (0, 1):
+        raise LlametteError(f"{path}: shared-classifier flag is {shared}, not 0 or 1")
+    config = _check_config(
+        path,
+        ModelConfig(
+            dim, hidden, layers, heads, kv_heads, vocab, seq_len, shared_classifier=shared == 1
+        ),
+    )
+    group_size = 0
+    if version == 2:
+        group_size = struct.unpack_from("<i", head, 37)[0]
+        if group_size <= 0:
+            raise LlametteError(f"{path}: group size {group_size} in the header is not positive")
+        for name, shape in config.tensor_shapes().items():
+            numel = int(np.prod(shape))
+            if len(shape) == 2 and numel % group_size:
+                raise LlametteError(
+                    f"{path}: group size {group_size} does not divide {name} "
+                    f"({shape[0]}x{shape[1]} values)"
+                )
+    return config, group_size
+
+
+# A layout entry: (name, shape, kind, bytes); kind is "f32", "q8" or "skip".
+Entry = tuple[str, tuple[int, ...], str, int]
+
+
+def _layout(c: ModelConfig, version: int, group_size: int) -> Iterator[Entry]:
+    """The file's contents in order, header included."""
+    shapes = c.tensor_shapes()
+
+    def f32(name: str) -> Entry:
+        return name, shapes[name], "f32", 4 * int(np.prod(shapes[name]))
+
+    def q8(name: str) -> Entry:
+        numel = int(np.prod(shapes[name]))
+        return name, shapes[name], "q8", numel + 4 * (numel // group_size)
+
+    def each_layer(suffix: str) -> list[str]:
+        return [f"layers.{i}.{suffix}" for i in range(c.n_layers)]
+
+    norms = [*each_layer("attention_norm.weight"), *each_layer("ffn_norm.weight"), "norm.weight"]
+    matrices = [
+        name
+        for suffix in (
+            "attention.wq",
+            "attention.wk",
+            "attention.wv",
+            "attention.wo",
+            "feed_forward.w1",
+            "feed_forward.w2",
+            "feed_forward.w3",
+        )
+        for name in each_layer(suffix + ".weight")
+    ]
+    output = [] if c.shared_classifier else ["output.weight"]
+
+    if version == 0:
+        yield "header", (), "skip", V0_HEADER_BYTES
+        yield f32("tok_embeddings.weight")
+        yield from map(f32, each_layer("attention_norm.weight"))
+        yield from map(f32, matrices[: 4 * c.n_layers])  # wq, wk, wv, wo
+        yield from map(f32, each_layer("ffn_norm.weight"))
+        yield from map(f32, matrices[4 * c.n_layers :])  # w1, w2, w3
+        yield f32("norm.weight")
+        # freq_cis_real and freq_cis_imag: seq_len * head_size / 2 floats each, read by no one
+        yield "freq_cis", (), "skip", 4 * c.seq_len * c.head_size
+        yield from map(f32, output)
+    elif version == 1:
+        yield "header", (), "skip", HEADER_BYTES
+        yield from map(f32, [*norms, "tok_embeddings.weight", *matrices, *output])
+    else:
+        yield "header", (), "skip", HEADER_BYTES
+        yield from map(f32, norms)
+        yield from map(q8, ["tok_embeddings.weight", *matrices, *output])
+
+
+def _map_tensors(
+    path: str, layout: list[Entry], group_size: int
+) -> dict[str, np.ndarray | Q8Tensor]:
+    with open(path, "rb") as f:
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    tensors: dict[str, np.ndarray | Q8Tensor] = {}
+    offset = 0
+    for name, shape, kind, nbytes in layout:
+        numel = int(np.prod(shape))
+        if kind == "f32":
+            tensors[name] = np.frombuffer(buffer, np.float32, numel, offset).reshape(shape)
+        elif kind == "q8":
+            values = np.frombuffer(buffer, np.int8, numel, offset).reshape(shape)
+            scales = np.frombuffer(buffer, np.float32, numel // group_size, offset + numel)
+            tensors[name] = Q8Tensor(values, scales, group_size)
+        offset += nbytes
+    return tensors

@@ -1,0 +1,194 @@
+"""The generation loop: prompt, sampling, stop rules, the Llama 2 chat template, streaming, timings.
+
+Both loops follow llama2.c's run.c: `steps` counts positions, prompt included; `generate` stops
+when it samples BOS; `chat` ends a turn on EOS and draws a random number after every forward,
+prompt tokens included, so seeds give run.c's tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llamette.errors import LlametteError
+from llamette.model import Transformer
+from llamette.sampler import Sampler
+from llamette.tokenizer import StreamDecoder, Tokenizer
+from llamette.weights import BOS_ID, EOS_ID
+
+TextSink = Callable[[str], None]
+
+
+@dataclass
+class Generation:
+    """What a run produced, with its timings."""
+
+    prompt_tokens: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)  # sampled, including a final BOS or EOS
+    text: str = ""  # the sampled tokens' text
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+def llama2_chat_prompt(user: str, system: str | None = None) -> str:
+    """One user turn in Llama 2's chat template (BOS is added by the encoder)."""
+    if system:
+        return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+    return f"[INST] {user} [/INST]"
+
+
+def check_steps(steps: int | None, model: Transformer) -> int:
+    """Positions to run: None or 0 means the whole context."""
+    seq_len = model.config.seq_len
+    if not steps:
+        return seq_len
+    if not 0 < steps <= seq_len:
+        raise ValueError(f"steps {steps} must be within 1..{seq_len} (the model's context)")
+    return steps
+
+
+def generate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    sampler: Sampler,
+    prompt: str = "",
+    steps: int | None = None,
+    on_text: TextSink | None = None,
+) -> Generation:
+    """Continue `prompt` for up to `steps` positions (prompt included); stop on BOS.
+
+    on_text receives the prompt's text, then each sampled token's text, as soon as it is known.
+    """
+    steps = check_steps(steps, model)
+    emit = on_text or (lambda text: None)
+    result = Generation(prompt_tokens=tokenizer.encode(prompt, bos=True))
+    prompt_tokens = result.prompt_tokens
+    _check_fits(len(prompt_tokens), model)
+
+    # Prefill: the prompt goes through the model (all of it, or the first `steps` tokens).
+    forced = prompt_tokens[:steps]
+    emit(tokenizer.decode(prompt_tokens[1 : steps + 1]))  # what run.c prints while forcing them
+    start = time.perf_counter()
+    logits = _prefill(model, forced, 0)
+    if len(forced) < len(prompt_tokens):  # steps ran out inside the prompt: nothing to sample
+        result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
+        return result
+    token = sampler.sample(logits)
+    result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
+
+    # Decode: print each sampled token, feed it back, sample the next.
+    decoder = StreamDecoder(tokenizer, prev_token=prompt_tokens[-1])
+    pieces = []
+    start = time.perf_counter()
+    for pos in range(len(forced), steps + 1):
+        result.tokens.append(token)
+        if token == BOS_ID:
+            break
+        pieces.append(decoder.push(token))
+        emit(pieces[-1])
+        if pos == steps:
+            break
+        token = sampler.sample(model.forward(token, pos))
+        result.decode_tokens += 1
+    result.decode_seconds = time.perf_counter() - start
+    pieces.append(decoder.flush())
+    emit(pieces[-1])
+    result.text = "".join(pieces)
+    return result
+
+
+def chat(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    sampler: Sampler,
+    read_user: Callable[[], str | None],
+    system_prompt: str | None = None,
+    steps: int | None = None,
+    on_text: TextSink | None = None,
+) -> Generation:
+    """A conversation in Llama 2's chat template for up to `steps` positions.
+
+    read_user returns the next user message, or None to end. Each answer streams to on_text after
+    "Assistant: " and ends with a newline when the model samples EOS.
+    """
+    steps = check_steps(steps, model)
+    emit = on_text or (lambda text: None)
+    result = Generation()
+    answers = []  # the sampled tokens' text
+    pos = 0
+    while pos < steps:
+        user = read_user()
+        if user is None:
+            break
+        prompt_tokens = tokenizer.encode(
+            llama2_chat_prompt(user, system_prompt if pos == 0 else None), bos=True
+        )
+        if pos == 0:
+            _check_fits(len(prompt_tokens), model)
+            result.prompt_tokens = prompt_tokens
+        emit("Assistant: ")
+
+        forced = prompt_tokens[: steps - pos]
+        start = time.perf_counter()
+        logits = _prefill(model, forced, pos)
+        pos += len(forced)
+        sampler.skip(len(forced) - 1)  # run.c samples after every prompt token too
+        token = sampler.sample(logits)
+        result.prefill_tokens += len(forced)
+        result.prefill_seconds += time.perf_counter() - start
+        if len(forced) < len(prompt_tokens):
+            break
+
+        decoder = StreamDecoder(tokenizer, prev_token=prompt_tokens[-1])
+        start = time.perf_counter()
+        while True:
+            result.tokens.append(token)
+            text = decoder.flush() if token == EOS_ID else decoder.push(token)
+            if pos == steps:
+                text += decoder.flush()
+            answers.append(text)
+            emit(text)
+            if token == EOS_ID:
+                emit("\n")
+                if pos < steps:  # the model sees EOS before the next turn's BOS, as in run.c
+                    sampler.sample(model.forward(EOS_ID, pos))
+                    pos += 1
+                    result.decode_tokens += 1
+                break
+            if pos == steps:
+                break
+            token = sampler.sample(model.forward(token, pos))
+            pos += 1
+            result.decode_tokens += 1
+        result.decode_seconds += time.perf_counter() - start
+    emit("\n")
+    result.text = "".join(answers)
+    return result
+
+
+def _prefill(model: Transformer, tokens: list[int], start_pos: int) -> np.ndarray:
+    """Run the model over tokens at positions start_pos.. and return the last one's logits."""
+    logits = None
+    for offset, token in enumerate(tokens):
+        logits = model.forward(token, start_pos + offset)
+    return logits
+
+
+def _check_fits(n_tokens: int, model: Transformer) -> None:
+    if n_tokens > model.config.seq_len:
+        raise LlametteError(
+            f"prompt: {n_tokens} tokens do not fit the model's context of {model.config.seq_len}"
+        )

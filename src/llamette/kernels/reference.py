@@ -1,0 +1,169 @@
+"""Reference kernels: run.c's and runq.c's arithmetic, to the bit.
+
+Every sum is one float32 accumulator filled in index order, every product a separate multiply and
+add (no fastmath, so no reordering and no fused multiply-add), and exp/sin/cos/pow are the float32
+libm calls (Numba's math functions on float32 values call expf, sinf, cosf, powf). Integer and
+float64 operands are cast to float32 first, as C does. This is the `--exact` path; the fast kernels
+are tested against it.
+"""
+
+import math
+
+import numpy as np
+
+from llamette.kernels import kernel
+
+F32 = np.float32
+
+
+@kernel
+def matmul(out, x, w):
+    """out (d,) = w (d, n) @ x (n,)."""
+    d, n = w.shape
+    for i in range(d):
+        val = F32(0.0)
+        for j in range(n):
+            val += w[i, j] * x[j]
+        out[i] = val
+
+
+@kernel
+def rmsnorm(out, x, weight, eps):
+    """out = weight * x / sqrt(mean(x^2) + eps); out may be x."""
+    n = x.shape[0]
+    ss = F32(0.0)
+    for j in range(n):
+        ss += x[j] * x[j]
+    ss = ss / F32(n)
+    ss = ss + F32(eps)
+    ss = F32(1.0) / F32(math.sqrt(ss))
+    for j in range(n):
+        out[j] = weight[j] * (ss * x[j])
+
+
+@kernel
+def softmax(x):
+    """In place over all of x: subtract the max, expf, divide by the sum."""
+    max_val = x[0]
+    for i in range(1, x.shape[0]):
+        if x[i] > max_val:
+            max_val = x[i]
+    total = F32(0.0)
+    for i in range(x.shape[0]):
+        x[i] = math.exp(x[i] - max_val)
+        total += x[i]
+    for i in range(x.shape[0]):
+        x[i] = x[i] / total
+
+
+@kernel
+def rope(q, k, pos, head_size, theta):
+    """Rotate each (even, odd) pair of q (dim,) and k (kv_dim,) by pos * theta^(-i/head_size)."""
+    for i in range(0, q.shape[0], 2):
+        head_dim = i % head_size
+        freq = F32(1.0) / math.pow(F32(theta), F32(head_dim) / F32(head_size))
+        val = F32(pos) * freq
+        fcr = math.cos(val)
+        fci = math.sin(val)
+        v0 = q[i]
+        v1 = q[i + 1]
+        q[i] = v0 * fcr - v1 * fci
+        q[i + 1] = v0 * fci + v1 * fcr
+        if i < k.shape[0]:
+            v0 = k[i]
+            v1 = k[i + 1]
+            k[i] = v0 * fcr - v1 * fci
+            k[i + 1] = v0 * fci + v1 * fcr
+
+
+@kernel
+def attention(out, q, key_cache, value_cache, pos, n_heads, att):
+    """Causal grouped-query attention of one token over cache rows 0..pos.
+
+    out, q: (dim,); key_cache, value_cache: (seq_len, kv_dim); att: (n_heads, seq_len) scratch.
+    """
+    head_size = q.shape[0] // n_heads
+    kv_mul = q.shape[0] // key_cache.shape[1]  # query heads per kv head
+    scale = F32(math.sqrt(F32(head_size)))
+    for h in range(n_heads):
+        qh = q[h * head_size : (h + 1) * head_size]
+        kv_offset = (h // kv_mul) * head_size
+        for t in range(pos + 1):
+            score = F32(0.0)
+            for i in range(head_size):
+                score += qh[i] * key_cache[t, kv_offset + i]
+            att[h, t] = score / scale
+        softmax(att[h, : pos + 1])
+        for i in range(head_size):
+            out[h * head_size + i] = F32(0.0)
+        for t in range(pos + 1):
+            a = att[h, t]
+            for i in range(head_size):
+                out[h * head_size + i] += a * value_cache[t, kv_offset + i]
+
+
+@kernel
+def swiglu(hb, hb2):
+    """hb = silu(hb) * hb2, in place."""
+    for i in range(hb.shape[0]):
+        val = hb[i]
+        val = val * (F32(1.0) / (F32(1.0) + math.exp(-val)))
+        hb[i] = val * hb2[i]
+
+
+@kernel
+def add(x, y):
+    """x += y (the residual connection)."""
+    for i in range(x.shape[0]):
+        x[i] += y[i]
+
+
+@kernel
+def round_half_away(x):
+    """C's round(): halves go away from zero (NumPy's round goes to even)."""
+    r = math.floor(abs(x) + 0.5)
+    return -r if x < 0 else r
+
+
+@kernel
+def q8_quantize(xq, xs, x, group_size):
+    """runq.c's quantize: scale = max|x| / 127 per group, q = round(x / scale).
+
+    Like runq.c, only the first len(x) // group_size groups are written.
+    """
+    for g in range(x.shape[0] // group_size):
+        wmax = F32(0.0)
+        for i in range(g * group_size, (g + 1) * group_size):
+            if abs(x[i]) > wmax:
+                wmax = abs(x[i])
+        scale = wmax / F32(127.0)
+        xs[g] = scale
+        for i in range(g * group_size, (g + 1) * group_size):
+            quotient = x[i] / scale
+            xq[i] = 0 if math.isnan(quotient) else np.int8(round_half_away(quotient))
+
+
+@kernel
+def q8_matmul(out, xq, xs, wq, ws, group_size):
+    """runq.c's matmul: out (d,) = w (d, n) @ x (n,) from int8 values and per-group scales.
+
+    Groups run over w flattened; like runq.c, a row's trailing n % group_size columns are skipped
+    and its scales are read at (i * n + j) / group_size.
+    """
+    d, n = wq.shape
+    for i in range(d):
+        val = F32(0.0)
+        for j in range(0, n - group_size + 1, group_size):
+            ival = np.int32(0)
+            for k in range(group_size):
+                ival += np.int32(xq[j + k]) * np.int32(wq[i, j + k])
+            val += (F32(ival) * ws[(i * n + j) // group_size]) * xs[j // group_size]
+        out[i] = val
+
+
+@kernel
+def q8_dequantize_row(out, wq, ws, row, group_size):
+    """out (n,) = row `row` of a Q8 matrix, scales read over the flattened matrix as runq.c does."""
+    n = wq.shape[1]
+    for j in range(n):
+        out[j] = F32(wq[row, j]) * ws[(row * n + j) // group_size]

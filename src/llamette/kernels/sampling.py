@@ -1,0 +1,102 @@
+"""Sampling kernels: run.c's argmax, multinomial and top-p draws, plus top-k."""
+
+import numpy as np
+
+from llamette.kernels import kernel
+from llamette.kernels.reference import softmax
+
+F32 = np.float32
+
+
+@kernel
+def argmax(x):
+    """Index of the largest value; the first one wins ties."""
+    best = 0
+    for i in range(1, x.shape[0]):
+        if x[i] > x[best]:
+            best = i
+    return best
+
+
+@kernel
+def _walk(probs, order, count, mass, coin):
+    """Return order[i] for the first i where coin * mass < cumulative probability."""
+    r = coin * mass
+    cdf = F32(0.0)
+    for i in range(count):
+        cdf += probs[order[i]]
+        if r < cdf:
+            return order[i]
+    return order[count - 1]
+
+
+@kernel
+def _top_p_prefix(probs, order, count, topp, mass_scale):
+    """Shortest prefix of `order` whose probability exceeds topp * mass_scale: (length, its mass)."""
+    cumulative = F32(0.0)
+    for i in range(count):
+        cumulative += probs[order[i]]
+        if cumulative > topp * mass_scale:
+            return i + 1, cumulative
+    return count, cumulative
+
+
+@kernel
+def _sorted_descending(probs, candidates):
+    """Candidates (ascending indices) ordered by probability, largest first; ties keep index order."""
+    keys = np.empty(candidates.shape[0], np.float32)
+    for i in range(candidates.shape[0]):
+        keys[i] = -probs[candidates[i]]
+    return candidates[np.argsort(keys, kind="mergesort")]
+
+
+@kernel
+def _top_k_candidates(probs, k):
+    """Indices of the k largest probabilities, ascending; ties at the threshold go to lower indices."""
+    n = probs.shape[0]
+    threshold = np.partition(probs.copy(), n - k)[n - k]
+    above = 0
+    for i in range(n):
+        if probs[i] > threshold:
+            above += 1
+    ties_left = k - above
+    out = np.empty(k, np.int64)
+    m = 0
+    for i in range(n):
+        if probs[i] > threshold or (probs[i] == threshold and ties_left > 0):
+            if probs[i] == threshold:
+                ties_left -= 1
+            out[m] = i
+            m += 1
+    return out
+
+
+@kernel
+def sample_logits(work, temperature, topp, topk, coin):
+    """Sample a token from logits (copied into `work`, which is overwritten), given one coin in [0, 1).
+
+    Follows run.c: logits / temperature, softmax, then a plain multinomial draw, or top-p: keep
+    probabilities >= (1 - topp) / (n - 1), sort them descending, cut after the cumulative sum
+    exceeds topp and draw within. With topk > 0 only the k most probable tokens take part.
+    """
+    n = work.shape[0]
+    for i in range(n):
+        work[i] = work[i] / temperature
+    softmax(work)
+    use_topp = topp > 0.0 and topp < 1.0
+    if 0 < topk < n:
+        order = _sorted_descending(work, _top_k_candidates(work, topk))
+        total = F32(0.0)
+        for i in range(topk):
+            total += work[order[i]]
+        count, mass = topk, total
+        if use_topp:
+            count, mass = _top_p_prefix(work, order, topk, topp, total)
+        return _walk(work, order, count, mass, coin)
+    if not use_topp:
+        return _walk(work, np.arange(n), n, F32(1.0), coin)
+    cutoff = (F32(1.0) - topp) / F32(n - 1)
+    candidates = np.nonzero(work >= cutoff)[0]
+    order = _sorted_descending(work, candidates)
+    count, mass = _top_p_prefix(work, order, order.shape[0], topp, F32(1.0))
+    return _walk(work, order, count, mass, coin)

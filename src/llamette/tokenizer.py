@@ -1,0 +1,179 @@
+"""Text <-> token ids with a llama2.c `tokenizer.bin`, encoding exactly as run.c does."""
+
+from __future__ import annotations
+
+import codecs
+import heapq
+import os
+import re
+import struct
+from collections.abc import Iterable
+
+from llamette.errors import LlametteError
+from llamette.weights import BOS_ID, EOS_ID
+
+BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
+BYTE_FALLBACK_OFFSET = 3  # ids 3..258 are the pieces <0x00>..<0xFF>
+WORDS = re.compile(r" *[^ ]+| +")  # text split before each space that follows a non-space
+WORD_CACHE_LIMIT = 1 << 16
+
+
+class Tokenizer:
+    """A vocabulary of byte-string pieces with merge scores (SentencePiece BPE, as llama2.c stores it)."""
+
+    def __init__(self, pieces: list[bytes], scores: list[float], source: str = ""):
+        self.pieces = pieces
+        self.scores = scores
+        self.source = source
+        self.piece_ids = {piece: i for i, piece in enumerate(pieces)}
+        # What each id stands for in text: its piece, or the single raw byte of a <0xHH> piece.
+        self.token_bytes = [_piece_bytes(piece) for piece in pieces]
+        # When no piece holds a non-space followed by a space, no merge crosses such a point:
+        # words can then be merged one at a time, and each distinct word only once.
+        self._merges_stay_in_words = not any(re.search(rb"[^ ] ", piece) for piece in pieces)
+        self._word_ids: dict[str, list[int]] = {}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """Read a llama2.c tokenizer.bin; the vocabulary size is however many pieces it holds."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise LlametteError(f"{path}: no such file")
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) < 4:
+            raise LlametteError(f"{path}: too short for a tokenizer.bin")
+        (max_token_length,) = struct.unpack_from("<I", data)
+        pieces, scores, offset = [], [], 4
+        while offset < len(data):
+            if offset + 8 > len(data):
+                raise LlametteError(f"{path}: truncated after {len(pieces)} pieces")
+            score, length = struct.unpack_from("<fi", data, offset)
+            offset += 8
+            if length < 0 or length > max_token_length or offset + length > len(data):
+                raise LlametteError(
+                    f"{path}: piece {len(pieces)} has length {length} "
+                    f"(max {max_token_length}, {len(data) - offset} bytes left): "
+                    "truncated, or not a tokenizer.bin"
+                )
+            pieces.append(data[offset : offset + length])
+            scores.append(score)
+            offset += length
+        if len(pieces) <= BYTE_FALLBACK_OFFSET + 255:
+            raise LlametteError(f"{path}: only {len(pieces)} pieces, too few for a Llama tokenizer")
+        return cls(pieces, scores, source=path)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids for text: run.c's encoder (dummy-prefix space, code points, byte fallback, merges)."""
+        ids = [BOS_ID] if bos else []
+        if text:
+            if b" " in self.piece_ids:
+                text = " " + text  # the dummy prefix
+            words = WORDS.findall(text) if self._merges_stay_in_words else [text]
+            for word in words:
+                ids.extend(self._encode_word(word))
+        if eos:
+            ids.append(EOS_ID)
+        return ids
+
+    def _encode_word(self, word: str) -> list[int]:
+        cached = self._word_ids.get(word)
+        if cached is None:
+            ids = []
+            for char in word:
+                encoded = char.encode("utf-8", "surrogateescape")
+                piece_id = self.piece_ids.get(encoded)
+                if piece_id is not None:
+                    ids.append(piece_id)
+                else:
+                    ids.extend(byte + BYTE_FALLBACK_OFFSET for byte in encoded)
+            cached = self._merge(ids)
+            if len(self._word_ids) >= WORD_CACHE_LIMIT:
+                self._word_ids.clear()
+            self._word_ids[word] = cached
+        return cached
+
+    def _merge(self, ids: list[int]) -> list[int]:
+        """Merge adjacent pairs, best score first and leftmost on ties, until none merges.
+
+        run.c rescans the whole sequence for every merge (quadratic); a heap of candidate pairs gives
+        the same merges in O(n log n). Entries go stale when a neighbour merges; they are checked
+        when popped against the tokens they were made from.
+        """
+        n = len(ids)
+        tokens = list(ids)
+        right = list(range(1, n + 1))  # index of the next live token; n marks the end
+        left = list(range(-1, n - 1))
+        alive = [True] * n
+
+        def candidate(i: int) -> tuple[float, int, int, int, int] | None:
+            """Heap entry for merging token i with its right neighbour, if that makes a piece."""
+            j = right[i]
+            if j < n:
+                merged = self.piece_ids.get(self.pieces[tokens[i]] + self.pieces[tokens[j]])
+                if merged is not None:
+                    return -self.scores[merged], i, tokens[i], tokens[j], merged
+            return None
+
+        heap = [entry for i in range(n - 1) if (entry := candidate(i))]
+        heapq.heapify(heap)
+        while heap:
+            _, i, left_token, right_token, merged = heapq.heappop(heap)
+            j = right[i]
+            if not alive[i] or j >= n or tokens[i] != left_token or tokens[j] != right_token:
+                continue  # stale: one side has merged since this entry was made
+            tokens[i] = merged
+            alive[j] = False
+            right[i] = right[j]
+            if right[j] < n:
+                left[right[j]] = i
+            for k in (left[i], i):
+                if k >= 0 and (entry := candidate(k)):
+                    heapq.heappush(heap, entry)
+        return [t for t, live in zip(tokens, alive, strict=True) if live]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text for ids as SentencePiece decodes it: byte pieces joined into UTF-8, BOS/EOS dropped,
+        the leading space of the first piece (and of any piece after BOS) removed."""
+        decoder = StreamDecoder(self)
+        return "".join(decoder.push(token) for token in ids) + decoder.flush()
+
+    def check_vocab_size(self, vocab_size: int, model: str) -> None:
+        """Refuse a tokenizer made for another vocabulary."""
+        if self.vocab_size != vocab_size:
+            raise LlametteError(
+                f"{self.source}: has {self.vocab_size} pieces but {model} has a vocabulary of "
+                f"{vocab_size}: wrong tokenizer for this model"
+            )
+
+
+class StreamDecoder:
+    """Turns tokens into text one at a time, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer: Tokenizer, prev_token: int = BOS_ID):
+        self.tokenizer = tokenizer
+        self.prev_token = prev_token
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """Text completed by this token (maybe empty)."""
+        prev, self.prev_token = self.prev_token, token
+        if token in (BOS_ID, EOS_ID):
+            return ""
+        data = self.tokenizer.token_bytes[token]
+        if prev == BOS_ID and data.startswith(b" "):
+            data = data[1:]
+        return self._utf8.decode(data)
+
+    def flush(self) -> str:
+        """Whatever is left, incomplete sequences as U+FFFD."""
+        return self._utf8.decode(b"", final=True)
+
+
+def _piece_bytes(piece: bytes) -> bytes:
+    match = BYTE_PIECE.fullmatch(piece)
+    return bytes([int(match.group(1), 16)]) if match else piece

@@ -1,0 +1,164 @@
+"""The `llamette` command: run.c's flags and output, and one-line errors for bad input."""
+
+import base64
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import expected_rows, read_jsonl, shared_path
+from llamette.cli import main
+
+
+def run_cli(capsys, argv):
+    """Run `llamette ARGV` in this process: (exit status, stdout, stderr)."""
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def with_paths(argv):
+    """A recorded run.c argv with its model and tokenizer paths under ../shared/models."""
+    models = shared_path("models")
+    argv = list(argv)
+    argv[0] = models / argv[0]
+    argv[argv.index("-z") + 1] = models / argv[argv.index("-z") + 1]
+    return argv
+
+
+def prints_a_non_ascii_byte(row):
+    """run.c drops the bytes of byte pieces <0x80>..<0xFF> (ids 131..258); llamette prints UTF-8."""
+    return any(0x80 + 3 <= t <= 0xFF + 3 for t in row["ids"])
+
+
+@pytest.mark.parametrize(
+    "row",
+    expected_rows(
+        "generate.jsonl", keep=lambda r: r["ids"] is not None and not prints_a_non_ascii_byte(r)
+    ),
+)
+def test_stdout_equals_run_c(capsys, row):
+    status, out, _ = run_cli(capsys, ["run", *with_paths(row["argv"]), "--exact"])
+    assert status == 0
+    assert out.encode() == base64.b64decode(row["stdout_b64"])
+
+
+@pytest.mark.parametrize("row", expected_rows("generate.jsonl", keep=lambda r: "-m" in r["argv"]))
+def test_chat_stdout_equals_run_c(capsys, monkeypatch, row):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # run.c's chat ran with stdin closed
+    status, out, _ = run_cli(capsys, ["run", *with_paths(row["argv"]), "--exact"])
+    assert status == 0
+    assert out.encode() == base64.b64decode(row["stdout_b64"])
+
+
+def test_json_reports_tokens_text_and_speeds(capsys):
+    row = next(
+        r
+        for r in read_jsonl("expected", "generate.jsonl")
+        if r["case"] == "stories260K.bin:once:t08p0s7"
+    )
+    status, out, err = run_cli(capsys, ["run", *with_paths(row["argv"]), "--json"])
+    result = json.loads(out)
+    assert status == 0 and out.count("\n") == 1
+    assert result["prompt_tokens"] == row["prompt_ids"]
+    assert result["tokens"] == row["ids"][len(row["prompt_ids"]) - 1 :]
+    assert row["stdout_text"] == "Once upon a time" + result["text"] + "\n"
+    assert result["prefill_tok_s"] > 0 and result["decode_tok_s"] > 0
+    assert "prefill" in err and "decode" in err
+
+
+def test_finds_the_tokenizer_beside_the_model(capsys):
+    models = shared_path("models")
+    # stories260K.bin sits beside tokenizer.bin (32000 pieces, does not fit) and tok512.bin (fits)
+    status, out, _ = run_cli(capsys, ["run", models / "stories260K.bin", "-t", "0", "-n", "30"])
+    assert status == 0 and out.startswith("Once upon a time, there was a little girl named Lily.")
+
+
+def test_says_when_no_tokenizer_fits(capsys, tmp_path):
+    shutil.copy(shared_path("models", "stories260K.bin"), tmp_path / "m.bin")
+    shutil.copy(shared_path("models", "tokenizer.bin"), tmp_path / "tokenizer.bin")
+    status, _, err = run_cli(capsys, ["run", tmp_path / "m.bin"])
+    assert status == 2
+    assert "no tokenizer for its 512-token vocabulary" in err and "tokenizer.bin has 32000" in err
+    assert "-z" in err
+
+
+def test_steps_beyond_the_context_are_clamped_with_a_note(capsys):
+    models = shared_path("models")
+    argv = ["run", models / "aidreams260K" / "model.bin", "-t", "0", "-n", "1000", "--json"]
+    status, out, err = run_cli(capsys, argv)
+    assert status == 0
+    assert "-n/--steps: 1000 is outside 0..128" in err and "using 128" in err
+    result = json.loads(out)
+    assert len(result["prompt_tokens"]) + len(result["tokens"]) - 1 <= 128
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["-t", "-0.5"], "-t/--temperature: -0.5 is not 0 or more"),
+        (["-t", "hot"], "argument -t/--temperature: invalid float value: 'hot'"),
+        (["-p", "1.5"], "-p/--top-p: 1.5 is outside [0, 1]"),
+        (["--top-p", "-0.1"], "-p/--top-p: -0.1 is outside [0, 1]"),
+        (["-k", "-3"], "-k/--top-k: -3 is negative"),
+        (["-n", "many"], "argument -n/--steps: invalid int value: 'many'"),
+        (["-s", "1.5"], "argument -s/--seed: invalid int value: '1.5'"),
+        (["-m", "poem"], "argument -m/--mode: invalid choice: 'poem'"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["-m", "chat", "--json"], "--json: works with -m generate only"),
+        (
+            ["-z", "tokenizer.bin"],
+            "tokenizer.bin: has 32000 pieces but stories260K.bin has a vocabulary of 512",
+        ),
+        (["-z", "nowhere.bin"], "nowhere.bin: no such file"),
+        (
+            ["-i", "Once upon a time " * 200],
+            r"prompt: \d+ tokens do not fit the model's context of 512",
+        ),
+    ],
+)
+def test_bad_flags_end_in_one_line_and_status_2(capsys, flags, message):
+    models = shared_path("models")
+    if "-z" in flags:
+        flags = ["-z", models / flags[1]]
+    status, out, err = run_cli(capsys, ["run", models / "stories260K.bin", *flags])
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("llamette: error: ")
+    assert re.search(message if message.startswith("prompt") else re.escape(message), err)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ("missing.bin", "missing.bin: no such file"),
+        ("tok512.bin", "tok512.bin: not a llama2.c checkpoint"),
+        ("stories260K.gguf", "stories260K.gguf: is a GGUF file"),
+    ],
+)
+def test_bad_model_files_end_in_one_line_and_status_2(capsys, model, message):
+    status, _, err = run_cli(capsys, ["run", shared_path("models") / ".." / "models" / model])
+    assert status == 2 and err.count("\n") == 1 and message in err
+
+
+def test_truncated_model_through_the_real_command(tmp_path):
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(shared_path("models", "stories260K.bin").read_bytes()[:500_000])
+    done = subprocess.run(
+        [sys.executable, "-m", "llamette", "run", cut, "-z", shared_path("models", "tok512.bin")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert (
+        done.stderr
+        == f"llamette: error: {cut}: truncated: its header describes 1056540 bytes, the file has 500000\n"
+    )
+
+
+def test_no_command_is_an_error(capsys):
+    status, _, err = run_cli(capsys, [])
+    assert status == 2 and "COMMAND" in err

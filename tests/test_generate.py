@@ -1,0 +1,174 @@
+"""Generation against what llama2.c's run.c and runq.c printed for the same flags and seed."""
+
+import numpy as np
+import pytest
+
+from conftest import expected_rows, read_jsonl, shared_path
+from llamette import Sampler, Tokenizer, Transformer, chat, generate
+from llamette.generate import llama2_chat_prompt
+
+_models = {}
+
+
+def model(name, exact):
+    if (name, exact) not in _models:
+        _models[name, exact] = Transformer.load(shared_path("models", name), exact=exact)
+    return _models[name, exact]
+
+
+def flags(row):
+    argv = row["argv"]
+    return argv[0], dict(zip(argv[1::2], argv[2::2], strict=True))
+
+
+def run_case(row, exact):
+    """Generate as run.c did for this row; returns the result and everything on_text received."""
+    name, opts = flags(row)
+    m = model(name, exact)
+    tokenizer = Tokenizer.load(shared_path("models", opts["-z"]))
+    sampler = Sampler(
+        m.config.vocab_size,
+        temperature=float(opts["-t"]),
+        topp=float(opts.get("-p", 0.9)),
+        seed=int(opts.get("-s", 1)),
+    )
+    shown = []
+    result = generate(m, tokenizer, sampler, row["prompt"] or "", int(opts["-n"]), shown.append)
+    return result, "".join(shown)
+
+
+def is_generate(row):
+    return "-m" not in row["argv"]
+
+
+@pytest.mark.parametrize("row", expected_rows("generate.jsonl", keep=is_generate))
+def test_exact_reproduces_every_recorded_case(row):
+    result, _ = run_case(row, exact=True)
+    assert result.prompt_tokens == row["prompt_ids"]
+    assert result.prompt_tokens[1:] + result.tokens == row["ids"]
+
+
+def runq_computes_rows_wrongly(row):
+    return row["argv"][0].startswith("stories260K_q80")
+
+
+@pytest.mark.parametrize(
+    "row",
+    expected_rows(
+        "generate.jsonl", keep=lambda r: is_generate(r) and not runq_computes_rows_wrongly(r)
+    ),
+)
+def test_default_path_agrees_with_the_recorded_cases(row):
+    """Every case but runq.c's miscomputed q80 rows; greedy and trained-model samples must match."""
+    result, _ = run_case(row, exact=False)
+    assert result.prompt_tokens[1:] + result.tokens == row["ids"]
+
+
+def test_stories260K_tells_llama2c_reference_story():
+    row = next(
+        r
+        for r in read_jsonl("expected", "generate.jsonl")
+        if r["case"] == "stories260K.bin:none:greedy"
+    )
+    result, shown = run_case(row, exact=False)
+    assert shown.startswith(
+        "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
+    )
+    assert shown + "\n" == row["stdout_text"]
+
+
+def test_v1_gives_the_same_tokens_as_v0():
+    tokenizer = Tokenizer.load(shared_path("models", "tokenizer.bin"))
+    outputs = []
+    for name in ("rand-gqa.v0.bin", "rand-gqa.v1.bin"):
+        sampler = Sampler(32000, temperature=1.0, topp=0.9, seed=42)
+        outputs.append(
+            generate(model(name, True), tokenizer, sampler, "Once upon a time", 120).tokens
+        )
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 120 - 5 + 1
+
+
+def test_steps_count_the_prompt_and_generation_stops_on_bos():
+    tokenizer = Tokenizer.load(shared_path("models", "tok512.bin"))
+    m = model("stories260K.bin", False)
+    result = generate(m, tokenizer, Sampler(512, 0.0), "Once upon a time", steps=20)
+    assert len(result.prompt_tokens) + len(result.tokens) - 1 == 20
+    long_run = generate(m, tokenizer, Sampler(512, 0.0), "", steps=512)
+    assert long_run.tokens[-1] == 1 and 1 not in long_run.tokens[:-1]  # the story ends with BOS
+
+
+def test_prompt_longer_than_steps_is_cut_like_run_c():
+    tokenizer = Tokenizer.load(shared_path("models", "tok512.bin"))
+    shown = []
+    result = generate(
+        model("stories260K.bin", False),
+        tokenizer,
+        Sampler(512, 0.0),
+        "Once upon a time there was",
+        steps=3,
+        on_text=shown.append,
+    )
+    assert result.tokens == [] and "".join(shown) == tokenizer.decode(result.prompt_tokens[1:4])
+
+
+def test_chat_template():
+    assert (
+        llama2_chat_prompt("Hi", "Be brief.") == "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]"
+    )
+    assert llama2_chat_prompt("Hi") == llama2_chat_prompt("Hi", "") == "[INST] Hi [/INST]"
+
+
+class ScriptedModel:
+    """Stands in for a Transformer: at scripted positions its logits pick a scripted token; it logs
+    the (token, position) pairs it is fed, to check the chat loop against run.c's rules."""
+
+    def __init__(self, vocab_size, seq_len, script):
+        self.config = type("Config", (), {"vocab_size": vocab_size, "seq_len": seq_len})
+        self.script = script  # position -> token to make most likely
+        self.fed = []
+
+    def forward(self, token, pos):
+        self.fed.append((token, pos))
+        logits = np.zeros(self.config.vocab_size, np.float32)
+        logits[self.script.get(pos, 0)] = 10.0
+        return logits
+
+
+def test_chat_ends_a_turn_on_eos_and_feeds_it_before_the_next_turn():
+    tokenizer = Tokenizer.load(shared_path("models", "tokenizer.bin"))
+    hello, world = tokenizer.encode("Hello world", bos=False)
+    first = tokenizer.encode(llama2_chat_prompt("Hi", "Be kind."))
+    second = tokenizer.encode(llama2_chat_prompt("Again"))  # the system prompt only comes first
+    n1, n2 = len(first), len(second)
+    # answer "Hello world" then EOS; after EOS is fed, run.c samples once more (ignored); then
+    # the second prompt, answered " world" and EOS.
+    script = {n1 - 1: hello, n1: world, n1 + 1: 2, n1 + 2: 7, n1 + 2 + n2: world, n1 + 3 + n2: 2}
+    fake = ScriptedModel(32000, 256, script)
+    turns = iter(["Hi", "Again"])
+    shown = []
+    result = chat(
+        fake,
+        tokenizer,
+        Sampler(32000, 0.0),
+        lambda: next(turns, None),
+        "Be kind.",
+        256,
+        shown.append,
+    )
+
+    fed_tokens = [t for t, _ in fake.fed]
+    assert fed_tokens == first + [hello, world, 2] + second + [world, 2]
+    assert [p for _, p in fake.fed] == list(range(len(fed_tokens)))  # one KV cache throughout
+    assert "".join(shown) == "Assistant:  Hello world\nAssistant:  world\n\n"
+    assert result.tokens == [hello, world, 2, world, 2]
+
+
+def test_chat_draws_one_random_number_per_forward_like_run_c():
+    tokenizer = Tokenizer.load(shared_path("models", "tok512.bin"))
+    m = model("stories260K.bin", False)
+    sampler = Sampler(512, temperature=1.0, seed=123)
+    turns = iter(["Tell me a story."])
+    chat(m, tokenizer, sampler, lambda: next(turns, None), None, 40)
+    reference = Sampler(512, temperature=1.0, seed=123)
+    reference.skip(40)  # 40 positions, 40 forwards, 40 draws
+    assert sampler.rng_state == reference.rng_state

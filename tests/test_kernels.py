@@ -1,0 +1,173 @@
+"""Kernels against NumPy: float64 formulas for the fp32 steps, runq.c's integer arithmetic for Q8."""
+
+import numpy as np
+import pytest
+
+from llamette.kernels import fast, reference
+from llamette.quant import quantize_q8
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+def test_matmul():
+    w, x, out = randn(37, 53), randn(53), np.empty(37, np.float32)
+    reference.matmul(out, x, w)
+    np.testing.assert_allclose(out, w.astype(np.float64) @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_sums_in_index_order_like_run_c():
+    # float32 sums are order dependent; run.c adds w[j] * x[j] for j = 0, 1, ... in float32
+    w, x, out = randn(3, 300), randn(300), np.empty(3, np.float32)
+    reference.matmul(out, x, w)
+    for i in range(3):
+        total = np.float32(0)
+        for j in range(300):
+            total = np.float32(total + w[i, j] * x[j])
+        assert out[i] == total
+
+
+def test_rmsnorm():
+    x, weight, out = randn(64), randn(64), np.empty(64, np.float32)
+    reference.rmsnorm(out, x, weight, 1e-5)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(out, weight * x64 / np.sqrt(np.mean(x64**2) + 1e-5), rtol=1e-6)
+
+
+def test_softmax():
+    x = randn(100) * 5
+    expected = np.exp(x.astype(np.float64) - x.max())
+    reference.softmax(x)
+    np.testing.assert_allclose(x, expected / expected.sum(), rtol=1e-6, atol=1e-9)
+
+
+def test_rope_rotates_pairs_as_complex_numbers():
+    head_size, pos, theta = 16, 7, 10000.0
+    q, k = randn(64), randn(32)  # 4 query heads, 2 kv heads
+    i = np.arange(0, 64, 2) % head_size
+    angle = pos * theta ** (-i / head_size)
+    expected_q = (q[0::2] + 1j * q[1::2]) * np.exp(1j * angle)
+    expected_k = (k[0::2] + 1j * k[1::2]) * np.exp(1j * angle[:16])
+    reference.rope(q, k, pos, head_size, theta)
+    np.testing.assert_allclose(q[0::2] + 1j * q[1::2], expected_q, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(k[0::2] + 1j * k[1::2], expected_k, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_query_attention():
+    n_heads, n_kv_heads, head_size, seq_len, pos = 8, 2, 16, 32, 9
+    q = randn(n_heads * head_size)
+    keys, values = randn(seq_len, n_kv_heads * head_size), randn(seq_len, n_kv_heads * head_size)
+    out, att = np.empty_like(q), np.zeros((n_heads, seq_len), np.float32)
+    reference.attention(out, q, keys, values, pos, n_heads, att)
+    for h in range(n_heads):
+        kv = h // (n_heads // n_kv_heads)  # query heads share kv heads in consecutive groups
+        k = keys[: pos + 1, kv * head_size : (kv + 1) * head_size].astype(np.float64)
+        v = values[: pos + 1, kv * head_size : (kv + 1) * head_size].astype(np.float64)
+        scores = k @ q[h * head_size : (h + 1) * head_size] / np.sqrt(head_size)
+        weights = np.exp(scores - scores.max())
+        weights /= weights.sum()
+        np.testing.assert_allclose(
+            out[h * head_size : (h + 1) * head_size], weights @ v, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_swiglu_and_add():
+    a, b = randn(50), randn(50)
+    expected = a / (1 + np.exp(-a.astype(np.float64))) * b
+    reference.swiglu(a, b)
+    np.testing.assert_allclose(a, expected, rtol=1e-6, atol=1e-7)
+    y = randn(50)
+    before = a.copy()
+    reference.add(a, y)
+    np.testing.assert_array_equal(a, before + y)
+
+
+def runq_quantize(x, group_size):
+    """runq.c's quantize in NumPy: float32 scale and quotient, C round (halves away from zero)."""
+    groups = x[: len(x) // group_size * group_size].reshape(-1, group_size)
+    scales = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
+    quotient = groups / scales[:, None]
+    return (np.sign(quotient) * np.floor(np.abs(quotient) + 0.5)).astype(np.int8).ravel(), scales
+
+
+def runq_matmul(xq, xs, wq, ws, group_size):
+    """runq.c's matmul in NumPy: group dot products in integers, float32 sums in group order,
+    weight scales read over the matrix flattened, trailing columns of a row skipped."""
+    d, n = wq.shape
+    out = np.zeros(d, np.float32)
+    for j in range(0, n - group_size + 1, group_size):
+        ival = wq[:, j : j + group_size].astype(np.int32) @ xq[j : j + group_size].astype(np.int32)
+        w_scale = ws[(np.arange(d) * n + j) // group_size]
+        out = out + (ival.astype(np.float32) * w_scale) * xs[j // group_size]
+    return out
+
+
+@pytest.mark.parametrize("n", [64, 96])
+def test_q8_quantize_like_runq(n):
+    x = randn(n)
+    x[5] = 0.0
+    xq, xs = np.zeros(n, np.int8), np.zeros(n, np.float32)
+    reference.q8_quantize(xq, xs, x, 32)
+    expected_q, expected_s = runq_quantize(x, 32)
+    np.testing.assert_array_equal(xq[: len(expected_q)], expected_q)
+    np.testing.assert_array_equal(xs[: len(expected_s)], expected_s)
+
+
+def test_q8_quantize_rounds_halves_away_from_zero():
+    x = np.array([127.0, 2.5, -2.5, 0.5, -0.5, 1.5, 0, 0], np.float32)  # scale exactly 1
+    xq, xs = np.zeros(8, np.int8), np.zeros(1, np.float32)
+    reference.q8_quantize(xq, xs, x, 8)
+    assert xs[0] == 1.0 and xq.tolist() == [127, 3, -3, 1, -1, 2, 0, 0]
+
+
+def test_an_all_zero_group_quantizes_to_zeros():
+    x, xq, xs = np.zeros(16, np.float32), np.ones(16, np.int8), np.ones(2, np.float32)
+    reference.q8_quantize(xq, xs, x, 8)
+    assert not xq.any() and not xs.any()
+
+
+@pytest.mark.parametrize("kernels", [reference, fast])
+def test_q8_matmul_with_whole_groups_is_runq_to_the_bit(kernels):
+    w = quantize_q8(randn(40, 128), 32)
+    x = randn(128)
+    xq, xs = np.zeros(128, np.int8), np.zeros(4, np.float32)
+    kernels.q8_quantize(xq, xs, x, 32)
+    out = np.empty(40, np.float32)
+    kernels.q8_matmul(out, xq, xs, w.values, w.scales, 32)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, 32))
+
+
+def test_q8_matmul_reference_keeps_runq_quirk_on_partial_groups():
+    w = quantize_q8(randn(16, 172), 8)  # 172 = 21 groups of 8 + 4: groups straddle rows
+    x = randn(172)
+    xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
+    reference.q8_quantize(xq, xs, x, 8)
+    out = np.empty(16, np.float32)
+    reference.q8_matmul(out, xq, xs, w.values, w.scales, 8)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, 8))
+
+
+def test_q8_matmul_default_computes_partial_groups_in_full():
+    w = quantize_q8(randn(16, 172), 8)
+    x = randn(172)
+    xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
+    fast.q8_quantize(xq, xs, x, 8)
+    out = np.empty(16, np.float32)
+    fast.q8_matmul(out, xq, xs, w.values, w.scales, 8)
+    x_dequantized = xq * np.repeat(xs, 8)[:172]
+    np.testing.assert_allclose(
+        out, w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4
+    )
+    # and that is close to the float product: the quantization error only
+    exact = w.dequantize().astype(np.float64) @ x
+    assert np.abs(out - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
+    w = quantize_q8(randn(6, 20), 8)  # 120 values, 15 groups; rows start mid-group
+    out = np.empty(20, np.float32)
+    reference.q8_dequantize_row(out, w.values, w.scales, 3, 8)
+    np.testing.assert_array_equal(out, w.dequantize()[3])

@@ -1,0 +1,91 @@
+"""The sampler against run.c's own sample(), recorded on fixed logits (no forward pass)."""
+
+import base64
+
+import numpy as np
+import pytest
+
+from conftest import expected_rows
+from llamette import Sampler
+
+
+def _name(row):
+    return f"{row['kind']}-t{row['temperature']}-p{row['topp']}-s{row['seed']}"
+
+
+@pytest.mark.parametrize("row", expected_rows("sampler.jsonl"))
+def test_same_tokens_as_run_c(row):
+    logits = np.frombuffer(base64.b64decode(row["logits_f32_b64"]), np.float32).copy()
+    sampler = Sampler(len(logits), row["temperature"], row["topp"], seed=row["seed"])
+    sampled = [sampler.sample(logits) for _ in range(row["draws"])]
+    assert sampled == row["sampled"], _name(row)
+
+
+def test_leaves_the_callers_logits_alone():
+    logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    before = logits.copy()
+    for topp, topk in [(0.9, 0), (0.0, 0), (0.9, 20), (0.0, 20)]:
+        Sampler(1000, temperature=0.7, topp=topp, topk=topk, seed=3).sample(logits)
+    assert np.array_equal(logits, before)
+
+
+def test_greedy_takes_the_first_maximum():
+    logits = np.array([0.5, 2.0, -1.0, 2.0], np.float32)
+    assert Sampler(4, temperature=0.0).sample(logits) == 1
+
+
+def test_top_k_only_ever_returns_the_k_most_likely_tokens():
+    rng = np.random.default_rng(1)
+    logits = rng.standard_normal(500).astype(np.float32)
+    allowed = set(np.argsort(-logits)[:5].tolist())
+    sampler = Sampler(500, temperature=1.5, topp=0.0, topk=5, seed=11)
+    drawn = {sampler.sample(logits) for _ in range(400)}
+    assert drawn == allowed  # 400 draws at high temperature reach all five
+
+
+def test_top_k_frequencies_follow_the_renormalized_distribution():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    sampler = Sampler(4, temperature=1.0, topp=0.0, topk=2, seed=5)
+    draws = np.array([sampler.sample(logits) for _ in range(4000)])
+    assert set(draws.tolist()) == {0, 1}
+    assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.03
+
+
+def test_top_k_with_top_p_cuts_inside_the_top_k():
+    logits = np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))
+    sampler = Sampler(4, temperature=1.0, topp=0.5, topk=3, seed=9)
+    # top-3 mass 0.9; the first prefix over 0.5 * 0.9 is tokens {0, 1}
+    assert {sampler.sample(logits) for _ in range(300)} == {0, 1}
+
+
+def test_ties_at_the_top_k_boundary_go_to_lower_ids():
+    logits = np.array([1.0, 3.0, 1.0, 1.0, 3.0], np.float32)
+    sampler = Sampler(5, temperature=1.0, topp=0.0, topk=3, seed=2)
+    assert {sampler.sample(logits) for _ in range(300)} == {0, 1, 4}
+
+
+def test_same_seed_same_tokens_and_skip_advances_like_sampling():
+    logits = np.random.default_rng(2).standard_normal(64).astype(np.float32)
+    a, b = Sampler(64, seed=77), Sampler(64, seed=77)
+    for _ in range(3):
+        a.sample(logits)
+    b.skip(3)
+    assert [a.sample(logits) for _ in range(20)] == [b.sample(logits) for _ in range(20)]
+
+
+def test_xorshift_matches_run_c():
+    # run.c: s ^= s >> 12; s ^= s << 25; s ^= s >> 27; (s * 0x2545F4914F6CDD1D) >> 32, by hand:
+    s = 42
+    s ^= s >> 12
+    s = (s ^ (s << 25)) % 2**64
+    s ^= s >> 27
+    assert Sampler(2, seed=42).random_u32() == (s * 0x2545F4914F6CDD1D) % 2**64 >> 32
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(temperature=-0.1), dict(topp=1.5), dict(topp=-0.1), dict(topk=-1), dict(seed=0)],
+)
+def test_rejects_settings_out_of_range(kwargs):
+    with pytest.raises(ValueError):
+        Sampler(10, **kwargs)
