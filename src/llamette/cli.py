@@ -37,9 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate text or chat, with llama2.c's run.c flags, meanings and defaults.",
     )
     run.add_argument("model", help="model file (llama2.c v0, v1 or v2)")
-    run.add_argument("-z", "--tokenizer", help="tokenizer.bin (default: one beside the model)")
     run.add_argument(
-        "-t", "--temperature", type=float, default=1.0, help="0 is greedy (default 1.0)"
+        "-z",
+        "--tokenizer",
+        metavar="TOKENIZER",
+        help="tokenizer.bin (default: one beside the model)",
+    )
+    run.add_argument(
+        "-t",
+        "--temperature",
+        type=float,
+        default=1.0,
+        metavar="T",
+        help="0 is greedy (default 1.0)",
     )
     run.add_argument(
         "-p",
@@ -48,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="topp",
         type=float,
         default=0.9,
+        metavar="P",
         help="nucleus sampling threshold in [0, 1]; 0 or 1 turns it off (default 0.9)",
     )
     run.add_argument(
@@ -56,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="topk",
         type=int,
         default=0,
+        metavar="K",
         help="sample from the k most likely tokens only; 0 turns it off (default)",
     )
     run.add_argument(
@@ -63,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed",
         type=int,
         default=0,
+        metavar="SEED",
         help="random seed; 0 or less uses the current time (default)",
     )
     run.add_argument(
@@ -70,18 +83,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         default=256,
+        metavar="STEPS",
         help="positions to run, prompt included; 0 means the whole context (default 256)",
     )
-    run.add_argument("-i", "--prompt", help="the prompt (chat: the first user message)")
+    run.add_argument(
+        "-i", "--prompt", metavar="PROMPT", help="the prompt (chat: the first user message)"
+    )
     run.add_argument(
         "-m",
         "--mode",
         choices=("generate", "chat"),
         default="generate",
+        metavar="MODE",
         help="generate (default) or chat",
     )
     run.add_argument(
-        "-y", "--system-prompt", "--system", dest="system_prompt", help="chat: the system prompt"
+        "-y",
+        "--system-prompt",
+        "--system",
+        dest="system_prompt",
+        metavar="SYSTEM",
+        help="chat: the system prompt",
     )
     run.add_argument(
         "--exact",
