@@ -52,14 +52,23 @@ def runq_computes_rows_wrongly(row):
     return row["argv"][0].startswith("stories260K_q80")
 
 
+def survives_reordered_sums(row):
+    """Greedy runs and samples from trained models; a random model's flat distribution turns a
+    last-bit difference into another token (../shared/docs, "Arithmetic, to the bit")."""
+    return flags(row)[1]["-t"] == "0" or row["argv"][0].startswith(("stories260K", "aidreams260K"))
+
+
 @pytest.mark.parametrize(
     "row",
     expected_rows(
-        "generate.jsonl", keep=lambda r: is_generate(r) and not runq_computes_rows_wrongly(r)
+        "generate.jsonl",
+        keep=lambda r: (
+            is_generate(r) and survives_reordered_sums(r) and not runq_computes_rows_wrongly(r)
+        ),
     ),
 )
 def test_default_path_agrees_with_the_recorded_cases(row):
-    """Every case but runq.c's miscomputed q80 rows; greedy and trained-model samples must match."""
+    """Every greedy case and every trained-model sample, but runq.c's miscomputed q80 rows."""
     result, _ = run_case(row, exact=False)
     assert result.prompt_tokens[1:] + result.tokens == row["ids"]
 

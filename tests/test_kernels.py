@@ -74,6 +74,14 @@ def test_grouped_query_attention():
         )
 
 
+def test_fast_matvec_f32_within_float_tolerance_of_the_reference():
+    w, x = randn(300, 517), randn(517)
+    exact, fast_out = np.empty(300, np.float32), np.empty(300, np.float32)
+    reference.matmul(exact, x, w)
+    fast.matvec_f32(fast_out, x, w)
+    np.testing.assert_allclose(fast_out, exact, rtol=1e-4, atol=1e-4)
+
+
 def test_swiglu_and_add():
     a, b = randn(50), randn(50)
     expected = a / (1 + np.exp(-a.astype(np.float64))) * b
@@ -129,15 +137,19 @@ def test_an_all_zero_group_quantizes_to_zeros():
     assert not xq.any() and not xs.any()
 
 
-@pytest.mark.parametrize("kernels", [reference, fast])
-def test_q8_matmul_with_whole_groups_is_runq_to_the_bit(kernels):
-    w = quantize_q8(randn(40, 128), 32)
-    x = randn(128)
-    xq, xs = np.zeros(128, np.int8), np.zeros(4, np.float32)
-    kernels.q8_quantize(xq, xs, x, 32)
+@pytest.mark.parametrize(
+    "quantize, matmul",
+    [(reference.q8_quantize, reference.q8_matmul), (fast.q8_quantize, fast.q8_matvec)],
+)
+@pytest.mark.parametrize("group_size", [64, 32, 16])  # 64 has its own fast kernel
+def test_q8_matmul_with_whole_groups_is_runq_to_the_bit(quantize, matmul, group_size):
+    w = quantize_q8(randn(40, 256), group_size)
+    x = randn(256)
+    xq, xs = np.zeros(256, np.int8), np.zeros(256 // group_size, np.float32)
+    quantize(xq, xs, x, group_size)
     out = np.empty(40, np.float32)
-    kernels.q8_matmul(out, xq, xs, w.values, w.scales, 32)
-    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, 32))
+    matmul(out, xq, xs, w.values, w.scales, group_size)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
 
 
 def test_q8_matmul_reference_keeps_runq_quirk_on_partial_groups():
@@ -156,7 +168,7 @@ def test_q8_matmul_default_computes_partial_groups_in_full():
     xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
     fast.q8_quantize(xq, xs, x, 8)
     out = np.empty(16, np.float32)
-    fast.q8_matmul(out, xq, xs, w.values, w.scales, 8)
+    fast.q8_matvec(out, xq, xs, w.values, w.scales, 8)
     x_dequantized = xq * np.repeat(xs, 8)[:172]
     np.testing.assert_allclose(
         out, w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4

@@ -1,34 +1,122 @@
-"""The Llama transformer: one decode step over a KV cache, as llama2.c's run.c writes it."""
+"""The Llama transformer: its weights, KV cache and the forward pass of one token."""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import numpy as np
 
 from llamette.formats import load_weights
-from llamette.kernels import fast, reference
+from llamette.kernels import kernel
+from llamette.kernels.linear import embed, linear
+from llamette.kernels.reference import add, attention, rmsnorm, rope, swiglu
 from llamette.quant import Q8Tensor
-from llamette.weights import LAYER_TENSORS, Tensor, Weights
+from llamette.weights import Tensor, Weights
 
 log = logging.getLogger("llamette")
 
 
-class Layer:
-    """One transformer block's tensors, named as Meta names them."""
+class Tensors(NamedTuple):
+    """The weights as compiled code takes them: per-layer tensors as tuples indexed by layer."""
 
-    def __init__(self, weights: Weights, index: int):
-        t = {name: weights.layer(index, name) for name in LAYER_TENSORS}
-        self.attention_norm = t["attention_norm.weight"]  # (dim,)
-        self.wq = t["attention.wq.weight"]  # (dim, dim)
-        self.wk = t["attention.wk.weight"]  # (kv_dim, dim)
-        self.wv = t["attention.wv.weight"]  # (kv_dim, dim)
-        self.wo = t["attention.wo.weight"]  # (dim, dim)
-        self.ffn_norm = t["ffn_norm.weight"]  # (dim,)
-        self.w1 = t["feed_forward.w1.weight"]  # (hidden_dim, dim), gate
-        self.w2 = t["feed_forward.w2.weight"]  # (dim, hidden_dim), down
-        self.w3 = t["feed_forward.w3.weight"]  # (hidden_dim, dim), up
+    tok_embeddings: Tensor  # (vocab_size, dim)
+    attention_norm: tuple  # (dim,) per layer
+    wq: tuple  # (dim, dim)
+    wk: tuple  # (kv_dim, dim)
+    wv: tuple  # (kv_dim, dim)
+    wo: tuple  # (dim, dim)
+    ffn_norm: tuple  # (dim,)
+    w1: tuple  # (hidden_dim, dim), gate
+    w2: tuple  # (dim, hidden_dim), down
+    w3: tuple  # (hidden_dim, dim), up
+    norm: np.ndarray  # (dim,)
+    output: Tensor  # (vocab_size, dim), the classifier
+
+    @classmethod
+    def of(cls, weights: Weights) -> Tensors:
+        layers = range(weights.config.n_layers)
+
+        def per_layer(name: str) -> tuple:
+            return tuple(weights.layer(i, name) for i in layers)
+
+        return cls(
+            weights["tok_embeddings.weight"],
+            per_layer("attention_norm.weight"),
+            per_layer("attention.wq.weight"),
+            per_layer("attention.wk.weight"),
+            per_layer("attention.wv.weight"),
+            per_layer("attention.wo.weight"),
+            per_layer("ffn_norm.weight"),
+            per_layer("feed_forward.w1.weight"),
+            per_layer("feed_forward.w2.weight"),
+            per_layer("feed_forward.w3.weight"),
+            weights["norm.weight"],
+            weights.classifier,
+        )
+
+
+class Buffers(NamedTuple):
+    """Activations of the token being computed, allocated once."""
+
+    x: np.ndarray  # (dim,) the residual stream
+    xb: np.ndarray  # (dim,) normed input, attention output
+    xb2: np.ndarray  # (dim,)
+    q: np.ndarray  # (dim,) query
+    hb: np.ndarray  # (hidden_dim,) feed-forward hidden state
+    hb2: np.ndarray  # (hidden_dim,)
+    att: np.ndarray  # (n_heads, seq_len) attention weights
+    logits: np.ndarray  # (vocab_size,)
+    xq: np.ndarray  # (max(dim, hidden_dim),) int8: a Q8 matmul's quantized input
+    xs: np.ndarray  # its group scales
+
+    @classmethod
+    def for_config(cls, c) -> Buffers:
+        widest = max(c.dim, c.hidden_dim)
+
+        def zeros(*shape, dtype=np.float32):
+            return np.zeros(shape, dtype)
+
+        return cls(
+            zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim),
+            zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
+            zeros(c.vocab_size), zeros(widest, dtype=np.int8), zeros(widest),
+        )  # fmt: skip
+
+
+@kernel
+def decode_step(w, s, key_cache, value_cache, token, pos, n_heads, norm_eps, rope_theta, exact):
+    """One token at position pos through the transformer, as run.c's forward; logits in s.logits.
+
+    key_cache, value_cache: (n_layers, seq_len, kv_dim); this step writes row pos of each layer.
+    """
+    head_size = s.q.shape[0] // n_heads
+    x = s.x
+    embed(x, w.tok_embeddings, token)
+    for layer in range(len(w.wq)):
+        key, value = key_cache[layer, pos], value_cache[layer, pos]  # (kv_dim,)
+
+        # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
+        rmsnorm(s.xb, x, w.attention_norm[layer], norm_eps)
+        linear(s.q, s.xb, w.wq[layer], exact, s.xq, s.xs)
+        linear(key, s.xb, w.wk[layer], exact, s.xq, s.xs)
+        linear(value, s.xb, w.wv[layer], exact, s.xq, s.xs)
+        rope(s.q, key, pos, head_size, rope_theta)
+        attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att)
+        linear(s.xb2, s.xb, w.wo[layer], exact, s.xq, s.xs)
+        add(x, s.xb2)
+
+        # feed-forward (SwiGLU): x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
+        rmsnorm(s.xb, x, w.ffn_norm[layer], norm_eps)
+        linear(s.hb, s.xb, w.w1[layer], exact, s.xq, s.xs)
+        linear(s.hb2, s.xb, w.w3[layer], exact, s.xq, s.xs)
+        swiglu(s.hb, s.hb2)
+        linear(s.xb, s.hb, w.w2[layer], exact, s.xq, s.xs)
+        add(x, s.xb)
+
+    rmsnorm(x, x, w.norm, norm_eps)
+    linear(s.logits, x, w.output, exact, s.xq, s.xs)
 
 
 class Transformer:
@@ -42,28 +130,11 @@ class Transformer:
         c = self.config = weights.config
         self.weights = weights
         self.exact = exact
-        self.kernels = reference if exact else fast
-        self.tok_embeddings = weights["tok_embeddings.weight"]  # (vocab_size, dim)
-        self.layers = [Layer(weights, i) for i in range(c.n_layers)]
-        self.norm = weights["norm.weight"]  # (dim,)
-        self.output = weights.classifier  # (vocab_size, dim)
-
+        self.tensors = Tensors.of(weights)
+        self.buffers = Buffers.for_config(c)
         # KV cache: every layer's keys and values for every position so far.
         self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), np.float32)
         self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), np.float32)
-        # Activations of the token being computed.
-        widest = max(c.dim, c.hidden_dim)
-        self.x = np.zeros(c.dim, np.float32)  # residual stream
-        self.xb = np.zeros(c.dim, np.float32)  # normed input / attention output
-        self.xb2 = np.zeros(c.dim, np.float32)
-        self.q = np.zeros(c.dim, np.float32)
-        self.hb = np.zeros(c.hidden_dim, np.float32)  # feed-forward hidden
-        self.hb2 = np.zeros(c.hidden_dim, np.float32)
-        self.att = np.zeros((c.n_heads, c.seq_len), np.float32)  # attention scores
-        self.logits = np.zeros(c.vocab_size, np.float32)
-        self.xq = np.zeros(widest, np.int8)  # Q8 activations and their group scales
-        self.xs = np.zeros(widest, np.float32)
-
         if not exact:
             self._note_misaligned_groups()
 
@@ -77,53 +148,12 @@ class Transformer:
 
         The returned array is reused by the next call.
         """
-        c, k = self.config, self.kernels
-        x = self.x
-        self._embed(x, token)
-        for i, layer in enumerate(self.layers):
-            key_cache, value_cache = self.key_cache[i], self.value_cache[i]  # (seq_len, kv_dim)
-            key, value = key_cache[pos], value_cache[pos]  # this position's rows (kv_dim,)
-
-            # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
-            k.rmsnorm(self.xb, x, layer.attention_norm, c.norm_eps)
-            self._matmul((self.q, key, value), self.xb, (layer.wq, layer.wk, layer.wv))
-            k.rope(self.q, key, pos, c.head_size, c.rope_theta)
-            k.attention(self.xb, self.q, key_cache, value_cache, pos, c.n_heads, self.att)
-            self._matmul((self.xb2,), self.xb, (layer.wo,))
-            k.add(x, self.xb2)
-
-            # feed-forward (SwiGLU): x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
-            k.rmsnorm(self.xb, x, layer.ffn_norm, c.norm_eps)
-            self._matmul((self.hb, self.hb2), self.xb, (layer.w1, layer.w3))
-            k.swiglu(self.hb, self.hb2)
-            self._matmul((self.xb,), self.hb, (layer.w2,))
-            k.add(x, self.xb)
-
-        k.rmsnorm(x, x, self.norm, c.norm_eps)
-        self._matmul((self.logits,), x, (self.output,))
-        return self.logits
-
-    def _embed(self, out: np.ndarray, token: int) -> None:
-        table = self.tok_embeddings
-        if isinstance(table, Q8Tensor):
-            self.kernels.q8_dequantize_row(out, table.values, table.scales, token, table.group_size)
-        else:
-            out[:] = table[token]
-
-    def _matmul(
-        self, outs: tuple[np.ndarray, ...], x: np.ndarray, weights: tuple[Tensor, ...]
-    ) -> None:
-        """outs[i] = weights[i] @ x for matrices that share their input (Q8: quantized once)."""
-        k = self.kernels
-        if isinstance(weights[0], Q8Tensor):
-            group_size = weights[0].group_size
-            xq, xs = self.xq[: x.shape[0]], self.xs
-            k.q8_quantize(xq, xs, x, group_size)
-            for out, w in zip(outs, weights, strict=True):
-                k.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
-        else:
-            for out, w in zip(outs, weights, strict=True):
-                k.matmul(out, x, w)
+        c = self.config
+        decode_step(
+            self.tensors, self.buffers, self.key_cache, self.value_cache, token, pos,
+            c.n_heads, c.norm_eps, c.rope_theta, self.exact,
+        )  # fmt: skip
+        return self.buffers.logits
 
     def _note_misaligned_groups(self) -> None:
         """Say once when runq.c would compute this file's rows wrongly and llamette does not."""

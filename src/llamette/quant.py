@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class Q8Tensor:
+class Q8Tensor(NamedTuple):
     """A matrix of int8 values with one float32 scale per `group_size` consecutive values.
 
     This is llama2.c's v2 layout: groups run over the matrix flattened row by row, so when a row's
-    length is not a multiple of the group size a group spans two rows.
+    length is not a multiple of the group size a group spans two rows. (A NamedTuple, so that
+    compiled kernels take it as it is.)
     """
 
     values: np.ndarray  # int8 (rows, cols)

@@ -3,24 +3,26 @@
 Every sum is one float32 accumulator filled in index order, every product a separate multiply and
 add (no fastmath, so no reordering and no fused multiply-add), and exp/sin/cos/pow are the float32
 libm calls (Numba's math functions on float32 values call expf, sinf, cosf, powf). Integer and
-float64 operands are cast to float32 first, as C does. This is the `--exact` path; the fast kernels
-are tested against it.
+float64 operands are cast to float32 first, as C does. Rows of a matmul and heads of attention run
+in parallel, as run.c's OpenMP loops do: that changes no arithmetic. This is the `--exact` path;
+the fast kernels are tested against it.
 """
 
 import math
 
 import numpy as np
+from numba import prange
 
-from llamette.kernels import kernel
+from llamette.kernels import kernel, parallel_kernel
 
 F32 = np.float32
 
 
-@kernel
+@parallel_kernel
 def matmul(out, x, w):
     """out (d,) = w (d, n) @ x (n,)."""
     d, n = w.shape
-    for i in range(d):
+    for i in prange(d):
         val = F32(0.0)
         for j in range(n):
             val += w[i, j] * x[j]
@@ -76,7 +78,7 @@ def rope(q, k, pos, head_size, theta):
             k[i + 1] = v0 * fci + v1 * fcr
 
 
-@kernel
+@parallel_kernel
 def attention(out, q, key_cache, value_cache, pos, n_heads, att):
     """Causal grouped-query attention of one token over cache rows 0..pos.
 
@@ -85,7 +87,7 @@ def attention(out, q, key_cache, value_cache, pos, n_heads, att):
     head_size = q.shape[0] // n_heads
     kv_mul = q.shape[0] // key_cache.shape[1]  # query heads per kv head
     scale = F32(math.sqrt(F32(head_size)))
-    for h in range(n_heads):
+    for h in prange(n_heads):
         qh = q[h * head_size : (h + 1) * head_size]
         kv_offset = (h // kv_mul) * head_size
         for t in range(pos + 1):
@@ -143,7 +145,7 @@ def q8_quantize(xq, xs, x, group_size):
             xq[i] = 0 if math.isnan(quotient) else np.int8(round_half_away(quotient))
 
 
-@kernel
+@parallel_kernel
 def q8_matmul(out, xq, xs, wq, ws, group_size):
     """runq.c's matmul: out (d,) = w (d, n) @ x (n,) from int8 values and per-group scales.
 
@@ -151,7 +153,7 @@ def q8_matmul(out, xq, xs, wq, ws, group_size):
     and its scales are read at (i * n + j) / group_size.
     """
     d, n = wq.shape
-    for i in range(d):
+    for i in prange(d):
         val = F32(0.0)
         for j in range(0, n - group_size + 1, group_size):
             ival = np.int32(0)
