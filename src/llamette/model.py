@@ -9,7 +9,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llamette.formats import load_weights
-from llamette.kernels import kernel
+from llamette.kernels import parallel_kernel
 from llamette.kernels.linear import embed, linear
 from llamette.kernels.reference import add, attention, rmsnorm, rope, swiglu
 from llamette.quant import Q8Tensor
@@ -85,7 +85,7 @@ class Buffers(NamedTuple):
         )  # fmt: skip
 
 
-@kernel
+@parallel_kernel  # it calls parallel kernels (see llamette.kernels)
 def decode_step(w, s, key_cache, value_cache, token, pos, n_heads, norm_eps, rope_theta, exact):
     """One token at position pos through the transformer, as run.c's forward; logits in s.logits.
 
@@ -154,6 +154,12 @@ class Transformer:
             c.n_heads, c.norm_eps, c.rope_theta, self.exact,
         )  # fmt: skip
         return self.buffers.logits
+
+    def prefill(self, tokens: list[int], start_pos: int) -> np.ndarray:
+        """Run tokens at positions start_pos.. through the model; the last one's logits."""
+        for offset, token in enumerate(tokens):
+            logits = self.forward(token, start_pos + offset)
+        return logits
 
     def _note_misaligned_groups(self) -> None:
         """Say once when runq.c would compute this file's rows wrongly and llamette does not."""

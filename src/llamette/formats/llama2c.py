@@ -1,7 +1,8 @@
 """llama2.c checkpoints: v0 (run.c's legacy fp32), v1 (fp32 with a header) and v2 (Q8_0, runq.c).
 
-Facts: ../shared/docs/llama2c-format.md. Every header field is checked against the file's size
-before the file is mapped; tensors are views into the mapping, never copies.
+Facts: ../shared/docs/llama2c-format.md. Reading: every header field is checked against the file's
+size before the file is mapped; tensors are views into the mapping, never copies. Writing: tensor
+by tensor, as llama2.c's export.py lays files out, into a temporary file renamed at the end.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Iterator
 import numpy as np
 
 from llamette.errors import LlametteError
-from llamette.quant import Q8Tensor
+from llamette.formats.output import atomic_output
+from llamette.quant import Q8Tensor, quantize_q8
 from llamette.weights import ModelConfig, Weights
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32; the bytes on disk are b"24ka"
@@ -185,3 +187,63 @@ def _map_tensors(
             tensors[name] = Q8Tensor(values, scales, group_size)
         offset += nbytes
     return tensors
+
+
+def write_llama2c(
+    weights: Weights, path: str | os.PathLike, version: int = 0, group_size: int | None = None
+) -> None:
+    """Write a llama2.c checkpoint; v2 quantizes each matrix as export.py does (scale max|w| / 127).
+
+    The v2 group size defaults to export.py's: 64, halved until it divides dim. Tensors are
+    fetched one at a time from weights.tensors, so a lazily filled mapping streams.
+    """
+    if version not in (0, 1, 2):
+        raise LlametteError(f"llama2.c version {version} does not exist (0, 1 or 2)")
+    c = weights.config
+    if group_size is None:
+        group_size = 64
+        while c.dim % group_size:
+            group_size //= 2
+    if version == 2:
+        for name, shape in c.tensor_shapes().items():
+            if len(shape) == 2 and shape[0] * shape[1] % group_size:
+                raise LlametteError(f"group size {group_size} does not divide {name} {shape}")
+    with atomic_output(path) as temporary, open(temporary, "wb") as f:
+        for name, _, kind, _ in _layout(c, version, group_size):
+            if name == "header":
+                f.write(_header(c, version, group_size))
+            elif name == "freq_cis":
+                f.write(_rope_tables(c).tobytes())
+            elif kind == "f32":
+                f.write(np.ascontiguousarray(_dense(weights[name]), np.float32).tobytes())
+            else:
+                tensor = weights[name]
+                if not isinstance(tensor, Q8Tensor) or tensor.group_size != group_size:
+                    tensor = quantize_q8(_dense(tensor), group_size)
+                f.write(tensor.values.tobytes())
+                f.write(tensor.scales.astype(np.float32).tobytes())
+
+
+def _dense(tensor) -> np.ndarray:
+    return tensor.dequantize() if isinstance(tensor, Q8Tensor) else tensor
+
+
+def _header(c: ModelConfig, version: int, group_size: int) -> bytes:
+    sizes = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads)
+    if version == 0:
+        vocab = c.vocab_size if c.shared_classifier else -c.vocab_size
+        return struct.pack("<7i", *sizes, vocab, c.seq_len)
+    header = struct.pack(
+        "<Ii7iB", MAGIC, version, *sizes, c.vocab_size, c.seq_len, c.shared_classifier
+    )
+    if version == 2:
+        header += struct.pack("<i", group_size)
+    return header.ljust(HEADER_BYTES, b"\0")
+
+
+def _rope_tables(c: ModelConfig) -> np.ndarray:
+    """v0's freq_cis_real then freq_cis_imag (seq_len, head_size / 2): no reader uses them."""
+    exponents = np.arange(0, c.head_size, 2)[: c.head_size // 2].astype(np.float32) / c.head_size
+    freqs = (1.0 / (np.float32(c.rope_theta) ** exponents)).astype(np.float32)
+    angles = np.outer(np.arange(c.seq_len, dtype=np.float32), freqs)
+    return np.concatenate([np.cos(angles).ravel(), np.sin(angles).ravel()]).astype(np.float32)

@@ -5,9 +5,22 @@
 `linear`: picks the kernel for a weight type (at compile time) and a flavour (at run time).
 """
 
+import warnings
+
 from numba import njit
+from numba.core.errors import NumbaPerformanceWarning
 
 # Compiled once and cached on disk; IEEE division (x / 0 is inf or nan, as in C); no fastmath, so
-# float sums keep their order. `parallel_kernel` runs prange loops on all threads.
+# float sums keep their order. `parallel_kernel` runs prange loops on all threads. A function that
+# calls a parallel kernel must be a parallel kernel too, prange or not: Numba's cache otherwise
+# saves the caller without its link to the callee, and a later process crashes on a null call
+# (numba/numba#4807, #8578).
 kernel = njit(cache=True, error_model="numpy")
 parallel_kernel = njit(cache=True, error_model="numpy", parallel=True)
+
+# ...and for those, Numba's note that it found no loop to parallelize is expected.
+warnings.filterwarnings(
+    "ignore",
+    message=r"(?s).*The keyword argument 'parallel=True' was specified but no transformation",
+    category=NumbaPerformanceWarning,
+)

@@ -52,7 +52,7 @@ def q8_quantize(xq, xs, x, group_size):
             xq[i] = 0 if math.isnan(quotient) else np.int8(round_half_away(quotient))
 
 
-@kernel
+@parallel_kernel
 def q8_matvec(out, xq, xs, wq, ws, group_size):
     """out (d,) = w (d, n) @ x (n,) for int8 values and group scales, as runq.c computes it."""
     d, n = wq.shape

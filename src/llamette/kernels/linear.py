@@ -25,7 +25,7 @@ def is_q8(numba_type) -> bool:
     return isinstance(numba_type, types.NamedTuple) and numba_type.instance_class is Q8Tensor
 
 
-@overload(linear, jit_options={"cache": True})
+@overload(linear, jit_options={"cache": True, "parallel": True})  # calls parallel kernels
 def _linear(out, x, w, exact, xq, xs):
     if is_q8(w):
 
@@ -49,7 +49,7 @@ def _linear(out, x, w, exact, xq, xs):
     return linear_f32
 
 
-@overload(embed, jit_options={"cache": True})
+@overload(embed, jit_options={"cache": True, "parallel": True})
 def _embed(out, table, token):
     if is_q8(table):
 

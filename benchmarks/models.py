@@ -1,0 +1,80 @@
+"""Random-weight models of real shapes, written once into the benchmark cache.
+
+Each model exists as llama2.c files (v0 fp32, v2 Q8_0 with groups of 64) for llamette and GGUF
+files (F32, Q8_0) of the same weights for llama.cpp. Weights are drawn tensor by tensor from a
+seed per tensor name, so files of any size are written in bounded memory and are identical on
+every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from llamette.formats.gguf import write_gguf
+from llamette.formats.llama2c import write_llama2c
+from llamette.tokenizer import Tokenizer
+from llamette.weights import ModelConfig, Weights
+
+SHAPES = {
+    "stories15M": ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
+                              vocab_size=32000, seq_len=256),
+    "stories110M": ModelConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
+                               vocab_size=32000, seq_len=1024),
+    "llama2-7b": ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32,
+                             vocab_size=32000, seq_len=4096, shared_classifier=False),
+}  # fmt: skip
+
+# (file suffix, who runs it, how it is written)
+FORMATS = {
+    "f32": {"llamette": ".f32.bin", "llama.cpp": ".f32.gguf"},
+    "q8_0": {"llamette": ".q80.bin", "llama.cpp": ".q8_0.gguf"},
+}
+
+
+class RandomTensors(Mapping):
+    """Tensors drawn on demand: N(0, 0.02) matrices, norm weights near 1."""
+
+    def __init__(self, config: ModelConfig):
+        self.shapes = config.tensor_shapes()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        shape = self.shapes[name]
+        if len(shape) == 1:
+            return (1.0 + 0.1 * rng.standard_normal(shape, np.float32)).astype(np.float32)
+        return rng.standard_normal(shape, np.float32) * np.float32(0.02)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LLAMETTE_BENCH_DIR", Path.home() / ".cache" / "llamette-bench"))
+    (path / "models").mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def model_path(name: str, weight_type: str, runner: str) -> Path:
+    return cache_dir() / "models" / f"{name}{FORMATS[weight_type][runner]}"
+
+
+def ensure_model(name: str, weight_type: str, tokenizer_path: Path, log=print) -> dict[str, Path]:
+    """Both runners' files for one model and weight type, written if missing."""
+    config = SHAPES[name]
+    weights = Weights(config, RandomTensors(config), source=f"random {name}")
+    paths = {runner: model_path(name, weight_type, runner) for runner in FORMATS[weight_type]}
+    if not paths["llamette"].exists():
+        log(f"writing {paths['llamette']}")
+        write_llama2c(weights, paths["llamette"], version=0 if weight_type == "f32" else 2)
+    if not paths["llama.cpp"].exists():
+        log(f"writing {paths['llama.cpp']}")
+        write_gguf(weights, paths["llama.cpp"], Tokenizer.load(tokenizer_path), weight_type)
+    return paths
