@@ -142,6 +142,11 @@ class ScriptedModel:
         logits[self.script.get(pos, 0)] = 10.0
         return logits
 
+    def prefill(self, tokens, start_pos):
+        for offset, token in enumerate(tokens):
+            logits = self.forward(token, start_pos + offset)
+        return logits
+
 
 def test_chat_ends_a_turn_on_eos_and_feeds_it_before_the_next_turn():
     tokenizer = Tokenizer.load(shared_path("models", "tokenizer.bin"))

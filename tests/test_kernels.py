@@ -78,7 +78,7 @@ def test_fast_matvec_f32_within_float_tolerance_of_the_reference():
     w, x = randn(300, 517), randn(517)
     exact, fast_out = np.empty(300, np.float32), np.empty(300, np.float32)
     reference.matmul(exact, x, w)
-    fast.matvec_f32(fast_out, x, w)
+    fast.matmul_f32(fast_out.reshape(1, -1), x.reshape(1, -1), w)
     np.testing.assert_allclose(fast_out, exact, rtol=1e-4, atol=1e-4)
 
 
@@ -91,6 +91,11 @@ def test_swiglu_and_add():
     before = a.copy()
     reference.add(a, y)
     np.testing.assert_array_equal(a, before + y)
+
+
+def fast_q8_matvec(out, xq, xs, wq, ws, group_size):
+    """fast.q8_matmul for a single input vector."""
+    fast.q8_matmul(out.reshape(1, -1), xq.reshape(1, -1), xs.reshape(1, -1), wq, ws, group_size)
 
 
 def runq_quantize(x, group_size):
@@ -139,7 +144,7 @@ def test_an_all_zero_group_quantizes_to_zeros():
 
 @pytest.mark.parametrize(
     "quantize, matmul",
-    [(reference.q8_quantize, reference.q8_matmul), (fast.q8_quantize, fast.q8_matvec)],
+    [(reference.q8_quantize, reference.q8_matmul), (fast.q8_quantize, fast_q8_matvec)],
 )
 @pytest.mark.parametrize("group_size", [64, 32, 16])  # 64 has its own fast kernel
 def test_q8_matmul_with_whole_groups_is_runq_to_the_bit(quantize, matmul, group_size):
@@ -168,7 +173,7 @@ def test_q8_matmul_default_computes_partial_groups_in_full():
     xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
     fast.q8_quantize(xq, xs, x, 8)
     out = np.empty(16, np.float32)
-    fast.q8_matvec(out, xq, xs, w.values, w.scales, 8)
+    fast_q8_matvec(out, xq, xs, w.values, w.scales, 8)
     x_dequantized = xq * np.repeat(xs, 8)[:172]
     np.testing.assert_allclose(
         out, w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4
@@ -183,3 +188,54 @@ def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
     out = np.empty(20, np.float32)
     reference.q8_dequantize_row(out, w.values, w.scales, 3, 8)
     np.testing.assert_array_equal(out, w.dequantize()[3])
+
+
+@pytest.mark.parametrize("group_size", [64, 32])
+def test_q8_matmul_on_a_batch_is_runq_per_row(group_size):
+    # 7 inputs and 42 rows: the 4x4 blocks, the leftover inputs and the leftover rows all run
+    w = quantize_q8(randn(42, 256), group_size)
+    x = randn(7, 256)
+    xq, xs = np.zeros((7, 256), np.int8), np.zeros((7, 256 // group_size), np.float32)
+    fast.q8_quantize_rows(xq, xs, x, group_size)
+    out = np.empty((7, 42), np.float32)
+    fast.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
+    for b in range(7):
+        np.testing.assert_array_equal(
+            out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        )
+
+
+def test_matmul_f32_on_a_batch():
+    w, x = randn(42, 300), randn(7, 300)
+    out = np.empty((7, 42), np.float32)
+    fast.matmul_f32(out, x, w)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_batched_attention_agrees_with_the_reference():
+    """Eight rows of two sequences (slots) at different positions, grouped-query heads."""
+    n_heads, n_kv_heads, head_size, seq_len = 4, 2, 16, 20
+    key_cache = randn(2, 1, seq_len, n_kv_heads * head_size)  # (slots, layers, seq_len, kv_dim)
+    value_cache = randn(2, 1, seq_len, n_kv_heads * head_size)
+    slots = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    positions = np.array([0, 1, 2, 3, 10, 11, 12, 19])
+    q = randn(8, n_heads * head_size)
+    out = np.empty_like(q)
+    fast.attention_rows(out, q, key_cache, value_cache, 0, slots, positions, n_heads)
+    for b in range(8):
+        expected, att = np.empty(q.shape[1], np.float32), np.zeros((n_heads, seq_len), np.float32)
+        reference.attention(expected, q[b], key_cache[slots[b], 0], value_cache[slots[b], 0],
+                            positions[b], n_heads, att)  # fmt: skip
+        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_vectorizable_exp_is_within_two_ulp():
+    from numba import njit
+
+    @njit
+    def exps(x):
+        return np.array([fast.exp_f32(v) for v in x], np.float32)
+
+    x = np.linspace(-87, 88, 100_001).astype(np.float32)
+    expected = np.exp(x.astype(np.float64))
+    assert np.max(np.abs(exps(x) - expected) / expected) < 2 * 2.0**-24

@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from llamette.errors import LlametteError
 from llamette.model import Transformer
 from llamette.sampler import Sampler
@@ -82,7 +80,7 @@ def generate(
     forced = prompt_tokens[:steps]
     emit(tokenizer.decode(prompt_tokens[1 : steps + 1]))  # what run.c prints while forcing them
     start = time.perf_counter()
-    logits = _prefill(model, forced, 0)
+    logits = model.prefill(forced, 0)
     if len(forced) < len(prompt_tokens):  # steps ran out inside the prompt: nothing to sample
         result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
         return result
@@ -143,7 +141,7 @@ def chat(
 
         forced = prompt_tokens[: steps - pos]
         start = time.perf_counter()
-        logits = _prefill(model, forced, pos)
+        logits = model.prefill(forced, pos)
         pos += len(forced)
         sampler.skip(len(forced) - 1)  # run.c samples after every prompt token too
         token = sampler.sample(logits)
@@ -177,14 +175,6 @@ def chat(
     emit("\n")
     result.text = "".join(answers)
     return result
-
-
-def _prefill(model: Transformer, tokens: list[int], start_pos: int) -> np.ndarray:
-    """Run the model over tokens at positions start_pos.. and return the last one's logits."""
-    logits = None
-    for offset, token in enumerate(tokens):
-        logits = model.forward(token, start_pos + offset)
-    return logits
 
 
 def _check_fits(n_tokens: int, model: Transformer) -> None:

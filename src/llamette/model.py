@@ -9,13 +9,15 @@ from typing import NamedTuple
 import numpy as np
 
 from llamette.formats import load_weights
-from llamette.kernels import parallel_kernel
+from llamette.kernels import fast, parallel_kernel
 from llamette.kernels.linear import embed, linear
 from llamette.kernels.reference import add, attention, rmsnorm, rope, swiglu
 from llamette.quant import Q8Tensor
 from llamette.weights import Tensor, Weights
 
 log = logging.getLogger("llamette")
+
+PREFILL_CHUNK = 512  # prompt tokens per batched forward pass
 
 
 class Tensors(NamedTuple):
@@ -123,43 +125,115 @@ class Transformer:
     """A model ready to run: weights, KV cache and activation buffers.
 
     `exact=True` selects the reference kernels, which reproduce run.c's and runq.c's arithmetic
-    to the bit; the default kernels are faster and agree with them.
+    to the bit; the default kernels are faster and agree with them. The KV cache holds `n_slots`
+    sequences, which forward_batch can advance together.
     """
 
-    def __init__(self, weights: Weights, exact: bool = False):
+    def __init__(self, weights: Weights, exact: bool = False, n_slots: int = 1):
         c = self.config = weights.config
         self.weights = weights
         self.exact = exact
         self.tensors = Tensors.of(weights)
         self.buffers = Buffers.for_config(c)
-        # KV cache: every layer's keys and values for every position so far.
-        self.key_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), np.float32)
-        self.value_cache = np.zeros((c.n_layers, c.seq_len, c.kv_dim), np.float32)
+        # KV cache: every layer's keys and values for every position so far, per sequence.
+        cache_shape = (n_slots, c.n_layers, c.seq_len, c.kv_dim)
+        self.key_cache = np.zeros(cache_shape, np.float32)
+        self.value_cache = np.zeros(cache_shape, np.float32)
         if not exact:
             self._note_misaligned_groups()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, exact: bool = False) -> Transformer:
+    def load(cls, path: str | os.PathLike, exact: bool = False, n_slots: int = 1) -> Transformer:
         """Load a model file (memory-mapped) and make it ready to run."""
-        return cls(load_weights(path), exact=exact)
+        return cls(load_weights(path), exact=exact, n_slots=n_slots)
 
-    def forward(self, token: int, pos: int) -> np.ndarray:
+    def forward(self, token: int, pos: int, slot: int = 0) -> np.ndarray:
         """Logits (vocab_size,) for the token at position pos, after positions 0..pos-1 are cached.
 
         The returned array is reused by the next call.
         """
         c = self.config
         decode_step(
-            self.tensors, self.buffers, self.key_cache, self.value_cache, token, pos,
+            self.tensors, self.buffers, self.key_cache[slot], self.value_cache[slot], token, pos,
             c.n_heads, c.norm_eps, c.rope_theta, self.exact,
         )  # fmt: skip
         return self.buffers.logits
 
-    def prefill(self, tokens: list[int], start_pos: int) -> np.ndarray:
-        """Run tokens at positions start_pos.. through the model; the last one's logits."""
-        for offset, token in enumerate(tokens):
-            logits = self.forward(token, start_pos + offset)
+    def prefill(self, tokens: list[int], start_pos: int, slot: int = 0) -> np.ndarray:
+        """Run tokens at positions start_pos.. through the model; the last one's logits (vocab_size,).
+
+        The default path takes the prompt in batches of PREFILL_CHUNK tokens; --exact feeds it one
+        token at a time, as run.c does.
+        """
+        if self.exact:
+            for offset, token in enumerate(tokens):
+                logits = self.forward(token, start_pos + offset, slot)
+            return logits
+        for chunk in range(0, len(tokens), PREFILL_CHUNK):
+            batch = tokens[chunk : chunk + PREFILL_CHUNK]
+            positions = np.arange(start_pos + chunk, start_pos + chunk + len(batch))
+            last = len(tokens) - chunk - 1 < PREFILL_CHUNK
+            logits = self.forward_batch(
+                batch, positions, np.full(len(batch), slot), [-1] if last else []
+            )
+        return logits[-1]
+
+    def forward_batch(
+        self, tokens, positions, slots, logit_rows: list[int] | None = None
+    ) -> np.ndarray:
+        """Several tokens in one pass: token b at positions[b] of sequence slots[b].
+
+        Rows attend causally within their own sequence, including earlier rows of the batch; a
+        sequence's rows must be in position order. Returns the logits (len(logit_rows), vocab_size)
+        of the rows asked for (default: all).
+        """
+        c, w = self.config, self.tensors
+        tokens, positions, slots = (np.asarray(a, np.int64) for a in (tokens, positions, slots))
+        n = len(tokens)
+        x = np.empty((n, c.dim), np.float32)  # the residual stream, one row per token
+        if isinstance(w.tok_embeddings, Q8Tensor):
+            e = w.tok_embeddings
+            fast.embed_rows(x, e.values, e.scales, tokens, e.group_size)
+        else:
+            x[:] = w.tok_embeddings[tokens]
+        xb = np.empty_like(x)
+        attended = np.empty_like(x)
+        for layer in range(c.n_layers):
+            # attention
+            fast.rmsnorm_rows(xb, x, w.attention_norm[layer], c.norm_eps)
+            q, k, v = self._matmul(xb, (w.wq[layer], w.wk[layer], w.wv[layer]))
+            fast.rope_rows(q, k, positions, c.head_size, c.rope_theta)
+            self.key_cache[slots, layer, positions] = k
+            self.value_cache[slots, layer, positions] = v
+            fast.attention_rows(attended, q, self.key_cache, self.value_cache, layer, slots,
+                                positions, c.n_heads)  # fmt: skip
+            (out,) = self._matmul(attended, (w.wo[layer],))
+            x += out
+            # feed-forward (SwiGLU)
+            fast.rmsnorm_rows(xb, x, w.ffn_norm[layer], c.norm_eps)
+            gate, up = self._matmul(xb, (w.w1[layer], w.w3[layer]))
+            swiglu(gate.reshape(-1), up.reshape(-1))
+            (out,) = self._matmul(gate, (w.w2[layer],))
+            x += out
+        rows = x if logit_rows is None else x[logit_rows]
+        fast.rmsnorm_rows(rows, rows, w.norm, c.norm_eps)
+        (logits,) = self._matmul(rows, (w.output,))
         return logits
+
+    def _matmul(self, x: np.ndarray, weights: tuple[Tensor, ...]) -> list[np.ndarray]:
+        """x (B, n) @ w.T for weights that share their input (Q8: quantized once)."""
+        outs = [np.empty((x.shape[0], w.shape[0]), np.float32) for w in weights]
+        if isinstance(weights[0], Q8Tensor):
+            group_size = weights[0].group_size
+            xq = np.empty(x.shape, np.int8)
+            xs = np.empty((x.shape[0], -(-x.shape[1] // group_size)), np.float32)
+            fast.q8_quantize_rows(xq, xs, x, group_size)
+            for out, w in zip(outs, weights, strict=True):
+                fast.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
+        else:
+            for out, w in zip(outs, weights, strict=True):
+                fast.matmul_f32(out, x, w)
+        return outs
 
     def _note_misaligned_groups(self) -> None:
         """Say once when runq.c would compute this file's rows wrongly and llamette does not."""

@@ -35,8 +35,12 @@ def _linear(out, x, w, exact, xq, xs):
                 reference.q8_quantize(xq[:n], xs, x, w.group_size)
                 reference.q8_matmul(out, xq[:n], xs, w.values, w.scales, w.group_size)
             else:
-                fast.q8_quantize(xq[:n], xs, x, w.group_size)
-                fast.q8_matvec(out, xq[:n], xs, w.values, w.scales, w.group_size)
+                groups = (n + w.group_size - 1) // w.group_size
+                inputs, scales = xq[:n].reshape(1, n), xs[:groups].reshape(1, groups)
+                fast.q8_quantize_rows(inputs, scales, x.reshape(1, n), w.group_size)
+                fast.q8_matmul(
+                    out.reshape(1, out.shape[0]), inputs, scales, w.values, w.scales, w.group_size
+                )
 
         return linear_q8
 
@@ -44,7 +48,7 @@ def _linear(out, x, w, exact, xq, xs):
         if exact:
             reference.matmul(out, x, w)
         else:
-            fast.matvec_f32(out, x, w)
+            fast.matmul_f32(out.reshape(1, out.shape[0]), x.reshape(1, x.shape[0]), w)
 
     return linear_f32
 

@@ -78,30 +78,41 @@ def rope(q, k, pos, head_size, theta):
             k[i + 1] = v0 * fci + v1 * fcr
 
 
+@kernel
+def attend(out, q, key_cache, value_cache, pos, kv_offset, att):
+    """One head's attention over cache rows 0..pos: out (head_size,) = softmax(q . k / sqrt) @ v.
+
+    q: (head_size,); key_cache, value_cache: (seq_len, kv_dim), the head's kv columns starting
+    at kv_offset; att: (seq_len,) scratch for the scores.
+    """
+    head_size = q.shape[0]
+    scale = F32(math.sqrt(F32(head_size)))
+    for t in range(pos + 1):
+        score = F32(0.0)
+        for i in range(head_size):
+            score += q[i] * key_cache[t, kv_offset + i]
+        att[t] = score / scale
+    softmax(att[: pos + 1])
+    for i in range(head_size):
+        out[i] = F32(0.0)
+    for t in range(pos + 1):
+        a = att[t]
+        for i in range(head_size):
+            out[i] += a * value_cache[t, kv_offset + i]
+
+
 @parallel_kernel
 def attention(out, q, key_cache, value_cache, pos, n_heads, att):
-    """Causal grouped-query attention of one token over cache rows 0..pos.
+    """Causal grouped-query attention of one token, heads in parallel.
 
     out, q: (dim,); key_cache, value_cache: (seq_len, kv_dim); att: (n_heads, seq_len) scratch.
+    Query heads share kv heads in consecutive groups of n_heads / n_kv_heads.
     """
     head_size = q.shape[0] // n_heads
     kv_mul = q.shape[0] // key_cache.shape[1]  # query heads per kv head
-    scale = F32(math.sqrt(F32(head_size)))
     for h in prange(n_heads):
-        qh = q[h * head_size : (h + 1) * head_size]
-        kv_offset = (h // kv_mul) * head_size
-        for t in range(pos + 1):
-            score = F32(0.0)
-            for i in range(head_size):
-                score += qh[i] * key_cache[t, kv_offset + i]
-            att[h, t] = score / scale
-        softmax(att[h, : pos + 1])
-        for i in range(head_size):
-            out[h * head_size + i] = F32(0.0)
-        for t in range(pos + 1):
-            a = att[h, t]
-            for i in range(head_size):
-                out[h * head_size + i] += a * value_cache[t, kv_offset + i]
+        heads = slice(h * head_size, (h + 1) * head_size)
+        attend(out[heads], q[heads], key_cache, value_cache, pos, (h // kv_mul) * head_size, att[h])
 
 
 @kernel
