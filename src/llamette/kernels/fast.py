@@ -16,7 +16,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from llamette.kernels import kernel, parallel_kernel
-from llamette.kernels.reference import attend, q8_dequantize_row, rmsnorm, rope, round_half_away
+from llamette.kernels.reference import q8_dequantize_row, rmsnorm, rope, round_half_away
 
 F32 = np.float32
 I32 = np.int32
@@ -40,11 +40,10 @@ def matmul_f32(out, x, w):
                     out[b, row] = _dot(x[b], w[row])
             continue
         w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-        b = 0
-        while b + 4 <= n_inputs:
+        blocked = n_inputs - n_inputs % 4
+        for b in range(0, blocked, 4):
             _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
-            b += 4
-        for b in range(b, n_inputs):  # decode (one input) lands here
+        for b in range(blocked, n_inputs):  # decode (one input) lands here
             _dots_1x4(out, b, i, x[b], w0, w1, w2, w3)
 
 
@@ -164,11 +163,10 @@ def _q8_matmul_groups_of_64(out, xq, xs, wq, ws):
                 for b in range(n_inputs):
                     out[b, row] = _q8_dot_64(xq[b], xs[b], wq[row], ws[row * ng : (row + 1) * ng])
             continue
-        b = 0
-        while b + 4 <= n_inputs:
+        blocked = n_inputs - n_inputs % 4
+        for b in range(0, blocked, 4):
             _q8_dots_4x4(out, b, i, xq, xs, wq, ws, ng)
-            b += 4
-        for b in range(b, n_inputs):
+        for b in range(blocked, n_inputs):  # decode (one input) lands here
             for row in range(i, i + 4):
                 out[b, row] = _q8_dot_64(xq[b], xs[b], wq[row], ws[row * ng : (row + 1) * ng])
 
