@@ -142,19 +142,43 @@ def test_an_all_zero_group_quantizes_to_zeros():
     assert not xq.any() and not xs.any()
 
 
-@pytest.mark.parametrize(
-    "quantize, matmul",
-    [(reference.q8_quantize, reference.q8_matmul), (fast.q8_quantize, fast_q8_matvec)],
-)
-@pytest.mark.parametrize("group_size", [64, 32, 16])  # 64 has its own fast kernel
-def test_q8_matmul_with_whole_groups_is_runq_to_the_bit(quantize, matmul, group_size):
-    w = quantize_q8(randn(40, 256), group_size)
-    x = randn(256)
-    xq, xs = np.zeros(256, np.int8), np.zeros(256 // group_size, np.float32)
-    quantize(xq, xs, x, group_size)
-    out = np.empty(40, np.float32)
-    matmul(out, xq, xs, w.values, w.scales, group_size)
-    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
+def quantized_product(quantize, matmul, w, x):
+    xq, xs = np.zeros(x.shape[0], np.int8), np.zeros(x.shape[0], np.float32)
+    quantize(xq, xs, x, w.group_size)
+    out = np.empty(w.shape[0], np.float32)
+    matmul(out, xq, xs, w.values, w.scales, w.group_size)
+    return out, runq_matmul(xq, xs, w.values, w.scales, w.group_size)
+
+
+@pytest.mark.parametrize("group_size", [64, 32, 16])
+def test_q8_reference_is_runq_to_the_bit(group_size):
+    out, expected = quantized_product(
+        reference.q8_quantize,
+        reference.q8_matmul,
+        quantize_q8(randn(40, 256), group_size),
+        randn(256),
+    )
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
+def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns):
+    out, expected = quantized_product(
+        fast.q8_quantize,
+        fast_q8_matvec,
+        quantize_q8(randn(40, columns), group_size),
+        randn(columns),
+    )
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("group_size", [16, 8])
+def test_q8_fast_with_other_groups_is_runq_within_float_tolerance(group_size):
+    """Dequantized rows and float dot products: the same quantized values, sums reordered."""
+    out, expected = quantized_product(
+        fast.q8_quantize, fast_q8_matvec, quantize_q8(randn(40, 256), group_size), randn(256)
+    )
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_q8_matmul_reference_keeps_runq_quirk_on_partial_groups():
@@ -190,9 +214,9 @@ def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
     np.testing.assert_array_equal(out, w.dequantize()[3])
 
 
-@pytest.mark.parametrize("group_size", [64, 32])
+@pytest.mark.parametrize("group_size", [64, 32, 16])
 def test_q8_matmul_on_a_batch_is_runq_per_row(group_size):
-    # 7 inputs and 42 rows: the 4x4 blocks, the leftover inputs and the leftover rows all run
+    # 7 inputs and 42 rows: batches whose sizes divide nothing
     w = quantize_q8(randn(42, 256), group_size)
     x = randn(7, 256)
     xq, xs = np.zeros((7, 256), np.int8), np.zeros((7, 256 // group_size), np.float32)
@@ -200,9 +224,11 @@ def test_q8_matmul_on_a_batch_is_runq_per_row(group_size):
     out = np.empty((7, 42), np.float32)
     fast.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
     for b in range(7):
-        np.testing.assert_array_equal(
-            out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
-        )
+        expected = runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        if group_size in (64, 32):  # runq.c's arithmetic
+            np.testing.assert_array_equal(out[b], expected)
+        else:  # dequantized, sums reordered
+            np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_f32_on_a_batch():
@@ -210,6 +236,17 @@ def test_matmul_f32_on_a_batch():
     out = np.empty((7, 42), np.float32)
     fast.matmul_f32(out, x, w)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_attention_agrees_with_the_reference():
+    n_heads, head_size, seq_len = 4, 16, 30
+    keys, values = randn(seq_len, 2 * head_size), randn(seq_len, 2 * head_size)  # 2 kv heads
+    q = randn(n_heads * head_size)
+    expected, out = np.empty_like(q), np.empty_like(q)
+    att = np.zeros((n_heads, seq_len), np.float32)
+    reference.attention(expected, q, keys, values, 25, n_heads, att)
+    fast.attention(out, q, keys, values, 25, n_heads, att)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_batched_attention_agrees_with_the_reference():

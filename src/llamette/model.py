@@ -10,8 +10,9 @@ import numpy as np
 
 from llamette.formats import load_weights
 from llamette.kernels import fast, parallel_kernel
-from llamette.kernels.linear import embed, linear
-from llamette.kernels.reference import add, attention, rmsnorm, rope, swiglu
+from llamette.kernels import timing as t
+from llamette.kernels.linear import attention, embed, linear
+from llamette.kernels.reference import add, rmsnorm, rope, swiglu
 from llamette.quant import Q8Tensor
 from llamette.weights import Tensor, Weights
 
@@ -88,37 +89,55 @@ class Buffers(NamedTuple):
 
 
 @parallel_kernel  # it calls parallel kernels (see llamette.kernels)
-def decode_step(w, s, key_cache, value_cache, token, pos, n_heads, norm_eps, rope_theta, exact):
+def decode_step(
+    w, s, key_cache, value_cache, token, pos, n_heads, norm_eps, rope_theta, exact, profile
+):
     """One token at position pos through the transformer, as run.c's forward; logits in s.logits.
 
     key_cache, value_cache: (n_layers, seq_len, kv_dim); this step writes row pos of each layer.
+    profile: empty, or cycle counts per part of the step to add to (see kernels.timing).
     """
     head_size = s.q.shape[0] // n_heads
     x = s.x
+    t.start(profile)
     embed(x, w.tok_embeddings, token)
+    t.tick(profile, t.EMBEDDING)
     for layer in range(len(w.wq)):
         key, value = key_cache[layer, pos], value_cache[layer, pos]  # (kv_dim,)
 
         # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
         rmsnorm(s.xb, x, w.attention_norm[layer], norm_eps)
+        t.tick(profile, t.ATTENTION_NORM)
         linear(s.q, s.xb, w.wq[layer], exact, s.xq, s.xs)
         linear(key, s.xb, w.wk[layer], exact, s.xq, s.xs)
         linear(value, s.xb, w.wv[layer], exact, s.xq, s.xs)
+        t.tick(profile, t.QKV)
         rope(s.q, key, pos, head_size, rope_theta)
-        attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att)
+        t.tick(profile, t.ROPE)
+        attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att, exact)
+        t.tick(profile, t.ATTENTION)
         linear(s.xb2, s.xb, w.wo[layer], exact, s.xq, s.xs)
+        t.tick(profile, t.WO)
         add(x, s.xb2)
+        t.tick(profile, t.RESIDUALS)
 
         # feed-forward (SwiGLU): x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
         rmsnorm(s.xb, x, w.ffn_norm[layer], norm_eps)
+        t.tick(profile, t.FFN_NORM)
         linear(s.hb, s.xb, w.w1[layer], exact, s.xq, s.xs)
         linear(s.hb2, s.xb, w.w3[layer], exact, s.xq, s.xs)
+        t.tick(profile, t.W1_W3)
         swiglu(s.hb, s.hb2)
+        t.tick(profile, t.SWIGLU)
         linear(s.xb, s.hb, w.w2[layer], exact, s.xq, s.xs)
+        t.tick(profile, t.W2)
         add(x, s.xb)
+        t.tick(profile, t.RESIDUALS)
 
     rmsnorm(x, x, w.norm, norm_eps)
+    t.tick(profile, t.FINAL_NORM)
     linear(s.logits, x, w.output, exact, s.xq, s.xs)
+    t.tick(profile, t.CLASSIFIER)
 
 
 class Transformer:
@@ -139,6 +158,7 @@ class Transformer:
         cache_shape = (n_slots, c.n_layers, c.seq_len, c.kv_dim)
         self.key_cache = np.zeros(cache_shape, np.float32)
         self.value_cache = np.zeros(cache_shape, np.float32)
+        self.profile = np.zeros(0, np.int64)  # cycle counts per part of a decode step, when on
         if not exact:
             self._note_misaligned_groups()
 
@@ -155,7 +175,7 @@ class Transformer:
         c = self.config
         decode_step(
             self.tensors, self.buffers, self.key_cache[slot], self.value_cache[slot], token, pos,
-            c.n_heads, c.norm_eps, c.rope_theta, self.exact,
+            c.n_heads, c.norm_eps, c.rope_theta, self.exact, self.profile,
         )  # fmt: skip
         return self.buffers.logits
 
@@ -234,6 +254,38 @@ class Transformer:
             for out, w in zip(outs, weights, strict=True):
                 fast.matmul_f32(out, x, w)
         return outs
+
+    def start_profile(self) -> None:
+        """From now on, count where the time of each decode step goes (see profile_report)."""
+        self.profile = t.new_profile()
+
+    def profile_report(self, steps: int) -> list[tuple[str, float, float]]:
+        """Per part of a decode step: (part, microseconds per step, GB/s of weights read or 0)."""
+        rate = t.cycles_per_second()
+        bytes_read = self._weight_bytes_per_part()
+        report = []
+        for index, part in enumerate(t.PARTS, start=1):
+            seconds = self.profile[index] / rate / max(steps, 1)
+            throughput = bytes_read.get(part, 0) / seconds / 1e9 if seconds else 0.0
+            report.append((part, seconds * 1e6, throughput))
+        return report
+
+    def _weight_bytes_per_part(self) -> dict[str, int]:
+        w = self.tensors
+
+        def nbytes(*tensors) -> int:
+            return sum(
+                x.values.nbytes + x.scales.nbytes if isinstance(x, Q8Tensor) else x.nbytes
+                for x in tensors
+            )
+
+        return {
+            "q k v": nbytes(*w.wq, *w.wk, *w.wv),
+            "wo": nbytes(*w.wo),
+            "w1 w3": nbytes(*w.w1, *w.w3),
+            "w2": nbytes(*w.w2),
+            "classifier": nbytes(w.output),
+        }
 
     def _note_misaligned_groups(self) -> None:
         """Say once when runq.c would compute this file's rows wrongly and llamette does not."""

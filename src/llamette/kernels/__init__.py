@@ -10,6 +10,10 @@ import warnings
 from numba import njit
 from numba.core.errors import NumbaPerformanceWarning
 
+from llamette.kernels import cache
+
+cache.install()  # before the first kernel is defined
+
 # Compiled once and cached on disk; IEEE division (x / 0 is inf or nan, as in C); no fastmath, so
 # float sums keep their order. `parallel_kernel` runs prange loops on all threads. A function that
 # calls a parallel kernel must be a parallel kernel too, prange or not: Numba's cache otherwise

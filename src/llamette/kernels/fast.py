@@ -30,8 +30,16 @@ reassociating_kernel = njit(
 @reassociating_kernel
 def matmul_f32(out, x, w):
     """out (B, d) = x (B, n) @ w (d, n)^T: blocks of 4 weight rows (in parallel) times 4 inputs,
-    16 dot products in registers, so that each loaded value is used 4 times."""
+    16 dot products in registers, so that each loaded value is used 4 times.
+
+    Fewer than 4 inputs (decode): one weight row after another, which streams from memory best.
+    """
     n_inputs, d = x.shape[0], w.shape[0]
+    if n_inputs < 4:
+        for i in prange(d):
+            for b in range(n_inputs):
+                out[b, i] = _dot(x[b], w[i])
+        return
     for block in prange((d + 3) // 4):
         i = 4 * block
         if i + 4 > d:  # the last rows, when d is not a multiple of 4
@@ -43,7 +51,7 @@ def matmul_f32(out, x, w):
         blocked = n_inputs - n_inputs % 4
         for b in range(0, blocked, 4):
             _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
-        for b in range(blocked, n_inputs):  # decode (one input) lands here
+        for b in range(blocked, n_inputs):
             _dots_1x4(out, b, i, x[b], w0, w1, w2, w3)
 
 
@@ -125,21 +133,21 @@ def q8_quantize_rows(xq, xs, x, group_size):
 
 @parallel_kernel
 def q8_matmul(out, xq, xs, wq, ws, group_size):
-    """out (B, d) = x (B, n) @ w (d, n)^T from int8 values and group scales, as runq.c computes it.
+    """out (B, d) = x (B, n) @ w (d, n)^T from int8 values and group scales.
 
     xq (B, n), xs (B, groups): the inputs quantized by q8_quantize; wq (d, n), ws: the weights.
+    Groups of 64 (llama2.c's export default) and of 32: runq.c's arithmetic to the bit. Other
+    group sizes, and rows that are not whole groups: each weight row dequantized, then float dot
+    products (within float tolerance of runq.c).
     """
-    b, n = xq.shape
-    d = wq.shape[0]
-    if n % group_size:
-        _q8_matmul_partial_groups(out, xq, xs, wq, ws, group_size)
-    elif group_size == 64:
+    n = xq.shape[1]
+    if group_size == 64 and n % 64 == 0:
         _q8_matmul_groups_of_64(out, xq, xs, wq, ws)
+    elif group_size == 32 and n % 32 == 0:
+        x_even, x_odd = _split_alternate_groups(xq)
+        _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws)
     else:
-        ng = n // group_size
-        _q8_matmul_whole_groups(
-            out, xq.reshape(b, ng, group_size), xs, wq.reshape(d, ng, group_size), ws.reshape(d, ng)
-        )
+        _q8_matmul_dequantized(out, _dequantize_rows(xq, xs, group_size), wq, ws, group_size)
 
 
 # Integer products are written as I32(acc + I32(a) * I32(b)): Numba would widen them to int64,
@@ -150,156 +158,107 @@ def q8_matmul(out, xq, xs, wq, ws, group_size):
 def _q8_matmul_groups_of_64(out, xq, xs, wq, ws):
     """Groups of exactly 64 (llama2.c's export default): a constant trip count vectorizes best.
 
-    Blocks of 4 weight rows (in parallel) times 4 inputs keep 16 group sums in registers, so each
-    loaded and widened value serves 4 products; each (input, row) pair keeps runq.c's arithmetic.
+    Each weight row is read once for all inputs. (Blocking several rows or inputs into one loop
+    keeps LLVM from vectorizing the int8 products: one product sum per loop is what becomes VNNI.)
     """
     d, n = wq.shape
     ng = n // 64
-    n_inputs = xq.shape[0]
-    for block in prange((d + 3) // 4):
-        i = 4 * block
-        if i + 4 > d:  # the last rows, when d is not a multiple of 4
-            for row in range(i, d):
-                for b in range(n_inputs):
-                    out[b, row] = _q8_dot_64(xq[b], xs[b], wq[row], ws[row * ng : (row + 1) * ng])
-            continue
-        blocked = n_inputs - n_inputs % 4
-        for b in range(0, blocked, 4):
-            _q8_dots_4x4(out, b, i, xq, xs, wq, ws, ng)
-        for b in range(blocked, n_inputs):  # decode (one input) lands here
-            for row in range(i, i + 4):
-                out[b, row] = _q8_dot_64(xq[b], xs[b], wq[row], ws[row * ng : (row + 1) * ng])
-
-
-@njit(inline="always", error_model="numpy")
-def _q8_dot_64(x, x_scales, w, w_scales):
-    """One input times one weight row, groups of 64: runq.c's sum of scaled int32 group sums."""
-    val = F32(0.0)
-    for g in range(x_scales.shape[0]):
-        ival = I32(0)
-        for k in range(64):
-            ival = I32(ival + I32(x[g * 64 + k]) * I32(w[g * 64 + k]))
-        val += (F32(ival) * w_scales[g]) * x_scales[g]
-    return val
-
-
-@njit(inline="always", error_model="numpy")
-def _q8_dots_4x4(out, b, i, xq, xs, wq, ws, ng):
-    """out[b:b+4, i:i+4] for groups of 64, all 16 group sums of a group in one pass."""
-    x0, x1, x2, x3 = xq[b], xq[b + 1], xq[b + 2], xq[b + 3]
-    w0, w1, w2, w3 = wq[i], wq[i + 1], wq[i + 2], wq[i + 3]
-    v00 = v01 = v02 = v03 = v10 = v11 = v12 = v13 = F32(0.0)
-    v20 = v21 = v22 = v23 = v30 = v31 = v32 = v33 = F32(0.0)
-    for g in range(ng):
-        s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = I32(0)
-        s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = I32(0)
-        for k in range(g * 64, g * 64 + 64):
-            p0, p1, p2, p3 = I32(w0[k]), I32(w1[k]), I32(w2[k]), I32(w3[k])
-            a = I32(x0[k])
-            s00, s01, s02, s03 = (
-                I32(s00 + a * p0),
-                I32(s01 + a * p1),
-                I32(s02 + a * p2),
-                I32(s03 + a * p3),
-            )
-            a = I32(x1[k])
-            s10, s11, s12, s13 = (
-                I32(s10 + a * p0),
-                I32(s11 + a * p1),
-                I32(s12 + a * p2),
-                I32(s13 + a * p3),
-            )
-            a = I32(x2[k])
-            s20, s21, s22, s23 = (
-                I32(s20 + a * p0),
-                I32(s21 + a * p1),
-                I32(s22 + a * p2),
-                I32(s23 + a * p3),
-            )
-            a = I32(x3[k])
-            s30, s31, s32, s33 = (
-                I32(s30 + a * p0),
-                I32(s31 + a * p1),
-                I32(s32 + a * p2),
-                I32(s33 + a * p3),
-            )
-        c0, c1, c2, c3 = (
-            ws[i * ng + g],
-            ws[(i + 1) * ng + g],
-            ws[(i + 2) * ng + g],
-            ws[(i + 3) * ng + g],
-        )
-        e = xs[b, g]
-        v00, v01, v02, v03 = (
-            v00 + (F32(s00) * c0) * e,
-            v01 + (F32(s01) * c1) * e,
-            v02 + (F32(s02) * c2) * e,
-            v03 + (F32(s03) * c3) * e,
-        )
-        e = xs[b + 1, g]
-        v10, v11, v12, v13 = (
-            v10 + (F32(s10) * c0) * e,
-            v11 + (F32(s11) * c1) * e,
-            v12 + (F32(s12) * c2) * e,
-            v13 + (F32(s13) * c3) * e,
-        )
-        e = xs[b + 2, g]
-        v20, v21, v22, v23 = (
-            v20 + (F32(s20) * c0) * e,
-            v21 + (F32(s21) * c1) * e,
-            v22 + (F32(s22) * c2) * e,
-            v23 + (F32(s23) * c3) * e,
-        )
-        e = xs[b + 3, g]
-        v30, v31, v32, v33 = (
-            v30 + (F32(s30) * c0) * e,
-            v31 + (F32(s31) * c1) * e,
-            v32 + (F32(s32) * c2) * e,
-            v33 + (F32(s33) * c3) * e,
-        )
-    out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = v00, v01, v02, v03
-    out[b + 1, i], out[b + 1, i + 1], out[b + 1, i + 2], out[b + 1, i + 3] = v10, v11, v12, v13
-    out[b + 2, i], out[b + 2, i + 1], out[b + 2, i + 2], out[b + 2, i + 3] = v20, v21, v22, v23
-    out[b + 3, i], out[b + 3, i + 1], out[b + 3, i + 2], out[b + 3, i + 3] = v30, v31, v32, v33
-
-
-@parallel_kernel
-def _q8_matmul_whole_groups(out, xq, xs, wq, ws):
-    """Any group size that divides the rows: wq (d, groups, group_size), xq (B, groups, group_size)."""
-    d, ng, group_size = wq.shape
     for i in prange(d):
+        row, row_scales = wq[i], ws[i * ng : (i + 1) * ng]
         for b in range(xq.shape[0]):
+            x, x_scales = xq[b], xs[b]
             val = F32(0.0)
             for g in range(ng):
                 ival = I32(0)
-                for k in range(group_size):
-                    ival = I32(ival + I32(xq[b, g, k]) * I32(wq[i, g, k]))
-                val += (F32(ival) * ws[i, g]) * xs[b, g]
+                for k in range(64):
+                    ival = I32(ival + I32(x[g * 64 + k]) * I32(row[g * 64 + k]))
+                val += (F32(ival) * row_scales[g]) * x_scales[g]
             out[b, i] = val
 
 
 @parallel_kernel
-def _q8_matmul_partial_groups(out, xq, xs, wq, ws, group_size):
-    """Rows that are not whole groups: int32 dot products over runs that share both scales.
-
-    A run ends where a weight group (over w flattened) or an activation group (over the row) ends.
-    """
+def _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws):
+    """Groups of 32 (GGUF's Q8_0 block size): each window of 64 values holds two groups, and the
+    input comes twice, with the odd groups zeroed (x_even) and with the even ones zeroed (x_odd),
+    so that each group's sum is a 64-wide loop that vectorizes (a 32-wide one does not)."""
     d, n = wq.shape
+    ng = n // 32
     for i in prange(d):
-        for b in range(xq.shape[0]):
+        row, scales = wq[i], ws[i * ng : (i + 1) * ng]
+        for b in range(x_even.shape[0]):
+            even, odd, x_scales = x_even[b], x_odd[b], xs[b]
             val = F32(0.0)
-            j = 0
-            while j < n:
-                flat = i * n + j
-                stop = min(
-                    n, j + group_size - flat % group_size, (j // group_size + 1) * group_size
-                )
-                ival = I32(0)
-                for k in range(j, stop):
-                    ival = I32(ival + I32(xq[b, k]) * I32(wq[i, k]))
-                val += (F32(ival) * ws[flat // group_size]) * xs[b, j // group_size]
-                j = stop
+            for h in range(ng // 2):
+                first = I32(0)
+                for k in range(64):
+                    first = I32(first + I32(even[h * 64 + k]) * I32(row[h * 64 + k]))
+                second = I32(0)
+                for k in range(64):
+                    second = I32(second + I32(odd[h * 64 + k]) * I32(row[h * 64 + k]))
+                val += (F32(first) * scales[2 * h]) * x_scales[2 * h]
+                val += (F32(second) * scales[2 * h + 1]) * x_scales[2 * h + 1]
+            if ng % 2:  # an odd number of groups: the last one alone
+                tail, x_tail = row[n - 32 :], even[n - 32 :]
+                last = I32(0)
+                for k in range(32):
+                    last = I32(last + I32(x_tail[k]) * I32(tail[k]))
+                val += (F32(last) * scales[ng - 1]) * x_scales[ng - 1]
             out[b, i] = val
+
+
+@parallel_kernel
+def _split_alternate_groups(xq):
+    """Two copies of xq (B, n): groups of 32 with even index kept (x_even), and odd (x_odd)."""
+    x_even, x_odd = np.zeros_like(xq), np.zeros_like(xq)
+    for b in prange(xq.shape[0]):
+        for k in range(xq.shape[1]):
+            if k % 64 < 32:
+                x_even[b, k] = xq[b, k]
+            else:
+                x_odd[b, k] = xq[b, k]
+    return x_even, x_odd
+
+
+@parallel_kernel
+def _dequantize_rows(xq, xs, group_size):
+    """x (B, n) float32 from int8 values and the scales of groups along each row."""
+    x = np.empty(xq.shape, np.float32)
+    n = xq.shape[1]
+    for b in prange(xq.shape[0]):
+        for g in range(xs.shape[1]):
+            start, stop = g * group_size, min(n, (g + 1) * group_size)
+            _scale_into(x[b, start:stop], xq[b, start:stop], xs[b, g])
+    return x
+
+
+@njit(inline="always")
+def _scale_into(out, values, scale):
+    """out = values * scale. (Slices indexed from 0, so that the loop vectorizes: Numba checks
+    every index for negative wraparound unless it can tell it is not negative.)"""
+    for j in range(values.shape[0]):
+        out[j] = F32(values[j]) * scale
+
+
+ROWS_PER_TASK = 64
+
+
+@reassociating_kernel
+def _q8_matmul_dequantized(out, x, wq, ws, group_size):
+    """out (B, d) = x (B, n) @ w (d, n)^T with each weight row dequantized once (groups over w
+    flattened, so rows may start mid-group), then vectorized float dot products."""
+    d, n = wq.shape
+    for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        w = np.empty(n, np.float32)  # one weight row, dequantized
+        for i in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK)):
+            row = wq[i]
+            k = 0
+            while k < n:  # runs of values that share a scale
+                flat = i * n + k
+                stop = min(n, k + group_size - flat % group_size)
+                _scale_into(w[k:stop], row[k:stop], ws[flat // group_size])
+                k = stop
+            for b in range(x.shape[0]):
+                out[b, i] = _dot(x[b], w)
 
 
 # Steps of a batch, row by row in parallel, each row with the reference arithmetic.
@@ -327,41 +286,68 @@ def rope_rows(q, k, positions, head_size, theta):
 
 
 @reassociating_kernel
+def attention(out, q, key_cache, value_cache, pos, n_heads, att):
+    """Causal grouped-query attention of one token, heads in parallel (decode).
+
+    out, q: (dim,); key_cache, value_cache: (seq_len, kv_dim); att: (n_heads, seq_len) scratch.
+    Vectorized dot products and exp: within float tolerance of the reference, not equal to it.
+    """
+    head_size = q.shape[0] // n_heads
+    kv_mul = q.shape[0] // key_cache.shape[1]
+    for h in prange(n_heads):
+        heads = slice(h * head_size, (h + 1) * head_size)
+        _attend(
+            out[heads], q[heads], key_cache, value_cache, pos + 1, (h // kv_mul) * head_size, att[h]
+        )
+
+
+@reassociating_kernel
 def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_heads):
     """Causal grouped-query attention for a batch: row b attends to rows 0..positions[b] of its
     sequence's cache, which already holds the batch's own keys and values.
 
-    out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, seq_len, kv_dim). Vectorized
-    dot products and exp: within float tolerance of the reference, not equal to it.
+    out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, seq_len, kv_dim).
     """
     head_size = q.shape[1] // n_heads
     kv_mul = q.shape[1] // key_cache.shape[3]
-    inverse_scale = F32(1.0) / F32(math.sqrt(F32(head_size)))
     for r in prange(q.shape[0] * n_heads):
         b, h = r // n_heads, r % n_heads
-        query = q[b, h * head_size : (h + 1) * head_size]
-        result = out[b, h * head_size : (h + 1) * head_size]
-        offset = (h // kv_mul) * head_size
+        heads = slice(h * head_size, (h + 1) * head_size)
         keys, values = key_cache[slots[b], layer], value_cache[slots[b], layer]
-        n_keys = positions[b] + 1
-        scores = np.empty(n_keys, np.float32)
-        for t in range(n_keys):
-            key = keys[t, offset : offset + head_size]
-            score = F32(0.0)
-            for i in range(head_size):
-                score += query[i] * key[i]
-            scores[t] = score * inverse_scale
-        highest = scores.max()
-        total = F32(0.0)
-        for t in range(n_keys):
-            scores[t] = exp_f32(scores[t] - highest)
-            total += scores[t]
-        result[:] = 0.0
-        for t in range(n_keys):
-            weight = scores[t] / total
-            value = values[t, offset : offset + head_size]
-            for i in range(head_size):
-                result[i] += weight * value[i]
+        scores = np.empty(positions[b] + 1, np.float32)
+        _attend(
+            out[b, heads],
+            q[b, heads],
+            keys,
+            values,
+            positions[b] + 1,
+            (h // kv_mul) * head_size,
+            scores,
+        )
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
+def _attend(out, q, keys, values, n_keys, offset, scores):
+    """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys."""
+    head_size = q.shape[0]
+    inverse_scale = F32(1.0) / F32(math.sqrt(F32(head_size)))
+    for t in range(n_keys):
+        key = keys[t, offset : offset + head_size]
+        score = F32(0.0)
+        for i in range(head_size):
+            score += q[i] * key[i]
+        scores[t] = score * inverse_scale
+    highest = scores[:n_keys].max()
+    total = F32(0.0)
+    for t in range(n_keys):
+        scores[t] = exp_f32(scores[t] - highest)
+        total += scores[t]
+    out[:] = 0.0
+    for t in range(n_keys):
+        weight = scores[t] / total
+        value = values[t, offset : offset + head_size]
+        for i in range(head_size):
+            out[i] += weight * value[i]
 
 
 @intrinsic

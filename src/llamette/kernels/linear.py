@@ -1,7 +1,8 @@
-"""The linear layer and the embedding lookup for every weight type, callable from compiled code.
+"""The steps of a decode that differ by weight type or flavour, callable from compiled code:
+the linear layer, the embedding lookup and attention.
 
 The weight type (an fp32 array or a `Q8Tensor`) picks the kernel when the caller is compiled; the
-`exact` flag picks the flavour when it runs.
+`exact` flag picks the flavour (reference or fast) when it runs.
 """
 
 from numba import types
@@ -14,6 +15,11 @@ from llamette.quant import Q8Tensor
 def linear(out, x, w, exact, xq, xs):
     """out (d,) = w (d, n) @ x (n,). Q8 weights quantize x into the scratch xq, xs first."""
     raise NotImplementedError("linear() runs inside compiled code only")
+
+
+def attention(out, q, key_cache, value_cache, pos, n_heads, att, exact):
+    """One token's attention over cache rows 0..pos (see reference.attention)."""
+    raise NotImplementedError("attention() runs inside compiled code only")
 
 
 def embed(out, table, token):
@@ -51,6 +57,17 @@ def _linear(out, x, w, exact, xq, xs):
             fast.matmul_f32(out.reshape(1, out.shape[0]), x.reshape(1, x.shape[0]), w)
 
     return linear_f32
+
+
+@overload(attention, jit_options={"cache": True, "parallel": True})
+def _attention(out, q, key_cache, value_cache, pos, n_heads, att, exact):
+    def attention_either(out, q, key_cache, value_cache, pos, n_heads, att, exact):
+        if exact:
+            reference.attention(out, q, key_cache, value_cache, pos, n_heads, att)
+        else:
+            fast.attention(out, q, key_cache, value_cache, pos, n_heads, att)
+
+    return attention_either
 
 
 @overload(embed, jit_options={"cache": True, "parallel": True})
