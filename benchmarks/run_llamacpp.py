@@ -1,6 +1,7 @@
 """One llama.cpp measurement through llama-cpp-python, run in the peer's venv: prints a JSON line.
 
-Usage: python run_llamacpp.py MODEL.gguf THREADS
+Usage: python run_llamacpp.py MODEL.gguf THREADS          prefill, decode and peak memory
+       python run_llamacpp.py MODEL.gguf THREADS --ttft   a line once the first token is sampled
 Speeds are llama.cpp's own timings (llama_perf_context: no Python in them), the strictest figure
 to compare with.
 """
@@ -16,6 +17,7 @@ from llama_cpp import Llama
 
 PROMPT_TOKENS = 256
 DECODE_TOKENS = 128
+TTFT_PROMPT_TOKENS = 16
 
 
 def peak_rss_bytes() -> int:
@@ -40,6 +42,11 @@ def main() -> None:
     vocab = llm.n_vocab()
     prompt = np.random.default_rng(0).integers(3, vocab, PROMPT_TOKENS).tolist()
     prompt[0] = 1
+    if "--ttft" in sys.argv:
+        llm.eval(prompt[:TTFT_PROMPT_TOKENS])
+        np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)))
+        print("first token", flush=True)
+        return
 
     llama_cpp.llama_perf_context_reset(llm.ctx)
     llm.eval(prompt)

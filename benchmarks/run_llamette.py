@@ -1,6 +1,7 @@
 """One llamette measurement, run in a fresh process: prints a JSON line.
 
-Usage: python run_llamette.py MODEL [--threads N]
+Usage: python run_llamette.py MODEL          prefill, decode and peak memory
+       python run_llamette.py MODEL --ttft   a line as soon as the first token is sampled
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from llamette.kernels.sampling import argmax
 
 PROMPT_TOKENS = 256
 DECODE_TOKENS = 128
+TTFT_PROMPT_TOKENS = 16
 
 
 def peak_rss_bytes() -> int:
@@ -30,6 +32,10 @@ def main() -> None:
     model = Transformer.load(sys.argv[1])
     prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, PROMPT_TOKENS).tolist()
     prompt[0] = 1
+    if "--ttft" in sys.argv:
+        argmax(model.prefill(prompt[:TTFT_PROMPT_TOKENS], 0))
+        print("first token", flush=True)
+        return
 
     # warm-up: load the compiled kernels from Numba's cache (llama.cpp's timings exclude loading)
     model.prefill(prompt[:8], 0)

@@ -162,3 +162,38 @@ def test_truncated_model_through_the_real_command(tmp_path):
 def test_no_command_is_an_error(capsys):
     status, _, err = run_cli(capsys, [])
     assert status == 2 and "COMMAND" in err
+
+
+def test_threads_flag_and_environment(capsys, monkeypatch):
+    import numba
+
+    model = shared_path("models", "stories260K.bin")
+    status, out, _ = run_cli(capsys, ["run", model, "-t", "0", "-n", "20", "--threads", "1"])
+    assert status == 0 and numba.get_num_threads() == 1 and out.startswith("Once upon a time")
+    monkeypatch.setenv("LLAMETTE_THREADS", "many")
+    status, _, err = run_cli(capsys, ["run", model])
+    assert (
+        status == 2
+        and err == "llamette: error: LLAMETTE_THREADS: 'many' is not a number of threads\n"
+    )
+    too_many = numba.config.NUMBA_NUM_THREADS + 1
+    status, _, err = run_cli(capsys, ["run", model, "--threads", str(too_many)])
+    assert status == 2 and f"--threads: {too_many} threads" in err
+    monkeypatch.delenv("LLAMETTE_THREADS")
+    run_cli(capsys, ["run", model, "-n", "2"])  # back to every core
+    assert numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+
+
+def test_profile_shows_where_a_decode_step_went(capsys):
+    argv = ["run", shared_path("models", "stories260K.bin"), "-t", "0", "-n", "40", "--profile"]
+    status, _, err = run_cli(capsys, argv)
+    assert status == 0
+    assert "profile of 39 decode steps" in err
+    for part in ("q k v", "attention", "w1 w3", "classifier", "by kind: matmul"):
+        assert part in err
+    shares = [
+        float(line.split("%")[0].split()[-1])
+        for line in err.splitlines()
+        if "us " in line and "%" in line
+    ]
+    assert abs(sum(shares) - 100) < 1.5  # the parts account for the whole step

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 from llamette.errors import LlametteError
 from llamette.generate import Generation, chat, generate
+from llamette.kernels import set_threads
+from llamette.kernels.timing import MATMUL_PARTS
 from llamette.model import Transformer
 from llamette.sampler import Sampler
 from llamette.tokenizer import Tokenizer
@@ -25,6 +27,11 @@ UNPRINTABLE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise LlametteError(message)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        if status:
+            raise LlametteError((message or "").strip())
+        super().exit(status, message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print one JSON object at the end instead of streaming text",
     )
+    run.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="threads for the kernels (default: $LLAMETTE_THREADS, else every core)",
+    )
+    run.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the run, show on stderr where a decode step's time went",
+    )
     run.set_defaults(handler=cmd_run)
     return parser
 
@@ -150,7 +168,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_sampling_flags(args)
     if args.json and args.mode == "chat":
         raise LlametteError("--json: works with -m generate only")
+    use_threads(args.threads)
     model = Transformer.load(args.model, exact=args.exact)
+    if args.profile:
+        model.start_profile()
     tokenizer = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
     steps = clamp_steps(args.steps, model.config.seq_len)
     sampler = Sampler(
@@ -178,7 +199,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result_json(result), ensure_ascii=False))
     report_speed(result)
+    if args.profile:
+        report_profile(model)
     return 0
+
+
+def use_threads(threads: int | None) -> None:
+    try:
+        set_threads(threads)
+    except ValueError as error:
+        source = "--threads" if threads is not None else "LLAMETTE_THREADS"
+        raise LlametteError(f"{source}: {error}") from None
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
@@ -262,6 +293,26 @@ def result_json(result: Generation) -> dict:
         "prefill_tok_s": round(result.prefill_tok_s, 2),
         "decode_tok_s": round(result.decode_tok_s, 2),
     }
+
+
+def report_profile(model: Transformer) -> None:
+    """Where a decode step's time went, per part of the step and per kind of kernel."""
+    report = model.profile_report()
+    total = sum(us for _, us, _ in report) or 1.0
+    lines = [f"profile of {model.profiled_steps} decode steps, {total:.0f} us each:"]
+    for part, us, gb_s in report:
+        rate = f"  {gb_s:5.1f} GB/s of weights" if gb_s else ""
+        lines.append(f"  {part:15s} {us:9.1f} us  {100 * us / total:5.1f}%{rate}")
+    kinds = {
+        "matmul": sum(us for part, us, _ in report if part in MATMUL_PARTS),
+        "attention": sum(us for part, us, _ in report if part == "attention"),
+        "norms": sum(us for part, us, _ in report if part.endswith("norm")),
+    }
+    kinds["other"] = total - sum(kinds.values())
+    lines.append(
+        "  by kind: " + ", ".join(f"{kind} {100 * us / total:.0f}%" for kind, us in kinds.items())
+    )
+    log.info("\n".join(lines))
 
 
 def report_speed(result: Generation) -> None:

@@ -159,6 +159,7 @@ class Transformer:
         self.key_cache = np.zeros(cache_shape, np.float32)
         self.value_cache = np.zeros(cache_shape, np.float32)
         self.profile = np.zeros(0, np.int64)  # cycle counts per part of a decode step, when on
+        self.profiled_steps = 0
         if not exact:
             self._note_misaligned_groups()
 
@@ -177,6 +178,7 @@ class Transformer:
             self.tensors, self.buffers, self.key_cache[slot], self.value_cache[slot], token, pos,
             c.n_heads, c.norm_eps, c.rope_theta, self.exact, self.profile,
         )  # fmt: skip
+        self.profiled_steps += len(self.profile) > 0
         return self.buffers.logits
 
     def prefill(self, tokens: list[int], start_pos: int, slot: int = 0) -> np.ndarray:
@@ -258,14 +260,15 @@ class Transformer:
     def start_profile(self) -> None:
         """From now on, count where the time of each decode step goes (see profile_report)."""
         self.profile = t.new_profile()
+        self.profiled_steps = 0
 
-    def profile_report(self, steps: int) -> list[tuple[str, float, float]]:
+    def profile_report(self) -> list[tuple[str, float, float]]:
         """Per part of a decode step: (part, microseconds per step, GB/s of weights read or 0)."""
         rate = t.cycles_per_second()
         bytes_read = self._weight_bytes_per_part()
         report = []
         for index, part in enumerate(t.PARTS, start=1):
-            seconds = self.profile[index] / rate / max(steps, 1)
+            seconds = self.profile[index] / rate / max(self.profiled_steps, 1)
             throughput = bytes_read.get(part, 0) / seconds / 1e9 if seconds else 0.0
             report.append((part, seconds * 1e6, throughput))
         return report

@@ -5,8 +5,10 @@
 `linear`: picks the kernel for a weight type (at compile time) and a flavour (at run time).
 """
 
+import os
 import warnings
 
+import numba
 from numba import njit
 from numba.core.errors import NumbaPerformanceWarning
 
@@ -28,3 +30,17 @@ warnings.filterwarnings(
     message=r"(?s).*The keyword argument 'parallel=True' was specified but no transformation",
     category=NumbaPerformanceWarning,
 )
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Threads for the parallel kernels: `threads`, else $LLAMETTE_THREADS, else every core."""
+    available = numba.config.NUMBA_NUM_THREADS
+    if threads is None:
+        setting = os.environ.get("LLAMETTE_THREADS", str(available))
+        if not setting.strip().isdigit():
+            raise ValueError(f"{setting!r} is not a number of threads")
+        threads = int(setting)
+    if not 1 <= threads <= available:
+        raise ValueError(f"{threads} threads: this machine runs 1 to {available}")
+    numba.set_num_threads(threads)
+    return threads

@@ -2,8 +2,9 @@
 
 Numba checks a cached function against its own source file only: when a kernel it calls changes in
 another file, it keeps running the old callee. llamette's kernels call across files, so their
-cache is stamped with a hash of the whole package's source instead, and kept in a directory of
-its own per version: ~/.cache/llamette/kernels-<hash> (or under $LLAMETTE_CACHE_DIR).
+cache is stamped with a hash of every file that compiled code comes from (the kernels, the
+decode step and the Q8 type), and kept in a directory of its own per version:
+~/.cache/llamette/kernels-<hash> (or under $LLAMETTE_CACHE_DIR).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from pathlib import Path
 from numba.core import caching
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
+COMPILED_SOURCES = ("kernels/*.py", "model.py", "quant.py")  # where compiled code is defined
 STALE_AFTER_SECONDS = 24 * 3600  # other versions' caches unused this long are removed
 
 
 def source_hash() -> str:
-    """A hash of every Python file of the package, names and contents."""
+    """A hash of the files compiled code comes from, names and contents."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+    for path in sorted(p for pattern in COMPILED_SOURCES for p in PACKAGE_DIR.glob(pattern)):
         digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

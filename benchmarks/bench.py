@@ -1,0 +1,230 @@
+"""llamette against llama.cpp on this machine, side by side in one run.
+
+For each model and weight type: decode tok/s (128 tokens, greedy), prefill tok/s (a 256-token
+prompt), time to first token (process start to the first sampled token of a 16-token prompt,
+warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
+a token reads, divided by the read bandwidth measured here in the same run). Engines alternate run
+by run, each run in a fresh process; figures are medians.
+
+Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--runs 6]
+Writes benchmarks/results/results.{md,json,png}. Models and llama.cpp's venv are made once and
+kept in ~/.cache/llamette-bench (or $LLAMETTE_BENCH_DIR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from models import cache_dir, ensure_model
+
+from llamette.formats.llama2c import read_llama2c
+from llamette.quant import Q8Tensor
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+THREADS = os.cpu_count() or 1
+PEER_PACKAGE = "llama-cpp-python[server]==0.3.36"
+PEER_BUILD = {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}  # built for this CPU
+DEFAULT_TOKENIZER = HERE.parent.parent / "shared" / "models" / "tokenizer.bin"
+CONFIGS = {  # model: weight types measured
+    "stories15M": ("f32", "q8_0"),
+    "stories110M": ("f32", "q8_0"),
+    "llama2-7b": ("q8_0",),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS))
+    parser.add_argument("--runs", type=int, default=6, help="runs per engine (7B: half, at least 3)")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                        help="tokenizer.bin embedded in the GGUF files (32000 pieces)")  # fmt: skip
+    args = parser.parse_args()
+    peer_python = ensure_peer()
+    results = {"machine": machine(), "configs": []}
+    print(f"read bandwidth: {results['machine']['bandwidth_gb_s']} GB/s (1 and {THREADS} threads)")
+    for name in args.models.split(","):
+        runs = max(3, args.runs // 2) if name == "llama2-7b" else args.runs
+        for weight_type in CONFIGS[name]:
+            paths = ensure_model(name, weight_type, args.tokenizer)
+            config = measure(name, weight_type, paths, peer_python, runs, results["machine"])
+            results["configs"].append(config)
+            print(summary_line(config), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "results.md").write_text(markdown(results))
+    chart(results, RESULTS / "results.png")
+    print(markdown(results))
+
+
+def ensure_peer() -> Path:
+    """llama-cpp-python in a venv of its own, built once for this CPU."""
+    venv = cache_dir() / "peer-venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"building {PEER_PACKAGE} in {venv} (several minutes, once)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", PEER_PACKAGE, "numpy"],
+                       check=True, env={**os.environ, **PEER_BUILD})  # fmt: skip
+    return python
+
+
+def machine() -> dict:
+    def bandwidth(threads: int) -> float:
+        samples = [float(run_json([sys.executable, str(HERE / "bandwidth.py"), str(threads)])) for _ in range(3)]
+        return round(statistics.median(samples), 1)
+
+    return {
+        "cpu": _cpu_name(),
+        "cores": THREADS,
+        "bandwidth_gb_s": {"1": bandwidth(1), str(THREADS): bandwidth(THREADS)},
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: int, host: dict) -> dict:
+    ours = [sys.executable, str(HERE / "run_llamette.py"), str(paths["llamette"])]
+    theirs = [str(peer_python), str(HERE / "run_llamacpp.py"), str(paths["llama.cpp"]), str(THREADS)]
+    samples = {"llamette": [], "llama.cpp": []}
+    ttft = {"llamette": [], "llama.cpp": []}
+    for run in range(runs):  # alternate which engine goes first
+        order = [("llamette", ours), ("llama.cpp", theirs)]
+        for engine, command in order if run % 2 == 0 else order[::-1]:
+            samples[engine].append(json.loads(run_json(command)))
+            ttft[engine].append(time_to_first_token(command + ["--ttft"]))
+    with tempfile.TemporaryDirectory() as empty_cache:  # llamette compiling everything
+        cold = time_to_first_token(ours + ["--ttft"], {"LLAMETTE_CACHE_DIR": empty_cache})
+
+    bytes_per_token = weight_bytes_per_token(paths["llamette"])
+    bandwidth = host["bandwidth_gb_s"][str(THREADS)]
+    ceiling = bandwidth * 1e9 / bytes_per_token
+    config = {"model": name, "weight_type": weight_type, "runs": runs,
+              "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1),
+              "ceiling_tok_s": round(ceiling, 1), "cold_first_token_s": round(cold, 2)}  # fmt: skip
+    for engine in samples:
+        config[engine] = {
+            "decode_tok_s": round(statistics.median(s["decode_tok_s"] for s in samples[engine]), 2),
+            "prefill_tok_s": round(statistics.median(s["prefill_tok_s"] for s in samples[engine]), 1),
+            "first_token_s": round(statistics.median(ttft[engine]), 3),
+            "peak_rss_mb": round(statistics.median(s["peak_rss"] for s in samples[engine]) / 1e6),
+        }
+        config[engine]["ceiling_fraction"] = round(config[engine]["decode_tok_s"] / ceiling, 3)
+    for measure_name in ("decode_tok_s", "prefill_tok_s"):
+        config[f"{measure_name.split('_')[0]}_ratio"] = round(
+            config["llamette"][measure_name] / config["llama.cpp"][measure_name], 2
+        )
+    return config
+
+
+def weight_bytes_per_token(path: Path) -> int:
+    """Bytes of weights a decode step reads: every tensor, but one row of an unshared embedding."""
+    weights = read_llama2c(path)
+    total = 0
+    for name, tensor in weights.tensors.items():
+        size = tensor.values.nbytes + tensor.scales.nbytes if isinstance(tensor, Q8Tensor) else tensor.nbytes
+        if name == "tok_embeddings.weight" and not weights.config.shared_classifier:
+            size //= weights.config.vocab_size
+        total += size
+    return total
+
+
+def run_json(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def time_to_first_token(command: list[str], env: dict | None = None) -> float:
+    """Seconds from starting the process to its "first token" line."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, **(env or {})})  # fmt: skip
+    line = process.stdout.readline()
+    elapsed = time.perf_counter() - start
+    process.wait()
+    if "first token" not in line:
+        raise SystemExit(f"{' '.join(command)} printed no first token")
+    return elapsed
+
+
+def summary_line(c: dict) -> str:
+    ours, theirs = c["llamette"], c["llama.cpp"]
+    return (f"{c['model']} {c['weight_type']}: decode {ours['decode_tok_s']} vs {theirs['decode_tok_s']} tok/s "
+            f"(x{c['decode_ratio']}, {ours['ceiling_fraction']:.0%} of ceiling), prefill {ours['prefill_tok_s']} "
+            f"vs {theirs['prefill_tok_s']} (x{c['prefill_ratio']})")  # fmt: skip
+
+
+def markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores; read bandwidth {m['bandwidth_gb_s']['1']} GB/s "
+        f"(1 thread), {m['bandwidth_gb_s'][str(m['cores'])]} GB/s ({m['cores']} threads); {m['date']}. "
+        f"Medians of alternating runs; llama.cpp is llama-cpp-python {PEER_PACKAGE.split('==')[1]} "
+        "built with -DGGML_NATIVE=ON, timed by its own counters.",
+        "",
+        "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s (llamette's share) "
+        "| prefill tok/s llamette / llama.cpp (ratio) | first token s llamette / llama.cpp "
+        "| peak RSS MB llamette / llama.cpp | cold start s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results["configs"]:
+        ours, theirs = c["llamette"], c["llama.cpp"]
+        lines.append(
+            f"| {c['model']} | {c['weight_type'].upper()} ({c['weights_read_per_token_mb']} MB/token) "
+            f"| {ours['decode_tok_s']} / {theirs['decode_tok_s']} (**{c['decode_ratio']}**) "
+            f"| {c['ceiling_tok_s']} ({ours['ceiling_fraction']:.0%}) "
+            f"| {ours['prefill_tok_s']} / {theirs['prefill_tok_s']} (**{c['prefill_ratio']}**) "
+            f"| {ours['first_token_s']} / {theirs['first_token_s']} "
+            f"| {ours['peak_rss_mb']} / {theirs['peak_rss_mb']} | {c['cold_first_token_s']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = results["configs"]
+    labels = [f"{c['model']}\n{c['weight_type'].upper()}" for c in configs]
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for axis, measure_name, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
+        positions = range(len(configs))
+        width = 0.38
+        axis.bar([p - width / 2 for p in positions], [c["llamette"][measure_name] / c["llama.cpp"][measure_name] for c in configs],
+                 width, label="llamette", color="#2a7ab0")  # fmt: skip
+        axis.bar([p + width / 2 for p in positions], [1.0] * len(configs), width, label="llama.cpp", color="#bbbbbb")
+        if measure_name == "decode_tok_s":
+            axis.plot(list(positions), [c["ceiling_tok_s"] / c["llama.cpp"][measure_name] for c in configs],
+                      "k_", markersize=28, label="bandwidth ceiling")  # fmt: skip
+        axis.set_xticks(list(positions), labels)
+        axis.set_ylabel("tok/s relative to llama.cpp")
+        axis.set_title(f"{title} (higher is better)")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"llamette vs llama.cpp, {results['machine']['cores']} threads, {results['machine']['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+if __name__ == "__main__":
+    main()
