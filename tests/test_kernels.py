@@ -93,9 +93,12 @@ def test_swiglu_and_add():
     np.testing.assert_array_equal(a, before + y)
 
 
-def fast_q8_matvec(out, xq, xs, wq, ws, group_size):
-    """fast.q8_matmul for a single input vector."""
-    fast.q8_matmul(out.reshape(1, -1), xq.reshape(1, -1), xs.reshape(1, -1), wq, ws, group_size)
+def fast_q8_product(w, x):
+    """fast.q8_linear for inputs x (B, n): the product (B, d) and the quantized inputs it used."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    scratch = fast.q8_scratch(x.shape[0], x.shape[1], w.group_size)
+    fast.q8_linear((out,), x, (w,), scratch)
+    return out, scratch.values, scratch.scales
 
 
 def runq_quantize(x, group_size):
@@ -142,43 +145,47 @@ def test_an_all_zero_group_quantizes_to_zeros():
     assert not xq.any() and not xs.any()
 
 
-def quantized_product(quantize, matmul, w, x):
-    xq, xs = np.zeros(x.shape[0], np.int8), np.zeros(x.shape[0], np.float32)
-    quantize(xq, xs, x, w.group_size)
-    out = np.empty(w.shape[0], np.float32)
-    matmul(out, xq, xs, w.values, w.scales, w.group_size)
-    return out, runq_matmul(xq, xs, w.values, w.scales, w.group_size)
-
-
 @pytest.mark.parametrize("group_size", [64, 32, 16])
 def test_q8_reference_is_runq_to_the_bit(group_size):
-    out, expected = quantized_product(
-        reference.q8_quantize,
-        reference.q8_matmul,
-        quantize_q8(randn(40, 256), group_size),
-        randn(256),
-    )
-    np.testing.assert_array_equal(out, expected)
+    w, x = quantize_q8(randn(40, 256), group_size), randn(256)
+    xq, xs = np.zeros(256, np.int8), np.zeros(256 // group_size, np.float32)
+    reference.q8_quantize(xq, xs, x, group_size)
+    out = np.empty(40, np.float32)
+    reference.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
 
 
+@pytest.mark.parametrize("inputs", [1, 3])  # decode, and batches too small for register blocks
 @pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
-def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns):
-    out, expected = quantized_product(
-        fast.q8_quantize,
-        fast_q8_matvec,
-        quantize_q8(randn(40, columns), group_size),
-        randn(columns),
-    )
-    np.testing.assert_array_equal(out, expected)
+def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns, inputs):
+    w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)
+    out, xq, xs = fast_q8_product(w, x)
+    for b in range(inputs):
+        expected_q, expected_s = runq_quantize(x[b], group_size)
+        np.testing.assert_array_equal(xq[b], expected_q)
+        np.testing.assert_array_equal(xs[b], expected_s)
+        np.testing.assert_array_equal(
+            out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        )
 
 
-@pytest.mark.parametrize("group_size", [16, 8])
-def test_q8_fast_with_other_groups_is_runq_within_float_tolerance(group_size):
-    """Dequantized rows and float dot products: the same quantized values, sums reordered."""
-    out, expected = quantized_product(
-        fast.q8_quantize, fast_q8_matvec, quantize_q8(randn(40, 256), group_size), randn(256)
-    )
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("inputs", [1, 7])  # 7: register blocks of 4, then leftovers
+@pytest.mark.parametrize("group_size", [64, 32, 16, 8])
+def test_q8_fast_is_runq_within_float_tolerance(group_size, inputs):
+    """Other group sizes, and batches: the same quantized values multiplied in float."""
+    w, x = quantize_q8(randn(42, 256), group_size), randn(inputs, 256)
+    out, xq, xs = fast_q8_product(w, x)
+    for b in range(inputs):
+        expected = runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_q8_linear_quantizes_a_shared_input_once_for_every_matrix():
+    w1, w2, x = quantize_q8(randn(24, 128), 64), quantize_q8(randn(40, 128), 64), randn(2, 128)
+    out1, out2 = np.empty((2, 24), np.float32), np.empty((2, 40), np.float32)
+    fast.q8_linear((out1, out2), x, (w1, w2), fast.q8_scratch(2, 128, 64))
+    np.testing.assert_array_equal(out1, fast_q8_product(w1, x)[0])
+    np.testing.assert_array_equal(out2, fast_q8_product(w2, x)[0])
 
 
 def test_q8_matmul_reference_keeps_runq_quirk_on_partial_groups():
@@ -191,20 +198,17 @@ def test_q8_matmul_reference_keeps_runq_quirk_on_partial_groups():
     np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, 8))
 
 
-def test_q8_matmul_default_computes_partial_groups_in_full():
-    w = quantize_q8(randn(16, 172), 8)
-    x = randn(172)
-    xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
-    fast.q8_quantize(xq, xs, x, 8)
-    out = np.empty(16, np.float32)
-    fast_q8_matvec(out, xq, xs, w.values, w.scales, 8)
-    x_dequantized = xq * np.repeat(xs, 8)[:172]
+def test_q8_fast_computes_partial_groups_in_full():
+    w = quantize_q8(randn(16, 172), 8)  # 172 = 21 groups of 8 + 4: groups straddle rows
+    x = randn(1, 172)
+    out, xq, xs = fast_q8_product(w, x)
+    x_dequantized = xq[0] * np.repeat(xs[0], 8)[:172]
     np.testing.assert_allclose(
-        out, w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4
+        out[0], w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4
     )
     # and that is close to the float product: the quantization error only
-    exact = w.dequantize().astype(np.float64) @ x
-    assert np.abs(out - exact).max() < 0.02 * np.abs(exact).max()
+    exact = w.dequantize().astype(np.float64) @ x[0]
+    assert np.abs(out[0] - exact).max() < 0.02 * np.abs(exact).max()
 
 
 def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
@@ -212,23 +216,6 @@ def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
     out = np.empty(20, np.float32)
     reference.q8_dequantize_row(out, w.values, w.scales, 3, 8)
     np.testing.assert_array_equal(out, w.dequantize()[3])
-
-
-@pytest.mark.parametrize("group_size", [64, 32, 16])
-def test_q8_matmul_on_a_batch_is_runq_per_row(group_size):
-    # 7 inputs and 42 rows: batches whose sizes divide nothing
-    w = quantize_q8(randn(42, 256), group_size)
-    x = randn(7, 256)
-    xq, xs = np.zeros((7, 256), np.int8), np.zeros((7, 256 // group_size), np.float32)
-    fast.q8_quantize_rows(xq, xs, x, group_size)
-    out = np.empty((7, 42), np.float32)
-    fast.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
-    for b in range(7):
-        expected = runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
-        if group_size in (64, 32):  # runq.c's arithmetic
-            np.testing.assert_array_equal(out[b], expected)
-        else:  # dequantized, sums reordered
-            np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_matmul_f32_on_a_batch():
@@ -264,6 +251,14 @@ def test_batched_attention_agrees_with_the_reference():
         reference.attention(expected, q[b], key_cache[slots[b], 0], value_cache[slots[b], 0],
                             positions[b], n_heads, att)  # fmt: skip
         np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_swiglu_rows_agrees_with_the_reference():
+    gate, up = randn(5, 300) * 4, randn(5, 300)
+    expected = gate.copy()
+    reference.swiglu(expected.reshape(-1), up.reshape(-1))
+    fast.swiglu_rows(gate, up)
+    np.testing.assert_allclose(gate, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_vectorizable_exp_is_within_two_ulp():

@@ -46,12 +46,15 @@ def test_batched_prefill_agrees_with_one_token_at_a_time(name):
         expected = one_by_one.forward(token, pos)
     logits = batched.prefill(tokens, 0)
     assert np.argmax(logits) == np.argmax(expected)
-    # Q8 amplifies last-bit attention differences through the rounding of activations
-    tolerance = 1e-2 if "q80" in name else 1e-5
-    assert np.abs(logits - expected).max() < tolerance * np.abs(expected).max()
-    np.testing.assert_allclose(
-        batched.key_cache, one_by_one.key_cache, rtol=tolerance, atol=tolerance
-    )
+    if "q80" in name:
+        # a last-bit difference can flip the rounding of a quantized activation, which moves the
+        # values it feeds by a quantization step: compare the whole, not each value
+        assert np.abs(logits - expected).max() < 1e-2 * np.abs(expected).max()
+        difference = np.linalg.norm(batched.key_cache - one_by_one.key_cache)
+        assert difference < 1e-2 * np.linalg.norm(one_by_one.key_cache)
+    else:
+        assert np.abs(logits - expected).max() < 1e-5 * np.abs(expected).max()
+        np.testing.assert_allclose(batched.key_cache, one_by_one.key_cache, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_batch_decodes_several_sequences_at_once():

@@ -71,8 +71,12 @@ class Buffers(NamedTuple):
     hb2: np.ndarray  # (hidden_dim,)
     att: np.ndarray  # (n_heads, seq_len) attention weights
     logits: np.ndarray  # (vocab_size,)
-    xq: np.ndarray  # (max(dim, hidden_dim),) int8: a Q8 matmul's quantized input
-    xs: np.ndarray  # its group scales
+    # A Q8 matmul's input, quantized (sizes: the widest input, max(dim, hidden_dim)):
+    xq: np.ndarray  # int8 values
+    xs: np.ndarray  # group scales
+    x_even: np.ndarray  # int8 values of even groups of 32, the rest zero
+    x_odd: np.ndarray  # int8 values of odd groups of 32
+    x_dequantized: np.ndarray  # float32 values * scales
 
     @classmethod
     def for_config(cls, c) -> Buffers:
@@ -83,8 +87,9 @@ class Buffers(NamedTuple):
 
         return cls(
             zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim),
-            zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
-            zeros(c.vocab_size), zeros(widest, dtype=np.int8), zeros(widest),
+            zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len), zeros(c.vocab_size),
+            zeros(widest, dtype=np.int8), zeros(widest), zeros(widest, dtype=np.int8),
+            zeros(widest, dtype=np.int8), zeros(widest),
         )  # fmt: skip
 
 
@@ -108,15 +113,13 @@ def decode_step(
         # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
         rmsnorm(s.xb, x, w.attention_norm[layer], norm_eps)
         t.tick(profile, t.ATTENTION_NORM)
-        linear(s.q, s.xb, w.wq[layer], exact, s.xq, s.xs)
-        linear(key, s.xb, w.wk[layer], exact, s.xq, s.xs)
-        linear(value, s.xb, w.wv[layer], exact, s.xq, s.xs)
+        linear((s.q, key, value), s.xb, (w.wq[layer], w.wk[layer], w.wv[layer]), exact, s)
         t.tick(profile, t.QKV)
         rope(s.q, key, pos, head_size, rope_theta)
         t.tick(profile, t.ROPE)
         attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att, exact)
         t.tick(profile, t.ATTENTION)
-        linear(s.xb2, s.xb, w.wo[layer], exact, s.xq, s.xs)
+        linear((s.xb2,), s.xb, (w.wo[layer],), exact, s)
         t.tick(profile, t.WO)
         add(x, s.xb2)
         t.tick(profile, t.RESIDUALS)
@@ -124,19 +127,18 @@ def decode_step(
         # feed-forward (SwiGLU): x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
         rmsnorm(s.xb, x, w.ffn_norm[layer], norm_eps)
         t.tick(profile, t.FFN_NORM)
-        linear(s.hb, s.xb, w.w1[layer], exact, s.xq, s.xs)
-        linear(s.hb2, s.xb, w.w3[layer], exact, s.xq, s.xs)
+        linear((s.hb, s.hb2), s.xb, (w.w1[layer], w.w3[layer]), exact, s)
         t.tick(profile, t.W1_W3)
         swiglu(s.hb, s.hb2)
         t.tick(profile, t.SWIGLU)
-        linear(s.xb, s.hb, w.w2[layer], exact, s.xq, s.xs)
+        linear((s.xb,), s.hb, (w.w2[layer],), exact, s)
         t.tick(profile, t.W2)
         add(x, s.xb)
         t.tick(profile, t.RESIDUALS)
 
     rmsnorm(x, x, w.norm, norm_eps)
     t.tick(profile, t.FINAL_NORM)
-    linear(s.logits, x, w.output, exact, s.xq, s.xs)
+    linear((s.logits,), x, (w.output,), exact, s)
     t.tick(profile, t.CLASSIFIER)
 
 
@@ -234,7 +236,7 @@ class Transformer:
             # feed-forward (SwiGLU)
             fast.rmsnorm_rows(xb, x, w.ffn_norm[layer], c.norm_eps)
             gate, up = self._matmul(xb, (w.w1[layer], w.w3[layer]))
-            swiglu(gate.reshape(-1), up.reshape(-1))
+            fast.swiglu_rows(gate, up)
             (out,) = self._matmul(gate, (w.w2[layer],))
             x += out
         rows = x if logit_rows is None else x[logit_rows]
@@ -246,12 +248,8 @@ class Transformer:
         """x (B, n) @ w.T for weights that share their input (Q8: quantized once)."""
         outs = [np.empty((x.shape[0], w.shape[0]), np.float32) for w in weights]
         if isinstance(weights[0], Q8Tensor):
-            group_size = weights[0].group_size
-            xq = np.empty(x.shape, np.int8)
-            xs = np.empty((x.shape[0], -(-x.shape[1] // group_size)), np.float32)
-            fast.q8_quantize_rows(xq, xs, x, group_size)
-            for out, w in zip(outs, weights, strict=True):
-                fast.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
+            scratch = fast.q8_scratch(x.shape[0], x.shape[1], weights[0].group_size)
+            fast.q8_linear(tuple(outs), x, weights, scratch)
         else:
             for out, w in zip(outs, weights, strict=True):
                 fast.matmul_f32(out, x, w)

@@ -9,6 +9,7 @@ their last columns and misreads their scales.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
@@ -127,27 +128,67 @@ def q8_quantize(xq, xs, x, group_size):
 @parallel_kernel
 def q8_quantize_rows(xq, xs, x, group_size):
     """q8_quantize each row of x (B, n) into xq (B, n) and xs (B, groups)."""
+    if x.shape[0] == 1:  # decode: not worth waking the other threads
+        q8_quantize(xq[0], xs[0], x[0], group_size)
+        return
     for b in prange(x.shape[0]):
         q8_quantize(xq[b], xs[b], x[b], group_size)
 
 
-@parallel_kernel
-def q8_matmul(out, xq, xs, wq, ws, group_size):
-    """out (B, d) = x (B, n) @ w (d, n)^T from int8 values and group scales.
+class Q8Scratch(NamedTuple):
+    """Working memory for q8_linear, for B inputs of n values: passed in, so that a decode step
+    allocates nothing."""
 
-    xq (B, n), xs (B, groups): the inputs quantized by q8_quantize; wq (d, n), ws: the weights.
-    Groups of 64 (llama2.c's export default) and of 32: runq.c's arithmetic to the bit. Other
-    group sizes, and rows that are not whole groups: each weight row dequantized, then float dot
-    products (within float tolerance of runq.c).
+    values: np.ndarray  # (B, n) int8: the inputs quantized
+    scales: np.ndarray  # (B, groups) float32
+    even: np.ndarray  # (B, n) int8: values of groups 0, 2, 4, ... of 32 (the others zero)
+    odd: np.ndarray  # (B, n) int8: values of groups 1, 3, 5, ...
+    dequantized: np.ndarray  # (B, n) float32: values * scales
+
+
+def q8_scratch(n_inputs: int, n: int, group_size: int) -> Q8Scratch:
+    groups = -(-n // group_size)
+    return Q8Scratch(
+        np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, groups), np.float32),
+        np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, n), np.int8),
+        np.zeros((n_inputs, n), np.float32),
+    )  # fmt: skip
+
+
+@parallel_kernel
+def q8_linear(outs, x, weights, scratch):
+    """outs[i] (B, d_i) = x (B, n) @ weights[i] (d_i, n)^T for Q8 weights that share their input,
+    which is quantized once (q8_quantize) as runq.c quantizes activations.
+
+    Decode (fewer than 4 inputs), groups of 64 or 32: runq.c's arithmetic to the bit. Batches:
+    dequantized blocks of weights times the dequantized inputs, in the fp32 GEMM's register
+    blocks; other group sizes: dequantized rows. Those are the same quantized values multiplied
+    in float, sums reordered (within float tolerance of runq.c).
     """
-    n = xq.shape[1]
-    if group_size == 64 and n % 64 == 0:
-        _q8_matmul_groups_of_64(out, xq, xs, wq, ws)
-    elif group_size == 32 and n % 32 == 0:
-        x_even, x_odd = _split_alternate_groups(xq)
-        _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws)
-    else:
-        _q8_matmul_dequantized(out, _dequantize_rows(xq, xs, group_size), wq, ws, group_size)
+    group_size = weights[0].group_size
+    n_inputs, n = x.shape
+    q8_quantize_rows(scratch.values, scratch.scales, x, group_size)
+    if n_inputs < 4 and n % group_size == 0 and group_size in (64, 32):
+        if group_size == 32:
+            _split_alternate_groups(scratch.values, scratch.even, scratch.odd)
+        for i in range(len(weights)):
+            w = weights[i]
+            if group_size == 64:
+                _q8_matmul_groups_of_64(outs[i], scratch.values, scratch.scales, w.values, w.scales)
+            else:
+                _q8_matmul_groups_of_32(
+                    outs[i], scratch.even, scratch.odd, scratch.scales, w.values, w.scales
+                )
+        return
+    _dequantize_rows(scratch.dequantized, scratch.values, scratch.scales, group_size)
+    for i in range(len(weights)):
+        w = weights[i]
+        if n_inputs < 4:
+            _q8_matmul_dequantized(outs[i], scratch.dequantized, w.values, w.scales, group_size)
+        else:
+            _q8_matmul_dequantized_blocks(
+                outs[i], scratch.dequantized, w.values, w.scales, group_size
+            )
 
 
 # Integer products are written as I32(acc + I32(a) * I32(b)): Numba would widen them to int64,
@@ -207,28 +248,24 @@ def _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws):
 
 
 @parallel_kernel
-def _split_alternate_groups(xq):
-    """Two copies of xq (B, n): groups of 32 with even index kept (x_even), and odd (x_odd)."""
-    x_even, x_odd = np.zeros_like(xq), np.zeros_like(xq)
+def _split_alternate_groups(xq, x_even, x_odd):
+    """Copy xq (B, n) into x_even (groups of 32 with even index, the rest zero) and x_odd."""
     for b in prange(xq.shape[0]):
         for k in range(xq.shape[1]):
             if k % 64 < 32:
-                x_even[b, k] = xq[b, k]
+                x_even[b, k], x_odd[b, k] = xq[b, k], 0
             else:
-                x_odd[b, k] = xq[b, k]
-    return x_even, x_odd
+                x_even[b, k], x_odd[b, k] = 0, xq[b, k]
 
 
 @parallel_kernel
-def _dequantize_rows(xq, xs, group_size):
-    """x (B, n) float32 from int8 values and the scales of groups along each row."""
-    x = np.empty(xq.shape, np.float32)
+def _dequantize_rows(out, xq, xs, group_size):
+    """out (B, n) float32 = int8 values times the scales of groups along each row."""
     n = xq.shape[1]
     for b in prange(xq.shape[0]):
         for g in range(xs.shape[1]):
             start, stop = g * group_size, min(n, (g + 1) * group_size)
-            _scale_into(x[b, start:stop], xq[b, start:stop], xs[b, g])
-    return x
+            _scale_into(out[b, start:stop], xq[b, start:stop], xs[b, g])
 
 
 @njit(inline="always")
@@ -244,21 +281,53 @@ ROWS_PER_TASK = 64
 
 @reassociating_kernel
 def _q8_matmul_dequantized(out, x, wq, ws, group_size):
-    """out (B, d) = x (B, n) @ w (d, n)^T with each weight row dequantized once (groups over w
-    flattened, so rows may start mid-group), then vectorized float dot products."""
+    """out (B, d) = x (B, n) @ w (d, n)^T for a few inputs: each weight row dequantized once
+    (any group size; rows may start mid-group), then vectorized float dot products."""
     d, n = wq.shape
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        w = np.empty(n, np.float32)  # one weight row, dequantized
+        row = np.empty(n, np.float32)
         for i in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK)):
-            row = wq[i]
-            k = 0
-            while k < n:  # runs of values that share a scale
-                flat = i * n + k
-                stop = min(n, k + group_size - flat % group_size)
-                _scale_into(w[k:stop], row[k:stop], ws[flat // group_size])
-                k = stop
+            _dequantize_row(row, wq[i], ws, i * n, group_size)
             for b in range(x.shape[0]):
-                out[b, i] = _dot(x[b], w)
+                out[b, i] = _dot(x[b], row)
+
+
+@reassociating_kernel
+def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
+    """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
+    dequantized once, times 4 inputs at a time in the fp32 GEMM's register blocks."""
+    d, n = wq.shape
+    n_inputs = x.shape[0]
+    blocked = n_inputs - n_inputs % 4
+    for block in prange((d + 3) // 4):
+        rows = np.empty((4, n), np.float32)
+        i = 4 * block
+        for r in range(min(4, d - i)):
+            _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
+        if i + 4 > d:  # the last rows, when d is not a multiple of 4
+            for r in range(d - i):
+                for b in range(n_inputs):
+                    out[b, i + r] = _dot(x[b], rows[r])
+            continue
+        for b in range(0, blocked, 4):
+            _dots_4x4(
+                out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], rows[0], rows[1], rows[2], rows[3]
+            )
+        for b in range(blocked, n_inputs):
+            _dots_1x4(out, b, i, x[b], rows[0], rows[1], rows[2], rows[3])
+
+
+@njit(inline="always")
+def _dequantize_row(out, row, ws, flat_start, group_size):
+    """out = row's int8 values times their scales; groups run over the matrix flattened, so the
+    row (starting at flat index flat_start) may start and end mid-group."""
+    n = row.shape[0]
+    k = 0
+    while k < n:  # runs of values that share a scale
+        flat = flat_start + k
+        stop = min(n, k + group_size - flat % group_size)
+        _scale_into(out[k:stop], row[k:stop], ws[flat // group_size])
+        k = stop
 
 
 # Steps of a batch, row by row in parallel, each row with the reference arithmetic.
@@ -348,6 +417,15 @@ def _attend(out, q, keys, values, n_keys, offset, scores):
         value = values[t, offset : offset + head_size]
         for i in range(head_size):
             out[i] += weight * value[i]
+
+
+@reassociating_kernel
+def swiglu_rows(gate, up):
+    """gate = silu(gate) * up for a batch (B, hidden), rows in parallel, with the vectorizable exp."""
+    for b in prange(gate.shape[0]):
+        g, u = gate[b], up[b]
+        for i in range(g.shape[0]):
+            g[i] = g[i] / (F32(1.0) + exp_f32(-g[i])) * u[i]
 
 
 @intrinsic

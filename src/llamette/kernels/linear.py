@@ -12,8 +12,11 @@ from llamette.kernels import fast, reference
 from llamette.quant import Q8Tensor
 
 
-def linear(out, x, w, exact, xq, xs):
-    """out (d,) = w (d, n) @ x (n,). Q8 weights quantize x into the scratch xq, xs first."""
+def linear(outs, x, weights, exact, s):
+    """outs[i] (d_i,) = weights[i] (d_i, n) @ x (n,) for matrices that share their input x.
+
+    Q8 weights quantize x once, into the scratch of the decode step's buffers s.
+    """
     raise NotImplementedError("linear() runs inside compiled code only")
 
 
@@ -32,31 +35,60 @@ def is_q8(numba_type) -> bool:
 
 
 @overload(linear, jit_options={"cache": True, "parallel": True})  # calls parallel kernels
-def _linear(out, x, w, exact, xq, xs):
-    if is_q8(w):
+def _linear(outs, x, weights, exact, s):
+    if is_q8(weights[0]):
 
-        def linear_q8(out, x, w, exact, xq, xs):
-            n = x.shape[0]
+        def linear_q8(outs, x, weights, exact, s):
+            n, group_size = x.shape[0], weights[0].group_size
+            groups = (n + group_size - 1) // group_size
             if exact:
-                reference.q8_quantize(xq[:n], xs, x, w.group_size)
-                reference.q8_matmul(out, xq[:n], xs, w.values, w.scales, w.group_size)
-            else:
-                groups = (n + w.group_size - 1) // w.group_size
-                inputs, scales = xq[:n].reshape(1, n), xs[:groups].reshape(1, groups)
-                fast.q8_quantize_rows(inputs, scales, x.reshape(1, n), w.group_size)
-                fast.q8_matmul(
-                    out.reshape(1, out.shape[0]), inputs, scales, w.values, w.scales, w.group_size
-                )
+                reference.q8_quantize(s.xq[:n], s.xs, x, group_size)
+                for i in range(len(weights)):
+                    w = weights[i]
+                    reference.q8_matmul(outs[i], s.xq[:n], s.xs, w.values, w.scales, group_size)
+                return
+            scratch = fast.Q8Scratch(
+                s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups), s.x_even[:n].reshape(1, n),
+                s.x_odd[:n].reshape(1, n), s.x_dequantized[:n].reshape(1, n),
+            )  # fmt: skip
+            fast.q8_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
 
         return linear_q8
 
-    def linear_f32(out, x, w, exact, xq, xs):
-        if exact:
-            reference.matmul(out, x, w)
-        else:
-            fast.matmul_f32(out.reshape(1, out.shape[0]), x.reshape(1, x.shape[0]), w)
+    def linear_f32(outs, x, weights, exact, s):
+        for i in range(len(weights)):
+            if exact:
+                reference.matmul(outs[i], x, weights[i])
+            else:
+                fast.matmul_f32(
+                    outs[i].reshape(1, outs[i].shape[0]), x.reshape(1, x.shape[0]), weights[i]
+                )
 
     return linear_f32
+
+
+def as_rows(vectors):
+    """A tuple of vectors (d_i,) as a tuple of one-row matrices (1, d_i), the same memory."""
+    raise NotImplementedError("as_rows() runs inside compiled code only")
+
+
+@overload(as_rows, jit_options={"cache": True})
+def _as_rows(vectors):
+    # Tuples cannot grow in compiled code, so the tuple is written out for its length.
+    if vectors.count == 1:
+        return lambda vectors: (vectors[0].reshape(1, vectors[0].shape[0]),)
+    if vectors.count == 2:
+        return lambda vectors: (
+            vectors[0].reshape(1, vectors[0].shape[0]),
+            vectors[1].reshape(1, vectors[1].shape[0]),
+        )
+    if vectors.count == 3:
+        return lambda vectors: (
+            vectors[0].reshape(1, vectors[0].shape[0]),
+            vectors[1].reshape(1, vectors[1].shape[0]),
+            vectors[2].reshape(1, vectors[2].shape[0]),
+        )
+    return None
 
 
 @overload(attention, jit_options={"cache": True, "parallel": True})
