@@ -238,10 +238,11 @@ def _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws):
                     second = I32(second + I32(odd[h * 64 + k]) * I32(row[h * 64 + k]))
                 val += (F32(first) * scales[2 * h]) * x_scales[2 * h]
                 val += (F32(second) * scales[2 * h + 1]) * x_scales[2 * h + 1]
-            if ng % 2:  # an odd number of groups: the last one alone
-                tail, x_tail = row[n - 32 :], even[n - 32 :]
+            if ng % 2:  # an odd number of groups: the last one alone, still in a 64-wide loop:
+                # over the last 64 values, x_even holds the last group and zeros for the one before
+                tail, x_tail = row[n - 64 :], even[n - 64 :]
                 last = I32(0)
-                for k in range(32):
+                for k in range(64):
                     last = I32(last + I32(x_tail[k]) * I32(tail[k]))
                 val += (F32(last) * scales[ng - 1]) * x_scales[ng - 1]
             out[b, i] = val
