@@ -51,7 +51,9 @@ def test_rope_rotates_pairs_as_complex_numbers():
     angle = pos * theta ** (-i / head_size)
     expected_q = (q[0::2] + 1j * q[1::2]) * np.exp(1j * angle)
     expected_k = (k[0::2] + 1j * k[1::2]) * np.exp(1j * angle[:16])
-    reference.rope(q, k, pos, head_size, theta)
+    cos, sin = np.empty(head_size // 2, np.float32), np.empty(head_size // 2, np.float32)
+    reference.rope_angles(cos, sin, pos, head_size, theta)
+    reference.rope(q, k, cos, sin)
     np.testing.assert_allclose(q[0::2] + 1j * q[1::2], expected_q, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(k[0::2] + 1j * k[1::2], expected_k, rtol=1e-5, atol=1e-5)
 

@@ -11,8 +11,8 @@ import numpy as np
 from llamette.formats import load_weights
 from llamette.kernels import fast, parallel_kernel
 from llamette.kernels import timing as t
-from llamette.kernels.linear import attention, embed, linear
-from llamette.kernels.reference import add, rmsnorm, rope, swiglu
+from llamette.kernels.linear import attention, embed, linear, swiglu
+from llamette.kernels.reference import add, rmsnorm, rope, rope_angles
 from llamette.quant import Q8Tensor
 from llamette.weights import Tensor, Weights
 
@@ -70,6 +70,8 @@ class Buffers(NamedTuple):
     hb: np.ndarray  # (hidden_dim,) feed-forward hidden state
     hb2: np.ndarray  # (hidden_dim,)
     att: np.ndarray  # (n_heads, seq_len) attention weights
+    rope_cos: np.ndarray  # (head_size / 2,) this position's rotary angles
+    rope_sin: np.ndarray
     logits: np.ndarray  # (vocab_size,)
     # A Q8 matmul's input, quantized (sizes: the widest input, max(dim, hidden_dim)):
     xq: np.ndarray  # int8 values
@@ -87,7 +89,8 @@ class Buffers(NamedTuple):
 
         return cls(
             zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim),
-            zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len), zeros(c.vocab_size),
+            zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
+            zeros(c.head_size // 2), zeros(c.head_size // 2), zeros(c.vocab_size),
             zeros(widest, dtype=np.int8), zeros(widest), zeros(widest, dtype=np.int8),
             zeros(widest, dtype=np.int8), zeros(widest),
         )  # fmt: skip
@@ -102,11 +105,12 @@ def decode_step(
     key_cache, value_cache: (n_layers, seq_len, kv_dim); this step writes row pos of each layer.
     profile: empty, or cycle counts per part of the step to add to (see kernels.timing).
     """
-    head_size = s.q.shape[0] // n_heads
     x = s.x
     t.start(profile)
     embed(x, w.tok_embeddings, token)
     t.tick(profile, t.EMBEDDING)
+    rope_angles(s.rope_cos, s.rope_sin, pos, 2 * s.rope_cos.shape[0], rope_theta)  # every layer's
+    t.tick(profile, t.ROPE)
     for layer in range(len(w.wq)):
         key, value = key_cache[layer, pos], value_cache[layer, pos]  # (kv_dim,)
 
@@ -115,7 +119,7 @@ def decode_step(
         t.tick(profile, t.ATTENTION_NORM)
         linear((s.q, key, value), s.xb, (w.wq[layer], w.wk[layer], w.wv[layer]), exact, s)
         t.tick(profile, t.QKV)
-        rope(s.q, key, pos, head_size, rope_theta)
+        rope(s.q, key, s.rope_cos, s.rope_sin)
         t.tick(profile, t.ROPE)
         attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att, exact)
         t.tick(profile, t.ATTENTION)
@@ -129,7 +133,7 @@ def decode_step(
         t.tick(profile, t.FFN_NORM)
         linear((s.hb, s.hb2), s.xb, (w.w1[layer], w.w3[layer]), exact, s)
         t.tick(profile, t.W1_W3)
-        swiglu(s.hb, s.hb2)
+        swiglu(s.hb, s.hb2, exact)
         t.tick(profile, t.SWIGLU)
         linear((s.xb,), s.hb, (w.w2[layer],), exact, s)
         t.tick(profile, t.W2)
@@ -222,11 +226,16 @@ class Transformer:
             x[:] = w.tok_embeddings[tokens]
         xb = np.empty_like(x)
         attended = np.empty_like(x)
+        cos, sin = (
+            np.empty((n, c.head_size // 2), np.float32),
+            np.empty((n, c.head_size // 2), np.float32),
+        )
+        fast.rope_angles_rows(cos, sin, positions, c.head_size, c.rope_theta)
         for layer in range(c.n_layers):
             # attention
             fast.rmsnorm_rows(xb, x, w.attention_norm[layer], c.norm_eps)
             q, k, v = self._matmul(xb, (w.wq[layer], w.wk[layer], w.wv[layer]))
-            fast.rope_rows(q, k, positions, c.head_size, c.rope_theta)
+            fast.rope_rows(q, k, cos, sin)
             self.key_cache[slots, layer, positions] = k
             self.value_cache[slots, layer, positions] = v
             fast.attention_rows(attended, q, self.key_cache, self.value_cache, layer, slots,

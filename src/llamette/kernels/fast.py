@@ -17,7 +17,13 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from llamette.kernels import kernel, parallel_kernel
-from llamette.kernels.reference import q8_dequantize_row, rmsnorm, rope, round_half_away
+from llamette.kernels.reference import (
+    q8_dequantize_row,
+    rmsnorm,
+    rope,
+    rope_angles,
+    round_half_away,
+)
 
 F32 = np.float32
 I32 = np.int32
@@ -349,10 +355,17 @@ def rmsnorm_rows(out, x, weight, eps):
 
 
 @parallel_kernel
-def rope_rows(q, k, positions, head_size, theta):
-    """Rotate each row of q (B, dim) and k (B, kv_dim) for its own position."""
+def rope_angles_rows(cos, sin, positions, head_size, theta):
+    """rope_angles for each position: cos, sin (B, head_size / 2)."""
+    for b in prange(positions.shape[0]):
+        rope_angles(cos[b], sin[b], positions[b], head_size, theta)
+
+
+@parallel_kernel
+def rope_rows(q, k, cos, sin):
+    """Rotate each row of q (B, dim) and k (B, kv_dim) by its own angles (rope_angles_rows)."""
     for b in prange(q.shape[0]):
-        rope(q[b], k[b], positions[b], head_size, theta)
+        rope(q[b], k[b], cos[b], sin[b])
 
 
 @reassociating_kernel
@@ -424,9 +437,14 @@ def _attend(out, q, keys, values, n_keys, offset, scores):
 def swiglu_rows(gate, up):
     """gate = silu(gate) * up for a batch (B, hidden), rows in parallel, with the vectorizable exp."""
     for b in prange(gate.shape[0]):
-        g, u = gate[b], up[b]
-        for i in range(g.shape[0]):
-            g[i] = g[i] / (F32(1.0) + exp_f32(-g[i])) * u[i]
+        swiglu(gate[b], up[b])
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def swiglu(gate, up):
+    """gate = silu(gate) * up with the vectorizable exp (the reference calls libm's expf)."""
+    for i in range(gate.shape[0]):
+        gate[i] = gate[i] / (F32(1.0) + exp_f32(-gate[i])) * up[i]
 
 
 @intrinsic

@@ -1,5 +1,5 @@
 """The steps of a decode that differ by weight type or flavour, callable from compiled code:
-the linear layer, the embedding lookup and attention.
+the linear layer, the embedding lookup, attention and SwiGLU.
 
 The weight type (an fp32 array or a `Q8Tensor`) picks the kernel when the caller is compiled; the
 `exact` flag picks the flavour (reference or fast) when it runs.
@@ -23,6 +23,11 @@ def linear(outs, x, weights, exact, s):
 def attention(out, q, key_cache, value_cache, pos, n_heads, att, exact):
     """One token's attention over cache rows 0..pos (see reference.attention)."""
     raise NotImplementedError("attention() runs inside compiled code only")
+
+
+def swiglu(gate, up, exact):
+    """gate = silu(gate) * up (see reference.swiglu)."""
+    raise NotImplementedError("swiglu() runs inside compiled code only")
 
 
 def embed(out, table, token):
@@ -100,6 +105,17 @@ def _attention(out, q, key_cache, value_cache, pos, n_heads, att, exact):
             fast.attention(out, q, key_cache, value_cache, pos, n_heads, att)
 
     return attention_either
+
+
+@overload(swiglu, jit_options={"cache": True, "parallel": True})
+def _swiglu(gate, up, exact):
+    def swiglu_either(gate, up, exact):
+        if exact:
+            reference.swiglu(gate, up)
+        else:
+            fast.swiglu_rows(gate.reshape(1, gate.shape[0]), up.reshape(1, up.shape[0]))
+
+    return swiglu_either
 
 
 @overload(embed, jit_options={"cache": True, "parallel": True})

@@ -59,14 +59,23 @@ def softmax(x):
 
 
 @kernel
-def rope(q, k, pos, head_size, theta):
-    """Rotate each (even, odd) pair of q (dim,) and k (kv_dim,) by pos * theta^(-i/head_size)."""
-    for i in range(0, q.shape[0], 2):
-        head_dim = i % head_size
-        freq = F32(1.0) / math.pow(F32(theta), F32(head_dim) / F32(head_size))
+def rope_angles(cos, sin, pos, head_size, theta):
+    """cos and sin (head_size / 2,) of the angles pos * theta^(-2j / head_size), computed as run.c
+    computes them for each pair of a head (they are the same in every head and every layer)."""
+    for j in range(head_size // 2):
+        freq = F32(1.0) / math.pow(F32(theta), F32(2 * j) / F32(head_size))
         val = F32(pos) * freq
-        fcr = math.cos(val)
-        fci = math.sin(val)
+        cos[j] = math.cos(val)
+        sin[j] = math.sin(val)
+
+
+@kernel
+def rope(q, k, cos, sin):
+    """Rotate each (even, odd) pair of q (dim,) and k (kv_dim,) by the angle of its place in its
+    head: pair j of a head turns by the angle whose cos and sin are cos[j], sin[j]."""
+    half = cos.shape[0]
+    for i in range(0, q.shape[0], 2):
+        fcr, fci = cos[(i // 2) % half], sin[(i // 2) % half]
         v0 = q[i]
         v1 = q[i + 1]
         q[i] = v0 * fcr - v1 * fci
