@@ -1,6 +1,10 @@
 """This machine's memory read bandwidth: the ceiling for a decode step that reads every weight.
 
 Usage: python bandwidth.py THREADS  (prints GB/s)
+
+On this shared host the figure is bimodal: runs land near 31 or near 46 GB/s (2 threads), whatever
+the page size, as the host's other tenants come and go; the benchmark measures it again before
+each model.
 """
 
 from __future__ import annotations

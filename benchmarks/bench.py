@@ -3,8 +3,9 @@
 For each model and weight type: decode tok/s (128 tokens, greedy), prefill tok/s (a 256-token
 prompt), time to first token (process start to the first sampled token of a 16-token prompt,
 warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
-a token reads, divided by the read bandwidth measured here in the same run). Engines alternate run
-by run, each run in a fresh process; figures are medians.
+a token reads, divided by the read bandwidth measured just before that model's runs: the machine
+is shared, and its bandwidth drifts). Engines alternate run by run, each run in a fresh process;
+figures are medians.
 
 Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--runs 6]
 Writes benchmarks/results/results.{md,json,png}. Models and llama.cpp's venv are made once and
@@ -42,20 +43,29 @@ CONFIGS = {  # model: weight types measured
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS))
-    parser.add_argument("--runs", type=int, default=6, help="runs per engine (7B: half, at least 3)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS)
+    )
+    parser.add_argument(
+        "--runs", type=int, default=6, help="runs per engine (7B: half, at least 3)"
+    )
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                         help="tokenizer.bin embedded in the GGUF files (32000 pieces)")  # fmt: skip
     args = parser.parse_args()
     peer_python = ensure_peer()
     results = {"machine": machine(), "configs": []}
     print(f"read bandwidth: {results['machine']['bandwidth_gb_s']} GB/s (1 and {THREADS} threads)")
+    results["machine"]["bandwidth_note"] = (
+        "at the start; each model's ceiling uses its own measurement"
+    )
     for name in args.models.split(","):
         runs = max(3, args.runs // 2) if name == "llama2-7b" else args.runs
         for weight_type in CONFIGS[name]:
             paths = ensure_model(name, weight_type, args.tokenizer)
-            config = measure(name, weight_type, paths, peer_python, runs, results["machine"])
+            config = measure(name, weight_type, paths, peer_python, runs)
             results["configs"].append(config)
             print(summary_line(config), flush=True)
     RESULTS.mkdir(exist_ok=True)
@@ -77,11 +87,14 @@ def ensure_peer() -> Path:
     return python
 
 
-def machine() -> dict:
-    def bandwidth(threads: int) -> float:
-        samples = [float(run_json([sys.executable, str(HERE / "bandwidth.py"), str(threads)])) for _ in range(3)]
-        return round(statistics.median(samples), 1)
+def bandwidth(threads: int) -> float:
+    """GB/s read by `threads` threads: the median of three measurements (best of seven each)."""
+    command = [sys.executable, str(HERE / "bandwidth.py"), str(threads)]
+    samples = [float(run_json(command)) for _ in range(3)]
+    return round(statistics.median(samples), 1)
 
+
+def machine() -> dict:
     return {
         "cpu": _cpu_name(),
         "cores": THREADS,
@@ -90,9 +103,15 @@ def machine() -> dict:
     }
 
 
-def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: int, host: dict) -> dict:
+def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: int) -> dict:
     ours = [sys.executable, str(HERE / "run_llamette.py"), str(paths["llamette"])]
-    theirs = [str(peer_python), str(HERE / "run_llamacpp.py"), str(paths["llama.cpp"]), str(THREADS)]
+    theirs = [
+        str(peer_python),
+        str(HERE / "run_llamacpp.py"),
+        str(paths["llama.cpp"]),
+        str(THREADS),
+    ]
+    read_bandwidth = bandwidth(THREADS)  # now, as this model's runs start
     samples = {"llamette": [], "llama.cpp": []}
     ttft = {"llamette": [], "llama.cpp": []}
     for run in range(runs):  # alternate which engine goes first
@@ -104,15 +123,16 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
         cold = time_to_first_token(ours + ["--ttft"], {"LLAMETTE_CACHE_DIR": empty_cache})
 
     bytes_per_token = weight_bytes_per_token(paths["llamette"])
-    bandwidth = host["bandwidth_gb_s"][str(THREADS)]
-    ceiling = bandwidth * 1e9 / bytes_per_token
+    ceiling = read_bandwidth * 1e9 / bytes_per_token
     config = {"model": name, "weight_type": weight_type, "runs": runs,
-              "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1),
+              "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1), "bandwidth_gb_s": read_bandwidth,
               "ceiling_tok_s": round(ceiling, 1), "cold_first_token_s": round(cold, 2)}  # fmt: skip
     for engine in samples:
         config[engine] = {
             "decode_tok_s": round(statistics.median(s["decode_tok_s"] for s in samples[engine]), 2),
-            "prefill_tok_s": round(statistics.median(s["prefill_tok_s"] for s in samples[engine]), 1),
+            "prefill_tok_s": round(
+                statistics.median(s["prefill_tok_s"] for s in samples[engine]), 1
+            ),
             "first_token_s": round(statistics.median(ttft[engine]), 3),
             "peak_rss_mb": round(statistics.median(s["peak_rss"] for s in samples[engine]) / 1e6),
         }
@@ -129,7 +149,11 @@ def weight_bytes_per_token(path: Path) -> int:
     weights = read_llama2c(path)
     total = 0
     for name, tensor in weights.tensors.items():
-        size = tensor.values.nbytes + tensor.scales.nbytes if isinstance(tensor, Q8Tensor) else tensor.nbytes
+        size = (
+            tensor.values.nbytes + tensor.scales.nbytes
+            if isinstance(tensor, Q8Tensor)
+            else tensor.nbytes
+        )
         if name == "tok_embeddings.weight" and not weights.config.shared_classifier:
             size //= weights.config.vocab_size
         total += size
@@ -166,12 +190,15 @@ def summary_line(c: dict) -> str:
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = [
-        f"Machine: {m['cpu']}, {m['cores']} cores; read bandwidth {m['bandwidth_gb_s']['1']} GB/s "
+        f"Machine: {m['cpu']}, {m['cores']} cores; read bandwidth at the start {m['bandwidth_gb_s']['1']} GB/s "
         f"(1 thread), {m['bandwidth_gb_s'][str(m['cores'])]} GB/s ({m['cores']} threads); {m['date']}. "
         f"Medians of alternating runs; llama.cpp is llama-cpp-python {PEER_PACKAGE.split('==')[1]} "
-        "built with -DGGML_NATIVE=ON, timed by its own counters.",
+        "built with -DGGML_NATIVE=ON, timed by its own counters (no Python in them); llamette's "
+        "figures include its Python loop and sampling. Ceiling: weight bytes per token over the "
+        "read bandwidth measured just before each model's runs (on this shared host it lands near "
+        "31 or near 46 GB/s from one measurement to the next).",
         "",
-        "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s (llamette's share) "
+        "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s at GB/s (llamette's share) "
         "| prefill tok/s llamette / llama.cpp (ratio) | first token s llamette / llama.cpp "
         "| peak RSS MB llamette / llama.cpp | cold start s |",
         "|---|---|---|---|---|---|---|---|",
@@ -181,7 +208,7 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {c['model']} | {c['weight_type'].upper()} ({c['weights_read_per_token_mb']} MB/token) "
             f"| {ours['decode_tok_s']} / {theirs['decode_tok_s']} (**{c['decode_ratio']}**) "
-            f"| {c['ceiling_tok_s']} ({ours['ceiling_fraction']:.0%}) "
+            f"| {c['ceiling_tok_s']} at {c['bandwidth_gb_s']} ({ours['ceiling_fraction']:.0%}) "
             f"| {ours['prefill_tok_s']} / {theirs['prefill_tok_s']} (**{c['prefill_ratio']}**) "
             f"| {ours['first_token_s']} / {theirs['first_token_s']} "
             f"| {ours['peak_rss_mb']} / {theirs['peak_rss_mb']} | {c['cold_first_token_s']} |"
@@ -198,12 +225,21 @@ def chart(results: dict, path: Path) -> None:
     configs = results["configs"]
     labels = [f"{c['model']}\n{c['weight_type'].upper()}" for c in configs]
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for axis, measure_name, title in ((axes[0], "decode_tok_s", "decode"), (axes[1], "prefill_tok_s", "prefill")):
+    for axis, measure_name, title in (
+        (axes[0], "decode_tok_s", "decode"),
+        (axes[1], "prefill_tok_s", "prefill"),
+    ):
         positions = range(len(configs))
         width = 0.38
         axis.bar([p - width / 2 for p in positions], [c["llamette"][measure_name] / c["llama.cpp"][measure_name] for c in configs],
                  width, label="llamette", color="#2a7ab0")  # fmt: skip
-        axis.bar([p + width / 2 for p in positions], [1.0] * len(configs), width, label="llama.cpp", color="#bbbbbb")
+        axis.bar(
+            [p + width / 2 for p in positions],
+            [1.0] * len(configs),
+            width,
+            label="llama.cpp",
+            color="#bbbbbb",
+        )
         if measure_name == "decode_tok_s":
             axis.plot(list(positions), [c["ceiling_tok_s"] / c["llama.cpp"][measure_name] for c in configs],
                       "k_", markersize=28, label="bandwidth ceiling")  # fmt: skip
@@ -211,7 +247,9 @@ def chart(results: dict, path: Path) -> None:
         axis.set_ylabel("tok/s relative to llama.cpp")
         axis.set_title(f"{title} (higher is better)")
         axis.legend(fontsize=8)
-    figure.suptitle(f"llamette vs llama.cpp, {results['machine']['cores']} threads, {results['machine']['date']}")
+    figure.suptitle(
+        f"llamette vs llama.cpp, {results['machine']['cores']} threads, {results['machine']['date']}"
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
