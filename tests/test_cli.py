@@ -136,7 +136,7 @@ def test_bad_flags_end_in_one_line_and_status_2(capsys, flags, message):
     [
         ("missing.bin", "missing.bin: no such file"),
         ("tok512.bin", "tok512.bin: not a llama2.c checkpoint"),
-        ("stories260K.gguf", "stories260K.gguf: is a GGUF file"),
+        ("hf-mha", "hf-mha: is a folder; convert it first"),
     ],
 )
 def test_bad_model_files_end_in_one_line_and_status_2(capsys, model, message):

@@ -8,9 +8,12 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 
+from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
+from llamette.formats.gguf import GGUF_TYPES, GGUFModel, is_gguf
 from llamette.generate import Generation, chat, generate
 from llamette.kernels import set_threads
 from llamette.kernels.timing import MATMUL_PARTS
@@ -43,12 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text or chat with a model",
         description="Generate text or chat, with llama2.c's run.c flags, meanings and defaults.",
     )
-    run.add_argument("model", help="model file (llama2.c v0, v1 or v2)")
+    run.add_argument("model", help="model file: llama2.c (v0, v1 or v2) or GGUF (F32, Q8_0)")
     run.add_argument(
         "-z",
         "--tokenizer",
         metavar="TOKENIZER",
-        help="tokenizer.bin (default: one beside the model)",
+        help="tokenizer.bin or tokenizer.model (default: a GGUF's own, or one beside the model)",
     )
     run.add_argument(
         "-t",
@@ -134,6 +137,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="after the run, show on stderr where a decode step's time went",
     )
     run.set_defaults(handler=cmd_run)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a model to a llama2.c or GGUF file (or tokenizer.model to .bin)",
+        description="Convert a Meta or Hugging Face folder, a llama2.c or a GGUF file to a "
+        "llama2.c or GGUF file, one tensor in memory at a time; or a SentencePiece "
+        "tokenizer.model to llama2.c's tokenizer.bin.",
+    )
+    convert.add_argument("source", metavar="SRC", help="Meta or Hugging Face folder, or model file")
+    convert.add_argument("out", metavar="OUT", help="the file to write")
+    convert.add_argument(
+        "--format",
+        choices=FORMATS,
+        metavar="FORMAT",
+        help=f"one of {', '.join(FORMATS)} (default: gguf for a .gguf OUT, else llama2c-v0)",
+    )
+    convert.add_argument(
+        "--type",
+        dest="weight_type",
+        choices=GGUF_TYPES,
+        metavar="TYPE",
+        help=f"weight type: {', '.join(GGUF_TYPES)} (GGUF; llama2c v0/v1 are f32, v2 q8_0)",
+    )
+    convert.add_argument(
+        "--group-size",
+        type=int,
+        metavar="N",
+        help="llama2c-v2: values per scale (default: 64, halved until it divides dim)",
+    )
+    convert.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="GGUF: tokenizer to embed (default: the source's own, or one beside it)",
+    )
+    convert.add_argument(
+        "--seq-len",
+        type=int,
+        metavar="N",
+        help="context length for a Meta folder, which does not state one (default 2048)",
+    )
+    convert.set_defaults(handler=cmd_convert)
     return parser
 
 
@@ -204,6 +248,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    if args.group_size is not None and args.group_size <= 0:
+        raise LlametteError(f"--group-size: must be positive, not {args.group_size}")
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise LlametteError(f"--seq-len: must be positive, not {args.seq_len}")
+    start = time.perf_counter()
+    if args.source.endswith(".model"):  # a SentencePiece tokenizer to llama2.c's tokenizer.bin
+        tokenizer = Tokenizer.load(args.source)
+        tokenizer.save(args.out)
+        log.info(f"wrote {args.out}: {tokenizer.vocab_size} pieces from {args.source}")
+        return 0
+    weights = convert(
+        args.source,
+        args.out,
+        args.format,
+        args.weight_type,
+        args.group_size,
+        args.tokenizer,
+        args.seq_len,
+        progress=sys.stderr.isatty(),
+    )
+    c = weights.config
+    log.info(
+        f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, {args.format or guess_format(args.out)}) "
+        f"from {args.source}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, "
+        f"{c.n_kv_heads} kv heads, vocab {c.vocab_size}, in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
 def use_threads(threads: int | None) -> None:
     try:
         set_threads(threads)
@@ -234,15 +308,22 @@ def clamp_steps(steps: int, seq_len: int) -> int:
 
 
 def load_tokenizer_for(model_path: str, tokenizer_path: str | None, vocab_size: int) -> Tokenizer:
-    """The tokenizer given with -z, else the first fitting one beside the model."""
+    """The tokenizer given with -z, else a GGUF's own, else the first fitting one beside the model."""
     model_name = os.path.basename(model_path)
-    if tokenizer_path:
-        tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer_path or is_gguf(model_path):
+        tokenizer = (
+            Tokenizer.load(tokenizer_path) if tokenizer_path else GGUFModel(model_path).tokenizer()
+        )
         tokenizer.check_vocab_size(vocab_size, model_name)
         return tokenizer
     folder = os.path.dirname(os.path.abspath(model_path))
     tried = []
-    for name in ("tokenizer.bin", f"tok{vocab_size}.bin"):
+    for name in (
+        "tokenizer.bin",
+        f"tok{vocab_size}.bin",
+        "tokenizer.model",
+        f"tok{vocab_size}.model",
+    ):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             tried.append(f"no {name}")

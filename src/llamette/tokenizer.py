@@ -1,4 +1,5 @@
-"""Text <-> token ids with a llama2.c `tokenizer.bin`, encoding exactly as run.c does."""
+"""Text <-> token ids: a llama2.c `tokenizer.bin` encoding exactly as run.c does, or a SentencePiece
+`tokenizer.model` encoding exactly as the sentencepiece library does (it does the encoding)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Read a llama2.c tokenizer.bin; the vocabulary size is however many pieces it holds."""
+        """Read a llama2.c tokenizer.bin, or a SentencePiece model (a name ending in .model)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise LlametteError(f"{path}: no such file")
+        if path.endswith(".model"):
+            return SentencePieceTokenizer.load(path)
         with open(path, "rb") as f:
             data = f.read()
         if len(data) < 4:
@@ -142,6 +145,16 @@ class Tokenizer:
         decoder = StreamDecoder(self)
         return "".join(decoder.push(token) for token in ids) + decoder.flush()
 
+    def save(self, path: str | os.PathLike) -> None:
+        """Write as a llama2.c tokenizer.bin: the longest piece's length, then (score, length, bytes)."""
+        from llamette.formats.output import atomic_output
+
+        with atomic_output(path) as temporary, open(temporary, "wb") as f:
+            f.write(struct.pack("<I", max(len(piece) for piece in self.pieces)))
+            for piece, score in zip(self.pieces, self.scores, strict=True):
+                f.write(struct.pack("<fI", score, len(piece)))
+                f.write(piece)
+
     def check_vocab_size(self, vocab_size: int, model: str) -> None:
         """Refuse a tokenizer made for another vocabulary."""
         if self.vocab_size != vocab_size:
@@ -149,6 +162,42 @@ class Tokenizer:
                 f"{self.source}: has {self.vocab_size} pieces but {model} has a vocabulary of "
                 f"{vocab_size}: wrong tokenizer for this model"
             )
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model: pieces spelled as in tokenizer.bin, encoding by the library itself
+    (so normalization rules such as tok512.model's collapsed spaces hold too)."""
+
+    def __init__(self, processor, source: str):
+        pieces, scores = [], []
+        for i in range(processor.get_piece_size()):
+            piece = processor.id_to_piece(i)
+            if i in (processor.bos_id(), processor.eos_id()):
+                piece = f"\n{piece}\n"  # as llama2.c's tokenizer.py exports <s> and </s>
+            pieces.append(piece.replace("\u2581", " ").encode("utf-8"))
+            scores.append(processor.get_score(i))
+        super().__init__(pieces, scores, source)
+        self.processor = processor
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
+        """Read a SentencePiece tokenizer.model."""
+        import sentencepiece
+
+        path = os.fspath(path)
+        processor = sentencepiece.SentencePieceProcessor()
+        try:
+            processor.Load(path)
+        except (OSError, RuntimeError):
+            raise LlametteError(f"{path}: not a SentencePiece model") from None
+        if processor.bos_id() != BOS_ID or processor.eos_id() != EOS_ID:
+            raise LlametteError(f"{path}: BOS and EOS are not ids {BOS_ID} and {EOS_ID} (Llama's)")
+        return cls(processor, path)
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """Token ids for text, as SentencePiece encodes it."""
+        ids = self.processor.encode(text) if text else []
+        return ([BOS_ID] if bos else []) + ids + ([EOS_ID] if eos else [])
 
 
 class StreamDecoder:

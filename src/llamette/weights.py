@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from llamette.errors import LlametteError
 from llamette.quant import Q8Tensor
 
 Tensor = np.ndarray | Q8Tensor
@@ -73,12 +75,43 @@ class ModelConfig:
         return shapes
 
 
+class LazyTensors(Mapping):
+    """Tensors by name, each made by `load(name)` when asked for and not kept: converters stream.
+
+    Each tensor's shape is checked against `shapes` (its config's) as it is made.
+    """
+
+    def __init__(
+        self, shapes: dict[str, tuple[int, ...]], load: Callable[[str], Tensor], source: str
+    ):
+        self.shapes = shapes
+        self.load = load
+        self.source = source
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self.shapes:
+            raise KeyError(name)
+        tensor = self.load(name)
+        if tuple(tensor.shape) != self.shapes[name]:
+            raise LlametteError(
+                f"{self.source}: {name} has shape {tuple(tensor.shape)}, "
+                f"its config says {self.shapes[name]}"
+            )
+        return tensor
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
 @dataclass
 class Weights:
     """A model as read from a file: its config and its tensors by name, memory-mapped where possible."""
 
     config: ModelConfig
-    tensors: dict[str, Tensor]
+    tensors: Mapping[str, Tensor]
     source: str = ""
 
     def __getitem__(self, name: str) -> Tensor:

@@ -1,4 +1,4 @@
-"""GGUF files (llama architecture), written through the `gguf` package.
+"""GGUF files (llama architecture), read and written through the `gguf` package.
 
 llama.cpp names tensors `blk.N.attn_q.weight` and so on, stores Q and K in Meta's (rotary pairs
 adjacent) order, as llama2.c does, and keeps the tokenizer inside the file.
@@ -14,7 +14,7 @@ from llamette.errors import LlametteError
 from llamette.formats.output import atomic_output
 from llamette.quant import Q8Tensor
 from llamette.tokenizer import Tokenizer
-from llamette.weights import Weights
+from llamette.weights import LazyTensors, ModelConfig, Weights
 
 GGUF_LAYER_NAMES = {
     "attention_norm.weight": "attn_norm.weight",
@@ -33,6 +33,8 @@ GGUF_NAMES = {
     "output.weight": "output.weight",
 }
 
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # what write_gguf stores matrices as
+
 # GGUF token types (SentencePiece's piece kinds)
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
 
@@ -45,15 +47,158 @@ def gguf_name(name: str) -> str:
     return GGUF_NAMES[name]
 
 
+LLAMETTE_NAMES = {"blk." + v: k for k, v in GGUF_LAYER_NAMES.items()} | {
+    v: k for k, v in GGUF_NAMES.items()
+}
+
+
+def is_gguf(path: str) -> bool:
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def llamette_name(name: str) -> str | None:
+    """llamette's (Meta's) name for one of llama.cpp's tensor names; None for others."""
+    if name.startswith("blk."):
+        _, index, rest = name.split(".", 2)
+        meta = LLAMETTE_NAMES.get("blk." + rest)
+        return f"layers.{index}.{meta}" if meta else None
+    return LLAMETTE_NAMES.get(name)
+
+
+class GGUFModel:
+    """A GGUF file opened with the gguf package: its metadata and its tensors, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        import gguf
+
+        self.path = os.fspath(path)
+        try:
+            self.reader = gguf.GGUFReader(self.path, "r")
+        except (ValueError, IndexError, KeyError, OSError, AssertionError) as error:
+            raise LlametteError(f"{self.path}: truncated or not a GGUF file ({error})") from None
+        architecture = self.value("general.architecture")
+        if architecture != "llama":
+            raise LlametteError(
+                f"{self.path}: architecture {architecture!r} is not supported (llama)"
+            )
+        scaling = self.value("llama.rope.scaling.type", "none")
+        if scaling not in ("none", None):
+            raise LlametteError(f"{self.path}: rope scaling {scaling!r} is not supported")
+        self.tensors = {}
+        for tensor in self.reader.tensors:
+            name = llamette_name(tensor.name)
+            if name is not None:
+                self.tensors[name] = tensor
+
+    def value(self, key: str, default=None):
+        field = self.reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    def config(self) -> ModelConfig:
+        def number(key: str) -> int:
+            value = self.value(key)
+            if value is None:
+                raise LlametteError(f"{self.path}: no {key} in its metadata")
+            return int(value)
+
+        dim, n_heads = number("llama.embedding_length"), number("llama.attention.head_count")
+        if "tok_embeddings.weight" not in self.tensors:
+            raise LlametteError(f"{self.path}: no token_embd.weight tensor")
+        return ModelConfig(
+            dim=dim,
+            hidden_dim=number("llama.feed_forward_length"),
+            n_layers=number("llama.block_count"),
+            n_heads=n_heads,
+            n_kv_heads=int(self.value("llama.attention.head_count_kv", n_heads)),
+            vocab_size=int(self.tensors["tok_embeddings.weight"].shape[-1]),
+            seq_len=number("llama.context_length"),
+            shared_classifier="output.weight" not in self.tensors,
+            rope_theta=float(self.value("llama.rope.freq_base", 10000.0)),
+            norm_eps=float(self.value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        )
+
+    def float32(self, name: str) -> np.ndarray:
+        """A tensor as float32: a view of the file when stored as F32, else dequantized."""
+        import gguf
+
+        tensor = self.tensors.get(name)
+        if tensor is None:
+            raise LlametteError(f"{self.path}: no tensor {gguf_name(name)}")
+        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
+            return tensor.data
+        return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+
+    def runnable_weights(self) -> Weights:
+        """Weights the model runs: F32 tensors as views of the file, Q8_0 ones regrouped.
+
+        A Q8_0 block (an fp16 scale, then 32 int8 values) becomes a Q8Tensor of group size 32:
+        its values and scales are copied apart, once, into memory (about the file's size).
+        """
+        import gguf
+
+        config = self.config()
+        shapes = config.tensor_shapes()
+        tensors: dict[str, np.ndarray | Q8Tensor] = {}
+        for name, shape in shapes.items():
+            tensor = self.tensors.get(name)
+            if tensor is None:
+                raise LlametteError(f"{self.path}: no tensor {gguf_name(name)}")
+            kind = gguf.GGMLQuantizationType(tensor.tensor_type)
+            if kind == gguf.GGMLQuantizationType.F32:
+                data = tensor.data
+            elif kind == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
+                data = _q8_0_blocks_to_q8tensor(tensor.data, shape)
+            else:
+                raise LlametteError(
+                    f"{self.path}: {tensor.name} is {kind.name}; llamette runs F32 and Q8_0 GGUF "
+                    f"weights (convert it: llamette convert {self.path} model.bin)"
+                )
+            if tuple(data.shape) != shape:
+                raise LlametteError(
+                    f"{self.path}: {tensor.name} has shape {tuple(data.shape)}, expected {shape}"
+                )
+            tensors[name] = data
+        return Weights(config, tensors, source=self.path)
+
+    def tokenizer(self) -> Tokenizer:
+        """The embedded SentencePiece vocabulary, spelled as in a llama2.c tokenizer.bin."""
+        tokens, scores = self.value("tokenizer.ggml.tokens"), self.value("tokenizer.ggml.scores")
+        if self.value("tokenizer.ggml.model") != "llama" or not tokens or not scores:
+            raise LlametteError(f"{self.path}: has no SentencePiece (llama) tokenizer inside")
+        pieces = []
+        for i, token in enumerate(tokens):
+            if i == 1 or i == 2:
+                token = f"\n{token}\n"  # BOS and EOS, as llama2.c's tokenizer.bin spells them
+            pieces.append(token.replace("\u2581", " ").encode("utf-8"))
+        return Tokenizer(pieces, [float(score) for score in scores], source=self.path)
+
+
+def read_gguf(path: str | os.PathLike) -> Weights:
+    """A GGUF model: F32 tensors as views into the file, other types dequantized when asked for."""
+    model = GGUFModel(path)
+    config = model.config()
+    return Weights(
+        config, LazyTensors(config.tensor_shapes(), model.float32, model.path), model.path
+    )
+
+
 def write_gguf(
     weights: Weights, path: str | os.PathLike, tokenizer: Tokenizer, weight_type: str = "f32"
 ) -> None:
-    """Write weights and tokenizer as a GGUF file; matrices as F32 or Q8_0, norms always F32."""
+    """Write weights and tokenizer as a GGUF file; matrices in `weight_type`, norms always F32."""
     import gguf
 
-    types = {"f32": gguf.GGMLQuantizationType.F32, "q8_0": gguf.GGMLQuantizationType.Q8_0}
-    if weight_type not in types:
-        raise LlametteError(f"GGUF weight type {weight_type!r} is not one of {', '.join(types)}")
+    if weight_type not in GGUF_TYPES:
+        raise LlametteError(
+            f"GGUF weight type {weight_type!r} is not one of {', '.join(GGUF_TYPES)}"
+        )
+    types = {name: gguf.GGMLQuantizationType[name.upper()] for name in GGUF_TYPES}
+    file_type = gguf.LlamaFileType[
+        "ALL_F32" if weight_type == "f32" else f"MOSTLY_{weight_type.upper()}"
+    ]
     c = weights.config
     tokenizer.check_vocab_size(c.vocab_size, "the model")
     with atomic_output(path) as temporary:
@@ -68,9 +213,7 @@ def write_gguf(
         writer.add_head_count_kv(c.n_kv_heads)
         writer.add_layer_norm_rms_eps(c.norm_eps)
         writer.add_rope_freq_base(c.rope_theta)
-        writer.add_file_type(
-            gguf.LlamaFileType.ALL_F32 if weight_type == "f32" else gguf.LlamaFileType.MOSTLY_Q8_0
-        )
+        writer.add_file_type(file_type)
         _add_tokenizer(writer, tokenizer)
 
         shapes = c.tensor_shapes()
@@ -121,3 +264,14 @@ def _add_tokenizer(writer, tokenizer: Tokenizer) -> None:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+
+
+def _q8_0_blocks_to_q8tensor(blocks: np.ndarray, shape: tuple[int, int]) -> Q8Tensor:
+    """GGUF Q8_0 rows of 34-byte blocks (fp16 scale, 32 int8) as a Q8Tensor of group size 32."""
+    rows, cols = shape
+    if blocks.size != rows * cols // 32 * 34:
+        raise LlametteError(f"Q8_0 tensor of {blocks.size} bytes does not hold {rows}x{cols}")
+    blocks = blocks.reshape(rows * cols // 32, 34)
+    scales = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
+    values = blocks[:, 2:].copy().view(np.int8).reshape(rows, cols)
+    return Q8Tensor(values, scales, 32)

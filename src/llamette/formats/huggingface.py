@@ -1,0 +1,163 @@
+"""Hugging Face Llama folders: config.json and safetensors (or pytorch_model*.bin) shards.
+
+transformers names tensors `model.layers.N.self_attn.q_proj.weight` and so on, and stores wq and
+wk with each head's rows permuted (first all real parts of the rotary pairs, then all imaginary
+parts) for its rotate-half RoPE; reading undoes that, with the key heads counted separately.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+from llamette.errors import LlametteError
+from llamette.formats.pytorch import TorchTensor, read_torch_state_dict
+from llamette.formats.safetensors import read_safetensors
+from llamette.weights import LazyTensors, ModelConfig, Weights
+
+HF_LAYER_NAMES = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+}
+HF_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def hf_name(name: str) -> str:
+    """transformers' name for one of llamette's (Meta's) tensor names."""
+    if name.startswith("layers."):
+        _, index, rest = name.split(".", 2)
+        return f"model.layers.{index}.{HF_LAYER_NAMES[rest]}"
+    return HF_NAMES[name]
+
+
+def is_hf_folder(path: str) -> bool:
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def unpermute_rotary(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo transformers' per-head row order for wq or wk: (halves, pairs) back to (pairs, halves)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def read_hf(folder: str | os.PathLike) -> Weights:
+    """A Hugging Face LlamaForCausalLM folder as lazily read float32 tensors in Meta's layout."""
+    folder = os.fspath(folder)
+    hf = _read_config(folder)
+    tensors = _read_tensor_files(folder)
+
+    def tensor(name: str) -> TorchTensor:
+        key = hf_name(name)
+        if key not in tensors:
+            raise LlametteError(f"{folder}: no tensor {key} in its weight files")
+        return tensors[key]
+
+    config = _config(folder, hf, tensors, tensor)
+
+    def load(name: str) -> np.ndarray:
+        w = tensor(name).to_float32()
+        if name.endswith("attention.wq.weight"):
+            return unpermute_rotary(w, config.n_heads)
+        if name.endswith("attention.wk.weight"):
+            return unpermute_rotary(w, config.n_kv_heads)
+        return w
+
+    return Weights(config, LazyTensors(config.tensor_shapes(), load, folder), source=folder)
+
+
+def _config(folder: str, hf: dict, tensors: dict, tensor) -> ModelConfig:
+    path = os.path.join(folder, "config.json")
+    try:
+        dim = int(hf["hidden_size"])
+        n_heads = int(hf["num_attention_heads"])
+        config = dict(
+            dim=dim,
+            hidden_dim=int(hf["intermediate_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            vocab_size=int(hf["vocab_size"]),
+            seq_len=int(hf.get("max_position_embeddings", 2048)),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        )
+    except (KeyError, TypeError, ValueError) as error:
+        raise LlametteError(f"{path}: missing or malformed {error}") from None
+    if int(hf.get("head_dim") or dim // n_heads) * n_heads != dim:
+        raise LlametteError(f"{path}: head_dim {hf['head_dim']} times {n_heads} heads is not {dim}")
+    rope = hf.get("rope_parameters") or {}
+    config["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+    embedding = tensor("tok_embeddings.weight")
+    if "lm_head.weight" not in tensors:
+        if not hf.get("tie_word_embeddings", False):
+            raise LlametteError(f"{folder}: no lm_head.weight and tie_word_embeddings is false")
+        shared = True
+    else:
+        shared = np.array_equal(tensors["lm_head.weight"].data, embedding.data)
+    return ModelConfig(**config, shared_classifier=shared)
+
+
+def _read_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except OSError as error:
+        raise LlametteError(f"{path}: {error.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise LlametteError(f"{path}: not valid JSON") from None
+    if not isinstance(hf, dict):
+        raise LlametteError(f"{path}: not a JSON object")
+    architectures = hf.get("architectures") or []
+    if hf.get("model_type") != "llama" or "LlamaForCausalLM" not in architectures:
+        kind = ", ".join(architectures) or hf.get("model_type") or "unknown"
+        raise LlametteError(f"{path}: architecture {kind} is not supported (LlamaForCausalLM)")
+    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
+    if hf.get("rope_scaling") or rope_type != "default":
+        raise LlametteError(f"{path}: rope scaling is not supported")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise LlametteError(f"{path}: not a plain Llama (activation other than silu, or biases)")
+    return hf
+
+
+def _read_tensor_files(folder: str) -> dict[str, TorchTensor]:
+    """Every tensor of the folder's safetensors files, or else of its pytorch_model*.bin files."""
+    paths = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    read = read_safetensors
+    if not paths:
+        paths = sorted(glob.glob(os.path.join(folder, "pytorch_model*.bin")))
+        read = read_torch_state_dict
+    if not paths:
+        raise LlametteError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files")
+    for index in glob.glob(os.path.join(folder, "*.index.json")):
+        _check_index(index, folder)
+    tensors: dict[str, TorchTensor] = {}
+    for path in paths:
+        tensors.update(read(path))
+    return tensors
+
+
+def _check_index(path: str, folder: str) -> None:
+    """Every shard that an index names exists."""
+    try:
+        with open(path) as f:
+            shards = set(json.load(f).get("weight_map", {}).values())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        raise LlametteError(f"{path}: unreadable or not an index") from None
+    for shard in sorted(shards):
+        if not os.path.exists(os.path.join(folder, shard)):
+            raise LlametteError(f"{os.path.join(folder, shard)}: missing (named in {path})")

@@ -1,0 +1,91 @@
+"""GGUF files: run with their own tokenizer and metadata, checked against run.c and gguf-py."""
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import expected_rows, shared_path
+from llamette import Sampler, Tokenizer, Transformer, generate
+from llamette.cli import main
+from llamette.formats.gguf import GGUFModel, gguf_name
+
+
+def recorded_greedy_stories260K(row):
+    return (
+        row["argv"][0] == "stories260K.bin"
+        and "-m" not in row["argv"]
+        and dict(zip(row["argv"][1::2], row["argv"][2::2], strict=True)).get("-t") == "0"
+    )
+
+
+@pytest.mark.parametrize("row", expected_rows("generate.jsonl", keep=recorded_greedy_stories260K))
+def test_stories260K_gguf_gives_run_c_tokens(row):
+    """stories260K.gguf (made by another project) with its embedded tokenizer, as run.c ran the .bin."""
+    path = shared_path("models", "stories260K.gguf")
+    model = Transformer.load(path)
+    tokenizer = GGUFModel(path).tokenizer()
+    steps = int(row["argv"][row["argv"].index("-n") + 1])
+    result = generate(
+        model, tokenizer, Sampler(model.config.vocab_size, 0.0), row["prompt"] or "", steps
+    )
+    assert result.prompt_tokens[1:] + result.tokens == row["ids"]
+
+
+def test_embedded_tokenizer_is_the_llama2c_one(models):
+    embedded = GGUFModel(models / "stories260K.gguf").tokenizer()
+    llama2c = Tokenizer.load(models / "tok512.bin")
+    assert embedded.pieces == llama2c.pieces and embedded.scores == llama2c.scores
+
+
+def test_metadata_is_used(models):
+    config = Transformer.load(models / "stories260K.gguf").config
+    assert (config.seq_len, config.n_kv_heads, config.norm_eps) == (2048, 4, pytest.approx(1e-5))
+
+
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
+def test_written_tensors_read_back_through_gguf_py(tmp_path, models, weight_type):
+    out = tmp_path / "rand-gqa.gguf"
+    status = main(["convert", str(models / "rand-gqa.v1.bin"), str(out), "--type", weight_type,
+                   "--tokenizer", str(models / "tokenizer.bin")])  # fmt: skip
+    assert status == 0
+    reader = gguf.GGUFReader(out)
+    source = Transformer.load(models / "rand-gqa.v1.bin")
+    tensors = {t.name: t for t in reader.tensors}
+    wq = tensors[gguf_name("layers.1.attention.wq.weight")]
+    expected = source.weights["layers.1.attention.wq.weight"]
+    if weight_type != "f32":
+        assert gguf.GGMLQuantizationType(wq.tensor_type).name == weight_type.upper()
+    values = gguf.quants.dequantize(wq.data, wq.tensor_type)
+    tolerance = {"f32": 0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.2}[weight_type]
+    assert np.abs(values - expected).max() <= tolerance * np.abs(expected).max()
+
+
+def test_q8_0_gguf_runs_on_the_values_gguf_py_reads(tmp_path, models):
+    out = tmp_path / "model.gguf"
+    assert main(["convert", str(models / "rand-gqa.v1.bin"), str(out), "--type", "q8_0",
+                 "--tokenizer", str(models / "tokenizer.bin")]) == 0  # fmt: skip
+    weights = Transformer.load(out).weights
+    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for name in ("tok_embeddings.weight", "layers.0.feed_forward.w2.weight", "output.weight"):
+        tensor = reader[gguf_name(name)]
+        np.testing.assert_array_equal(
+            weights[name].dequantize(), gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        )
+
+
+def test_types_that_do_not_run_yet_say_so(tmp_path, models, capsys):
+    out = tmp_path / "model.gguf"
+    assert main(["convert", str(models / "stories260K.bin"), str(out), "--type", "q4_0"]) == 0
+    capsys.readouterr()
+    status = main(["run", str(out), "-n", "8"])
+    err = capsys.readouterr().err
+    assert status == 2 and "Q4_0" in err and "convert" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("keep", [100, 20_000, 600_000])
+def test_truncated_gguf_is_one_line(tmp_path, models, capsys, keep):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((models / "stories260K.gguf").read_bytes()[:keep])
+    status = main(["run", str(cut), "-n", "8"])
+    err = capsys.readouterr().err
+    assert status == 2 and "cut.gguf: " in err and err.count("\n") == 1, err

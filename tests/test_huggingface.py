@@ -1,0 +1,87 @@
+"""Hugging Face folders: models converted from transformers' LlamaForCausalLM give its logits."""
+
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from llamette import Transformer
+from llamette.cli import main
+from llamette.formats import read_model
+from llamette.formats.huggingface import read_hf
+
+torch = pytest.importorskip("torch", reason="torch is a test dependency (pip install -e .[test])")
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+
+
+def tiny_llama(n_kv_heads: int, tied: bool, seed: int):
+    """A random LlamaForCausalLM small enough to build in a test."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1.0, so that a swapped norm shows
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
+    return model
+
+
+def transformers_logits(model, tokens: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "pytorch_bin"])
+@pytest.mark.parametrize("n_kv_heads, tied", [(8, False), (2, False), (4, True), (1, True)])
+def test_converted_model_gives_transformers_logits(tmp_path, n_kv_heads, tied, safetensors):
+    model = tiny_llama(n_kv_heads, tied, seed=n_kv_heads)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder, safe_serialization=safetensors)
+    out = tmp_path / "model.bin"
+    assert main(["convert", str(folder), str(out), "--format", "llama2c-v1"]) == 0
+
+    tokens = [1, 17, 230, 5, 99, 311, 42, 7, 7, 260]
+    expected = transformers_logits(model, tokens)
+    ours = Transformer.load(out)
+    assert ours.config.shared_classifier == tied and ours.config.n_kv_heads == n_kv_heads
+    for pos, token in enumerate(tokens):
+        logits = ours.forward(token, pos)
+        scale = np.abs(expected[pos]).max()
+        assert np.abs(logits - expected[pos]).max() / scale < 1e-4, pos
+
+
+def test_hf_mha_folder_gives_the_recorded_logits(tmp_path):
+    reference = np.load(shared_path("expected", "hf-mha.logits.npz"))
+    out = tmp_path / "hf-mha.bin"
+    assert main(["convert", str(shared_path("models", "hf-mha")), str(out)]) == 0
+    model = Transformer.load(out)
+    for pos, token in enumerate(reference["input_ids"].reshape(-1)):
+        expected = reference["logits"].reshape(-1, model.config.vocab_size)[pos]
+        logits = model.forward(int(token), pos)
+        assert np.abs(logits - expected).max() / np.abs(expected).max() < 1e-4
+
+
+def test_bf16_checkpoint_reads_as_its_float32_values(tmp_path):
+    model = tiny_llama(2, False, seed=3).to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    weights = read_hf(tmp_path)
+    embedding = model.model.embed_tokens.weight.float().detach().numpy()
+    np.testing.assert_array_equal(weights["tok_embeddings.weight"], embedding)
+
+
+def test_refuses_rope_scaling(tmp_path):
+    model = tiny_llama(2, False, seed=4)
+    model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rope scaling is not supported"):
+        read_model(tmp_path)
