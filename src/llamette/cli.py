@@ -13,11 +13,13 @@ from collections.abc import Callable
 
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
+from llamette.formats import load_weights
 from llamette.formats.gguf import GGUF_TYPES, GGUFModel, is_gguf
 from llamette.generate import Generation, chat, generate
 from llamette.kernels import set_threads
 from llamette.kernels.timing import MATMUL_PARTS
 from llamette.model import Transformer
+from llamette.perplexity import evaluate
 from llamette.sampler import Sampler
 from llamette.tokenizer import Tokenizer
 
@@ -178,6 +180,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="context length for a Meta folder, which does not state one (default 2048)",
     )
     convert.set_defaults(handler=cmd_convert)
+
+    quantize = commands.add_parser(
+        "quantize",
+        help="quantize a model (shorthand for convert --type)",
+        description="Write IN with its matrices in another weight type: GGUF when OUT ends in "
+        ".gguf, else llama2.c v2 (q8_0 only).",
+    )
+    quantize.add_argument("source", metavar="IN", help="model file or folder")
+    quantize.add_argument("out", metavar="OUT", help="the file to write")
+    quantize.add_argument(
+        "--type",
+        dest="weight_type",
+        required=True,
+        choices=QUANTIZED_TYPES,
+        metavar="TYPE",
+        help=f"one of {', '.join(QUANTIZED_TYPES)}",
+    )
+    quantize.add_argument(
+        "--group-size", type=int, metavar="N", help="llama2.c v2: values per scale"
+    )
+    quantize.add_argument("--tokenizer", metavar="PATH", help="GGUF: tokenizer to embed")
+    quantize.set_defaults(handler=cmd_quantize, format=None, seq_len=None)
+
+    perplexity = commands.add_parser(
+        "perplexity",
+        help="perplexity over a text, and KL divergence from a reference model",
+        description="Score every next token of a text (in windows of the context, each led by "
+        "BOS): mean negative log-likelihood and perplexity; with --reference, the mean KL "
+        "divergence KL(reference || model) of the next-token distributions.",
+    )
+    perplexity.add_argument("model", help="model file: llama2.c or GGUF (any weight type)")
+    perplexity.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    perplexity.add_argument(
+        "--reference", metavar="MODEL", help="model to compare with (same vocabulary)"
+    )
+    perplexity.add_argument(
+        "-z", "--tokenizer", metavar="TOKENIZER", help="as for run (default: found as run finds it)"
+    )
+    perplexity.add_argument(
+        "--ctx", type=int, metavar="N", help="window length (default: the model's context)"
+    )
+    perplexity.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
+    perplexity.add_argument("--json", action="store_true", help="print one JSON object")
+    perplexity.set_defaults(handler=cmd_perplexity)
     return parser
 
 
@@ -248,6 +294,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+QUANTIZED_TYPES = ("q8_0", "q4_0", "bf16", "f16")
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     if args.group_size is not None and args.group_size <= 0:
         raise LlametteError(f"--group-size: must be positive, not {args.group_size}")
@@ -274,6 +323,47 @@ def cmd_convert(args: argparse.Namespace) -> int:
         f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, {args.format or guess_format(args.out)}) "
         f"from {args.source}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, "
         f"{c.n_kv_heads} kv heads, vocab {c.vocab_size}, in {time.perf_counter() - start:.1f} s"
+    )
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    if not args.out.lower().endswith(".gguf"):
+        if args.weight_type != "q8_0":
+            raise LlametteError(
+                f"--type {args.weight_type}: llama2.c files hold q8_0 only; name OUT *.gguf"
+            )
+        args.format = "llama2c-v2"
+    return cmd_convert(args)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    if args.ctx is not None and args.ctx < 2:
+        raise LlametteError(f"--ctx: must be at least 2, not {args.ctx}")
+    use_threads(args.threads)
+    try:
+        with open(args.text, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise LlametteError(f"{args.text}: not UTF-8 text") from None
+    model = Transformer(load_weights(args.model, dequantize=True))
+    reference = (
+        Transformer(load_weights(args.reference, dequantize=True)) if args.reference else None
+    )
+    tokenizer = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
+    tokens = tokenizer.encode(text, bos=False)
+    result = evaluate(model, tokens, args.ctx, reference, progress=sys.stderr.isatty())
+    if args.json:
+        fields = {"tokens": result.tokens, "mean_nll": result.mean_nll, "perplexity": result.perplexity,
+                  "mean_kl": result.mean_kl, "seconds": result.seconds}  # fmt: skip
+        print(json.dumps(fields))
+        return 0
+    line = f"perplexity {result.perplexity:.4f} (mean NLL {result.mean_nll:.5f} nats over {result.tokens} tokens)"
+    if result.mean_kl is not None:
+        line += f"; mean KL from {os.path.basename(args.reference)} {result.mean_kl:.6f} nats"
+    print(line)
+    log.info(
+        f"scored {result.tokens} tokens in {result.seconds:.1f} s ({result.tokens / result.seconds:.0f} tok/s)"
     )
     return 0
 

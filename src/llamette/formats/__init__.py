@@ -30,13 +30,16 @@ def read_model(path: str | os.PathLike, seq_len: int | None = None) -> Weights:
     return read_llama2c(path)
 
 
-def load_weights(path: str | os.PathLike) -> Weights:
-    """A model file to run, memory-mapped: a llama2.c checkpoint or a GGUF file."""
+def load_weights(path: str | os.PathLike, dequantize: bool = False) -> Weights:
+    """A model file to run, memory-mapped: a llama2.c checkpoint or a GGUF file.
+
+    GGUF weight types without a kernel yet are refused, or with `dequantize` expanded to float32.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise LlametteError(
             f"{path}: is a folder; convert it first (llamette convert {path} model.bin)"
         )
     if is_gguf(path):
-        return GGUFModel(path).runnable_weights()
+        return GGUFModel(path).runnable_weights(dequantize)
     return read_llama2c(path)

@@ -131,11 +131,12 @@ class GGUFModel:
             return tensor.data
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
-    def runnable_weights(self) -> Weights:
+    def runnable_weights(self, dequantize: bool = False) -> Weights:
         """Weights the model runs: F32 tensors as views of the file, Q8_0 ones regrouped.
 
         A Q8_0 block (an fp16 scale, then 32 int8 values) becomes a Q8Tensor of group size 32:
         its values and scales are copied apart, once, into memory (about the file's size).
+        Other types are refused, or with `dequantize` expanded to float32 in memory.
         """
         import gguf
 
@@ -151,6 +152,8 @@ class GGUFModel:
                 data = tensor.data
             elif kind == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
                 data = _q8_0_blocks_to_q8tensor(tensor.data, shape)
+            elif dequantize:
+                data = self.float32(name)
             else:
                 raise LlametteError(
                     f"{self.path}: {tensor.name} is {kind.name}; llamette runs F32 and Q8_0 GGUF "
