@@ -7,7 +7,10 @@ import pytest
 from conftest import expected_rows, shared_path
 from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.cli import main
+from llamette.formats import gguf as gguf_format
+from llamette.formats import read_model
 from llamette.formats.gguf import GGUFModel, gguf_name
+from llamette.weights import Weights
 
 
 def recorded_greedy_stories260K(row):
@@ -73,13 +76,38 @@ def test_q8_0_gguf_runs_on_the_values_gguf_py_reads(tmp_path, models):
         )
 
 
-def test_types_that_do_not_run_yet_say_so(tmp_path, models, capsys):
+@pytest.mark.parametrize("weight_type", ["f16", "bf16", "q4_0"])
+def test_each_type_runs_in_its_own_layout_close_to_its_values(tmp_path, models, weight_type):
+    """Logits of F16, BF16 and Q4_0 GGUF files against the same weights dequantized by gguf-py."""
+    out = tmp_path / f"rand-gqa.{weight_type}.gguf"
+    assert main(["convert", str(models / "rand-gqa.v1.bin"), str(out), "--type", weight_type,
+                 "--tokenizer", str(models / "tokenizer.bin")]) == 0  # fmt: skip
+    model = Transformer.load(out)
+    kind = type(model.weights["layers.0.attention.wq.weight"]).__name__
+    assert kind == {"f16": "HalfTensor", "bf16": "BF16Tensor", "q4_0": "Q4Tensor"}[weight_type]
+    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    dequantized = Weights(model.config, {
+        name: gguf.quants.dequantize(reader[gguf_name(name)].data, reader[gguf_name(name)].tensor_type)
+        for name in model.config.tensor_shapes()
+    })  # fmt: skip
+    expected_model = Transformer(dequantized, exact=True)
+    tokens = [1, 450, 4996, 17354, 1701, 29916]
+    batched = model.forward_batch(tokens, np.arange(len(tokens)), np.zeros(len(tokens), np.int64))
+    for pos, token in enumerate(tokens):
+        expected = expected_model.forward(token, pos)
+        scale = np.abs(expected).max()
+        assert np.abs(model.forward(token, pos) - expected).max() < 1e-4 * scale
+        assert np.abs(batched[pos] - expected).max() < 1e-4 * scale
+
+
+def test_types_without_a_kernel_say_so(tmp_path, models, capsys, monkeypatch):
+    monkeypatch.setattr(gguf_format, "GGUF_TYPES", (*gguf_format.GGUF_TYPES, "q5_0"))
     out = tmp_path / "model.gguf"
-    assert main(["convert", str(models / "stories260K.bin"), str(out), "--type", "q4_0"]) == 0
-    capsys.readouterr()
+    gguf_format.write_gguf(read_model(models / "stories260K.bin"), out,
+                           Tokenizer.load(models / "tok512.bin"), "q5_0")  # fmt: skip
     status = main(["run", str(out), "-n", "8"])
     err = capsys.readouterr().err
-    assert status == 2 and "Q4_0" in err and "convert" in err and err.count("\n") == 1
+    assert status == 2 and "Q5_0" in err and "convert" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("keep", [100, 20_000, 600_000])
@@ -89,3 +117,24 @@ def test_truncated_gguf_is_one_line(tmp_path, models, capsys, keep):
     status = main(["run", str(cut), "-n", "8"])
     err = capsys.readouterr().err
     assert status == 2 and "cut.gguf: " in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("weight_type", ["f32", "q8_0"])
+def test_written_gguf_gives_llama_cpp_the_same_greedy_tokens(tmp_path, models, weight_type):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    out = tmp_path / f"stories260K.{weight_type}.gguf"
+    assert main(["convert", str(models / "stories260K.bin"), str(out), "--type", weight_type]) == 0
+    prompt = "Once upon a time, there was a"
+
+    model = Transformer.load(out)
+    tokenizer = GGUFModel(out).tokenizer()
+    ours = generate(model, tokenizer, Sampler(model.config.vocab_size, 0.0), prompt, 120)
+
+    llama = llama_cpp.Llama(str(out), n_ctx=512, n_threads=2, verbose=False)
+    assert llama.tokenize(prompt.encode()) == ours.prompt_tokens  # its tokenizer reads ours
+    theirs = []
+    for token in llama.generate(ours.prompt_tokens, temp=0.0, repeat_penalty=1.0):
+        theirs.append(token)
+        if token == llama.token_eos() or len(ours.prompt_tokens) + len(theirs) >= 120:
+            break
+    assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 100

@@ -9,11 +9,11 @@ from typing import NamedTuple
 import numpy as np
 
 from llamette.formats import load_weights
-from llamette.kernels import fast, parallel_kernel
+from llamette.kernels import fast, ggml, parallel_kernel
 from llamette.kernels import timing as t
 from llamette.kernels.linear import attention, embed, linear, swiglu
 from llamette.kernels.reference import add, rmsnorm, rope, rope_angles
-from llamette.quant import Q8Tensor
+from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor, tensor_nbytes
 from llamette.weights import Tensor, Weights
 
 log = logging.getLogger("llamette")
@@ -219,9 +219,13 @@ class Transformer:
         tokens, positions, slots = (np.asarray(a, np.int64) for a in (tokens, positions, slots))
         n = len(tokens)
         x = np.empty((n, c.dim), np.float32)  # the residual stream, one row per token
-        if isinstance(w.tok_embeddings, Q8Tensor):
-            e = w.tok_embeddings
+        e = w.tok_embeddings
+        if isinstance(e, Q8Tensor):
             fast.embed_rows(x, e.values, e.scales, tokens, e.group_size)
+        elif isinstance(e, HalfTensor | BF16Tensor):
+            ggml.half_embed_rows(x, e.bits, tokens, isinstance(e, BF16Tensor))
+        elif isinstance(e, Q4Tensor):
+            ggml.q4_embed_rows(x, e.blocks, tokens)
         else:
             x[:] = w.tok_embeddings[tokens]
         xb = np.empty_like(x)
@@ -259,6 +263,12 @@ class Transformer:
         if isinstance(weights[0], Q8Tensor):
             scratch = fast.q8_scratch(x.shape[0], x.shape[1], weights[0].group_size)
             fast.q8_linear(tuple(outs), x, weights, scratch)
+        elif isinstance(weights[0], HalfTensor | BF16Tensor):
+            for out, w in zip(outs, weights, strict=True):
+                ggml.half_matmul(out, x, w.bits, isinstance(w, BF16Tensor))
+        elif isinstance(weights[0], Q4Tensor):
+            for out, w in zip(outs, weights, strict=True):
+                ggml.q4_matmul(out, x, w.blocks)
         else:
             for out, w in zip(outs, weights, strict=True):
                 fast.matmul_f32(out, x, w)
@@ -284,10 +294,7 @@ class Transformer:
         w = self.tensors
 
         def nbytes(*tensors) -> int:
-            return sum(
-                x.values.nbytes + x.scales.nbytes if isinstance(x, Q8Tensor) else x.nbytes
-                for x in tensors
-            )
+            return sum(tensor_nbytes(tensor) for tensor in tensors)
 
         return {
             "q k v": nbytes(*w.wq, *w.wk, *w.wv),

@@ -12,7 +12,7 @@ import numpy as np
 
 from llamette.errors import LlametteError
 from llamette.formats.output import atomic_output
-from llamette.quant import Q8Tensor
+from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor, to_float32
 from llamette.tokenizer import Tokenizer
 from llamette.weights import LazyTensors, ModelConfig, Weights
 
@@ -132,7 +132,8 @@ class GGUFModel:
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
     def runnable_weights(self, dequantize: bool = False) -> Weights:
-        """Weights the model runs: F32 tensors as views of the file, Q8_0 ones regrouped.
+        """Weights the model runs: F32, F16, BF16 and Q4_0 matrices as views of the file,
+        Q8_0 ones regrouped; vectors (norms) as float32.
 
         A Q8_0 block (an fp16 scale, then 32 int8 values) becomes a Q8Tensor of group size 32:
         its values and scales are copied apart, once, into memory (about the file's size).
@@ -152,12 +153,18 @@ class GGUFModel:
                 data = tensor.data
             elif kind == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
                 data = _q8_0_blocks_to_q8tensor(tensor.data, shape)
-            elif dequantize:
+            elif kind == gguf.GGMLQuantizationType.F16 and len(shape) == 2:
+                data = HalfTensor(tensor.data.view(np.uint16).reshape(shape))
+            elif kind == gguf.GGMLQuantizationType.BF16 and len(shape) == 2:
+                data = BF16Tensor(tensor.data.view(np.uint16).reshape(shape))
+            elif kind == gguf.GGMLQuantizationType.Q4_0 and len(shape) == 2:
+                data = Q4Tensor(tensor.data.reshape(shape[0], -1))
+            elif len(shape) == 1 or dequantize:
                 data = self.float32(name)
             else:
                 raise LlametteError(
-                    f"{self.path}: {tensor.name} is {kind.name}; llamette runs F32 and Q8_0 GGUF "
-                    f"weights (convert it: llamette convert {self.path} model.bin)"
+                    f"{self.path}: {tensor.name} is {kind.name}; llamette runs F32, F16, BF16, "
+                    f"Q8_0 and Q4_0 GGUF weights (convert it: llamette convert {self.path} out.gguf)"
                 )
             if tuple(data.shape) != shape:
                 raise LlametteError(
@@ -237,7 +244,7 @@ def write_gguf(
         writer.write_ti_data_to_file()
         for name in shapes:  # then the data, one tensor in memory at a time
             tensor = weights[name]
-            dense = tensor.dequantize() if isinstance(tensor, Q8Tensor) else tensor
+            dense = to_float32(tensor)
             writer.write_tensor_data(
                 gguf.quants.quantize(np.asarray(dense, np.float32), stored_type(name))
             )

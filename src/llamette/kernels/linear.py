@@ -1,15 +1,16 @@
 """The steps of a decode that differ by weight type or flavour, callable from compiled code:
 the linear layer, the embedding lookup, attention and SwiGLU.
 
-The weight type (an fp32 array or a `Q8Tensor`) picks the kernel when the caller is compiled; the
-`exact` flag picks the flavour (reference or fast) when it runs.
+The weight type (an fp32 array, a `Q8Tensor`, or GGUF's `HalfTensor`, `BF16Tensor`, `Q4Tensor`)
+picks the kernel when the caller is compiled; the `exact` flag picks the flavour (reference or
+fast) when it runs.
 """
 
 from numba import types
 from numba.extending import overload
 
-from llamette.kernels import fast, reference
-from llamette.quant import Q8Tensor
+from llamette.kernels import fast, ggml, reference
+from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor
 
 
 def linear(outs, x, weights, exact, s):
@@ -36,7 +37,14 @@ def embed(out, table, token):
 
 
 def is_q8(numba_type) -> bool:
-    return isinstance(numba_type, types.NamedTuple) and numba_type.instance_class is Q8Tensor
+    return is_a(numba_type, Q8Tensor)
+
+
+def is_a(numba_type, tensor_class) -> bool:
+    """Whether a compiled-code type is the NamedTuple tensor_class."""
+    return (
+        isinstance(numba_type, types.BaseNamedTuple) and numba_type.instance_class is tensor_class
+    )
 
 
 @overload(linear, jit_options={"cache": True, "parallel": True})  # calls parallel kernels
@@ -59,6 +67,23 @@ def _linear(outs, x, weights, exact, s):
             fast.q8_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
 
         return linear_q8
+    if is_a(weights[0], HalfTensor) or is_a(weights[0], BF16Tensor):
+        brain = is_a(weights[0], BF16Tensor)
+
+        def linear_half(outs, x, weights, exact, s):
+            for i in range(len(weights)):
+                out = outs[i].reshape(1, outs[i].shape[0])
+                ggml.half_matmul(out, x.reshape(1, x.shape[0]), weights[i].bits, brain)
+
+        return linear_half
+    if is_a(weights[0], Q4Tensor):
+
+        def linear_q4(outs, x, weights, exact, s):
+            for i in range(len(weights)):
+                out = outs[i].reshape(1, outs[i].shape[0])
+                ggml.q4_matmul(out, x.reshape(1, x.shape[0]), weights[i].blocks)
+
+        return linear_q4
 
     def linear_f32(outs, x, weights, exact, s):
         for i in range(len(weights)):
@@ -126,6 +151,19 @@ def _embed(out, table, token):
             reference.q8_dequantize_row(out, table.values, table.scales, token, table.group_size)
 
         return embed_q8
+    if is_a(table, HalfTensor) or is_a(table, BF16Tensor):
+        brain = is_a(table, BF16Tensor)
+
+        def embed_half(out, table, token):
+            ggml.decode_half_row(out, table.bits[token], brain)
+
+        return embed_half
+    if is_a(table, Q4Tensor):
+
+        def embed_q4(out, table, token):
+            ggml.decode_q4_row(out, table.blocks[token])
+
+        return embed_q4
 
     def embed_f32(out, table, token):
         out[:] = table[token]
