@@ -25,6 +25,23 @@ def test_encode_equals_run_c(row):
     assert load(row["tokenizer"]).encode(row["text"]) == row["run_c_ids"]
 
 
+@pytest.mark.parametrize("row", expected_rows("tokenize.jsonl"))
+def test_sentencepiece_model_encodes_as_sentencepiece(row):
+    """tokenizer.model and tok512.model, loaded directly: SentencePiece's ids, normalization
+    included (tok512.model collapses runs of spaces, where run.c's encoder does not)."""
+    model = load(row["tokenizer"].replace(".bin", ".model"))
+    assert model.encode(row["text"]) == row["sentencepiece_ids"]
+    assert model.decode(row["sentencepiece_ids"]) == model.processor.decode(
+        row["sentencepiece_ids"]
+    )
+
+
+def test_sentencepiece_model_has_the_pieces_of_tokenizer_bin():
+    for name in ("tokenizer", "tok512"):
+        model, llama2c = load(f"{name}.model"), load(f"{name}.bin")
+        assert model.pieces == llama2c.pieces and model.scores == llama2c.scores
+
+
 def test_vocab_size_is_the_number_of_pieces():
     assert load("tokenizer.bin").vocab_size == 32000
     assert load("tok512.bin").vocab_size == 512
