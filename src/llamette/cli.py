@@ -10,6 +10,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
@@ -24,6 +25,9 @@ from llamette.sampler import Sampler
 from llamette.tokenizer import Tokenizer
 
 log = logging.getLogger("llamette")
+
+# the story model that ships inside the package (see `llamette train`)
+BUNDLED_MODEL = Path(__file__).parent / "bundled" / "model.bin"
 
 # What run.c leaves out of its output: control characters other than whitespace.
 UNPRINTABLE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
@@ -48,7 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text or chat with a model",
         description="Generate text or chat, with llama2.c's run.c flags, meanings and defaults.",
     )
-    run.add_argument("model", help="model file: llama2.c (v0, v1 or v2) or GGUF (F32, Q8_0)")
+    run.add_argument(
+        "model",
+        nargs="?",
+        default=str(BUNDLED_MODEL),
+        help="model file: llama2.c (v0, v1, v2) or GGUF (default: the bundled story model)",
+    )
     run.add_argument(
         "-z",
         "--tokenizer",
@@ -224,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
     perplexity.add_argument("--json", action="store_true", help="print one JSON object")
     perplexity.set_defaults(handler=cmd_perplexity)
+
+    train = commands.add_parser(
+        "train",
+        help="train the demo story model (needs llamette[train])",
+        description="Generate the story corpus, train its tokenizer and a small Llama with "
+        "PyTorch on the CPU, and write model.bin (llama2.c v1), model_q80.bin (v2), "
+        "tokenizer.bin, tokenizer.model and train-log.json into OUT_DIR. The defaults make the "
+        "bundled model.",
+    )
+    train.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into")
+    train.add_argument("--steps", type=int, metavar="N", help="optimizer steps (default 1000)")
+    train.add_argument("--seed", type=int, metavar="SEED", help="seed of everything (default 1)")
+    train.set_defaults(handler=cmd_train)
     return parser
 
 
@@ -364,6 +386,38 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     print(line)
     log.info(
         f"scored {result.tokens} tokens in {result.seconds:.1f} s ({result.tokens / result.seconds:.0f} tok/s)"
+    )
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise LlametteError("train: needs PyTorch: pip install 'llamette[train]'") from None
+    from dataclasses import replace
+
+    from llamette.training.train import TrainConfig, train
+
+    config = TrainConfig()
+    for field in ("steps", "seed"):
+        value = getattr(args, field)
+        if value is not None:
+            if value <= 0:
+                raise LlametteError(f"--{field}: must be positive, not {value}")
+            config = replace(config, **{field: value})
+    log.info(f"training into {args.out_dir}: {config}")
+
+    def report(row: dict) -> None:
+        log.info(
+            f"step {row['step']}: train loss {row['train_loss']:.4f}, "
+            f"held-out {row['heldout_loss']:.4f}"
+        )
+
+    result = train(args.out_dir, config, progress=sys.stderr.isatty(), on_eval=report)
+    log.info(
+        f"held-out loss {result['heldout_loss']:.4f} (perplexity {result['heldout_perplexity']:.3f}) "
+        f"after {result['seconds'] / 60:.1f} minutes; wrote {args.out_dir}/model.bin"
     )
     return 0
 
