@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from llamette.errors import LlametteError
+from llamette.formats.jsonfile import read_json_object
 from llamette.formats.pytorch import TorchTensor, read_torch_state_dict
 from llamette.formats.safetensors import read_safetensors
 from llamette.weights import LazyTensors, ModelConfig, Weights
@@ -113,15 +114,7 @@ def _config(folder: str, hf: dict, tensors: dict, tensor) -> ModelConfig:
 
 def _read_config(folder: str) -> dict:
     path = os.path.join(folder, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except OSError as error:
-        raise LlametteError(f"{path}: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LlametteError(f"{path}: not valid JSON") from None
-    if not isinstance(hf, dict):
-        raise LlametteError(f"{path}: not a JSON object")
+    hf = read_json_object(path)
     architectures = hf.get("architectures") or []
     if hf.get("model_type") != "llama" or "LlamaForCausalLM" not in architectures:
         kind = ", ".join(architectures) or hf.get("model_type") or "unknown"

@@ -8,12 +8,12 @@ their columns; norms are repeated in every shard. Tensors are joined one at a ti
 from __future__ import annotations
 
 import glob
-import json
 import os
 
 import numpy as np
 
 from llamette.errors import LlametteError
+from llamette.formats.jsonfile import read_json_object
 from llamette.formats.pytorch import TorchTensor, read_torch_state_dict
 from llamette.weights import LazyTensors, ModelConfig, Weights
 
@@ -78,15 +78,7 @@ def read_meta(folder: str | os.PathLike, seq_len: int | None = None) -> Weights:
 
 def _read_params(folder: str) -> dict:
     path = os.path.join(folder, "params.json")
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except OSError as error:
-        raise LlametteError(f"{path}: {error.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise LlametteError(f"{path}: not valid JSON") from None
-    if not isinstance(params, dict):
-        raise LlametteError(f"{path}: not a JSON object")
+    params = read_json_object(path)
     if params.get("use_scaled_rope") or params.get("rope_scaling"):
         raise LlametteError(f"{path}: scaled RoPE (Llama 3.1 and later) is not supported")
     if params.get("moe") or params.get("vision_chunk_size"):

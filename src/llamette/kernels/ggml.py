@@ -10,7 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from llamette.kernels import parallel_kernel
-from llamette.kernels.fast import _float32_from_bits, reassociating_kernel
+from llamette.kernels.fast import _dot, _float32_from_bits, reassociating_kernel
 
 F32 = np.float32
 U32 = np.uint32
@@ -51,14 +51,6 @@ def decode_half_row(out, row, brain):
     else:
         for j in range(out.shape[0]):
             out[j] = f16_to_f32(row[j])
-
-
-@njit(inline="always", fastmath={"reassoc", "contract"})
-def _dot(x, w):
-    acc = F32(0.0)
-    for j in range(x.shape[0]):
-        acc += x[j] * w[j]
-    return acc
 
 
 @reassociating_kernel
