@@ -11,6 +11,7 @@ from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.cli import main
 from llamette.perplexity import evaluate
 from llamette.training.corpus import make_corpus
+from llamette.training.train import token_stream
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 
@@ -56,7 +57,7 @@ def test_heldout_perplexity_is_the_recorded_one(model, tokenizer, log):
     heldout = make_corpus(c["train_stories"] + c["heldout_stories"], c["seed"])[
         c["train_stories"] :
     ]
-    tokens = [t for story in heldout for t in tokenizer.encode(story, bos=True)][1:]
+    tokens = token_stream(heldout, tokenizer)[1:].tolist()  # with tokenizer.bin's encoder
     result = evaluate(model, tokens, c["seq_len"])
     assert result.perplexity == pytest.approx(log["heldout_perplexity"], rel=0.05)
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
-from llamette.formats import load_weights
-from llamette.formats.gguf import GGUF_TYPES, GGUFModel, is_gguf
+from llamette.formats import find_tokenizer, load_weights
+from llamette.formats.gguf import GGUF_TYPES
 from llamette.generate import Generation, chat, generate
 from llamette.kernels import set_threads
 from llamette.kernels.timing import MATMUL_PARTS
@@ -284,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     model = Transformer.load(args.model, exact=args.exact)
     if args.profile:
         model.start_profile()
-    tokenizer = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
+    tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     steps = clamp_steps(args.steps, model.config.seq_len)
     sampler = Sampler(
         model.config.vocab_size,
@@ -372,7 +372,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     reference = (
         Transformer(load_weights(args.reference, dequantize=True)) if args.reference else None
     )
-    tokenizer = load_tokenizer_for(args.model, args.tokenizer, model.config.vocab_size)
+    tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     tokens = tokenizer.encode(text, bos=False)
     result = evaluate(model, tokens, args.ctx, reference, progress=sys.stderr.isatty())
     if args.json:
@@ -449,37 +449,6 @@ def clamp_steps(steps: int, seq_len: int) -> int:
             seq_len,
         )
     return steps if 0 < steps <= seq_len else seq_len
-
-
-def load_tokenizer_for(model_path: str, tokenizer_path: str | None, vocab_size: int) -> Tokenizer:
-    """The tokenizer given with -z, else a GGUF's own, else the first fitting one beside the model."""
-    model_name = os.path.basename(model_path)
-    if tokenizer_path or is_gguf(model_path):
-        tokenizer = (
-            Tokenizer.load(tokenizer_path) if tokenizer_path else GGUFModel(model_path).tokenizer()
-        )
-        tokenizer.check_vocab_size(vocab_size, model_name)
-        return tokenizer
-    folder = os.path.dirname(os.path.abspath(model_path))
-    tried = []
-    for name in (
-        "tokenizer.bin",
-        f"tok{vocab_size}.bin",
-        "tokenizer.model",
-        f"tok{vocab_size}.model",
-    ):
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            tried.append(f"no {name}")
-            continue
-        tokenizer = Tokenizer.load(path)
-        if tokenizer.vocab_size == vocab_size:
-            return tokenizer
-        tried.append(f"{name} has {tokenizer.vocab_size} pieces")
-    raise LlametteError(
-        f"{model_path}: no tokenizer for its {vocab_size}-token vocabulary beside it "
-        f"({', '.join(tried)}); name one with -z"
-    )
 
 
 def user_messages(first: str | None) -> Callable[[], str | None]:

@@ -6,10 +6,9 @@ import os
 from collections.abc import Iterator, Mapping
 
 from llamette.errors import LlametteError
-from llamette.formats import read_model
-from llamette.formats.gguf import GGUF_TYPES, GGUFModel, is_gguf, write_gguf
+from llamette.formats import find_tokenizer, read_model
+from llamette.formats.gguf import GGUF_TYPES, write_gguf
 from llamette.formats.llama2c import write_llama2c
-from llamette.tokenizer import Tokenizer
 from llamette.weights import Tensor, Weights
 
 FORMATS = ("llama2c-v0", "llama2c-v1", "llama2c-v2", "gguf")
@@ -43,7 +42,7 @@ def convert(
         weight_type = weight_type or "f32"
         if weight_type not in GGUF_TYPES:
             raise LlametteError(f"--type: GGUF takes {', '.join(GGUF_TYPES)}, not {weight_type}")
-        tokenizer = tokenizer_for(source, tokenizer_path, c.vocab_size)
+        tokenizer = find_tokenizer(source, tokenizer_path, c.vocab_size, "--tokenizer")
         write_gguf(_streamed(weights, progress, out), out, tokenizer, weight_type)
         return weights
 
@@ -60,35 +59,6 @@ def convert(
     version = int(out_format[-1])
     write_llama2c(_streamed(weights, progress, out), out, version, group_size)
     return weights
-
-
-def tokenizer_for(source: str, given: str | None, vocab_size: int) -> Tokenizer:
-    """--tokenizer if given, else a GGUF's own, else tokenizer.model/.bin in or beside SOURCE."""
-    if given:
-        tokenizer = Tokenizer.load(given)
-    elif is_gguf(source):
-        tokenizer = GGUFModel(source).tokenizer()
-    else:
-        tokenizer = _tokenizer_near(source, vocab_size)
-    tokenizer.check_vocab_size(vocab_size, os.path.basename(source))
-    return tokenizer
-
-
-def _tokenizer_near(source: str, vocab_size: int) -> Tokenizer:
-    folders = [source] if os.path.isdir(source) else []
-    folders.append(os.path.dirname(os.path.abspath(source)))
-    names = ("tokenizer.model", "tokenizer.bin", f"tok{vocab_size}.model", f"tok{vocab_size}.bin")
-    for folder in folders:
-        for name in names:
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                tokenizer = Tokenizer.load(path)
-                if tokenizer.vocab_size == vocab_size:
-                    return tokenizer
-    raise LlametteError(
-        f"{source}: no tokenizer with {vocab_size} pieces in or beside it to embed; "
-        "name one with --tokenizer"
-    )
 
 
 class _Progress(Mapping):

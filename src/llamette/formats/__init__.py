@@ -9,6 +9,7 @@ from llamette.formats.gguf import GGUFModel, is_gguf, read_gguf
 from llamette.formats.huggingface import is_hf_folder, read_hf
 from llamette.formats.llama2c import read_llama2c
 from llamette.formats.meta import is_meta_folder, read_meta
+from llamette.tokenizer import Tokenizer
 from llamette.weights import Weights
 
 
@@ -43,3 +44,31 @@ def load_weights(path: str | os.PathLike, dequantize: bool = False) -> Weights:
     if is_gguf(path):
         return GGUFModel(path).runnable_weights(dequantize)
     return read_llama2c(path)
+
+
+def find_tokenizer(model_path: str, given: str | None, vocab_size: int, flag: str) -> Tokenizer:
+    """The tokenizer named by `flag` (`given`), else a GGUF's own, else the first one of the
+    model's vocabulary size inside a model folder or beside the model file."""
+    model_path = os.fspath(model_path)
+    if given or is_gguf(model_path):
+        tokenizer = Tokenizer.load(given) if given else GGUFModel(model_path).tokenizer()
+        tokenizer.check_vocab_size(vocab_size, os.path.basename(model_path))
+        return tokenizer
+    folders = [model_path] if os.path.isdir(model_path) else []
+    folders.append(os.path.dirname(os.path.abspath(model_path)))
+    names = ("tokenizer.bin", f"tok{vocab_size}.bin", "tokenizer.model", f"tok{vocab_size}.model")
+    tried = []
+    for folder in folders:
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                tried.append(f"no {name}")
+                continue
+            tokenizer = Tokenizer.load(path)
+            if tokenizer.vocab_size == vocab_size:
+                return tokenizer
+            tried.append(f"{name} has {tokenizer.vocab_size} pieces")
+    raise LlametteError(
+        f"{model_path}: no tokenizer for its {vocab_size}-token vocabulary beside it "
+        f"({', '.join(tried)}); name one with {flag}"
+    )

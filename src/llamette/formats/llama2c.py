@@ -215,17 +215,13 @@ def write_llama2c(
             elif name == "freq_cis":
                 f.write(_rope_tables(c).tobytes())
             elif kind == "f32":
-                f.write(np.ascontiguousarray(_dense(weights[name]), np.float32).tobytes())
+                f.write(np.ascontiguousarray(to_float32(weights[name]), np.float32).tobytes())
             else:
                 tensor = weights[name]
                 if not isinstance(tensor, Q8Tensor) or tensor.group_size != group_size:
-                    tensor = quantize_q8(_dense(tensor), group_size)
+                    tensor = quantize_q8(to_float32(tensor), group_size)
                 f.write(tensor.values.tobytes())
                 f.write(tensor.scales.astype(np.float32).tobytes())
-
-
-def _dense(tensor) -> np.ndarray:
-    return to_float32(tensor)
 
 
 def _header(c: ModelConfig, version: int, group_size: int) -> bytes:
