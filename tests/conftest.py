@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -44,3 +47,24 @@ def expected_rows(name: str, keep=lambda row: True) -> list:
 @pytest.fixture
 def models() -> Path:
     return shared_path("models")
+
+
+@contextlib.contextmanager
+def serving(served):
+    """`llamette serve` for a ServedModel on a free port of 127.0.0.1, on a thread; yields its
+    base URL."""
+    import uvicorn
+
+    from llamette.server import create_app, listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(served), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join()

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -197,3 +198,53 @@ def test_profile_shows_where_a_decode_step_went(capsys):
         if "us " in line and "%" in line
     ]
     assert abs(sum(shares) - 100) < 1.5  # the parts account for the whole step
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--ctx", "100000"], "--ctx"),
+        (["--port", "70000"], "--port"),
+        (["--max-batch", "0"], "--max-batch"),
+        (["--threads", "0"], "--threads"),
+        (["--host", "256.1.1.1"], "--host"),
+    ],
+)
+def test_serve_bad_flags_end_in_one_line_and_status_2(capsys, flags, message):
+    status, _, err = run_cli(capsys, ["serve", *flags])
+    assert status == 2 and message in err and err.count("\n") == 1
+
+
+def test_serve_starts_answers_and_stops_on_ctrl_c():
+    import signal
+    import socket
+
+    import httpx
+
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llamette", "serve", "--port", str(port), "--max-batch", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        banner = server.stderr.readline()
+        assert f"http://127.0.0.1:{port}/v1" in banner and "llama-2" in banner
+        for _ in range(500):
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.02)
+        assert health["slots"] == 2
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": health["model"], "messages": [{"role": "user", "content": "Hi"}],
+                  "max_tokens": 8, "temperature": 0},
+        ).json()  # fmt: skip
+        assert answer["usage"]["completion_tokens"] > 0
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0

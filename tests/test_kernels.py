@@ -1,9 +1,10 @@
 """Kernels against NumPy: float64 formulas for the fp32 steps, runq.c's integer arithmetic for Q8."""
 
+import gguf
 import numpy as np
 import pytest
 
-from llamette.kernels import fast, reference
+from llamette.kernels import SMALL_BATCH, fast, ggml, reference
 from llamette.quant import quantize_q8
 
 rng = np.random.default_rng(0)
@@ -157,7 +158,7 @@ def test_q8_reference_is_runq_to_the_bit(group_size):
     np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
 
 
-@pytest.mark.parametrize("inputs", [1, 3])  # decode, and batches too small for register blocks
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH])  # decode, and batches of sequences
 @pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
 def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns, inputs):
     w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)
@@ -171,7 +172,7 @@ def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns
         )
 
 
-@pytest.mark.parametrize("inputs", [1, 7])  # 7: register blocks of 4, then leftovers
+@pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 7])  # register blocks of 4, then leftovers
 @pytest.mark.parametrize("group_size", [64, 32, 16, 8])
 def test_q8_fast_is_runq_within_float_tolerance(group_size, inputs):
     """Other group sizes, and batches: the same quantized values multiplied in float."""
@@ -220,9 +221,10 @@ def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
     np.testing.assert_array_equal(out, w.dequantize()[3])
 
 
-def test_matmul_f32_on_a_batch():
-    w, x = randn(42, 300), randn(7, 300)
-    out = np.empty((7, 42), np.float32)
+@pytest.mark.parametrize("inputs", [7, SMALL_BATCH + 7])  # row by row; register blocks
+def test_matmul_f32_on_a_batch(inputs):
+    w, x = randn(42, 300), randn(inputs, 300)
+    out = np.empty((inputs, 42), np.float32)
     fast.matmul_f32(out, x, w)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
@@ -273,3 +275,50 @@ def test_vectorizable_exp_is_within_two_ulp():
     x = np.linspace(-87, 88, 100_001).astype(np.float32)
     expected = np.exp(x.astype(np.float64))
     assert np.max(np.abs(exps(x) - expected) / expected) < 2 * 2.0**-24
+
+
+def gguf_product(kind: str, w: np.ndarray):
+    """(product(out, x), w as the kernel sees it) for a GGUF weight type, via gguf-py's encoding."""
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    encoded = gguf.quants.quantize(w, qtype)
+    values = gguf.quants.dequantize(encoded, qtype).reshape(w.shape)
+    if kind == "q4_0":
+        return (lambda out, x: ggml.q4_matmul(out, x, encoded)), values
+    bits = encoded.view(np.uint16)
+    return (lambda out, x: ggml.half_matmul(out, x, bits, kind == "bf16")), values
+
+
+@pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 5])  # row by row; rows decoded once
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q4_0"])
+def test_gguf_type_products_against_gguf_py(kind, inputs):
+    product, values = gguf_product(kind, randn(40, 256))
+    x, out = randn(inputs, 256), np.empty((inputs, 40), np.float32)
+    product(out, x)
+    expected = x.astype(np.float64) @ values.astype(np.float64).T
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def products_by_kind():
+    w = randn(40, 256)
+    q8 = {f"q8 groups of {g}": quantize_q8(w, g) for g in (64, 32, 16)}
+    kinds = {"f32": lambda out, x: fast.matmul_f32(out, x, w)}
+    for name, wq in q8.items():
+        kinds[name] = lambda out, x, wq=wq: fast.q8_linear(
+            (out,), x, (wq,), fast.q8_scratch(x.shape[0], 256, wq.group_size)
+        )
+    for kind in ("f16", "bf16", "q4_0"):
+        kinds[kind] = gguf_product(kind, w)[0]
+    return kinds
+
+
+@pytest.mark.parametrize("kind", list(products_by_kind()))
+def test_small_batches_compute_each_row_as_it_is_computed_alone(kind):
+    """What the server relies on: a sequence's numbers do not depend on its batch."""
+    product = products_by_kind()[kind]
+    x = randn(SMALL_BATCH, 256)
+    together = np.empty((SMALL_BATCH, 40), np.float32)
+    product(together, x)
+    for b in (0, 1, 5, SMALL_BATCH - 1):
+        alone = np.empty((1, 40), np.float32)
+        product(alone, x[b : b + 1])
+        np.testing.assert_array_equal(alone[0], together[b])

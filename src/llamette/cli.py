@@ -234,6 +234,43 @@ def build_parser() -> argparse.ArgumentParser:
     perplexity.add_argument("--json", action="store_true", help="print one JSON object")
     perplexity.set_defaults(handler=cmd_perplexity)
 
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model over OpenAI's HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /health), decoding up to --max-batch requests "
+        "together.",
+    )
+    serve.add_argument(
+        "model",
+        nargs="?",
+        default=str(BUNDLED_MODEL),
+        help="model file: llama2.c (v0, v1, v2) or GGUF (default: the bundled story model)",
+    )
+    serve.add_argument("-z", "--tokenizer", metavar="TOKENIZER", help="as for run")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
+    serve.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests decoded together, each with its own KV-cache slot (default 16)",
+    )
+    serve.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests that may wait for a slot; beyond, 429 (default 64)",
+    )
+    serve.add_argument(
+        "--ctx", type=int, metavar="N", help="positions per slot (default: the model's context)"
+    )
+    serve.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
+    serve.add_argument("--name", help="the model's name in the API (default: the file's stem)")
+    serve.set_defaults(handler=cmd_serve)
+
     train = commands.add_parser(
         "train",
         help="train the demo story model (needs llamette[train])",
@@ -387,6 +424,35 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     log.info(
         f"scored {result.tokens} tokens in {result.seconds:.1f} s ({result.tokens / result.seconds:.0f} tok/s)"
     )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from llamette import server
+    except ImportError as error:
+        raise LlametteError(f"serve: {error.name} is missing: pip install llamette") from None
+    if not 0 <= args.port <= 65535:
+        raise LlametteError(f"--port: {args.port} is outside 0..65535")
+    use_threads(args.threads)
+    sock = server.listen(args.host, args.port)
+    name = args.name or ("llamette-stories" if args.model == str(BUNDLED_MODEL) else None)
+    served = server.ServedModel.load(
+        args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name
+    )
+    c = served.engine.model.config
+    kv_bytes = served.engine.model.key_cache.nbytes * 2
+    host, port = sock.getsockname()[:2]
+    log.info(
+        f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: {args.max_batch} "
+        f"slots of {c.seq_len} positions (KV cache {kv_bytes / 2**20:.0f} MiB), "
+        f"chat template {served.template.name}"
+    )
+    try:
+        server.run_server(served, sock)
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then passes Ctrl-C on
+        pass
+    log.info("stopped")
     return 0
 
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 
 from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, read_model
-from llamette.formats.gguf import GGUF_TYPES, write_gguf
+from llamette.formats.gguf import GGUF_TYPES, chat_template_of, write_gguf
 from llamette.formats.llama2c import write_llama2c
 from llamette.weights import Tensor, Weights
 
@@ -43,7 +43,8 @@ def convert(
         if weight_type not in GGUF_TYPES:
             raise LlametteError(f"--type: GGUF takes {', '.join(GGUF_TYPES)}, not {weight_type}")
         tokenizer = find_tokenizer(source, tokenizer_path, c.vocab_size, "--tokenizer")
-        write_gguf(_streamed(weights, progress, out), out, tokenizer, weight_type)
+        template = chat_template_of(source)
+        write_gguf(_streamed(weights, progress, out), out, tokenizer, weight_type, template)
         return weights
 
     needed = LLAMA2C_TYPES[out_format]

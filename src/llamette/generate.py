@@ -48,6 +48,28 @@ def llama2_chat_prompt(user: str, system: str | None = None) -> str:
     return f"[INST] {user} [/INST]"
 
 
+class StopStrings:
+    """Strings that end a generation: where the first one starts in growing text, and how much of
+    the text is safe to show (no tail of it could begin a stop string)."""
+
+    def __init__(self, strings: tuple[str, ...] = ()):
+        self.strings = tuple(s for s in strings if s)
+        self.longest = max((len(s) for s in self.strings), default=0)
+
+    def find(self, text: str, shown: int = 0) -> int | None:
+        """Index of the earliest stop string in text (none starts before `shown`), or None."""
+        hits = [text.find(s, shown) for s in self.strings]
+        return min((hit for hit in hits if hit >= 0), default=None)
+
+    def safe_length(self, text: str) -> int:
+        """Length of text's longest prefix whose remainder is no stop string's beginning."""
+        for start in range(max(0, len(text) - self.longest + 1), len(text)):
+            tail = text[start:]
+            if any(s.startswith(tail) for s in self.strings):
+                return start
+        return len(text)
+
+
 def check_steps(steps: int | None, model: Transformer) -> int:
     """Positions to run: None or 0 means the whole context."""
     seq_len = model.config.seq_len

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
@@ -151,11 +152,14 @@ class Transformer:
 
     `exact=True` selects the reference kernels, which reproduce run.c's and runq.c's arithmetic
     to the bit; the default kernels are faster and agree with them. The KV cache holds `n_slots`
-    sequences, which forward_batch can advance together.
+    sequences of up to `seq_len` positions (default: the model's context), which forward_batch
+    can advance together.
     """
 
-    def __init__(self, weights: Weights, exact: bool = False, n_slots: int = 1):
-        c = self.config = weights.config
+    def __init__(
+        self, weights: Weights, exact: bool = False, n_slots: int = 1, seq_len: int | None = None
+    ):
+        c = self.config = replace(weights.config, seq_len=seq_len or weights.config.seq_len)
         self.weights = weights
         self.exact = exact
         self.tensors = Tensors.of(weights)

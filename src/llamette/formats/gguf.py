@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from llamette.errors import LlametteError
+from llamette.formats.jsonfile import read_json_object
 from llamette.formats.output import atomic_output
 from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor, to_float32
 from llamette.tokenizer import Tokenizer
@@ -186,6 +187,19 @@ class GGUFModel:
         return Tokenizer(pieces, [float(score) for score in scores], source=self.path)
 
 
+def chat_template_of(path: str | os.PathLike) -> str | None:
+    """A model's Jinja chat template: a GGUF's `tokenizer.chat_template`, or a Hugging Face
+    folder's (tokenizer_config.json); None for other models or none."""
+    path = os.fspath(path)
+    if is_gguf(path):
+        return GGUFModel(path).value("tokenizer.chat_template") or None
+    config = os.path.join(path, "tokenizer_config.json")
+    if os.path.isdir(path) and os.path.isfile(config):
+        template = read_json_object(config).get("chat_template")
+        return template if isinstance(template, str) and template else None
+    return None
+
+
 def read_gguf(path: str | os.PathLike) -> Weights:
     """A GGUF model: F32 tensors as views into the file, other types dequantized when asked for."""
     model = GGUFModel(path)
@@ -196,9 +210,14 @@ def read_gguf(path: str | os.PathLike) -> Weights:
 
 
 def write_gguf(
-    weights: Weights, path: str | os.PathLike, tokenizer: Tokenizer, weight_type: str = "f32"
+    weights: Weights,
+    path: str | os.PathLike,
+    tokenizer: Tokenizer,
+    weight_type: str = "f32",
+    chat_template: str | None = None,
 ) -> None:
-    """Write weights and tokenizer as a GGUF file; matrices in `weight_type`, norms always F32."""
+    """Write weights and tokenizer (and a Jinja chat template) as a GGUF file; matrices in
+    `weight_type`, norms always F32."""
     import gguf
 
     if weight_type not in GGUF_TYPES:
@@ -225,6 +244,8 @@ def write_gguf(
         writer.add_rope_freq_base(c.rope_theta)
         writer.add_file_type(file_type)
         _add_tokenizer(writer, tokenizer)
+        if chat_template:
+            writer.add_chat_template(chat_template)
 
         shapes = c.tensor_shapes()
 

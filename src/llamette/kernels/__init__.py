@@ -17,12 +17,18 @@ from llamette.kernels import cache
 cache.install()  # before the first kernel is defined
 
 # Compiled once and cached on disk; IEEE division (x / 0 is inf or nan, as in C); no fastmath, so
-# float sums keep their order. `parallel_kernel` runs prange loops on all threads. A function that
+# float sums keep their order; the GIL released while they run (the server's engine thread runs
+# them beside the event loop). `parallel_kernel` runs prange loops on all threads. A function that
 # calls a parallel kernel must be a parallel kernel too, prange or not: Numba's cache otherwise
 # saves the caller without its link to the callee, and a later process crashes on a null call
 # (numba/numba#4807, #8578).
-kernel = njit(cache=True, error_model="numpy")
-parallel_kernel = njit(cache=True, error_model="numpy", parallel=True)
+kernel = njit(cache=True, nogil=True, error_model="numpy")
+parallel_kernel = njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+
+# Matrix products with at most this many inputs compute each output as a dot product of its own,
+# the same way whatever else is in the batch: a sequence decodes to the same bits alone or beside
+# others (the server relies on it). Larger batches (prompts) take register-blocked kernels.
+SMALL_BATCH = 32
 
 # ...and for those, Numba's note that it found no loop to parallelize is expected.
 warnings.filterwarnings(

@@ -16,7 +16,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from llamette.kernels import kernel, parallel_kernel
+from llamette.kernels import SMALL_BATCH, kernel, parallel_kernel
 from llamette.kernels.reference import (
     q8_dequantize_row,
     rmsnorm,
@@ -30,7 +30,7 @@ I32 = np.int32
 
 # Reordered float sums (vectorized dot products, fused multiply-add); nothing else loosened.
 reassociating_kernel = njit(
-    cache=True, error_model="numpy", parallel=True, fastmath={"reassoc", "contract"}
+    cache=True, nogil=True, error_model="numpy", parallel=True, fastmath={"reassoc", "contract"}
 )
 
 
@@ -39,10 +39,11 @@ def matmul_f32(out, x, w):
     """out (B, d) = x (B, n) @ w (d, n)^T: blocks of 4 weight rows (in parallel) times 4 inputs,
     16 dot products in registers, so that each loaded value is used 4 times.
 
-    Fewer than 4 inputs (decode): one weight row after another, which streams from memory best.
+    Up to SMALL_BATCH inputs (decode): one weight row after another, which streams from memory
+    best, each output one dot product.
     """
     n_inputs, d = x.shape[0], w.shape[0]
-    if n_inputs < 4:
+    if n_inputs <= SMALL_BATCH:
         for i in prange(d):
             for b in range(n_inputs):
                 out[b, i] = _dot(x[b], w[i])
@@ -166,7 +167,7 @@ def q8_linear(outs, x, weights, scratch):
     """outs[i] (B, d_i) = x (B, n) @ weights[i] (d_i, n)^T for Q8 weights that share their input,
     which is quantized once (q8_quantize) as runq.c quantizes activations.
 
-    Decode (fewer than 4 inputs), groups of 64 or 32: runq.c's arithmetic to the bit. Batches:
+    Up to SMALL_BATCH inputs (decode), groups of 64 or 32: runq.c's arithmetic to the bit. Batches:
     dequantized blocks of weights times the dequantized inputs, in the fp32 GEMM's register
     blocks; other group sizes: dequantized rows. Those are the same quantized values multiplied
     in float, sums reordered (within float tolerance of runq.c).
@@ -174,7 +175,7 @@ def q8_linear(outs, x, weights, scratch):
     group_size = weights[0].group_size
     n_inputs, n = x.shape
     q8_quantize_rows(scratch.values, scratch.scales, x, group_size)
-    if n_inputs < 4 and n % group_size == 0 and group_size in (64, 32):
+    if n_inputs <= SMALL_BATCH and n % group_size == 0 and group_size in (64, 32):
         if group_size == 32:
             _split_alternate_groups(scratch.values, scratch.even, scratch.odd)
         for i in range(len(weights)):
@@ -189,7 +190,7 @@ def q8_linear(outs, x, weights, scratch):
     _dequantize_rows(scratch.dequantized, scratch.values, scratch.scales, group_size)
     for i in range(len(weights)):
         w = weights[i]
-        if n_inputs < 4:
+        if n_inputs <= SMALL_BATCH:
             _q8_matmul_dequantized(outs[i], scratch.dequantized, w.values, w.scales, group_size)
         else:
             _q8_matmul_dequantized_blocks(

@@ -9,7 +9,7 @@ no run.c counterpart, so `--exact` takes the same kernels.
 import numpy as np
 from numba import njit, prange
 
-from llamette.kernels import parallel_kernel
+from llamette.kernels import SMALL_BATCH, parallel_kernel
 from llamette.kernels.fast import _dot, _float32_from_bits, reassociating_kernel
 
 F32 = np.float32
@@ -59,7 +59,7 @@ def half_matmul(out, x, bits, brain):
     n_inputs, n = x.shape
     for i in prange(bits.shape[0]):
         row = bits[i]
-        if n_inputs < 4:
+        if n_inputs <= SMALL_BATCH:
             for b in range(n_inputs):
                 out[b, i] = _half_dot(row, x[b], brain)
         else:
@@ -97,7 +97,7 @@ def q4_matmul(out, x, blocks):
     n_inputs, n = x.shape
     for i in prange(blocks.shape[0]):
         row = blocks[i]
-        if n_inputs < 4:
+        if n_inputs <= SMALL_BATCH:
             for b in range(n_inputs):
                 acc = F32(0.0)
                 for block in range(n // 32):

@@ -1,0 +1,109 @@
+"""Chat templates: a conversation (system, user and assistant messages) to prompt tokens.
+
+Llama 2's own format is the default; a GGUF file may carry its own template (Jinja, as Hugging
+Face writes it), rendered in a sandbox.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llamette.errors import LlametteError
+from llamette.formats.gguf import chat_template_of
+from llamette.generate import llama2_chat_prompt
+from llamette.tokenizer import Tokenizer
+from llamette.weights import BOS_ID, EOS_ID
+
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # how templates write the special tokens
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+class Llama2Template:
+    """Meta's chat format: each exchange `<s>[INST] user [/INST] answer </s>`, the system prompt
+    inside the first `[INST]` between `<<SYS>>` and `<</SYS>>`, the last user turn left open."""
+
+    name = "llama-2"
+
+    def tokens(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+        system = messages[0].content if messages and messages[0].role == "system" else None
+        turns = messages[1:] if system is not None else messages
+        expected = ("user", "assistant")
+        for index, message in enumerate(turns):
+            if message.role != expected[index % 2]:
+                raise LlametteError(
+                    "messages: after an optional system message, user and assistant must "
+                    f"alternate, starting and ending with user (message {index + (system is not None)} "
+                    f"is {message.role!r})"
+                )
+        if len(turns) % 2 == 0:
+            raise LlametteError("messages: the last message must be the user's")
+        tokens = []
+        for index in range(0, len(turns), 2):
+            user = llama2_chat_prompt(turns[index].content.strip(), system if index == 0 else None)
+            if index + 1 < len(turns):
+                answer = turns[index + 1].content.strip()
+                tokens += tokenizer.encode(f"{user} {answer} ", bos=True, eos=True)
+            else:
+                tokens += tokenizer.encode(user, bos=True)
+        return tokens
+
+
+class JinjaTemplate:
+    """A template in Jinja, as GGUF files carry it (`tokenizer.chat_template`); its output's
+    `<s>` and `</s>` become BOS and EOS, the text between is encoded piece by piece."""
+
+    name = "gguf"
+
+    def __init__(self, source: str):
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str):
+            raise TemplateError(message)
+
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment.globals["raise_exception"] = raise_exception
+        try:
+            self.template = environment.from_string(source)
+        except TemplateError as error:
+            raise LlametteError(f"chat template: {error}") from None
+
+    def render(self, messages: Sequence[Message]) -> str:
+        from jinja2 import TemplateError
+
+        try:
+            return self.template.render(
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+                bos_token=BOS_TEXT,
+                eos_token=EOS_TEXT,
+            )
+        except TemplateError as error:
+            raise LlametteError(f"messages: the model's chat template says: {error}") from None
+
+    def tokens(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+        tokens = []
+        for index, part in enumerate(self.render(messages).split(BOS_TEXT)):
+            if index:
+                tokens.append(BOS_ID)
+            for eos_index, text in enumerate(part.split(EOS_TEXT)):
+                if eos_index:
+                    tokens.append(EOS_ID)
+                tokens += tokenizer.encode(text, bos=False)
+        return tokens
+
+
+ChatTemplate = Llama2Template | JinjaTemplate
+
+
+def chat_template_for(model_path: str | os.PathLike) -> ChatTemplate:
+    """The model's own template when its file has one (GGUF), else Llama 2's."""
+    source = chat_template_of(model_path)
+    return JinjaTemplate(source) if source else Llama2Template()

@@ -1,0 +1,223 @@
+"""Continuous batching: many generations share one model, advancing together one decode step at
+a time. New requests join at the next step; finished and cancelled ones leave and free their
+KV-cache slot. Each request samples with its own RNG and the kernels compute a batch's rows
+independently (see kernels.SMALL_BATCH), so a request gets the same tokens alone or in a crowd.
+
+The engine is plain Python over `Transformer`: `step()` runs one scheduling round, `start()`
+runs rounds on a thread of its own. Output goes to each request's `on_event` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llamette.errors import LlametteError
+from llamette.generate import StopStrings
+from llamette.kernels import SMALL_BATCH
+from llamette.model import PREFILL_CHUNK, Transformer
+from llamette.sampler import Sampler
+from llamette.tokenizer import StreamDecoder, Tokenizer
+from llamette.weights import BOS_ID, EOS_ID
+
+log = logging.getLogger("llamette")
+
+
+@dataclass(frozen=True)
+class Event:
+    """Output of a request: text, then once a finish_reason ("stop", "length" or "error")."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation: prompt tokens, limits and sampler; `on_event` is called on the engine's
+    thread with each piece of text and the end."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampler: Sampler
+    on_event: Callable[[Event], None]
+    stop: StopStrings = field(default_factory=StopStrings)
+    strip_leading_space: bool = False  # chat answers start without the first token's space
+    cancelled: bool = False  # set from any thread: the engine drops the request at its next step
+
+    # progress, kept by the engine
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
+    text: str = ""
+    shown: int = 0  # characters of text sent (text beyond may start a stop string)
+    decoder: StreamDecoder | None = None
+
+    @property
+    def next_pos(self) -> int:
+        """Position of the last sampled token, the next one to feed."""
+        return len(self.prompt_tokens) + len(self.tokens) - 1
+
+
+class QueueFull(LlametteError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class Engine:
+    """Schedules requests over the model's KV-cache slots: at most one per slot runs, up to
+    `max_queue` more wait."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_queue: int = 64):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.n_slots = model.key_cache.shape[0]
+        self.max_queue = max_queue
+        self._free_slots = list(range(self.n_slots - 1, -1, -1))
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.cancelled = 0  # requests dropped because their client went away
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; raises QueueFull when it would wait beyond max_queue."""
+        if len(request.prompt_tokens) + request.max_tokens > self.model.config.seq_len:
+            raise LlametteError(
+                f"{len(request.prompt_tokens)} prompt tokens and max_tokens {request.max_tokens} "
+                f"exceed the context of {self.model.config.seq_len}"
+            )
+        with self._wakeup:
+            waiting_for_slot = len(self._running) + len(self._waiting) + 1 - self.n_slots
+            if waiting_for_slot > self.max_queue:
+                raise QueueFull(
+                    f"{self.n_slots} requests running and {len(self._waiting)} waiting: try later"
+                )
+            self._waiting.append(request)
+            self._wakeup.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._wakeup:
+            return {"slots": self.n_slots, "running": len(self._running),
+                    "waiting": len(self._waiting), "cancelled": self.cancelled}  # fmt: skip
+
+    def idle(self) -> bool:
+        with self._wakeup:
+            return not self._running and not self._waiting
+
+    def warm_up(self) -> None:
+        """Compile (or load) the kernels a step runs: a prompt, then a batch of two rows."""
+        self.model.prefill([BOS_ID], 0, 0)
+        self.model.forward_batch([BOS_ID, BOS_ID], [0, 0], [0, 0])
+
+    def step(self) -> None:
+        """One round: admit waiting requests to free slots (their prompts through the model),
+        then one decode step for every running request."""
+        for request in self._admit():
+            try:
+                logits = self.model.prefill(request.prompt_tokens, 0, request.slot)
+            except Exception as error:  # a failed request must not take the others down
+                log.exception("prefill failed")
+                self._finish(request, "error", error=str(error))
+                continue
+            self._advance(request, request.sampler.sample(logits))
+        self._drop_cancelled()
+        running = list(self._running)
+        for start in range(0, len(running), SMALL_BATCH):
+            batch = running[start : start + SMALL_BATCH]
+            logits = self.model.forward_batch(
+                [r.tokens[-1] for r in batch], [r.next_pos for r in batch], [r.slot for r in batch]
+            )  # (len(batch), vocab_size)
+            for request, row in zip(batch, logits, strict=True):
+                self._advance(request, request.sampler.sample(row))
+
+    def run(self) -> None:
+        """Run rounds until stop(); sleep while there is nothing to do."""
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._running and not self._waiting:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # the engine outlives any one step
+                log.exception("decode step failed")
+                for request in list(self._running):
+                    self._finish(request, "error", error=str(error))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="llamette-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _admit(self) -> list[Request]:
+        """Waiting requests that get a slot now, up to about PREFILL_CHUNK prompt tokens."""
+        admitted, budget = [], PREFILL_CHUNK
+        with self._wakeup:
+            while self._waiting and self._free_slots and (not admitted or budget > 0):
+                request = self._waiting.popleft()
+                if request.cancelled:
+                    self.cancelled += 1
+                    continue
+                request.slot = self._free_slots.pop()
+                request.decoder = StreamDecoder(
+                    self.tokenizer,
+                    BOS_ID if request.strip_leading_space else request.prompt_tokens[-1],
+                )
+                self._running.append(request)
+                admitted.append(request)
+                budget -= len(request.prompt_tokens)
+        return admitted
+
+    def _drop_cancelled(self) -> None:
+        for request in list(self._running):
+            if request.cancelled:
+                self._finish(request, "cancelled")
+
+    def _advance(self, request: Request, token: int) -> None:
+        """Take a sampled token: end the request on EOS/BOS, a stop string or its length limit,
+        else send the text that cannot be the start of a stop string."""
+        if request.cancelled or request.slot < 0:
+            return
+        if token in (EOS_ID, BOS_ID):
+            request.text += request.decoder.flush()
+            self._finish(request, "stop")
+            return
+        request.tokens.append(token)
+        request.text += request.decoder.push(token)
+        cut = request.stop.find(request.text, request.shown)
+        if cut is not None:
+            request.text = request.text[:cut]
+            self._finish(request, "stop")
+        elif len(request.tokens) >= request.max_tokens:
+            request.text += request.decoder.flush()
+            self._finish(request, "length")
+        else:
+            self._send(request, request.stop.safe_length(request.text))
+
+    def _send(self, request: Request, upto: int) -> None:
+        if upto > request.shown:
+            text, request.shown = request.text[request.shown : upto], upto
+            request.on_event(Event(text))
+
+    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+        with self._wakeup:
+            self._running.remove(request)
+            self._free_slots.append(request.slot)
+            request.slot = -1
+        if reason == "cancelled":
+            self.cancelled += 1
+            return
+        if error is None:
+            self._send(request, len(request.text))
+        request.on_event(Event("", reason, len(request.tokens), error))

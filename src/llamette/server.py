@@ -1,0 +1,467 @@
+"""An OpenAI-compatible HTTP server over the batching engine (`llamette serve`).
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. The
+engine decodes on its own thread; handlers only check requests, queue them and relay the engine's
+events (handed to the event loop with call_soon_threadsafe), so the loop never waits on the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from llamette.chat_template import ChatTemplate, Message, chat_template_for
+from llamette.engine import Engine, Event, QueueFull, Request
+from llamette.errors import LlametteError
+from llamette.formats import find_tokenizer, load_weights
+from llamette.generate import StopStrings
+from llamette.model import Transformer
+from llamette.sampler import Sampler
+from llamette.tokenizer import Tokenizer
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context
+MAX_STOP_STRINGS = 16
+
+
+@dataclass
+class ServedModel:
+    """What the server serves: one model under one name."""
+
+    name: str
+    engine: Engine
+    tokenizer: Tokenizer
+    template: ChatTemplate
+    created: int  # Unix time, for /v1/models
+
+    @property
+    def context(self) -> int:
+        return self.engine.model.config.seq_len
+
+    @classmethod
+    def load(cls, model_path: str, tokenizer_path: str | None = None, max_batch: int = 16,
+             max_queue: int = 64, ctx: int | None = None, name: str | None = None) -> ServedModel:  # fmt: skip
+        """Load a model file for serving, with `max_batch` KV-cache slots of `ctx` positions,
+        its kernels compiled (or loaded from the cache) before the first request."""
+        weights = load_weights(model_path)
+        if ctx is not None and not 1 < ctx <= weights.config.seq_len:
+            raise LlametteError(
+                f"--ctx: {ctx} is outside 2..{weights.config.seq_len} (the model's context)"
+            )
+        if max_batch < 1 or max_queue < 0:
+            raise LlametteError("--max-batch must be 1 or more and --max-queue 0 or more")
+        model = Transformer(weights, n_slots=max_batch, seq_len=ctx)
+        tokenizer = find_tokenizer(model_path, tokenizer_path, model.config.vocab_size, "-z")
+        engine = Engine(model, tokenizer, max_queue)
+        engine.warm_up()
+        name = name or os.path.splitext(os.path.basename(model_path))[0]
+        return cls(name, engine, tokenizer, chat_template_for(model_path),
+                   int(os.path.getmtime(model_path)))  # fmt: skip
+
+
+class ApiError(Exception):
+    """A request the server refuses, answered in OpenAI's error format."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind
+        )  # fmt: skip
+
+
+def error_response(error: ApiError) -> JSONResponse:
+    body = {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}
+    return JSONResponse({"error": body}, error.status)
+
+
+def create_app(served: ServedModel) -> Starlette:
+    """The ASGI application; its lifespan starts and stops the engine's thread."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        served.engine.start()
+        try:
+            yield
+        finally:
+            served.engine.stop()
+
+    async def health(http: HttpRequest) -> JSONResponse:
+        return JSONResponse({"status": "ok", "model": served.name, **served.engine.stats()})
+
+    async def models(http: HttpRequest) -> JSONResponse:
+        return JSONResponse({"object": "list", "data": [model_card(served)]})
+
+    async def model(http: HttpRequest) -> JSONResponse:
+        if http.path_params["model"] != served.name:
+            raise unknown_model(http.path_params["model"], served)
+        return JSONResponse(model_card(served))
+
+    async def completions(http: HttpRequest):
+        body = await json_body(http)
+        check_model(body, served)
+        prompt_tokens = parse_prompt(body, served.tokenizer)
+        return await generate(http, served, body, prompt_tokens, chat=False)
+
+    async def chat_completions(http: HttpRequest):
+        body = await json_body(http)
+        check_model(body, served)
+        messages = parse_messages(body)
+        try:
+            prompt_tokens = served.template.tokens(messages, served.tokenizer)
+        except LlametteError as error:
+            raise ApiError(400, str(error), "messages") from None
+        return await generate(http, served, body, prompt_tokens, chat=True)
+
+    async def api_error(http: HttpRequest, error: ApiError) -> JSONResponse:
+        return error_response(error)
+
+    async def http_error(http: HttpRequest, error: HTTPException) -> JSONResponse:
+        message = f"{error.detail}: {http.method} {http.url.path}"
+        return error_response(ApiError(error.status_code, message, code=str(error.status_code)))
+
+    async def server_error(http: HttpRequest, error: Exception) -> JSONResponse:
+        return error_response(ApiError(500, f"internal error: {error}", kind="server_error"))
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a one-line error."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        raise LlametteError(
+            f"--host/--port: cannot listen on {host}:{port} ({error.strerror or error})"
+        ) from None
+    return sock
+
+
+def run_server(served: ServedModel, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve on a bound socket until interrupted (uvicorn)."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(served), log_level=log_level, timeout_graceful_shutdown=3)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def model_card(served: ServedModel) -> dict:
+    return {"id": served.name, "object": "model", "created": served.created, "owned_by": "llamette"}
+
+
+def unknown_model(name: str, served: ServedModel) -> ApiError:
+    return ApiError(404, f"model {name!r} is not served here (this server has {served.name!r})",
+                    "model", "model_not_found")  # fmt: skip
+
+
+# Reading requests
+
+
+async def json_body(http: HttpRequest) -> dict:
+    raw = await http.body()
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the body is not valid JSON ({error})") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+REQUIRED = object()
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+              list: "an array", dict: "an object"}  # fmt: skip
+
+
+def field(body: dict, name: str, kind: type | tuple[type, ...], default=REQUIRED):
+    """body[name] checked against kind (int counts as a number, bool does not); null or absent
+    gives the default, or a 400 for a required field."""
+    value = body.get(name)
+    if value is None:
+        if default is REQUIRED:
+            raise ApiError(400, f"{name}: required", name, "missing_required_parameter")
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds:
+        kinds = (*kinds, int)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        expected = " or ".join(
+            TYPE_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,))
+        )
+        raise ApiError(400, f"{name}: must be {expected}, not {json.dumps(value)[:40]}", name,
+                       "invalid_type")  # fmt: skip
+    return value
+
+
+def check_model(body: dict, served: ServedModel) -> None:
+    name = field(body, "model", str)
+    if name != served.name:
+        raise unknown_model(name, served)
+
+
+def parse_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
+    """A completion's prompt: a string (encoded with BOS), one string in an array, or token ids."""
+    prompt = field(body, "prompt", (str, list))
+    if isinstance(prompt, list):
+        if len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        elif prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(0 <= t < tokenizer.vocab_size for t in prompt):
+                raise ApiError(400, f"prompt: token ids must be within 0..{tokenizer.vocab_size - 1}",
+                               "prompt")  # fmt: skip
+            return list(prompt)
+        else:
+            raise ApiError(400, "prompt: must be a string or an array of token ids (one prompt "
+                           "per request)", "prompt")  # fmt: skip
+    return tokenizer.encode(prompt, bos=True)
+
+
+def parse_messages(body: dict) -> list[Message]:
+    messages = field(body, "messages", list)
+    if not messages:
+        raise ApiError(400, "messages: must not be empty", "messages")
+    parsed = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ApiError(400, f"{where}: must be an object", "messages")
+        role = message.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise ApiError(400, f"{where}.role: must be system, user or assistant, not "
+                           f"{json.dumps(role)}", "messages")  # fmt: skip
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):  # fmt: skip
+                raise ApiError(400, f"{where}.content: only text parts are supported", "messages")
+            content = "".join(part["text"] for part in content)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content: must be a string", "messages")
+        parsed.append(Message(role, content))
+    return parsed
+
+
+@dataclass(frozen=True)
+class Options:
+    """How one request samples, stops and answers."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    stop: tuple[str, ...]
+    stream: bool
+    include_usage: bool
+
+
+def parse_options(body: dict, n_prompt: int, context: int, chat: bool) -> Options:
+    max_tokens = field(body, "max_tokens", int, None)
+    if chat and max_tokens is None:
+        max_tokens = field(body, "max_completion_tokens", int, None)
+    room = context - n_prompt
+    if room < 1:
+        raise ApiError(400, f"{'messages' if chat else 'prompt'}: {n_prompt} tokens leave no room "
+                       f"to answer in the context of {context}", "messages" if chat else "prompt",
+                       "context_length_exceeded")  # fmt: skip
+    if max_tokens is None:
+        max_tokens = room if chat else min(COMPLETION_MAX_TOKENS, room)
+    elif max_tokens < 1:
+        raise ApiError(400, f"max_tokens: must be at least 1, not {max_tokens}", "max_tokens")
+    elif max_tokens > room:
+        raise ApiError(400, f"max_tokens: {max_tokens} and the prompt's {n_prompt} tokens exceed "
+                       f"the context of {context}", "max_tokens", "context_length_exceeded")  # fmt: skip
+
+    temperature = field(body, "temperature", float, 1.0)
+    if temperature < 0:
+        raise ApiError(400, f"temperature: must be 0 (greedy) or more, not {temperature}",
+                       "temperature")  # fmt: skip
+    top_p = field(body, "top_p", float, 1.0)
+    if not 0.0 <= top_p <= 1.0:
+        raise ApiError(400, f"top_p: must be within [0, 1], not {top_p}", "top_p")
+    top_k = field(body, "top_k", int, 0)
+    if top_k < 0:
+        raise ApiError(400, f"top_k: must be 0 (off) or more, not {top_k}", "top_k")
+    seed = field(body, "seed", int, None)
+    if seed is not None and seed <= 0:
+        raise ApiError(400, f"seed: must be a positive integer (as run.c's -s), not {seed}", "seed")
+
+    stop = field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
+        raise ApiError(400, f"stop: must be a string or up to {MAX_STOP_STRINGS} strings", "stop")
+
+    if field(body, "n", int, 1) != 1:
+        raise ApiError(400, "n: only 1 choice per request is supported", "n")
+    if field(body, "logprobs", (bool, int), False) not in (False, 0):
+        raise ApiError(400, "logprobs: not supported", "logprobs")
+    if not chat and field(body, "echo", bool, False):
+        raise ApiError(400, "echo: not supported", "echo")
+    stream = field(body, "stream", bool, False)
+    stream_options = field(body, "stream_options", dict, {})
+    include_usage = field(stream_options, "include_usage", bool, False)
+    return Options(max_tokens, float(temperature), float(top_p), top_k,
+                   seed or secrets.randbelow(2**63 - 1) + 1, tuple(stop), stream, include_usage)  # fmt: skip
+
+
+# Answering
+
+
+async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_tokens: list[int],
+                   chat: bool):  # fmt: skip
+    options = parse_options(body, len(prompt_tokens), served.context, chat)
+    vocab_size = served.tokenizer.vocab_size
+    greedy = options.temperature == 0.0 or options.top_p == 0.0
+    sampler = Sampler(vocab_size, 0.0 if greedy else options.temperature, options.top_p,
+                      options.seed, options.top_k)  # fmt: skip
+    relay = Relay(asyncio.get_running_loop())
+    request = Request(prompt_tokens, options.max_tokens, sampler, relay.put,
+                      StopStrings(options.stop), strip_leading_space=chat)  # fmt: skip
+    try:
+        served.engine.submit(request)
+    except QueueFull as error:
+        raise ApiError(429, f"server busy: {error}", code="queue_full",
+                       kind="rate_limit_error") from None  # fmt: skip
+    answer = Answer(served.name, chat, len(prompt_tokens))
+    if options.stream:
+        return EventStream(answer.chunks(relay, options.include_usage), request, relay)
+    watcher = asyncio.ensure_future(watch_disconnect(http.receive, request, relay))
+    try:
+        text, end = [], None
+        while end is None:
+            event = await relay.queue.get()
+            text.append(event.text)
+            end = event if event.finish_reason else None
+    finally:
+        watcher.cancel()
+    if end.finish_reason == "error":
+        raise ApiError(500, f"generation failed: {end.error}", kind="server_error")
+    return JSONResponse(answer.whole("".join(text), end))
+
+
+class Relay:
+    """Events from the engine's thread, queued on the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+
+    def put(self, event: Event) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+async def watch_disconnect(receive: Callable, request: Request, relay: Relay) -> None:
+    """Cancel the request when its client goes away."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    request.cancelled = True
+    relay.queue.put_nowait(Event(finish_reason="cancelled"))
+
+
+class Answer:
+    """OpenAI's response objects for one request: whole, or as stream chunks."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int):
+        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def usage(self, end: Event) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": end.completion_tokens,
+                "total_tokens": self.prompt_tokens + end.completion_tokens}  # fmt: skip
+
+    def _object(self, kind: str, choice: dict | None) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [choice] if choice else []}  # fmt: skip
+
+    def whole(self, text: str, end: Event) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": end.finish_reason}  # fmt: skip
+            return {**self._object("chat.completion", choice), "usage": self.usage(end)}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason}
+        return {**self._object("text_completion", choice), "usage": self.usage(end)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return self._object("chat.completion.chunk", choice)
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return self._object("text_completion", choice)
+
+    async def chunks(self, relay: Relay, include_usage: bool) -> AsyncIterator[dict | str]:
+        """The stream's events: chunks until the finish_reason (and usage), or an error object."""
+        if self.chat:
+            yield self.chunk(None, role=True)
+        while True:
+            event = await relay.queue.get()
+            if event.finish_reason == "cancelled":
+                return
+            if event.finish_reason == "error":
+                yield {"error": {"message": f"generation failed: {event.error}",
+                                 "type": "server_error", "param": None, "code": None}}  # fmt: skip
+                return
+            if event.text:
+                yield self.chunk(event.text)
+            if event.finish_reason:
+                yield self.chunk(None, event.finish_reason)
+                if include_usage:
+                    kind = "chat.completion.chunk" if self.chat else "text_completion"
+                    yield {**self._object(kind, None), "usage": self.usage(event)}
+                yield "[DONE]"
+                return
+
+
+class EventStream:
+    """A server-sent-events response that cancels its request when the client goes away."""
+
+    def __init__(self, events: AsyncIterator[dict | str], request: Request, relay: Relay):
+        self.events, self.request, self.relay = events, request, relay
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                   (b"cache-control", b"no-cache")]  # fmt: skip
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        watcher = asyncio.ensure_future(watch_disconnect(receive, self.request, self.relay))
+        try:
+            async for event in self.events:
+                data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+                message = f"data: {data}\n\n".encode()
+                await send({"type": "http.response.body", "body": message, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the client went away while we were sending
+            self.request.cancelled = True
+        finally:
+            watcher.cancel()
+            self.request.cancelled = True  # a no-op once it has finished

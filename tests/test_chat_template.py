@@ -1,0 +1,105 @@
+"""Chat templates against sentencepiece (Llama 2's format) and llama.cpp (a GGUF's own template)."""
+
+from pathlib import Path
+
+import llama_cpp
+import openai
+import pytest
+import sentencepiece
+
+import llamette
+from conftest import serving
+from llamette.chat_template import JinjaTemplate, Llama2Template, Message, chat_template_for
+from llamette.formats import read_model
+from llamette.formats.gguf import write_gguf
+from llamette.server import ServedModel
+from llamette.tokenizer import Tokenizer
+
+BUNDLED = Path(llamette.__file__).parent / "bundled"
+BOS, EOS = 1, 2
+
+# A Zephyr-style template, as Hugging Face tokenizer_config.json files and GGUF files carry them.
+TEMPLATE = (
+    "{% for message in messages %}{{ bos_token }}<|{{ message['role'] }}|>\n"
+    "{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+CONVERSATION = [
+    Message("system", "You tell stories."),
+    Message("user", "Tell me about a dog."),
+    Message("assistant", " Once there was a dog named Max. "),
+    Message("user", "What did Max like?"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.load(BUNDLED / "tokenizer.bin")
+
+
+@pytest.fixture(scope="module")
+def gguf_with_template(tmp_path_factory, tokenizer) -> Path:
+    path = tmp_path_factory.mktemp("gguf") / "stories.gguf"
+    write_gguf(read_model(BUNDLED / "model.bin"), path, tokenizer, "f32", chat_template=TEMPLATE)
+    return path
+
+
+def test_llama2_format_is_metas(tokenizer):
+    """Meta's recipe, spelled out with sentencepiece: each exchange is BOS + "[INST] user [/INST]
+    answer " + EOS, the system prompt inside the first [INST]."""
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(BUNDLED / "tokenizer.model"))
+    first = "[INST] <<SYS>>\nYou tell stories.\n<</SYS>>\n\nTell me about a dog. [/INST]"
+    expected = (
+        [BOS] + sp.encode(f"{first} Once there was a dog named Max. ") + [EOS]
+        + [BOS] + sp.encode("[INST] What did Max like? [/INST]")
+    )  # fmt: skip
+    assert Llama2Template().tokens(CONVERSATION, tokenizer) == expected
+
+
+@pytest.mark.parametrize(
+    "roles", [("assistant",), ("user", "user"), ("user", "assistant"), ("user", "system", "user")]
+)
+def test_llama2_format_needs_alternating_turns_ending_with_the_user(tokenizer, roles):
+    with pytest.raises(llamette.LlametteError, match="messages"):
+        Llama2Template().tokens([Message(role, "hi") for role in roles], tokenizer)
+
+
+def test_a_gguf_template_renders_and_tokenizes_as_llama_cpp_does(gguf_with_template, tokenizer):
+    template = chat_template_for(gguf_with_template)
+    assert isinstance(template, JinjaTemplate)
+    llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
+    formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(TEMPLATE, "</s>", "<s>")
+    messages = [{"role": m.role, "content": m.content} for m in CONVERSATION]
+    text = formatter(messages=messages).prompt
+    assert template.render(CONVERSATION) == text
+    assert template.tokens(CONVERSATION, tokenizer) == llm.tokenize(
+        text.encode(), add_bos=False, special=True
+    )
+
+
+def test_a_gguf_served_with_its_template_answers_as_llama_cpp(gguf_with_template):
+    """Greedy chat through llamette's server code and through llama.cpp's own chat handler."""
+    llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
+    messages = [{"role": m.role, "content": m.content} for m in CONVERSATION]
+    theirs = llm.create_chat_completion(messages, temperature=0, max_tokens=40)
+    served = ServedModel.load(str(gguf_with_template), max_batch=2, name="stories")
+    with serving(served) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        ours = client.chat.completions.create(
+            model="stories", messages=messages, temperature=0, max_tokens=40
+        )
+    assert ours.usage.prompt_tokens == theirs["usage"]["prompt_tokens"]
+    assert (
+        ours.choices[0].message.content.strip()
+        == theirs["choices"][0]["message"]["content"].strip()
+    )
+    assert len(ours.choices[0].message.content) > 40
+
+
+def test_a_broken_template_is_a_one_line_error():
+    with pytest.raises(llamette.LlametteError, match="chat template"):
+        JinjaTemplate("{% for %}")
+    template = JinjaTemplate("{{ raise_exception('system messages are not supported') }}")
+    with pytest.raises(llamette.LlametteError, match="system messages are not supported"):
+        template.render([Message("system", "x")])

@@ -1,0 +1,148 @@
+"""Continuous batching on the bundled model: requests in a crowd get the tokens they get alone."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import llamette
+from llamette import Sampler, Tokenizer, Transformer, generate
+from llamette.engine import Engine, QueueFull, Request
+from llamette.generate import StopStrings
+
+BUNDLED = Path(llamette.__file__).parent / "bundled"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.load(BUNDLED / "tokenizer.bin")
+
+
+@pytest.fixture(scope="module")
+def engine(tokenizer) -> Engine:
+    return Engine(Transformer.load(BUNDLED / "model.bin", n_slots=16), tokenizer, max_queue=4)
+
+
+def make_request(tokenizer, prompt, max_tokens=40, temperature=0.0, seed=1, stop=(), topk=0):
+    """A request whose events are collected on request.events."""
+    events = []
+    sampler = Sampler(tokenizer.vocab_size, temperature, topp=0.9, seed=seed, topk=topk)
+    request = Request(tokenizer.encode(prompt), max_tokens, sampler, events.append,
+                      StopStrings(stop))  # fmt: skip
+    request.events = events
+    return request
+
+
+def run_until_idle(engine: Engine) -> None:
+    while not engine.idle():
+        engine.step()
+
+
+def output(request) -> tuple[str, str, int]:
+    """(text, finish_reason, completion_tokens) as the events told them."""
+    end = request.events[-1]
+    assert [e.finish_reason for e in request.events[:-1]] == [None] * (len(request.events) - 1)
+    return "".join(e.text for e in request.events), end.finish_reason, end.completion_tokens
+
+
+REQUESTS = [  # (prompt, max_tokens, temperature, seed, stop, top-k)
+    ("Once upon a time", 60, 0.0, 1, (), 0),
+    ("Lily had a red ball", 45, 0.8, 7, (), 0),
+    ("", 30, 1.0, 42, (), 0),
+    ("The cat", 50, 0.9, 3, (".",), 0),
+    ("Tom and Mia went to the park", 25, 0.0, 1, ("park",), 0),
+    ("One day, a little bird", 70, 1.2, 11, (), 20),
+]
+
+
+def test_a_request_gets_the_same_tokens_alone_and_in_a_crowd(engine, tokenizer):
+    alone = []
+    for spec in REQUESTS:
+        request = make_request(tokenizer, *spec)
+        engine.submit(request)
+        run_until_idle(engine)
+        alone.append(output(request))
+
+    # 16 at once, arriving in two waves: the second joins while the first decodes
+    crowd = [make_request(tokenizer, *REQUESTS[i % len(REQUESTS)]) for i in range(16)]
+    for request in crowd[:9]:
+        engine.submit(request)
+    engine.step()
+    engine.step()
+    for request in crowd[9:]:
+        engine.submit(request)
+    run_until_idle(engine)
+    for i, request in enumerate(crowd):
+        assert output(request) == alone[i % len(REQUESTS)]
+    assert (engine.stats()["running"], engine.stats()["waiting"]) == (0, 0)
+
+
+def test_greedy_tokens_are_pytorchs(engine, tokenizer):
+    """The continuation PyTorch recorded when it trained the model, served by the engine."""
+    with open(BUNDLED / "train-log.json") as f:
+        recorded = json.load(f)["greedy"]
+    request = make_request(tokenizer, recorded["prompt"], max_tokens=len(recorded["ids"]))
+    engine.submit(request)
+    run_until_idle(engine)
+    assert request.prompt_tokens == recorded["prompt_ids"]
+    assert request.tokens == recorded["ids"][: len(request.tokens)]
+    assert len(request.tokens) >= 100
+
+
+def test_sampled_tokens_are_those_of_the_run_loop(engine, tokenizer):
+    """Same seed, same settings: the engine samples what `llamette run` samples."""
+    model = Transformer.load(BUNDLED / "model.bin")
+    request = make_request(tokenizer, "Anna found a box", 80, 0.8, 5)
+    run = generate(model, tokenizer, Sampler(tokenizer.vocab_size, 0.8, 0.9, seed=5),
+                   "Anna found a box", steps=len(request.prompt_tokens) + 80)  # fmt: skip
+    engine.submit(request)
+    run_until_idle(engine)
+    n = len(request.tokens)
+    assert n > 20 and request.tokens == run.tokens[:n]
+
+
+def test_stop_strings_end_the_text_before_them(engine, tokenizer):
+    free = make_request(tokenizer, "Once upon a time", 60)
+    stopped = make_request(tokenizer, "Once upon a time", 60, stop=("girl", "xyz"))
+    for request in (free, stopped):
+        engine.submit(request)
+    run_until_idle(engine)
+    text, _, _ = output(free)
+    assert "girl" in text
+    assert output(stopped)[:2] == (text[: text.index("girl")], "stop")
+
+
+def test_max_tokens_ends_with_length(engine, tokenizer):
+    request = make_request(tokenizer, "Once upon a time", 5)
+    engine.submit(request)
+    run_until_idle(engine)
+    assert output(request)[1:] == ("length", 5)
+    assert tokenizer.decode(request.tokens).startswith(output(request)[0].strip())
+
+
+def test_cancelled_requests_leave_and_free_their_slot(engine, tokenizer):
+    requests = [make_request(tokenizer, "Once upon a time", 100) for _ in range(3)]
+    for request in requests:
+        engine.submit(request)
+    engine.step()
+    requests[1].cancelled = True
+    engine.step()
+    assert engine.stats()["running"] == 2 and engine.stats()["cancelled"] == 1
+    run_until_idle(engine)
+    assert output(requests[0]) == output(requests[2])
+    assert all(e.finish_reason is None for e in requests[1].events)
+
+
+def test_a_full_queue_refuses_more(engine, tokenizer):
+    accepted = [make_request(tokenizer, "Hi", 3) for _ in range(16 + 4)]  # slots + max_queue
+    for request in accepted:
+        engine.submit(request)
+    with pytest.raises(QueueFull):
+        engine.submit(make_request(tokenizer, "Hi", 3))
+    run_until_idle(engine)
+    assert all(output(r)[1] == "length" for r in accepted)
+
+
+def test_a_request_beyond_the_context_is_refused(engine, tokenizer):
+    with pytest.raises(llamette.LlametteError, match="context"):
+        engine.submit(make_request(tokenizer, "Once", max_tokens=engine.model.config.seq_len))

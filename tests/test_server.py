@@ -1,0 +1,227 @@
+"""`llamette serve` through the official openai client (and raw HTTP for malformed requests)."""
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import sentencepiece
+
+import llamette
+from conftest import serving
+from llamette.server import ServedModel
+
+BUNDLED = Path(llamette.__file__).parent / "bundled"
+NAME = "stories"
+
+
+@pytest.fixture(scope="module")
+def url():
+    with serving(ServedModel.load(str(BUNDLED / "model.bin"), max_batch=16, name=NAME)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def recorded() -> dict:
+    """PyTorch's greedy continuation, recorded when the bundled model was trained."""
+    with open(BUNDLED / "train-log.json") as f:
+        return json.load(f)["greedy"]
+
+
+@pytest.fixture(scope="module")
+def sp() -> sentencepiece.SentencePieceProcessor:
+    return sentencepiece.SentencePieceProcessor(model_file=str(BUNDLED / "tokenizer.model"))
+
+
+def test_lists_the_model_and_reports_health(client, url):
+    assert [model.id for model in client.models.list()] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["slots"] == 16
+
+
+def test_greedy_completion_is_pytorchs_continuation(client, recorded, sp):
+    n = 60
+    completion = client.completions.create(
+        model=NAME, prompt=recorded["prompt"], max_tokens=n, temperature=0
+    )
+    choice = completion.choices[0]
+    expected = sp.decode(recorded["prompt_ids"][1:] + recorded["ids"][:n])
+    assert recorded["prompt"] + choice.text == expected
+    assert choice.finish_reason == "length"
+    assert completion.usage.prompt_tokens == len(recorded["prompt_ids"])
+    assert completion.usage.completion_tokens == n
+    assert completion.usage.total_tokens == len(recorded["prompt_ids"]) + n
+
+
+def test_streamed_completion_equals_the_whole_one(client):
+    request = dict(model=NAME, prompt="Lily saw a dog", max_tokens=50, temperature=0.9, seed=4)
+    whole = client.completions.create(**request)
+    chunks = list(client.completions.create(
+        **request, stream=True, stream_options={"include_usage": True}
+    ))  # fmt: skip
+    assert len(chunks) > 10
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_whole_and_streamed(client, sp):
+    messages = [
+        {"role": "system", "content": "You tell short stories."},
+        {"role": "user", "content": "Tell me about a cat."},
+    ]
+    whole = client.chat.completions.create(model=NAME, messages=messages, max_tokens=40, seed=9)
+    answer = whole.choices[0].message
+    assert answer.role == "assistant" and answer.content and not answer.content.startswith(" ")
+    prompt = "[INST] <<SYS>>\nYou tell short stories.\n<</SYS>>\n\nTell me about a cat. [/INST]"
+    assert whole.usage.prompt_tokens == 1 + len(sp.encode(prompt))
+    stream = client.chat.completions.create(
+        model=NAME, messages=messages, max_tokens=40, seed=9, stream=True
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_stop_strings(client):
+    request = dict(model=NAME, prompt="Once upon a time", max_tokens=60, temperature=0)
+    text = client.completions.create(**request).choices[0].text
+    word = text.split()[5]
+    stopped = client.completions.create(**request, stop=["zzz", word]).choices[0]
+    assert stopped.text == text[: text.index(word)] and stopped.finish_reason == "stop"
+
+
+REQUESTS = [
+    dict(prompt="Once upon a time", temperature=0, max_tokens=80),
+    dict(prompt="Ben had a big red truck", temperature=0.8, seed=3, max_tokens=60),
+    dict(prompt="The sun was hot", temperature=1.0, top_p=0.9, seed=17, max_tokens=70),
+    dict(
+        prompt="Mia and her mom",
+        temperature=1.1,
+        seed=5,
+        max_tokens=50,
+        stop=["."],
+        extra_body={"top_k": 10},
+    ),  # top-k: not OpenAI's, llama.cpp's and llamette's
+]
+
+
+def stream_text(client, request: dict) -> tuple[str, str]:
+    chunks = client.completions.create(model=NAME, stream=True, **request)
+    pieces, finish = [], None
+    for chunk in chunks:
+        pieces.append(chunk.choices[0].text)
+        finish = chunk.choices[0].finish_reason or finish
+    return "".join(pieces), finish
+
+
+def test_sixteen_concurrent_streams_equal_the_same_requests_one_at_a_time(client):
+    requests = [{**REQUESTS[i % 4], "seed": REQUESTS[i % 4].get("seed", 1) + i} for i in range(16)]
+    alone = [stream_text(client, request) for request in requests]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda request: stream_text(client, request), requests))
+    assert together == alone
+    assert all(text for text, _ in alone)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, url):
+    request = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    assert client.completions.create(**request).usage.completion_tokens > 100
+    before = httpx.get(f"{url}/health").json()["cancelled"]
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={**request, "stream": True}
+    ) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while (health := httpx.get(f"{url}/health").json())["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert health["running"] == 0 and health["cancelled"] == before + 1
+    assert client.completions.create(**request).usage.completion_tokens > 100  # still serving
+
+
+BAD_REQUESTS = [  # (path, body, status, what the message names)
+    ("/v1/completions", b'{"model": "stories", "prompt": "Hi",', 400, "JSON"),
+    ("/v1/completions", b'["model"]', 400, "object"),
+    ("/v1/completions", {"prompt": "Hi"}, 400, "model"),
+    ("/v1/completions", {"model": NAME}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": 7}, 400, "prompt"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 1000}, 400, "max_tokens"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "top_p": 2}, 400, "top_p"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "seed": -3}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "a story " * 300}, 400, "prompt"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, 404, "gpt-4"),
+    ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "robot", "content": "x"}]},
+        400,
+        "role",
+    ),  # fmt: skip
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": 3}]},
+        400,
+        "content",
+    ),  # fmt: skip
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "assistant", "content": "x"}]},
+        400,
+        "user",
+    ),  # fmt: skip
+    ("/v1/embeddings", {"model": NAME, "input": "Hi"}, 404, "/v1/embeddings"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, named", BAD_REQUESTS)
+def test_bad_requests_get_an_openai_error_and_the_server_keeps_serving(client, url, path, body,
+                                                                       status, named):  # fmt: skip
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(f"{url}{path}", content=content,
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert named in error["message"] and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+    still = client.completions.create(model=NAME, prompt="Once", max_tokens=3, temperature=0)
+    assert still.usage.completion_tokens == 3
+
+
+def test_the_openai_client_raises_its_own_errors(client):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="missing", prompt="Hi")
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=10_000
+        )
+
+
+def test_requests_beyond_the_queue_get_429():
+    served = ServedModel.load(str(BUNDLED / "model.bin"), max_batch=1, max_queue=1, name=NAME)
+    request = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    with serving(served) as url, httpx.Client(base_url=url) as http:
+        with http.stream("POST", "/v1/completions", json={**request, "stream": True}) as running:
+            first = running.iter_lines()
+            next(first)  # decoding now
+            with http.stream("POST", "/v1/completions", json={**request, "stream": True}) as queued:
+                refused = httpx.post(f"{url}/v1/completions", json=request)
+                assert refused.status_code == 429
+                assert refused.json()["error"]["type"] == "rate_limit_error"
+                assert list(queued.iter_lines())[-2:] == ["data: [DONE]", ""]
+        assert http.post("/v1/completions", json=request).status_code == 200
