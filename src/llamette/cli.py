@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -448,10 +449,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"slots of {c.seq_len} positions (KV cache {kv_bytes / 2**20:.0f} MiB), "
         f"chat template {served.template.name}"
     )
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down, then passes Ctrl-C on
         server.run_server(served, sock)
-    except KeyboardInterrupt:  # uvicorn shut down cleanly, then passes Ctrl-C on
-        pass
     log.info("stopped")
     return 0
 
