@@ -53,18 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate text or chat with a model",
         description="Generate text or chat, with llama2.c's run.c flags, meanings and defaults.",
     )
-    run.add_argument(
-        "model",
-        nargs="?",
-        default=str(BUNDLED_MODEL),
-        help="model file: llama2.c (v0, v1, v2) or GGUF (default: the bundled story model)",
-    )
-    run.add_argument(
-        "-z",
-        "--tokenizer",
-        metavar="TOKENIZER",
-        help="tokenizer.bin or tokenizer.model (default: a GGUF's own, or one beside the model)",
-    )
+    add_model_arguments(run)
     run.add_argument(
         "-t",
         "--temperature",
@@ -242,13 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "/v1/chat/completions, /v1/models, /health), decoding up to --max-batch requests "
         "together.",
     )
-    serve.add_argument(
-        "model",
-        nargs="?",
-        default=str(BUNDLED_MODEL),
-        help="model file: llama2.c (v0, v1, v2) or GGUF (default: the bundled story model)",
-    )
-    serve.add_argument("-z", "--tokenizer", metavar="TOKENIZER", help="as for run")
+    add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (8000)")
     serve.add_argument(
@@ -285,6 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, metavar="SEED", help="seed of everything (default 1)")
     train.set_defaults(handler=cmd_train)
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL (default: the bundled one) and -z TOKENIZER, as run and serve take them."""
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=str(BUNDLED_MODEL),
+        help="model file: llama2.c (v0, v1, v2) or GGUF (default: the bundled story model)",
+    )
+    parser.add_argument(
+        "-z",
+        "--tokenizer",
+        metavar="TOKENIZER",
+        help="tokenizer.bin or tokenizer.model (default: a GGUF's own, or one beside the model)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -187,7 +187,7 @@ class Engine:
     def _advance(self, request: Request, token: int) -> None:
         """Take a sampled token: end the request on EOS/BOS, a stop string or its length limit,
         else send the text that cannot be the start of a stop string."""
-        if request.cancelled or request.slot < 0:
+        if request.cancelled:  # it leaves at the next step
             return
         if token in (EOS_ID, BOS_ID):
             request.text += request.decoder.flush()
