@@ -1,6 +1,7 @@
 """Continuous batching on the bundled model: requests in a crowd get the tokens they get alone."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,37 @@ def test_a_full_queue_refuses_more(engine, tokenizer):
 def test_a_request_beyond_the_context_is_refused(engine, tokenizer):
     with pytest.raises(llamette.LlametteError, match="context"):
         engine.submit(make_request(tokenizer, "Once", max_tokens=engine.model.config.seq_len))
+
+
+def test_every_model_call_runs_on_the_engine_thread(tokenizer):
+    """The warm-up too: one thread starts all parallel work (see Engine.start)."""
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=2)
+    callers = set()
+
+    def on_the_record(call):
+        def recorded(*args, **kwargs):
+            callers.add(threading.current_thread().name)
+            return call(*args, **kwargs)
+
+        return recorded
+
+    model.prefill, model.forward_batch = map(on_the_record, (model.prefill, model.forward_batch))
+    engine = Engine(model, tokenizer)
+    engine.start()
+    try:
+        assert callers == {"llamette-engine"}  # warmed up before start() returned
+        done = threading.Event()
+        request = make_request(tokenizer, "Once upon a time", 5)
+        request.on_event = lambda event: event.finish_reason and done.set()
+        engine.submit(request)
+        assert done.wait(60)
+    finally:
+        engine.stop()
+    assert callers == {"llamette-engine"} and len(request.tokens) == 5
+
+
+def test_start_raises_what_the_warm_up_raised(tokenizer):
+    engine = Engine(Transformer.load(BUNDLED / "model.bin"), tokenizer)
+    engine.model.prefill = None  # not callable: the warm-up fails
+    with pytest.raises(TypeError):
+        engine.start()

@@ -150,8 +150,32 @@ class Engine:
                     self._finish(request, "error", error=str(error))
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self.run, name="llamette-engine", daemon=True)
+        """Run rounds on a thread of the engine's own, once warm_up has run there.
+
+        Every call into the model stays on that thread: OpenMP gives each thread that starts
+        parallel work a team of workers, which spin between kernels, so a second team (say, the
+        main thread's, from a warm-up there) would take a core from the engine's. Returns when
+        the kernels are ready; raises what warm_up raised.
+        """
+        ready, failure = threading.Event(), []
+
+        def warm_up_then_run() -> None:
+            try:
+                self.warm_up()
+            except Exception as error:
+                failure.append(error)
+                return
+            finally:
+                ready.set()
+            self.run()
+
+        self._thread = threading.Thread(
+            target=warm_up_then_run, name="llamette-engine", daemon=True
+        )
         self._thread.start()
+        ready.wait()
+        if failure:
+            raise failure[0]
 
     def stop(self) -> None:
         with self._wakeup:

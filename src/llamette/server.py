@@ -54,8 +54,8 @@ class ServedModel:
     @classmethod
     def load(cls, model_path: str, tokenizer_path: str | None = None, max_batch: int = 16,
              max_queue: int = 64, ctx: int | None = None, name: str | None = None) -> ServedModel:  # fmt: skip
-        """Load a model file for serving, with `max_batch` KV-cache slots of `ctx` positions,
-        its kernels compiled (or loaded from the cache) before the first request."""
+        """Load a model file for serving, with `max_batch` KV-cache slots of `ctx` positions.
+        (The engine compiles or loads its kernels when it starts, before the first request.)"""
         weights = load_weights(model_path)
         if ctx is not None and not 1 < ctx <= weights.config.seq_len:
             raise LlametteError(
@@ -66,7 +66,6 @@ class ServedModel:
         model = Transformer(weights, n_slots=max_batch, seq_len=ctx)
         tokenizer = find_tokenizer(model_path, tokenizer_path, model.config.vocab_size, "-z")
         engine = Engine(model, tokenizer, max_queue)
-        engine.warm_up()
         name = name or os.path.splitext(os.path.basename(model_path))[0]
         return cls(name, engine, tokenizer, chat_template_for(model_path),
                    int(os.path.getmtime(model_path)))  # fmt: skip

@@ -2,8 +2,8 @@
 
 Matrix products take B inputs at once (decode is B = 1): each weight row is read once for all of
 them. fp32: each dot product is vectorized, so its sum is reordered (within float tolerance of
-run.c's); large batches go to BLAS instead (see model.py). Q8: runq.c's arithmetic exactly (group dot products in int32, group terms
-summed in float32 in order) with the int8 products vectorized (AVX-512 VNNI where the CPU has it),
+run.c's). Q8: runq.c's arithmetic exactly (group dot products in int32, group terms summed in
+float32 in order) with the int8 products vectorized (AVX-512 VNNI where the CPU has it),
 except that rows which are not a whole number of groups are computed in full, where runq.c skips
 their last columns and misreads their scales.
 """
@@ -36,17 +36,22 @@ reassociating_kernel = njit(
 
 @reassociating_kernel
 def matmul_f32(out, x, w):
-    """out (B, d) = x (B, n) @ w (d, n)^T: blocks of 4 weight rows (in parallel) times 4 inputs,
-    16 dot products in registers, so that each loaded value is used 4 times.
+    """out (B, d) = x (B, n) @ w (d, n)^T, each output a vectorized dot product.
 
-    Up to SMALL_BATCH inputs (decode): one weight row after another, which streams from memory
-    best, each output one dot product.
+    Up to SMALL_BATCH inputs (decode): two weight rows half the matrix apart at a time, so that
+    each thread reads two long runs of memory (which the prefetchers follow; four runs are
+    slower here) and uses each input value it loads twice. Which rows go together depends on d
+    alone, so an output's sum runs the same way whatever the batch. Larger batches: blocks of 4
+    adjacent rows (in parallel) times 4 inputs, 16 dot products in registers.
     """
     n_inputs, d = x.shape[0], w.shape[0]
     if n_inputs <= SMALL_BATCH:
-        for i in prange(d):
+        half = d // 2
+        for task in prange(half + d % 2):
+            r0, r1 = _rows_of_task(task, half)
+            w0, w1 = w[r0], w[r1]
             for b in range(n_inputs):
-                out[b, i] = _dot(x[b], w[i])
+                out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         return
     for block in prange((d + 3) // 4):
         i = 4 * block
@@ -60,7 +65,17 @@ def matmul_f32(out, x, w):
         for b in range(0, blocked, 4):
             _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
         for b in range(blocked, n_inputs):
-            _dots_1x4(out, b, i, x[b], w0, w1, w2, w3)
+            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
+
+
+@njit(inline="always")
+def _rows_of_task(task, half):
+    """The two weight rows of a task, half the matrix apart; past the halves, the last row of an
+    odd-sized matrix (twice)."""
+    task = np.int64(task)  # a prange index may be unsigned, and unsigned + signed is a float
+    if task < half:
+        return task, task + half
+    return 2 * half, 2 * half
 
 
 @njit(inline="always", fastmath={"reassoc", "contract"})
@@ -72,15 +87,27 @@ def _dot(x, w):
 
 
 @njit(inline="always", fastmath={"reassoc", "contract"})
-def _dots_1x4(out, b, i, x0, w0, w1, w2, w3):
+def _dots_1x2(x, w0, w1):
+    """(x . w0, x . w1)"""
+    a0 = a1 = F32(0.0)
+    for j in range(x.shape[0]):
+        v = x[j]
+        a0 += v * w0[j]
+        a1 += v * w1[j]
+    return a0, a1
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def _dots_1x4(x, w0, w1, w2, w3):
+    """(x . w0, x . w1, x . w2, x . w3)"""
     a0 = a1 = a2 = a3 = F32(0.0)
-    for j in range(x0.shape[0]):
-        v = x0[j]
+    for j in range(x.shape[0]):
+        v = x[j]
         a0 += v * w0[j]
         a1 += v * w1[j]
         a2 += v * w2[j]
         a3 += v * w3[j]
-    out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = a0, a1, a2, a3
+    return a0, a1, a2, a3
 
 
 @njit(inline="always", fastmath={"reassoc", "contract"})
@@ -322,7 +349,9 @@ def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
                 out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], rows[0], rows[1], rows[2], rows[3]
             )
         for b in range(blocked, n_inputs):
-            _dots_1x4(out, b, i, x[b], rows[0], rows[1], rows[2], rows[3])
+            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(
+                x[b], rows[0], rows[1], rows[2], rows[3]
+            )
 
 
 @njit(inline="always")
