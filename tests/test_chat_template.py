@@ -9,7 +9,14 @@ import sentencepiece
 
 import llamette
 from conftest import serving
-from llamette.chat_template import JinjaTemplate, Llama2Template, Message, chat_template_for
+from llamette import Sampler, Transformer, chat
+from llamette.chat_template import (
+    JinjaTemplate,
+    Llama2Template,
+    Message,
+    chat_template_for,
+    own_template,
+)
 from llamette.formats import read_model
 from llamette.formats.gguf import write_gguf
 from llamette.server import ServedModel
@@ -95,6 +102,21 @@ def test_a_gguf_served_with_its_template_answers_as_llama_cpp(gguf_with_template
         == theirs["choices"][0]["message"]["content"].strip()
     )
     assert len(ours.choices[0].message.content) > 40
+
+
+def test_run_chat_uses_a_ggufs_template_and_answers_as_llama_cpp(gguf_with_template, tokenizer):
+    """`llamette run -m chat` on a GGUF with a template: the greedy answer llama.cpp gives."""
+    llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
+    messages = [{"role": "system", "content": "You tell stories."},
+                {"role": "user", "content": "Tell me about a dog."}]  # fmt: skip
+    theirs = llm.create_chat_completion(messages, temperature=0)["choices"][0]["message"]
+    shown = []
+    turns = iter(["Tell me about a dog."])
+    chat(Transformer.load(gguf_with_template), tokenizer, Sampler(tokenizer.vocab_size, 0.0),
+         lambda: next(turns, None), "You tell stories.", 256, shown.append,
+         own_template(gguf_with_template))  # fmt: skip
+    assert len(theirs["content"]) > 100
+    assert "".join(shown).startswith("Assistant: " + theirs["content"])
 
 
 def test_a_broken_template_is_a_one_line_error():

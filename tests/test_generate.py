@@ -1,11 +1,15 @@
 """Generation against what llama2.c's run.c and runq.c printed for the same flags and seed."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import llamette
 from conftest import expected_rows, read_jsonl, shared_path
 from llamette import Sampler, Tokenizer, Transformer, chat, generate
-from llamette.generate import StopStrings, llama2_chat_prompt
+from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt
+from llamette.generate import StopStrings
 
 _models = {}
 
@@ -175,6 +179,35 @@ def test_chat_ends_a_turn_on_eos_and_feeds_it_before_the_next_turn():
     assert [p for _, p in fake.fed] == list(range(len(fed_tokens)))  # one KV cache throughout
     assert "".join(shown) == "Assistant:  Hello world\nAssistant:  world\n\n"
     assert result.tokens == [hello, world, 2, world, 2]
+
+
+def test_chat_in_a_models_own_template_renders_the_conversation_and_reuses_the_cache():
+    """Each turn renders the whole conversation; what the KV cache already holds is not fed again,
+    from the first token that differs on it is."""
+    tokenizer = Tokenizer.load(Path(llamette.__file__).parent / "bundled" / "tokenizer.bin")
+    template = JinjaTemplate(
+        "{% for m in messages %}{{ bos_token }}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ bos_token }}assistant:{% endif %}"
+    )
+    conversation = [Message("system", "Be kind."), Message("user", "Hi")]
+    first = template.tokens(conversation, tokenizer)
+    conversation += [Message("assistant", "Hello world"), Message("user", "Again")]
+    second = template.tokens(conversation, tokenizer)
+    answer = tokenizer.encode("Hello world", bos=False) + [2]  # then EOS
+    script = {len(first) - 1 + i: token for i, token in enumerate(answer)}
+    script[len(second) - 1] = 2  # the second answer: EOS at once
+    fake = ScriptedModel(tokenizer.vocab_size, 256, script)
+    turns = iter(["Hi", "Again"])
+    chat(fake, tokenizer, Sampler(tokenizer.vocab_size, 0.0), lambda: next(turns, None),
+         "Be kind.", 256, None, template)  # fmt: skip
+
+    assert fake.fed[: len(first)] == [(token, pos) for pos, token in enumerate(first)]
+    turn_two = fake.fed[len(first) + len(answer) :]  # after the first prompt and the answer
+    assert 0 < len(turn_two) < len(second)  # the first turn's tokens were not fed again
+    cache = {}
+    for token, pos in fake.fed:
+        cache[pos] = token
+    assert [cache[pos] for pos in range(len(second))] == second
 
 
 def test_chat_draws_one_random_number_per_forward_like_run_c():

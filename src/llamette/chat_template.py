@@ -12,11 +12,17 @@ from dataclasses import dataclass
 
 from llamette.errors import LlametteError
 from llamette.formats.gguf import chat_template_of
-from llamette.generate import llama2_chat_prompt
 from llamette.tokenizer import Tokenizer
 from llamette.weights import BOS_ID, EOS_ID
 
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # how templates write the special tokens
+
+
+def llama2_chat_prompt(user: str, system: str | None = None) -> str:
+    """One user turn in Llama 2's chat template (BOS is added by the encoder)."""
+    if system:
+        return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+    return f"[INST] {user} [/INST]"
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,12 @@ class JinjaTemplate:
 ChatTemplate = Llama2Template | JinjaTemplate
 
 
+def own_template(model_path: str | os.PathLike) -> JinjaTemplate | None:
+    """The template the model's file carries (a GGUF's), if any."""
+    source = chat_template_of(model_path)
+    return JinjaTemplate(source) if source else None
+
+
 def chat_template_for(model_path: str | os.PathLike) -> ChatTemplate:
     """The model's own template when its file has one (GGUF), else Llama 2's."""
-    source = chat_template_of(model_path)
-    return JinjaTemplate(source) if source else Llama2Template()
+    return own_template(model_path) or Llama2Template()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llamette.chat_template import own_template
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, load_weights
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("generate", "chat"),
         default="generate",
         metavar="MODE",
-        help="generate (default) or chat",
+        help="generate (default) or chat (Llama 2's format, or a GGUF's own chat template)",
     )
     run.add_argument(
         "-y",
@@ -344,6 +345,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             read_system_prompt(args.system_prompt),
             steps,
             on_text,
+            own_template(args.model),
         )
     if args.json:
         print(json.dumps(result_json(result), ensure_ascii=False))

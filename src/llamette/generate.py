@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt
 from llamette.errors import LlametteError
 from llamette.model import Transformer
 from llamette.sampler import Sampler
@@ -39,13 +40,6 @@ class Generation:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-
-def llama2_chat_prompt(user: str, system: str | None = None) -> str:
-    """One user turn in Llama 2's chat template (BOS is added by the encoder)."""
-    if system:
-        return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
-    return f"[INST] {user} [/INST]"
 
 
 class StopStrings:
@@ -138,8 +132,10 @@ def chat(
     system_prompt: str | None = None,
     steps: int | None = None,
     on_text: TextSink | None = None,
+    template: JinjaTemplate | None = None,
 ) -> Generation:
-    """A conversation in Llama 2's chat template for up to `steps` positions.
+    """A conversation for up to `steps` positions: in Llama 2's chat format as run.c writes it,
+    or in the model's own `template` (a GGUF's), the whole conversation rendered each turn.
 
     read_user returns the next user message, or None to end. Each answer streams to on_text after
     "Assistant: " and ends with a newline when the model samples EOS.
@@ -148,55 +144,77 @@ def chat(
     emit = on_text or (lambda text: None)
     result = Generation()
     answers = []  # the sampled tokens' text
-    pos = 0
-    while pos < steps:
+    context: list[int] = []  # the tokens at positions 0.. of the KV cache
+    messages = [Message("system", system_prompt)] if template and system_prompt else []
+    while len(context) < steps:
         user = read_user()
         if user is None:
             break
-        prompt_tokens = tokenizer.encode(
-            llama2_chat_prompt(user, system_prompt if pos == 0 else None), bos=True
-        )
-        if pos == 0:
-            _check_fits(len(prompt_tokens), model)
-            result.prompt_tokens = prompt_tokens
+        if template is None:
+            first_turn = not context
+            conversation = context + tokenizer.encode(
+                llama2_chat_prompt(user, system_prompt if first_turn else None), bos=True
+            )
+        else:
+            messages.append(Message("user", user))
+            conversation = template.tokens(messages, tokenizer)
+        if not result.prompt_tokens:
+            _check_fits(len(conversation), model)
+            result.prompt_tokens = conversation
         emit("Assistant: ")
 
-        forced = prompt_tokens[: steps - pos]
+        pos = _shared_prefix(context, conversation)  # the cache holds these already
+        forced = conversation[pos:steps]
         start = time.perf_counter()
         logits = model.prefill(forced, pos)
         pos += len(forced)
+        context = conversation[:pos]
         sampler.skip(len(forced) - 1)  # run.c samples after every prompt token too
         token = sampler.sample(logits)
         result.prefill_tokens += len(forced)
         result.prefill_seconds += time.perf_counter() - start
-        if len(forced) < len(prompt_tokens):
+        if len(conversation) > steps:
             break
 
-        decoder = StreamDecoder(tokenizer, prev_token=prompt_tokens[-1])
+        decoder = StreamDecoder(tokenizer, prev_token=conversation[-1])
+        turn = []  # this answer's text
         start = time.perf_counter()
         while True:
             result.tokens.append(token)
             text = decoder.flush() if token == EOS_ID else decoder.push(token)
             if pos == steps:
                 text += decoder.flush()
-            answers.append(text)
+            turn.append(text)
             emit(text)
             if token == EOS_ID:
                 emit("\n")
                 if pos < steps:  # the model sees EOS before the next turn's BOS, as in run.c
                     sampler.sample(model.forward(EOS_ID, pos))
+                    context.append(EOS_ID)
                     pos += 1
                     result.decode_tokens += 1
                 break
             if pos == steps:
                 break
+            context.append(token)
             token = sampler.sample(model.forward(token, pos))
             pos += 1
             result.decode_tokens += 1
         result.decode_seconds += time.perf_counter() - start
+        answers += turn
+        if template:
+            messages.append(Message("assistant", "".join(turn).strip()))
     emit("\n")
     result.text = "".join(answers)
     return result
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens a and b share from the start."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 def _check_fits(n_tokens: int, model: Transformer) -> None:
