@@ -109,7 +109,11 @@ class Engine:
             return not self._running and not self._waiting
 
     def warm_up(self) -> None:
-        """Compile (or load) the kernels a step runs: a prompt, then a batch of two rows."""
+        """Compile (or load) the kernels a step runs: a prompt, then a batch of two rows; and
+        write the whole KV cache once, so that its memory is mapped before any request waits on
+        it (the first write to a fresh page faults: about 0.2 s per slot of stories110M here)."""
+        self.model.key_cache.fill(0.0)
+        self.model.value_cache.fill(0.0)
         self.model.prefill([BOS_ID], 0, 0)
         self.model.forward_batch([BOS_ID, BOS_ID], [0, 0], [0, 0])
 

@@ -24,6 +24,15 @@ from llamette.kernels.reference import (
     rope_angles,
     round_half_away,
 )
+from llamette.kernels.simd import (
+    LANES,
+    add_group_terms,
+    add_int32x16,
+    float32x16_zeros,
+    int32x16_zeros,
+    madd_pairs,
+    store_float32x16,
+)
 
 F32 = np.float32
 I32 = np.int32
@@ -194,8 +203,8 @@ def q8_linear(outs, x, weights, scratch):
     """outs[i] (B, d_i) = x (B, n) @ weights[i] (d_i, n)^T for Q8 weights that share their input,
     which is quantized once (q8_quantize) as runq.c quantizes activations.
 
-    Up to SMALL_BATCH inputs (decode), groups of 64 or 32: runq.c's arithmetic to the bit. Batches:
-    dequantized blocks of weights times the dequantized inputs, in the fp32 GEMM's register
+    Up to SMALL_BATCH inputs (decode), groups of 64 or 32: runq.c's arithmetic to the bit. Larger
+    batches: dequantized blocks of weights times the dequantized inputs, in the fp32 GEMM's register
     blocks; other group sizes: dequantized rows. Those are the same quantized values multiplied
     in float, sums reordered (within float tolerance of runq.c).
     """
@@ -203,16 +212,30 @@ def q8_linear(outs, x, weights, scratch):
     n_inputs, n = x.shape
     q8_quantize_rows(scratch.values, scratch.scales, x, group_size)
     if n_inputs <= SMALL_BATCH and n % group_size == 0 and group_size in (64, 32):
+        # Inputs in SIMD lanes, 16 at a time, where they fill at least half the lanes; the rest
+        # one dot product each. Both compute the same sums to the bit, in different orders.
+        in_lanes = n_inputs if n_inputs % LANES >= LANES // 2 else n_inputs - n_inputs % LANES
+        if in_lanes:
+            pairs, lane_scales = _inputs_across_lanes(
+                scratch.values[:in_lanes], scratch.scales[:in_lanes]
+            )
+            for i in range(len(weights)):
+                w = weights[i]
+                _q8_matmul_across_inputs(
+                    outs[i][:in_lanes], pairs, lane_scales, w.values, w.scales, group_size
+                )
+        if in_lanes == n_inputs:
+            return
+        values, scales = scratch.values[in_lanes:], scratch.scales[in_lanes:]
+        even, odd = scratch.even[in_lanes:], scratch.odd[in_lanes:]
         if group_size == 32:
-            _split_alternate_groups(scratch.values, scratch.even, scratch.odd)
+            _split_alternate_groups(values, even, odd)
         for i in range(len(weights)):
             w = weights[i]
             if group_size == 64:
-                _q8_matmul_groups_of_64(outs[i], scratch.values, scratch.scales, w.values, w.scales)
+                _q8_matmul_groups_of_64(outs[i][in_lanes:], values, scales, w.values, w.scales)
             else:
-                _q8_matmul_groups_of_32(
-                    outs[i], scratch.even, scratch.odd, scratch.scales, w.values, w.scales
-                )
+                _q8_matmul_groups_of_32(outs[i][in_lanes:], even, odd, scales, w.values, w.scales)
         return
     _dequantize_rows(scratch.dequantized, scratch.values, scratch.scales, group_size)
     for i in range(len(weights)):
@@ -282,6 +305,69 @@ def _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws):
             out[b, i] = val
 
 
+@kernel
+def _inputs_across_lanes(xq, xs):
+    """The quantized inputs xq (B, n), xs (B, groups) laid out for _q8_matmul_across_inputs:
+    in blocks of 16 inputs (the last padded with zeros), pairs (blocks, n * 16) int16 holds for
+    each pair of columns (k, k + 1) the 16 inputs' values side by side, and lane_scales
+    (blocks, groups * 16) each group's 16 scales."""
+    n_inputs, n = xq.shape
+    groups = xs.shape[1]
+    blocks = (n_inputs + LANES - 1) // LANES
+    pairs = np.zeros((blocks, n * LANES), np.int16)
+    lane_scales = np.zeros((blocks, groups * LANES), np.float32)
+    for b in range(n_inputs):
+        block, lane = b // LANES, b % LANES
+        for k in range(n):
+            pairs[block, (k // 2) * 2 * LANES + 2 * lane + k % 2] = xq[b, k]
+        for g in range(groups):
+            lane_scales[block, g * LANES + lane] = xs[b, g]
+    return pairs, lane_scales
+
+
+ROWS_PER_TASK = 64
+
+
+@parallel_kernel
+def _q8_matmul_across_inputs(out, pairs, lane_scales, wq, ws, group_size):
+    """out (B, d) = x @ wq^T with runq.c's arithmetic, 16 inputs at a time in SIMD lanes (one
+    lane per input; see _inputs_across_lanes): each lane sums a group's int32 products over
+    pairs of columns, then adds the group's float32 term, groups in order. The same operations
+    per output as _q8_matmul_groups_of_64/32, so the same bits, without their per-group
+    horizontal sums. Weight rows are widened to int16 once per row."""
+    d, n = wq.shape
+    groups = n // group_size
+    n_inputs = out.shape[0]
+    for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        row = np.empty(n, np.int16)
+        lanes = np.empty(LANES, np.float32)
+        for i in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK)):
+            _widen_into(row, wq[i])
+            for block in range(pairs.shape[0]):
+                x_pairs, x_scales = pairs[block], lane_scales[block]
+                val = float32x16_zeros()
+                for g in range(groups):
+                    # four independent int32 sums (exact in any order), then one
+                    acc0 = acc1 = acc2 = acc3 = int32x16_zeros()
+                    for k in range(g * group_size, (g + 1) * group_size, 8):
+                        acc0 = madd_pairs(acc0, x_pairs, k * LANES, row, k)
+                        acc1 = madd_pairs(acc1, x_pairs, (k + 2) * LANES, row, k + 2)
+                        acc2 = madd_pairs(acc2, x_pairs, (k + 4) * LANES, row, k + 4)
+                        acc3 = madd_pairs(acc3, x_pairs, (k + 6) * LANES, row, k + 6)
+                    acc = add_int32x16(add_int32x16(acc0, acc1), add_int32x16(acc2, acc3))
+                    val = add_group_terms(val, acc, ws[i * groups + g], x_scales, g * LANES)
+                store_float32x16(lanes, val)
+                for lane in range(min(LANES, n_inputs - block * LANES)):
+                    out[block * LANES + lane, i] = lanes[lane]
+
+
+@njit(inline="always")
+def _widen_into(out, values):
+    """out = values (a whole row: a loop from 0 over a 1-d slice vectorizes, a 2-d index not)."""
+    for k in range(values.shape[0]):
+        out[k] = values[k]
+
+
 @parallel_kernel
 def _split_alternate_groups(xq, x_even, x_odd):
     """Copy xq (B, n) into x_even (groups of 32 with even index, the rest zero) and x_odd."""
@@ -309,9 +395,6 @@ def _scale_into(out, values, scale):
     every index for negative wraparound unless it can tell it is not negative.)"""
     for j in range(values.shape[0]):
         out[j] = F32(values[j]) * scale
-
-
-ROWS_PER_TASK = 64
 
 
 @reassociating_kernel

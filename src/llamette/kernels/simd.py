@@ -1,0 +1,117 @@
+"""Explicit SIMD lanes for compiled kernels: 16 int32 or float32 values that move as one LLVM
+vector, for loops whose arithmetic is fixed lane by lane and which LLVM's vectorizer would not
+find on its own.
+
+Generic LLVM vector IR, no target intrinsics: on a CPU with AVX-512 VNNI `madd_pairs` becomes
+one `vpdpwssd`, elsewhere LLVM spells the same products with the instructions it has.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+_INT32 = ir.IntType(32)
+_INT32_LANES = ir.VectorType(_INT32, LANES)
+_FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
+_INT16_PAIRS = ir.VectorType(ir.IntType(16), 2 * LANES)
+
+
+class Int32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="int32x16")
+
+
+class Float32x16(types.Type):
+    def __init__(self):
+        super().__init__(name="float32x16")
+
+
+int32x16, float32x16 = Int32x16(), Float32x16()
+
+
+@register_model(Int32x16)
+class _Int32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _INT32_LANES)
+
+
+@register_model(Float32x16)
+class _Float32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _FLOAT32_LANES)
+
+
+def _pointer(context, builder, array_type, array, index, element_type):
+    """A pointer to array[index], as a pointer to element_type."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), element_type.as_pointer())
+
+
+def _broadcast(builder, value, vector_type):
+    vector = builder.insert_element(ir.Constant(vector_type, None), value, _INT32(0))
+    return builder.shuffle_vector(vector, vector, ir.Constant(_INT32_LANES, None))
+
+
+@intrinsic
+def int32x16_zeros(typingctx):
+    return int32x16(), lambda context, builder, signature, args: ir.Constant(_INT32_LANES, None)
+
+
+@intrinsic
+def float32x16_zeros(typingctx):
+    return float32x16(), lambda context, builder, signature, args: ir.Constant(_FLOAT32_LANES, None)
+
+
+@intrinsic
+def add_int32x16(typingctx, a, b):
+    return int32x16(a, b), lambda context, builder, signature, args: builder.add(*args)
+
+
+@intrinsic
+def madd_pairs(typingctx, acc, pairs, offset, w, k):
+    """acc + (x[2l] * w[k] + x[2l + 1] * w[k + 1] for each lane l), where x is the 32 int16
+    values of `pairs` from `offset` (lane l's two) and w an int16 array: exact int32 sums."""
+
+    def codegen(context, builder, signature, args):
+        acc, pairs, offset, w, k = args
+        x = builder.load(_pointer(context, builder, signature.args[1], pairs, offset,
+                                  _INT16_PAIRS), align=2)  # fmt: skip
+        w_pair = builder.load(_pointer(context, builder, signature.args[3], w, k, _INT32), align=2)
+        w_pairs = builder.bitcast(_broadcast(builder, w_pair, _INT32_LANES), _INT16_PAIRS)
+        wide = ir.VectorType(_INT32, 2 * LANES)
+        products = builder.mul(builder.sext(x, wide), builder.sext(w_pairs, wide))
+        even = builder.shuffle_vector(products, products, ir.Constant(_INT32_LANES, list(range(0, 2 * LANES, 2))))  # fmt: skip
+        odd = builder.shuffle_vector(products, products, ir.Constant(_INT32_LANES, list(range(1, 2 * LANES, 2))))  # fmt: skip
+        return builder.add(acc, builder.add(even, odd))
+
+    return int32x16(acc, pairs, offset, w, k), codegen
+
+
+@intrinsic
+def add_group_terms(typingctx, val, acc, w_scale, x_scales, offset):
+    """val + (float32(acc) * w_scale) * x_scales[offset + l] for each lane l, in that order."""
+
+    def codegen(context, builder, signature, args):
+        val, acc, w_scale, x_scales, offset = args
+        w_scale = context.cast(builder, w_scale, signature.args[2], types.float32)
+        x_scale = builder.load(_pointer(context, builder, signature.args[3], x_scales, offset,
+                                        _FLOAT32_LANES), align=4)  # fmt: skip
+        term = builder.fmul(
+            builder.sitofp(acc, _FLOAT32_LANES), _broadcast(builder, w_scale, _FLOAT32_LANES)
+        )
+        return builder.fadd(val, builder.fmul(term, x_scale))  # fmt: skip
+
+    return float32x16(val, acc, w_scale, x_scales, offset), codegen
+
+
+@intrinsic
+def store_float32x16(typingctx, out, v):
+    """out[0:16] = v"""
+
+    def codegen(context, builder, signature, args):
+        pointer = _pointer(context, builder, signature.args[0], args[0], _INT32(0), _FLOAT32_LANES)
+        builder.store(args[1], pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, v), codegen
