@@ -8,8 +8,10 @@ from conftest import expected_rows, shared_path
 from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.cli import main
 from llamette.formats import gguf as gguf_format
-from llamette.formats import read_model
-from llamette.formats.gguf import GGUFModel, gguf_name
+from llamette.formats import load_weights, read_model
+from llamette.formats.gguf import GGUFModel, gguf_name, write_gguf
+from llamette.formats.llama2c import read_llama2c, write_llama2c
+from llamette.quant import Q8_0Tensor, Q8Tensor, tensor_nbytes
 from llamette.weights import Weights
 
 
@@ -74,6 +76,83 @@ def test_q8_0_gguf_runs_on_the_values_gguf_py_reads(tmp_path, models):
         np.testing.assert_array_equal(
             weights[name].dequantize(), gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         )
+
+
+def convert_to(tmp_path, source, name, *flags):
+    out = tmp_path / name
+    assert main(["convert", str(source), str(out), *map(str, flags)]) == 0
+    return out
+
+
+@pytest.fixture
+def q8_0_gguf(tmp_path, models):
+    """rand-gqa (dim 64, hidden 192: every matrix whole blocks) as a Q8_0 GGUF."""
+    return convert_to(tmp_path, models / "rand-gqa.v1.bin", "rand-gqa.q8_0.gguf", "--type",
+                      "q8_0", "--tokenizer", models / "tokenizer.bin")  # fmt: skip
+
+
+def memory_map_of(array):
+    """The np.memmap an array is a view of (following its bases), or None."""
+    while array is not None and not isinstance(array, np.memmap):
+        array = array.base
+    return array
+
+
+def test_q8_0_matrices_stay_views_of_the_file(q8_0_gguf):
+    model = GGUFModel(q8_0_gguf)
+    weights = model.runnable_weights()
+    file_tensors = {t.name: t for t in model.reader.tensors}
+    for name, shape in weights.config.tensor_shapes().items():
+        tensor = weights[name]
+        if len(shape) == 1:
+            continue
+        assert isinstance(tensor, Q8_0Tensor) and tensor.shape == shape
+        assert np.shares_memory(tensor.blocks, model.reader.data)
+        assert memory_map_of(tensor.blocks).filename == str(q8_0_gguf.resolve())
+        assert tensor_nbytes(tensor) == file_tensors[gguf_name(name)].n_bytes
+
+
+def test_q8_0_gguf_computes_what_its_llama2c_v2_twin_computes(tmp_path, q8_0_gguf):
+    """Q8_0 blocks and v2's Q8 groups of the same values through their own kernels: the same
+    logits to the bit, token by token (default and --exact) and in batches (up to SMALL_BATCH
+    rows and beyond)."""
+    # the twin: each block's int8 values and scale (as float32) in groups of 32
+    v2_path = convert_to(tmp_path, q8_0_gguf, "twin.v2.bin", "--format", "llama2c-v2",
+                         "--group-size", "32")  # fmt: skip
+    gguf_weights, v2_weights = load_weights(q8_0_gguf), read_llama2c(v2_path)
+    blocks = gguf_weights["layers.0.attention.wq.weight"]
+    groups = v2_weights["layers.0.attention.wq.weight"]
+    assert isinstance(blocks, Q8_0Tensor) and isinstance(groups, Q8Tensor)
+    np.testing.assert_array_equal(blocks.dequantize(), groups.dequantize())  # the same values
+    tokens = [1, 450, 4996, 17354, 1701, 29916]
+    for exact in (False, True):
+        ours, twin = Transformer(gguf_weights, exact=exact), Transformer(v2_weights, exact=exact)
+        for pos, token in enumerate(tokens):
+            np.testing.assert_array_equal(ours.forward(token, pos), twin.forward(token, pos))
+    for n in (len(tokens), 40):
+        batch = (np.arange(n) * 997 % 32000, np.arange(n), np.zeros(n, np.int64))
+        ours, twin = Transformer(gguf_weights), Transformer(v2_weights)
+        np.testing.assert_array_equal(ours.forward_batch(*batch), twin.forward_batch(*batch))
+
+
+def test_q8_0_gguf_converts_to_the_same_bytes_from_its_blocks(tmp_path, q8_0_gguf):
+    """Converting a Q8_0 GGUF (gguf-py dequantizes it) gives back its blocks as Q8_0, and the
+    writers given the memory-mapped blocks themselves write the same files."""
+    tokenizer = GGUFModel(q8_0_gguf).tokenizer()
+    again = convert_to(tmp_path, q8_0_gguf, "again.gguf", "--type", "q8_0")
+    source = {t.name: t for t in gguf.GGUFReader(q8_0_gguf).tensors}
+    for tensor in gguf.GGUFReader(again).tensors:
+        np.testing.assert_array_equal(tensor.data, source[tensor.name].data)
+
+    v2 = convert_to(tmp_path, q8_0_gguf, "model.v2.bin", "--format", "llama2c-v2")
+    from_blocks = tmp_path / "from-blocks"
+    from_blocks.mkdir()
+    running = load_weights(q8_0_gguf)
+    assert isinstance(running["output.weight"], Q8_0Tensor)
+    write_gguf(running, from_blocks / "again.gguf", tokenizer, "q8_0")
+    write_llama2c(running, from_blocks / "model.v2.bin", version=2)
+    assert (from_blocks / "again.gguf").read_bytes() == again.read_bytes()
+    assert (from_blocks / "model.v2.bin").read_bytes() == v2.read_bytes()
 
 
 @pytest.mark.parametrize("weight_type", ["f16", "bf16", "q4_0"])

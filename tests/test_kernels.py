@@ -3,9 +3,10 @@
 import gguf
 import numpy as np
 import pytest
+from numba import njit
 
 from llamette.kernels import SMALL_BATCH, fast, ggml, reference
-from llamette.quant import quantize_q8
+from llamette.quant import Q8_0Tensor, Q8Tensor, quantize_q8
 
 rng = np.random.default_rng(0)
 
@@ -266,8 +267,6 @@ def test_swiglu_rows_agrees_with_the_reference():
 
 
 def test_vectorizable_exp_is_within_two_ulp():
-    from numba import njit
-
     @njit
     def exps(x):
         return np.array([fast.exp_f32(v) for v in x], np.float32)
@@ -284,6 +283,8 @@ def gguf_product(kind: str, w: np.ndarray):
     values = gguf.quants.dequantize(encoded, qtype).reshape(w.shape)
     if kind == "q4_0":
         return (lambda out, x: ggml.q4_matmul(out, x, encoded)), values
+    if kind == "q8_0":
+        return (lambda out, x: q8_0_product(Q8_0Tensor(encoded), x, out)), values
     bits = encoded.view(np.uint16)
     return (lambda out, x: ggml.half_matmul(out, x, bits, kind == "bf16")), values
 
@@ -306,7 +307,7 @@ def products_by_kind():
         kinds[name] = lambda out, x, wq=wq: fast.q8_linear(
             (out,), x, (wq,), fast.q8_scratch(x.shape[0], 256, wq.group_size)
         )
-    for kind in ("f16", "bf16", "q4_0"):
+    for kind in ("f16", "bf16", "q4_0", "q8_0"):
         kinds[kind] = gguf_product(kind, w)[0]
     return kinds
 
@@ -322,3 +323,115 @@ def test_small_batches_compute_each_row_as_it_is_computed_alone(kind):
         alone = np.empty((1, 40), np.float32)
         product(alone, x[b : b + 1])
         np.testing.assert_array_equal(alone[0], together[b])
+
+
+def finite_halves():
+    """Every fp16 bit pattern but infinities and NaNs (which weights do not hold), as uint16."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    return bits[np.isfinite(bits.view(np.float16))]
+
+
+def test_fp16_decoders_agree_with_numpy_on_every_finite_half():
+    @njit
+    def decode_all(bits, decoder):
+        return np.array([decoder(h) for h in bits], np.float32)
+
+    @njit
+    def block_scales(row):
+        return np.array([ggml.block_scale(row, start) for start in range(0, len(row), 2)])
+
+    bits = finite_halves()
+    expected = bits.view(np.float16).astype(np.float32)
+    fast_ones = decode_all(bits, ggml.f16_to_f32)
+    reference_ones = decode_all(bits.astype(np.int32), reference.half_to_float)
+    from_bytes = block_scales(bits.astype("<u2").view(np.uint8))
+    for decoded in (fast_ones, reference_ones, from_bytes):
+        np.testing.assert_array_equal(decoded.view(np.uint32), expected.view(np.uint32))  # -0 too
+
+
+def q8_0_blocks(values, scales):
+    """GGUF Q8_0 rows (d, n / 32 * 34), built by hand: per block the fp16 scale's two bytes
+    (little-endian), then the 32 int8 values."""
+    d, n = values.shape
+    blocks = np.empty((d, n // 32, 34), np.uint8)
+    blocks[:, :, :2] = scales.astype("<f2").reshape(d, n // 32, 1).view(np.uint8)
+    blocks[:, :, 2:] = values.reshape(d, n // 32, 32).view(np.uint8)
+    return blocks.reshape(d, -1)
+
+
+def random_q8_0(d, n):
+    """(Q8_0Tensor, the same values as a Q8Tensor of group size 32): int8 values over their
+    whole range (-128 too, which gguf's quantizer never writes) and fp16 scales of all sizes,
+    subnormal ones included."""
+    values = rng.integers(-128, 128, (d, n), dtype=np.int8)
+    scales = rng.uniform(0.5, 2, (d, n // 32)) * 2.0 ** rng.integers(-24, 2, (d, n // 32))
+    scales = (scales * rng.choice([-1, 1], scales.shape)).astype(np.float16)
+    regrouped = Q8Tensor(values, scales.astype(np.float32).ravel(), 32)
+    return Q8_0Tensor(q8_0_blocks(values, scales)), regrouped
+
+
+def q8_0_product(w, x, out=None):
+    """ggml.q8_0_linear for inputs x (B, n): the product (B, d) and the quantized inputs it used."""
+    out = np.empty((x.shape[0], w.shape[0]), np.float32) if out is None else out
+    scratch = ggml.q8_0_scratch(x.shape[0], x.shape[1])
+    ggml.q8_0_linear((out,), x, (w,), scratch)
+    return out, scratch.values, scratch.scales
+
+
+def test_q8_0_tensor_reads_its_blocks():
+    w, regrouped = random_q8_0(6, 96)
+    assert w.shape == (6, 96)
+    np.testing.assert_array_equal(w.dequantize(), regrouped.dequantize())
+    np.testing.assert_array_equal(
+        w.dequantize(), gguf.quants.dequantize(w.blocks, gguf.GGMLQuantizationType.Q8_0)
+    )
+
+
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH])  # decode, and batches of sequences
+@pytest.mark.parametrize("columns", [256, 288])  # 288: 9 blocks
+def test_q8_0_products_are_runq_to_the_bit(columns, inputs):
+    w, regrouped = random_q8_0(40, columns)
+    x = randn(inputs, columns)
+    out, xq, xs = q8_0_product(w, x)
+    for b in range(inputs):
+        expected_q, expected_s = runq_quantize(x[b], 32)
+        np.testing.assert_array_equal(xq[b], expected_q)
+        np.testing.assert_array_equal(xs[b], expected_s)
+        expected = runq_matmul(xq[b], xs[b], regrouped.values, regrouped.scales, 32)
+        np.testing.assert_array_equal(out[b], expected)
+
+
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, SMALL_BATCH + 7])
+@pytest.mark.parametrize("rows, columns", [(40, 256), (42, 288)])  # 42: 4-row blocks and a rest
+def test_q8_0_products_equal_q8_products_of_the_same_values(rows, columns, inputs):
+    """What keeps a Q8_0 GGUF's tokens as they were when its blocks were regrouped at load."""
+    w, regrouped = random_q8_0(rows, columns)
+    x = randn(inputs, columns)
+    np.testing.assert_array_equal(q8_0_product(w, x)[0], fast_q8_product(regrouped, x)[0])
+
+
+def test_q8_0_batches_are_the_quantized_product_within_float_tolerance():
+    w, regrouped = random_q8_0(42, 256)
+    x = randn(SMALL_BATCH + 7, 256)
+    out, xq, xs = q8_0_product(w, x)
+    x_dequantized = xq * np.repeat(xs, 32, axis=1).astype(np.float64)
+    expected = x_dequantized @ regrouped.dequantize().astype(np.float64).T
+    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_q8_0_reference_is_runq_to_the_bit():
+    w, regrouped = random_q8_0(40, 288)
+    x = randn(288)
+    xq, xs = np.zeros(288, np.int8), np.zeros(9, np.float32)
+    reference.q8_quantize(xq, xs, x, 32)
+    out = np.empty(40, np.float32)
+    reference.q8_0_matmul(out, xq, xs, w.blocks)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, regrouped.values, regrouped.scales, 32))
+
+
+def test_q8_0_embedding_rows_are_the_dequantized_rows():
+    w, regrouped = random_q8_0(10, 96)
+    tokens = np.array([3, 0, 9, 3])
+    out = np.empty((4, 96), np.float32)
+    ggml.q8_0_embed_rows(out, w.blocks, tokens)
+    np.testing.assert_array_equal(out, regrouped.dequantize()[tokens])

@@ -14,7 +14,7 @@ from llamette.kernels import fast, ggml, parallel_kernel
 from llamette.kernels import timing as t
 from llamette.kernels.linear import attention, embed, linear, swiglu
 from llamette.kernels.reference import add, rmsnorm, rope, rope_angles
-from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor, tensor_nbytes
+from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8_0Tensor, Q8Tensor, tensor_nbytes
 from llamette.weights import Tensor, Weights
 
 log = logging.getLogger("llamette")
@@ -80,6 +80,7 @@ class Buffers(NamedTuple):
     x_even: np.ndarray  # int8 values of even groups of 32, the rest zero
     x_odd: np.ndarray  # int8 values of odd groups of 32
     x_dequantized: np.ndarray  # float32 values * scales
+    x_sums: np.ndarray  # int32 sums of the values of each group of 32 (Q8_0)
 
     @classmethod
     def for_config(cls, c) -> Buffers:
@@ -93,7 +94,7 @@ class Buffers(NamedTuple):
             zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
             zeros(c.head_size // 2), zeros(c.head_size // 2), zeros(c.vocab_size),
             zeros(widest, dtype=np.int8), zeros(widest), zeros(widest, dtype=np.int8),
-            zeros(widest, dtype=np.int8), zeros(widest),
+            zeros(widest, dtype=np.int8), zeros(widest), zeros(-(-widest // 32), dtype=np.int32),
         )  # fmt: skip
 
 
@@ -230,6 +231,8 @@ class Transformer:
             ggml.half_embed_rows(x, e.bits, tokens, isinstance(e, BF16Tensor))
         elif isinstance(e, Q4Tensor):
             ggml.q4_embed_rows(x, e.blocks, tokens)
+        elif isinstance(e, Q8_0Tensor):
+            ggml.q8_0_embed_rows(x, e.blocks, tokens)
         else:
             x[:] = w.tok_embeddings[tokens]
         xb = np.empty_like(x)
@@ -262,11 +265,13 @@ class Transformer:
         return logits
 
     def _matmul(self, x: np.ndarray, weights: tuple[Tensor, ...]) -> list[np.ndarray]:
-        """x (B, n) @ w.T for weights that share their input (Q8: quantized once)."""
+        """x (B, n) @ w.T for weights that share their input (Q8, Q8_0: quantized once)."""
         outs = [np.empty((x.shape[0], w.shape[0]), np.float32) for w in weights]
         if isinstance(weights[0], Q8Tensor):
             scratch = fast.q8_scratch(x.shape[0], x.shape[1], weights[0].group_size)
             fast.q8_linear(tuple(outs), x, weights, scratch)
+        elif isinstance(weights[0], Q8_0Tensor):
+            ggml.q8_0_linear(tuple(outs), x, weights, ggml.q8_0_scratch(x.shape[0], x.shape[1]))
         elif isinstance(weights[0], HalfTensor | BF16Tensor):
             for out, w in zip(outs, weights, strict=True):
                 ggml.half_matmul(out, x, w.bits, isinstance(w, BF16Tensor))

@@ -95,11 +95,34 @@ class Q4Tensor(NamedTuple):
         return (np.concatenate([low, high], axis=2) * scales).reshape(rows, cols)
 
 
+Q8_0_BLOCK = 32  # values per Q8_0 block
+Q8_0_BLOCK_BYTES = 34  # an fp16 scale, then 32 int8 values
+
+
+class Q8_0Tensor(NamedTuple):
+    """A matrix in GGUF's Q8_0 layout, kept as the file's bytes: each row is blocks of 32 values,
+    each block an fp16 scale d and 32 int8 values q, standing for q * d."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 32 * 34)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // Q8_0_BLOCK_BYTES * Q8_0_BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // Q8_0_BLOCK, Q8_0_BLOCK_BYTES)
+        scales = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+        values = blocks[:, :, 2:].view(np.int8).astype(np.float32)  # (rows, blocks, 32)
+        return (values * scales).reshape(rows, cols)
+
+
 def tensor_nbytes(tensor) -> int:
     """Bytes a tensor of any type occupies (what a product with it reads)."""
     if isinstance(tensor, Q8Tensor):
         return tensor.values.nbytes + tensor.scales.nbytes
-    if isinstance(tensor, Q4Tensor):
+    if isinstance(tensor, Q4Tensor | Q8_0Tensor):
         return tensor.blocks.nbytes
     if isinstance(tensor, HalfTensor | BF16Tensor):
         return tensor.bits.nbytes

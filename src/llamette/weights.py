@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from llamette.errors import LlametteError
-from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor
+from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8_0Tensor, Q8Tensor
 
-Tensor = np.ndarray | Q8Tensor | HalfTensor | BF16Tensor | Q4Tensor
+Tensor = np.ndarray | Q8Tensor | Q8_0Tensor | HalfTensor | BF16Tensor | Q4Tensor
 
 BOS_ID = 1
 EOS_ID = 2

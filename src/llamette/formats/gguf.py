@@ -13,9 +13,17 @@ import numpy as np
 from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.output import atomic_output
-from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor, to_float32
+from llamette.quant import (
+    Q4_BLOCK_BYTES,
+    Q8_0_BLOCK_BYTES,
+    BF16Tensor,
+    HalfTensor,
+    Q4Tensor,
+    Q8_0Tensor,
+    to_float32,
+)
 from llamette.tokenizer import Tokenizer
-from llamette.weights import LazyTensors, ModelConfig, Weights
+from llamette.weights import LazyTensors, ModelConfig, Tensor, Weights
 
 GGUF_LAYER_NAMES = {
     "attention_norm.weight": "attn_norm.weight",
@@ -133,18 +141,16 @@ class GGUFModel:
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
     def runnable_weights(self, dequantize: bool = False) -> Weights:
-        """Weights the model runs: F32, F16, BF16 and Q4_0 matrices as views of the file,
-        Q8_0 ones regrouped; vectors (norms) as float32.
+        """Weights the model runs: F32, F16, BF16, Q8_0 and Q4_0 matrices as views of the file
+        (memory-mapped, not copied); vectors (norms) as float32.
 
-        A Q8_0 block (an fp16 scale, then 32 int8 values) becomes a Q8Tensor of group size 32:
-        its values and scales are copied apart, once, into memory (about the file's size).
         Other types are refused, or with `dequantize` expanded to float32 in memory.
         """
         import gguf
 
         config = self.config()
         shapes = config.tensor_shapes()
-        tensors: dict[str, np.ndarray | Q8Tensor] = {}
+        tensors: dict[str, Tensor] = {}
         for name, shape in shapes.items():
             tensor = self.tensors.get(name)
             if tensor is None:
@@ -153,13 +159,13 @@ class GGUFModel:
             if kind == gguf.GGMLQuantizationType.F32:
                 data = tensor.data
             elif kind == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
-                data = _q8_0_blocks_to_q8tensor(tensor.data, shape)
+                data = Q8_0Tensor(self._block_rows(tensor, shape, Q8_0_BLOCK_BYTES))
             elif kind == gguf.GGMLQuantizationType.F16 and len(shape) == 2:
                 data = HalfTensor(tensor.data.view(np.uint16).reshape(shape))
             elif kind == gguf.GGMLQuantizationType.BF16 and len(shape) == 2:
                 data = BF16Tensor(tensor.data.view(np.uint16).reshape(shape))
             elif kind == gguf.GGMLQuantizationType.Q4_0 and len(shape) == 2:
-                data = Q4Tensor(tensor.data.reshape(shape[0], -1))
+                data = Q4Tensor(self._block_rows(tensor, shape, Q4_BLOCK_BYTES))
             elif len(shape) == 1 or dequantize:
                 data = self.float32(name)
             else:
@@ -173,6 +179,16 @@ class GGUFModel:
                 )
             tensors[name] = data
         return Weights(config, tensors, source=self.path)
+
+    def _block_rows(self, tensor, shape: tuple[int, int], block_bytes: int) -> np.ndarray:
+        """A quantized matrix's bytes as rows (rows, cols / 32 * block_bytes), a view of the file."""
+        rows, cols = shape
+        if cols % 32 or tensor.data.size != rows * cols // 32 * block_bytes:
+            raise LlametteError(
+                f"{self.path}: {tensor.name} holds {tensor.data.size} bytes, not {rows}x{cols} "
+                f"values in blocks of 32"
+            )
+        return tensor.data.reshape(rows, -1)
 
     def tokenizer(self) -> Tokenizer:
         """The embedded SentencePiece vocabulary, spelled as in a llama2.c tokenizer.bin."""
@@ -295,14 +311,3 @@ def _add_tokenizer(writer, tokenizer: Tokenizer) -> None:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
-
-
-def _q8_0_blocks_to_q8tensor(blocks: np.ndarray, shape: tuple[int, int]) -> Q8Tensor:
-    """GGUF Q8_0 rows of 34-byte blocks (fp16 scale, 32 int8) as a Q8Tensor of group size 32."""
-    rows, cols = shape
-    if blocks.size != rows * cols // 32 * 34:
-        raise LlametteError(f"Q8_0 tensor of {blocks.size} bytes does not hold {rows}x{cols}")
-    blocks = blocks.reshape(rows * cols // 32, 34)
-    scales = blocks[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1)
-    values = blocks[:, 2:].copy().view(np.int8).reshape(rows, cols)
-    return Q8Tensor(values, scales, 32)

@@ -1,8 +1,8 @@
 """The steps of a decode that differ by weight type or flavour, callable from compiled code:
 the linear layer, the embedding lookup, attention and SwiGLU.
 
-The weight type (an fp32 array, a `Q8Tensor`, or GGUF's `HalfTensor`, `BF16Tensor`, `Q4Tensor`)
-picks the kernel when the caller is compiled; the `exact` flag picks the flavour (reference or
+The weight type (an fp32 array, a `Q8Tensor`, or GGUF's `HalfTensor`, `BF16Tensor`, `Q4Tensor`,
+`Q8_0Tensor`) picks the kernel when the caller is compiled; the `exact` flag picks the flavour (reference or
 fast) when it runs.
 """
 
@@ -10,13 +10,13 @@ from numba import types
 from numba.extending import overload
 
 from llamette.kernels import fast, ggml, reference
-from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8Tensor
+from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8_0Tensor, Q8Tensor
 
 
 def linear(outs, x, weights, exact, s):
     """outs[i] (d_i,) = weights[i] (d_i, n) @ x (n,) for matrices that share their input x.
 
-    Q8 weights quantize x once, into the scratch of the decode step's buffers s.
+    Q8 and Q8_0 weights quantize x once, into the scratch of the decode step's buffers s.
     """
     raise NotImplementedError("linear() runs inside compiled code only")
 
@@ -67,6 +67,23 @@ def _linear(outs, x, weights, exact, s):
             fast.q8_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
 
         return linear_q8
+    if is_a(weights[0], Q8_0Tensor):
+
+        def linear_q8_0(outs, x, weights, exact, s):
+            n = x.shape[0]
+            groups = n // 32
+            if exact:
+                reference.q8_quantize(s.xq[:n], s.xs, x, 32)
+                for i in range(len(weights)):
+                    reference.q8_0_matmul(outs[i], s.xq[:n], s.xs, weights[i].blocks)
+                return
+            scratch = ggml.Q8_0Scratch(
+                s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups),
+                s.x_sums[:groups].reshape(1, groups), s.x_dequantized[:n].reshape(1, n),
+            )  # fmt: skip
+            ggml.q8_0_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
+
+        return linear_q8_0
     if is_a(weights[0], HalfTensor) or is_a(weights[0], BF16Tensor):
         brain = is_a(weights[0], BF16Tensor)
 
@@ -164,6 +181,12 @@ def _embed(out, table, token):
             ggml.decode_q4_row(out, table.blocks[token])
 
         return embed_q4
+    if is_a(table, Q8_0Tensor):
+
+        def embed_q8_0(out, table, token):
+            ggml.decode_q8_0_row(out, table.blocks[token])
+
+        return embed_q8_0
 
     def embed_f32(out, table, token):
         out[:] = table[token]

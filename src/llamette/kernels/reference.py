@@ -189,3 +189,33 @@ def q8_dequantize_row(out, wq, ws, row, group_size):
     n = wq.shape[1]
     for j in range(n):
         out[j] = F32(wq[row, j]) * ws[(row * n + j) // group_size]
+
+
+@kernel
+def half_to_float(bits):
+    """The float32 value of IEEE half-precision bits (0..65535): sign, 5-bit exponent, 10-bit
+    mantissa; exponent 0 is subnormal (infinities and NaNs do not occur in weights)."""
+    exponent, mantissa = (bits >> 10) & 0x1F, bits & 0x3FF
+    if exponent == 0:
+        magnitude = math.ldexp(float(mantissa), -24)
+    else:
+        magnitude = math.ldexp(float(mantissa + 1024), exponent - 25)
+    return F32(-magnitude if bits & 0x8000 else magnitude)
+
+
+@parallel_kernel
+def q8_0_matmul(out, xq, xs, blocks):
+    """runq.c's matmul over GGUF Q8_0 blocks: out (d,) = w (d, n) @ x (n,), w given as blocks
+    (d, n / 32 * 34) of an fp16 scale and 32 int8 values, x quantized in groups of 32."""
+    for i in prange(blocks.shape[0]):
+        val = F32(0.0)
+        for g in range(blocks.shape[1] // 34):
+            start = g * 34
+            ival = np.int32(0)
+            for k in range(32):
+                ival += np.int32(xq[g * 32 + k]) * np.int32(np.int8(blocks[i, start + 2 + k]))
+            scale = half_to_float(
+                np.int32(blocks[i, start]) | (np.int32(blocks[i, start + 1]) << 8)
+            )
+            val += (F32(ival) * scale) * xs[g]
+        out[i] = val
