@@ -415,26 +415,31 @@ def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
     """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
     dequantized once, times 4 inputs at a time in the fp32 GEMM's register blocks."""
     d, n = wq.shape
-    n_inputs = x.shape[0]
-    blocked = n_inputs - n_inputs % 4
     for block in prange((d + 3) // 4):
         rows = np.empty((4, n), np.float32)
         i = 4 * block
         for r in range(min(4, d - i)):
             _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
-        if i + 4 > d:  # the last rows, when d is not a multiple of 4
-            for r in range(d - i):
-                for b in range(n_inputs):
-                    out[b, i + r] = _dot(x[b], rows[r])
-            continue
-        for b in range(0, blocked, 4):
-            _dots_4x4(
-                out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], rows[0], rows[1], rows[2], rows[3]
-            )
-        for b in range(blocked, n_inputs):
-            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(
-                x[b], rows[0], rows[1], rows[2], rows[3]
-            )
+        rows_times_inputs(out, x, rows, i, d)
+
+
+@njit(inline="always", fastmath={"reassoc", "contract"})
+def rows_times_inputs(out, x, rows, i, d):
+    """out[:, i:i + 4] = x (B, n) @ rows (4, n)^T, decoded weight rows i.. of d, in the fp32
+    GEMM's register blocks (4 inputs at a time); past d, the rows that exist one at a time."""
+    n_inputs = x.shape[0]
+    if i + 4 > d:
+        for r in range(d - i):
+            for b in range(n_inputs):
+                out[b, i + r] = _dot(x[b], rows[r])
+        return
+    blocked = n_inputs - n_inputs % 4
+    for b in range(0, blocked, 4):
+        _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], rows[0], rows[1], rows[2], rows[3])
+    for b in range(blocked, n_inputs):
+        out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(
+            x[b], rows[0], rows[1], rows[2], rows[3]
+        )
 
 
 @njit(inline="always")

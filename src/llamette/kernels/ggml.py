@@ -20,12 +20,11 @@ from llamette.kernels import SMALL_BATCH, parallel_kernel
 from llamette.kernels.fast import (
     _dequantize_rows,
     _dot,
-    _dots_1x4,
-    _dots_4x4,
     _float32_from_bits,
     _scale_into,
     q8_quantize_rows,
     reassociating_kernel,
+    rows_times_inputs,
 )
 
 F32 = np.float32
@@ -262,26 +261,12 @@ def _q8_0_matmul_dequantized_blocks(out, x, blocks):
     """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
     decoded once, times 4 inputs at a time in the fp32 GEMM's register blocks."""
     d, n = blocks.shape[0], x.shape[1]
-    n_inputs = x.shape[0]
-    blocked = n_inputs - n_inputs % 4
     for block in prange((d + 3) // 4):
         rows = np.empty((4, n), np.float32)
         i = 4 * block
         for r in range(min(4, d - i)):
             decode_q8_0_row(rows[r], blocks[i + r])
-        if i + 4 > d:  # the last rows, when d is not a multiple of 4
-            for r in range(d - i):
-                for b in range(n_inputs):
-                    out[b, i + r] = _dot(x[b], rows[r])
-            continue
-        for b in range(0, blocked, 4):
-            _dots_4x4(
-                out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], rows[0], rows[1], rows[2], rows[3]
-            )
-        for b in range(blocked, n_inputs):
-            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(
-                x[b], rows[0], rows[1], rows[2], rows[3]
-            )
+        rows_times_inputs(out, x, rows, i, d)
 
 
 @njit(inline="always")
