@@ -334,31 +334,49 @@ def _q8_matmul_across_inputs(out, pairs, lane_scales, wq, ws, group_size):
     lane per input; see _inputs_across_lanes): each lane sums a group's int32 products over
     pairs of columns, then adds the group's float32 term, groups in order. The same operations
     per output as _q8_matmul_groups_of_64/32, so the same bits, without their per-group
-    horizontal sums. Weight rows are widened to int16 once per row."""
+    horizontal sums. Two weight rows at a time share each input load; rows are widened to
+    int16 once."""
     d, n = wq.shape
     groups = n // group_size
     n_inputs = out.shape[0]
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        row = np.empty(n, np.int16)
+        row0, row1 = np.empty(n, np.int16), np.empty(n, np.int16)
         lanes = np.empty(LANES, np.float32)
-        for i in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK)):
-            _widen_into(row, wq[i])
+        for i0 in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK), 2):
+            i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
+            _widen_into(row0, wq[i0])
+            _widen_into(row1, wq[i1])
             for block in range(pairs.shape[0]):
                 x_pairs, x_scales = pairs[block], lane_scales[block]
-                val = float32x16_zeros()
+                val0, val1 = float32x16_zeros(), float32x16_zeros()
                 for g in range(groups):
-                    # four independent int32 sums (exact in any order), then one
-                    acc0 = acc1 = acc2 = acc3 = int32x16_zeros()
-                    for k in range(g * group_size, (g + 1) * group_size, 8):
-                        acc0 = madd_pairs(acc0, x_pairs, k * LANES, row, k)
-                        acc1 = madd_pairs(acc1, x_pairs, (k + 2) * LANES, row, k + 2)
-                        acc2 = madd_pairs(acc2, x_pairs, (k + 4) * LANES, row, k + 4)
-                        acc3 = madd_pairs(acc3, x_pairs, (k + 6) * LANES, row, k + 6)
-                    acc = add_int32x16(add_int32x16(acc0, acc1), add_int32x16(acc2, acc3))
-                    val = add_group_terms(val, acc, ws[i * groups + g], x_scales, g * LANES)
-                store_float32x16(lanes, val)
-                for lane in range(min(LANES, n_inputs - block * LANES)):
-                    out[block * LANES + lane, i] = lanes[lane]
+                    sum0, sum1 = _group_sums(x_pairs, row0, row1, g * group_size, group_size)
+                    val0 = add_group_terms(val0, sum0, ws[i0 * groups + g], x_scales, g * LANES)
+                    val1 = add_group_terms(val1, sum1, ws[i1 * groups + g], x_scales, g * LANES)
+                first = block * LANES
+                for i, val in ((i0, val0), (i1, val1)):
+                    store_float32x16(lanes, val)
+                    for lane in range(min(LANES, n_inputs - first)):
+                        out[first + lane, i] = lanes[lane]
+
+
+@njit(inline="always")
+def _group_sums(x_pairs, row0, row1, start, group_size):
+    """The int32 sums of one group (columns start.. of group_size) for rows 0 and 1, each lane
+    one input: four partial sums per row (exact in any order), then one."""
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = int32x16_zeros()
+    for k in range(start, start + group_size, 8):
+        a0 = madd_pairs(a0, x_pairs, k * LANES, row0, k)
+        b0 = madd_pairs(b0, x_pairs, k * LANES, row1, k)
+        a1 = madd_pairs(a1, x_pairs, (k + 2) * LANES, row0, k + 2)
+        b1 = madd_pairs(b1, x_pairs, (k + 2) * LANES, row1, k + 2)
+        a2 = madd_pairs(a2, x_pairs, (k + 4) * LANES, row0, k + 4)
+        b2 = madd_pairs(b2, x_pairs, (k + 4) * LANES, row1, k + 4)
+        a3 = madd_pairs(a3, x_pairs, (k + 6) * LANES, row0, k + 6)
+        b3 = madd_pairs(b3, x_pairs, (k + 6) * LANES, row1, k + 6)
+    sum0 = add_int32x16(add_int32x16(a0, a1), add_int32x16(a2, a3))
+    sum1 = add_int32x16(add_int32x16(b0, b1), add_int32x16(b2, b3))
+    return sum0, sum1
 
 
 @njit(inline="always")
