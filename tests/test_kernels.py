@@ -222,12 +222,26 @@ def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
     np.testing.assert_array_equal(out, w.dequantize()[3])
 
 
-@pytest.mark.parametrize("inputs", [7, SMALL_BATCH + 7])  # row by row; register blocks
+@pytest.mark.parametrize("inputs", [3, 7, SMALL_BATCH + 7])  # row pairs; register blocks
 def test_matmul_f32_on_a_batch(inputs):
     w, x = randn(42, 300), randn(inputs, 300)
     out = np.empty((inputs, 42), np.float32)
     fast.matmul_f32(out, x, w)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("columns", [256, 300, 7])  # whole vectors of 16; a tail; only a tail
+def test_matmul_f32_bits_do_not_depend_on_the_batch(columns):
+    """Each output is one sum in one order, however rows and inputs are blocked: a prompt's rows
+    get the numbers that feeding them one at a time gives."""
+    w, x = randn(43, columns), randn(2 * SMALL_BATCH + 3, columns)
+    together = np.empty((len(x), 43), np.float32)
+    fast.matmul_f32(together, x, w)
+    for size in (1, 2, 3, 4, 5, 9):
+        for start in range(0, len(x) - size + 1, 7):
+            part = np.empty((size, 43), np.float32)
+            fast.matmul_f32(part, x[start : start + size], w)
+            np.testing.assert_array_equal(part, together[start : start + size])
 
 
 def test_fast_attention_agrees_with_the_reference():

@@ -30,8 +30,11 @@ from llamette.kernels.simd import (
     add_int32x16,
     float32x16_zeros,
     int32x16_zeros,
+    load_float32x16,
     madd_pairs,
+    multiply_add,
     store_float32x16,
+    sum_float32x16,
 )
 
 F32 = np.float32
@@ -43,18 +46,19 @@ reassociating_kernel = njit(
 )
 
 
-@reassociating_kernel
+@parallel_kernel
 def matmul_f32(out, x, w):
-    """out (B, d) = x (B, n) @ w (d, n)^T, each output a vectorized dot product.
+    """out (B, d) = x (B, n) @ w (d, n)^T, each output one dot product in the fixed order of
+    `_dot`: its bits depend on its input and weight row alone, never on the batch, so a sequence
+    decodes to the same numbers alone, beside others or as part of a prompt.
 
-    Up to SMALL_BATCH inputs (decode): two weight rows half the matrix apart at a time, so that
-    each thread reads two long runs of memory (which the prefetchers follow; four runs are
-    slower here) and uses each input value it loads twice. Which rows go together depends on d
-    alone, so an output's sum runs the same way whatever the batch. Larger batches: blocks of 4
-    adjacent rows (in parallel) times 4 inputs, 16 dot products in registers.
+    Up to 3 inputs (bound by memory): two weight rows half the matrix apart per task, so that each
+    thread reads two long runs of memory (which the prefetchers follow; four runs are slower here)
+    and uses each input value it loads twice. From 4 inputs (bound by arithmetic): blocks of 4
+    adjacent rows times 4 inputs, 16 sums in registers.
     """
     n_inputs, d = x.shape[0], w.shape[0]
-    if n_inputs <= SMALL_BATCH:
+    if n_inputs < 4:
         half = d // 2
         for task in prange(half + d % 2):
             r0, r1 = _rows_of_task(task, half)
@@ -63,92 +67,122 @@ def matmul_f32(out, x, w):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         return
     for block in prange((d + 3) // 4):
-        i = 4 * block
-        if i + 4 > d:  # the last rows, when d is not a multiple of 4
-            for row in range(i, d):
-                for b in range(n_inputs):
-                    out[b, row] = _dot(x[b], w[row])
-            continue
-        w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
-        blocked = n_inputs - n_inputs % 4
-        for b in range(0, blocked, 4):
-            _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
-        for b in range(blocked, n_inputs):
-            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
+        i = 4 * np.int64(block)  # a prange index may be unsigned, and unsigned + signed is a float
+        rows_times_inputs(out, x, w[i : i + 4], i, d)
 
 
 @njit(inline="always")
 def _rows_of_task(task, half):
     """The two weight rows of a task, half the matrix apart; past the halves, the last row of an
     odd-sized matrix (twice)."""
-    task = np.int64(task)  # a prange index may be unsigned, and unsigned + signed is a float
+    task = np.int64(task)
     if task < half:
         return task, task + half
     return 2 * half, 2 * half
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(inline="always")
+def rows_times_inputs(out, x, rows, i, d):
+    """out[:, i:i + 4] = x (B, n) @ rows (4, n)^T for weight rows i.. of d, 4 inputs at a time;
+    past d, the rows that exist one at a time."""
+    n_inputs = x.shape[0]
+    if i + 4 > d:
+        for r in range(d - i):
+            for b in range(n_inputs):
+                out[b, i + r] = _dot(x[b], rows[r])
+        return
+    w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
+    blocked = n_inputs - n_inputs % 4
+    for b in range(0, blocked, 4):
+        _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
+    for b in range(blocked, n_inputs):
+        out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
+
+
+# fp32 dot products, all in one order: lane l of a float32x16 sums the products of columns l,
+# l + 16, l + 32, ... (with fused multiply-adds), the 16 lane sums are added by halves
+# (sum_float32x16), then the products of the last n % 16 columns one by one. The functions below
+# block rows and inputs differently for speed; each output is still this sum.
+
+
+@njit(inline="always")
 def _dot(x, w):
-    val = F32(0.0)
-    for j in range(x.shape[0]):
-        val += x[j] * w[j]
-    return val
+    """x . w"""
+    whole = x.shape[0] - x.shape[0] % LANES
+    a = float32x16_zeros()
+    for j in range(0, whole, LANES):
+        a = multiply_add(a, load_float32x16(x, j), load_float32x16(w, j))
+    return _total(a, x, w, whole)
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(inline="always")
 def _dots_1x2(x, w0, w1):
     """(x . w0, x . w1)"""
-    a0 = a1 = F32(0.0)
-    for j in range(x.shape[0]):
-        v = x[j]
-        a0 += v * w0[j]
-        a1 += v * w1[j]
-    return a0, a1
+    whole = x.shape[0] - x.shape[0] % LANES
+    a0 = a1 = float32x16_zeros()
+    for j in range(0, whole, LANES):
+        v = load_float32x16(x, j)
+        a0 = multiply_add(a0, v, load_float32x16(w0, j))
+        a1 = multiply_add(a1, v, load_float32x16(w1, j))
+    return _total(a0, x, w0, whole), _total(a1, x, w1, whole)
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(inline="always")
 def _dots_1x4(x, w0, w1, w2, w3):
     """(x . w0, x . w1, x . w2, x . w3)"""
-    a0 = a1 = a2 = a3 = F32(0.0)
-    for j in range(x.shape[0]):
-        v = x[j]
-        a0 += v * w0[j]
-        a1 += v * w1[j]
-        a2 += v * w2[j]
-        a3 += v * w3[j]
-    return a0, a1, a2, a3
+    whole = x.shape[0] - x.shape[0] % LANES
+    a0 = a1 = a2 = a3 = float32x16_zeros()
+    for j in range(0, whole, LANES):
+        v = load_float32x16(x, j)
+        a0 = multiply_add(a0, v, load_float32x16(w0, j))
+        a1 = multiply_add(a1, v, load_float32x16(w1, j))
+        a2 = multiply_add(a2, v, load_float32x16(w2, j))
+        a3 = multiply_add(a3, v, load_float32x16(w3, j))
+    return (_total(a0, x, w0, whole), _total(a1, x, w1, whole),
+            _total(a2, x, w2, whole), _total(a3, x, w3, whole))  # fmt: skip
 
 
-@njit(inline="always", fastmath={"reassoc", "contract"})
+@njit(inline="always")
 def _dots_4x4(out, b, i, x0, x1, x2, x3, w0, w1, w2, w3):
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = F32(0.0)
-    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = F32(0.0)
-    for j in range(x0.shape[0]):
-        p0, p1, p2, p3 = w0[j], w1[j], w2[j], w3[j]
-        v = x0[j]
-        a00 += v * p0
-        a01 += v * p1
-        a02 += v * p2
-        a03 += v * p3
-        v = x1[j]
-        a10 += v * p0
-        a11 += v * p1
-        a12 += v * p2
-        a13 += v * p3
-        v = x2[j]
-        a20 += v * p0
-        a21 += v * p1
-        a22 += v * p2
-        a23 += v * p3
-        v = x3[j]
-        a30 += v * p0
-        a31 += v * p1
-        a32 += v * p2
-        a33 += v * p3
-    out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = a00, a01, a02, a03
-    out[b + 1, i], out[b + 1, i + 1], out[b + 1, i + 2], out[b + 1, i + 3] = a10, a11, a12, a13
-    out[b + 2, i], out[b + 2, i + 1], out[b + 2, i + 2], out[b + 2, i + 3] = a20, a21, a22, a23
-    out[b + 3, i], out[b + 3, i + 1], out[b + 3, i + 2], out[b + 3, i + 3] = a30, a31, a32, a33
+    """out[b + k, i + r] = x_k . w_r for inputs k and rows r of 0..3: 16 sums in registers,
+    each loaded vector used four times."""
+    whole = x0.shape[0] - x0.shape[0] % LANES
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = float32x16_zeros()
+    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = float32x16_zeros()
+    for j in range(0, whole, LANES):
+        p0, p1 = load_float32x16(w0, j), load_float32x16(w1, j)
+        p2, p3 = load_float32x16(w2, j), load_float32x16(w3, j)
+        v = load_float32x16(x0, j)
+        a00, a01 = multiply_add(a00, v, p0), multiply_add(a01, v, p1)
+        a02, a03 = multiply_add(a02, v, p2), multiply_add(a03, v, p3)
+        v = load_float32x16(x1, j)
+        a10, a11 = multiply_add(a10, v, p0), multiply_add(a11, v, p1)
+        a12, a13 = multiply_add(a12, v, p2), multiply_add(a13, v, p3)
+        v = load_float32x16(x2, j)
+        a20, a21 = multiply_add(a20, v, p0), multiply_add(a21, v, p1)
+        a22, a23 = multiply_add(a22, v, p2), multiply_add(a23, v, p3)
+        v = load_float32x16(x3, j)
+        a30, a31 = multiply_add(a30, v, p0), multiply_add(a31, v, p1)
+        a32, a33 = multiply_add(a32, v, p2), multiply_add(a33, v, p3)
+    _store_totals(out, b, i, x0, w0, w1, w2, w3, a00, a01, a02, a03, whole)
+    _store_totals(out, b + 1, i, x1, w0, w1, w2, w3, a10, a11, a12, a13, whole)
+    _store_totals(out, b + 2, i, x2, w0, w1, w2, w3, a20, a21, a22, a23, whole)
+    _store_totals(out, b + 3, i, x3, w0, w1, w2, w3, a30, a31, a32, a33, whole)
+
+
+@njit(inline="always")
+def _store_totals(out, b, i, x, w0, w1, w2, w3, a0, a1, a2, a3, whole):
+    out[b, i], out[b, i + 1] = _total(a0, x, w0, whole), _total(a1, x, w1, whole)
+    out[b, i + 2], out[b, i + 3] = _total(a2, x, w2, whole), _total(a3, x, w3, whole)
+
+
+@njit(inline="always")
+def _total(lanes, x, w, whole):
+    """A dot product's 16 lane sums added, then the products of columns whole.. in order."""
+    total = sum_float32x16(lanes)
+    for j in range(whole, x.shape[0]):
+        total += x[j] * w[j]
+    return total
 
 
 @kernel
@@ -415,7 +449,7 @@ def _scale_into(out, values, scale):
         out[j] = F32(values[j]) * scale
 
 
-@reassociating_kernel
+@parallel_kernel
 def _q8_matmul_dequantized(out, x, wq, ws, group_size):
     """out (B, d) = x (B, n) @ w (d, n)^T for a few inputs: each weight row dequantized once
     (any group size; rows may start mid-group), then vectorized float dot products."""
@@ -428,7 +462,7 @@ def _q8_matmul_dequantized(out, x, wq, ws, group_size):
                 out[b, i] = _dot(x[b], row)
 
 
-@reassociating_kernel
+@parallel_kernel
 def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
     """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
     dequantized once, times 4 inputs at a time in the fp32 GEMM's register blocks."""
@@ -439,25 +473,6 @@ def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
         for r in range(min(4, d - i)):
             _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
         rows_times_inputs(out, x, rows, i, d)
-
-
-@njit(inline="always", fastmath={"reassoc", "contract"})
-def rows_times_inputs(out, x, rows, i, d):
-    """out[:, i:i + 4] = x (B, n) @ rows (4, n)^T, decoded weight rows i.. of d, in the fp32
-    GEMM's register blocks (4 inputs at a time); past d, the rows that exist one at a time."""
-    n_inputs = x.shape[0]
-    if i + 4 > d:
-        for r in range(d - i):
-            for b in range(n_inputs):
-                out[b, i + r] = _dot(x[b], rows[r])
-        return
-    blocked = n_inputs - n_inputs % 4
-    for b in range(0, blocked, 4):
-        _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], rows[0], rows[1], rows[2], rows[3])
-    for b in range(blocked, n_inputs):
-        out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(
-            x[b], rows[0], rows[1], rows[2], rows[3]
-        )
 
 
 @njit(inline="always")

@@ -256,7 +256,7 @@ def _biased_block_dot(typingctx, row, start, x, first):
     return types.int32(row, start, x, first), codegen
 
 
-@reassociating_kernel
+@parallel_kernel
 def _q8_0_matmul_dequantized_blocks(out, x, blocks):
     """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
     decoded once, times 4 inputs at a time in the fp32 GEMM's register blocks."""

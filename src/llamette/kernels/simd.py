@@ -3,11 +3,13 @@ vector, for loops whose arithmetic is fixed lane by lane and which LLVM's vector
 find on its own.
 
 Generic LLVM vector IR, no target intrinsics: on a CPU with AVX-512 VNNI `madd_pairs` becomes
-one `vpdpwssd`, elsewhere LLVM spells the same products with the instructions it has.
+one `vpdpwssd`, elsewhere LLVM spells the same products with the instructions it has. Float
+operations carry no fast-math flags, so LLVM keeps them in the order written.
 """
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
@@ -115,3 +117,46 @@ def store_float32x16(typingctx, out, v):
         return context.get_dummy_value()
 
     return types.none(out, v), codegen
+
+
+@intrinsic
+def load_float32x16(typingctx, array, index):
+    """array[index:index + 16] of a contiguous float32 array."""
+
+    def codegen(context, builder, signature, args):
+        array, index = args
+        pointer = _pointer(context, builder, signature.args[0], array, index, _FLOAT32_LANES)
+        return builder.load(pointer, align=4)
+
+    return float32x16(array, index), codegen
+
+
+@intrinsic
+def multiply_add(typingctx, acc, a, b):
+    """acc + a * b lane by lane, rounded once (a fused multiply-add)."""
+
+    def codegen(context, builder, signature, args):
+        acc, a, b = args
+        fma = ir.FunctionType(_FLOAT32_LANES, [_FLOAT32_LANES] * 3)
+        fma = cgutils.get_or_insert_function(builder.module, fma, "llvm.fma.v16f32")
+        return builder.call(fma, [a, b, acc])
+
+    return float32x16(acc, a, b), codegen
+
+
+@intrinsic
+def sum_float32x16(typingctx, v):
+    """The 16 lanes added in a fixed order: upper half onto lower half, down to one lane."""
+
+    def codegen(context, builder, signature, args):
+        (v,) = args
+        width = LANES
+        while width > 1:
+            width //= 2
+            half = ir.VectorType(_INT32, width)
+            lower = builder.shuffle_vector(v, v, ir.Constant(half, list(range(width))))
+            upper = builder.shuffle_vector(v, v, ir.Constant(half, list(range(width, 2 * width))))
+            v = builder.fadd(lower, upper)
+        return builder.extract_element(v, _INT32(0))
+
+    return types.float32(v), codegen
