@@ -63,13 +63,13 @@ def test_rope_rotates_pairs_as_complex_numbers():
 def test_grouped_query_attention():
     n_heads, n_kv_heads, head_size, seq_len, pos = 8, 2, 16, 32, 9
     q = randn(n_heads * head_size)
-    keys, values = randn(seq_len, n_kv_heads * head_size), randn(seq_len, n_kv_heads * head_size)
+    keys, values = randn(n_kv_heads, seq_len, head_size), randn(n_kv_heads, seq_len, head_size)
     out, att = np.empty_like(q), np.zeros((n_heads, seq_len), np.float32)
     reference.attention(out, q, keys, values, pos, n_heads, att)
     for h in range(n_heads):
         kv = h // (n_heads // n_kv_heads)  # query heads share kv heads in consecutive groups
-        k = keys[: pos + 1, kv * head_size : (kv + 1) * head_size].astype(np.float64)
-        v = values[: pos + 1, kv * head_size : (kv + 1) * head_size].astype(np.float64)
+        k = keys[kv, : pos + 1].astype(np.float64)
+        v = values[kv, : pos + 1].astype(np.float64)
         scores = k @ q[h * head_size : (h + 1) * head_size] / np.sqrt(head_size)
         weights = np.exp(scores - scores.max())
         weights /= weights.sum()
@@ -246,7 +246,7 @@ def test_matmul_f32_bits_do_not_depend_on_the_batch(columns):
 
 def test_fast_attention_agrees_with_the_reference():
     n_heads, head_size, seq_len = 4, 16, 30
-    keys, values = randn(seq_len, 2 * head_size), randn(seq_len, 2 * head_size)  # 2 kv heads
+    keys, values = randn(2, seq_len, head_size), randn(2, seq_len, head_size)  # 2 kv heads
     q = randn(n_heads * head_size)
     expected, out = np.empty_like(q), np.empty_like(q)
     att = np.zeros((n_heads, seq_len), np.float32)
@@ -258,8 +258,8 @@ def test_fast_attention_agrees_with_the_reference():
 def test_batched_attention_agrees_with_the_reference():
     """Eight rows of two sequences (slots) at different positions, grouped-query heads."""
     n_heads, n_kv_heads, head_size, seq_len = 4, 2, 16, 20
-    key_cache = randn(2, 1, seq_len, n_kv_heads * head_size)  # (slots, layers, seq_len, kv_dim)
-    value_cache = randn(2, 1, seq_len, n_kv_heads * head_size)
+    key_cache = randn(2, 1, n_kv_heads, seq_len, head_size)  # (slots, layers, kv heads, ...)
+    value_cache = randn(2, 1, n_kv_heads, seq_len, head_size)
     slots = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     positions = np.array([0, 1, 2, 3, 10, 11, 12, 19])
     q = randn(8, n_heads * head_size)

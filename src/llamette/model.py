@@ -13,7 +13,7 @@ from llamette.formats import load_weights
 from llamette.kernels import fast, ggml, parallel_kernel
 from llamette.kernels import timing as t
 from llamette.kernels.linear import attention, embed, linear, swiglu
-from llamette.kernels.reference import add, rmsnorm, rope, rope_angles
+from llamette.kernels.reference import add, rmsnorm, rope, rope_angles, store_kv
 from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8_0Tensor, Q8Tensor, tensor_nbytes
 from llamette.weights import Tensor, Weights
 
@@ -68,6 +68,8 @@ class Buffers(NamedTuple):
     xb: np.ndarray  # (dim,) normed input, attention output
     xb2: np.ndarray  # (dim,)
     q: np.ndarray  # (dim,) query
+    k: np.ndarray  # (kv_dim,) key, stored into the KV cache after RoPE
+    v: np.ndarray  # (kv_dim,) value
     hb: np.ndarray  # (hidden_dim,) feed-forward hidden state
     hb2: np.ndarray  # (hidden_dim,)
     att: np.ndarray  # (n_heads, seq_len) attention weights
@@ -90,7 +92,7 @@ class Buffers(NamedTuple):
             return np.zeros(shape, dtype)
 
         return cls(
-            zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim),
+            zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.kv_dim), zeros(c.kv_dim),
             zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
             zeros(c.head_size // 2), zeros(c.head_size // 2), zeros(c.vocab_size),
             zeros(widest, dtype=np.int8), zeros(widest), zeros(widest, dtype=np.int8),
@@ -104,7 +106,8 @@ def decode_step(
 ):
     """One token at position pos through the transformer, as run.c's forward; logits in s.logits.
 
-    key_cache, value_cache: (n_layers, seq_len, kv_dim); this step writes row pos of each layer.
+    key_cache, value_cache: (n_layers, n_kv_heads, seq_len, head_size); this step writes
+    position pos of each layer.
     profile: empty, or cycle counts per part of the step to add to (see kernels.timing).
     """
     x = s.x
@@ -114,15 +117,15 @@ def decode_step(
     rope_angles(s.rope_cos, s.rope_sin, pos, 2 * s.rope_cos.shape[0], rope_theta)  # every layer's
     t.tick(profile, t.ROPE)
     for layer in range(len(w.wq)):
-        key, value = key_cache[layer, pos], value_cache[layer, pos]  # (kv_dim,)
-
         # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
         rmsnorm(s.xb, x, w.attention_norm[layer], norm_eps)
         t.tick(profile, t.ATTENTION_NORM)
-        linear((s.q, key, value), s.xb, (w.wq[layer], w.wk[layer], w.wv[layer]), exact, s)
+        linear((s.q, s.k, s.v), s.xb, (w.wq[layer], w.wk[layer], w.wv[layer]), exact, s)
         t.tick(profile, t.QKV)
-        rope(s.q, key, s.rope_cos, s.rope_sin)
+        rope(s.q, s.k, s.rope_cos, s.rope_sin)
         t.tick(profile, t.ROPE)
+        store_kv(key_cache[layer], s.k, pos)
+        store_kv(value_cache[layer], s.v, pos)
         attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att, exact)
         t.tick(profile, t.ATTENTION)
         linear((s.xb2,), s.xb, (w.wo[layer],), exact, s)
@@ -165,8 +168,9 @@ class Transformer:
         self.exact = exact
         self.tensors = Tensors.of(weights)
         self.buffers = Buffers.for_config(c)
-        # KV cache: every layer's keys and values for every position so far, per sequence.
-        cache_shape = (n_slots, c.n_layers, c.seq_len, c.kv_dim)
+        # KV cache: every layer's keys and values for every position so far, per sequence; each
+        # kv head's positions in a row, so that attention reads one run of memory per head.
+        cache_shape = (n_slots, c.n_layers, c.n_kv_heads, c.seq_len, c.head_size)
         self.key_cache = np.zeros(cache_shape, np.float32)
         self.value_cache = np.zeros(cache_shape, np.float32)
         self.profile = np.zeros(0, np.int64)  # cycle counts per part of a decode step, when on
@@ -247,8 +251,9 @@ class Transformer:
             fast.rmsnorm_rows(xb, x, w.attention_norm[layer], c.norm_eps)
             q, k, v = self._matmul(xb, (w.wq[layer], w.wk[layer], w.wv[layer]))
             fast.rope_rows(q, k, cos, sin)
-            self.key_cache[slots, layer, positions] = k
-            self.value_cache[slots, layer, positions] = v
+            heads = (n, c.n_kv_heads, c.head_size)
+            self.key_cache[slots, layer, :, positions] = k.reshape(heads)
+            self.value_cache[slots, layer, :, positions] = v.reshape(heads)
             fast.attention_rows(attended, q, self.key_cache, self.value_cache, layer, slots,
                                 positions, c.n_heads)  # fmt: skip
             (out,) = self._matmul(attended, (w.wo[layer],))

@@ -523,50 +523,44 @@ def rope_rows(q, k, cos, sin):
 def attention(out, q, key_cache, value_cache, pos, n_heads, att):
     """Causal grouped-query attention of one token, heads in parallel (decode).
 
-    out, q: (dim,); key_cache, value_cache: (seq_len, kv_dim); att: (n_heads, seq_len) scratch.
-    Vectorized dot products and exp: within float tolerance of the reference, not equal to it.
+    out, q: (dim,); key_cache, value_cache: (n_kv_heads, seq_len, head_size); att: (n_heads,
+    seq_len) scratch. Vectorized dot products and exp: within float tolerance of the reference,
+    not equal to it.
     """
     head_size = q.shape[0] // n_heads
-    kv_mul = q.shape[0] // key_cache.shape[1]
+    kv_mul = n_heads // key_cache.shape[0]
     for h in prange(n_heads):
         heads = slice(h * head_size, (h + 1) * head_size)
-        _attend(
-            out[heads], q[heads], key_cache, value_cache, pos + 1, (h // kv_mul) * head_size, att[h]
-        )
+        kv_head = h // kv_mul
+        _attend(out[heads], q[heads], key_cache[kv_head], value_cache[kv_head], pos + 1, att[h])
 
 
 @reassociating_kernel
 def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_heads):
-    """Causal grouped-query attention for a batch: row b attends to rows 0..positions[b] of its
-    sequence's cache, which already holds the batch's own keys and values.
+    """Causal grouped-query attention for a batch: row b attends to positions 0..positions[b] of
+    its sequence's cache, which already holds the batch's own keys and values.
 
-    out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, seq_len, kv_dim).
+    out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, n_kv_heads, seq_len, head_size).
     """
     head_size = q.shape[1] // n_heads
-    kv_mul = q.shape[1] // key_cache.shape[3]
+    kv_mul = n_heads // key_cache.shape[2]
     for r in prange(q.shape[0] * n_heads):
         b, h = r // n_heads, r % n_heads
         heads = slice(h * head_size, (h + 1) * head_size)
-        keys, values = key_cache[slots[b], layer], value_cache[slots[b], layer]
+        kv_head = h // kv_mul
+        keys, values = key_cache[slots[b], layer, kv_head], value_cache[slots[b], layer, kv_head]
         scores = np.empty(positions[b] + 1, np.float32)
-        _attend(
-            out[b, heads],
-            q[b, heads],
-            keys,
-            values,
-            positions[b] + 1,
-            (h // kv_mul) * head_size,
-            scores,
-        )
+        _attend(out[b, heads], q[b, heads], keys, values, positions[b] + 1, scores)
 
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
-def _attend(out, q, keys, values, n_keys, offset, scores):
-    """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys."""
+def _attend(out, q, keys, values, n_keys, scores):
+    """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys;
+    keys, values (seq_len, head_size): its kv head's cache, each position's vector contiguous."""
     head_size = q.shape[0]
     inverse_scale = F32(1.0) / F32(math.sqrt(F32(head_size)))
     for t in range(n_keys):
-        key = keys[t, offset : offset + head_size]
+        key = keys[t]
         score = F32(0.0)
         for i in range(head_size):
             score += q[i] * key[i]
@@ -579,7 +573,7 @@ def _attend(out, q, keys, values, n_keys, offset, scores):
     out[:] = 0.0
     for t in range(n_keys):
         weight = scores[t] / total
-        value = values[t, offset : offset + head_size]
+        value = values[t]
         for i in range(head_size):
             out[i] += weight * value[i]
 

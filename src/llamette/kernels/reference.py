@@ -88,18 +88,18 @@ def rope(q, k, cos, sin):
 
 
 @kernel
-def attend(out, q, key_cache, value_cache, pos, kv_offset, att):
+def attend(out, q, keys, values, pos, att):
     """One head's attention over cache rows 0..pos: out (head_size,) = softmax(q . k / sqrt) @ v.
 
-    q: (head_size,); key_cache, value_cache: (seq_len, kv_dim), the head's kv columns starting
-    at kv_offset; att: (seq_len,) scratch for the scores.
+    q: (head_size,); keys, values: (seq_len, head_size), its kv head's cache; att: (seq_len,)
+    scratch for the scores.
     """
     head_size = q.shape[0]
     scale = F32(math.sqrt(F32(head_size)))
     for t in range(pos + 1):
         score = F32(0.0)
         for i in range(head_size):
-            score += q[i] * key_cache[t, kv_offset + i]
+            score += q[i] * keys[t, i]
         att[t] = score / scale
     softmax(att[: pos + 1])
     for i in range(head_size):
@@ -107,21 +107,30 @@ def attend(out, q, key_cache, value_cache, pos, kv_offset, att):
     for t in range(pos + 1):
         a = att[t]
         for i in range(head_size):
-            out[i] += a * value_cache[t, kv_offset + i]
+            out[i] += a * values[t, i]
 
 
 @parallel_kernel
 def attention(out, q, key_cache, value_cache, pos, n_heads, att):
     """Causal grouped-query attention of one token, heads in parallel.
 
-    out, q: (dim,); key_cache, value_cache: (seq_len, kv_dim); att: (n_heads, seq_len) scratch.
-    Query heads share kv heads in consecutive groups of n_heads / n_kv_heads.
+    out, q: (dim,); key_cache, value_cache: (n_kv_heads, seq_len, head_size); att: (n_heads,
+    seq_len) scratch. Query heads share kv heads in consecutive groups of n_heads / n_kv_heads.
     """
     head_size = q.shape[0] // n_heads
-    kv_mul = q.shape[0] // key_cache.shape[1]  # query heads per kv head
+    kv_mul = n_heads // key_cache.shape[0]  # query heads per kv head
     for h in prange(n_heads):
         heads = slice(h * head_size, (h + 1) * head_size)
-        attend(out[heads], q[heads], key_cache, value_cache, pos, (h // kv_mul) * head_size, att[h])
+        kv_head = h // kv_mul
+        attend(out[heads], q[heads], key_cache[kv_head], value_cache[kv_head], pos, att[h])
+
+
+@kernel
+def store_kv(cache, kv, pos):
+    """cache (n_kv_heads, seq_len, head_size)[:, pos] = kv (kv_dim,), head by head."""
+    head_size = cache.shape[2]
+    for h in range(cache.shape[0]):
+        cache[h, pos, :] = kv[h * head_size : (h + 1) * head_size]
 
 
 @kernel
