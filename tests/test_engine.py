@@ -10,6 +10,7 @@ import llamette
 from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.engine import Engine, QueueFull, Request
 from llamette.generate import StopStrings
+from llamette.kernels import SMALL_BATCH
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 
@@ -100,6 +101,52 @@ def test_sampled_tokens_are_those_of_the_run_loop(engine, tokenizer):
     run_until_idle(engine)
     n = len(request.tokens)
     assert n > 20 and request.tokens == run.tokens[:n]
+
+
+PROMPTS = [  # about 10 to 20 tokens: several share a pass, one spans two; and one of over 32
+    "Once upon a time, there was a little girl named Lily who loved to play",
+    "Tom had a big red truck. He liked to push it in the sand",
+    "The sun was hot and the birds were singing in the tall green trees",
+    "Sam and his dog went for a walk to the park near the lake",
+    "One day, a little bird could not fly. It was sad and alone, so it sat under a tree and "
+    "waited. A kind boy named Ben saw the bird and wanted to help it get better",
+]
+
+
+def test_prompts_that_share_passes_get_the_tokens_of_the_run_loop(engine, tokenizer):
+    """Prompt tokens of new requests ride in the passes of the running ones (a prompt may span
+    two passes; one over SMALL_BATCH tokens goes alone), and each request still gets exactly what
+    `llamette run` gives it."""
+    model = Transformer.load(BUNDLED / "model.bin")
+    specs = [(prompt, temperature, seed) for temperature in (0.0, 0.9)
+             for seed, prompt in enumerate(PROMPTS, start=1)]  # fmt: skip
+    expected = []
+    for prompt, temperature, seed in specs:
+        sampler = Sampler(tokenizer.vocab_size, temperature, 0.9, seed=seed)
+        steps = len(tokenizer.encode(prompt)) + 30
+        expected.append(generate(model, tokenizer, sampler, prompt, steps).tokens)
+    passes = []  # the slots of each pass's rows
+    forward_batch = engine.model.forward_batch
+    engine.model.forward_batch = lambda *args: passes.append(args[2]) or forward_batch(*args)
+    try:
+        crowd = [make_request(tokenizer, prompt, 30, temperature, seed)
+                 for prompt, temperature, seed in specs]  # fmt: skip
+        for request in crowd[:5]:
+            engine.submit(request)
+        engine.step()
+        for request in crowd[5:]:
+            engine.submit(request)
+        run_until_idle(engine)
+    finally:
+        engine.model.forward_batch = forward_batch
+    for request, tokens in zip(crowd, expected, strict=True):
+        assert len(request.tokens) == 30 or request.events[-1].finish_reason == "stop"
+        assert request.tokens == tokens[: len(request.tokens)]
+    slots_with_prompt_rows = [{s for s in slots if list(slots).count(s) > 1} for slots in passes]
+    assert max(map(len, slots_with_prompt_rows)) >= 2  # two prompts in one pass
+    shared = [len(slots) for slots in passes if len(set(slots)) > 1]
+    assert max(shared) == SMALL_BATCH  # shared passes fill up, and no further
+    assert any(len(set(slots)) == 1 and len(slots) > SMALL_BATCH for slots in passes)  # the long
 
 
 def test_stop_strings_end_the_text_before_them(engine, tokenizer):

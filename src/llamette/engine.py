@@ -1,7 +1,8 @@
-"""Continuous batching: many generations share one model, advancing together one decode step at
-a time. New requests join at the next step; finished and cancelled ones leave and free their
-KV-cache slot. Each request samples with its own RNG and the kernels compute a batch's rows
-independently (see kernels.SMALL_BATCH), so a request gets the same tokens alone or in a crowd.
+"""Continuous batching: many generations share one model, advancing together one pass at a time.
+New requests join at the next step, their prompts in the same pass as the others' next tokens;
+finished and cancelled ones leave and free their KV-cache slot. Each request samples with its own
+RNG and the kernels compute a pass's rows independently (see kernels.SMALL_BATCH), so a request
+gets the same tokens alone or in a crowd.
 
 The engine is plain Python over `Transformer`: `step()` runs one scheduling round, `start()`
 runs rounds on a thread of its own. Output goes to each request's `on_event` callback.
@@ -51,6 +52,7 @@ class Request:
 
     # progress, kept by the engine
     slot: int = -1
+    prompt_fed: int = 0  # prompt tokens through the model so far
     tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
     text: str = ""
     shown: int = 0  # characters of text sent (text beyond may start a stop string)
@@ -118,25 +120,54 @@ class Engine:
         self.model.forward_batch([BOS_ID, BOS_ID], [0, 0], [0, 0])
 
     def step(self) -> None:
-        """One round: admit waiting requests to free slots (their prompts through the model),
-        then one decode step for every running request."""
+        """One round: admit waiting requests to free slots, then one pass through the model.
+
+        A pass takes the last sampled token of every running request and, in the room left in
+        its last SMALL_BATCH rows, prompt tokens of the admitted (a prompt may span rounds). Each
+        row is computed as it would be alone, so this gives the bits of a whole-prompt prefill.
+        Prompts longer than SMALL_BATCH, whose prefill takes the batched kernels, go alone.
+        """
         for request in self._admit():
-            try:
-                logits = self.model.prefill(request.prompt_tokens, 0, request.slot)
-            except Exception as error:  # a failed request must not take the others down
-                log.exception("prefill failed")
-                self._finish(request, "error", error=str(error))
-                continue
-            self._advance(request, request.sampler.sample(logits))
+            if len(request.prompt_tokens) > SMALL_BATCH:
+                self._prefill_alone(request)
         self._drop_cancelled()
-        running = list(self._running)
-        for start in range(0, len(running), SMALL_BATCH):
-            batch = running[start : start + SMALL_BATCH]
+        rows = self._rows()  # (request, token, position)
+        for start in range(0, len(rows), SMALL_BATCH):
+            batch = rows[start : start + SMALL_BATCH]
+            # rows whose logits give a token: every decode row, and a prompt's last
+            sampling = [i for i, (request, _, pos) in enumerate(batch) if pos == request.next_pos]
             logits = self.model.forward_batch(
-                [r.tokens[-1] for r in batch], [r.next_pos for r in batch], [r.slot for r in batch]
-            )  # (len(batch), vocab_size)
-            for request, row in zip(batch, logits, strict=True):
+                [token for _, token, _ in batch],
+                [pos for _, _, pos in batch],
+                [request.slot for request, _, _ in batch],
+                sampling,
+            )  # (len(sampling), vocab_size)
+            for i, row in zip(sampling, logits, strict=True):
+                request = batch[i][0]
                 self._advance(request, request.sampler.sample(row))
+
+    def _rows(self) -> list[tuple[Request, int, int]]:
+        """This round's rows: every decoding request's last token, then prompt tokens up to the
+        end of the last pass of SMALL_BATCH rows (a pass of their own when there is no room)."""
+        rows = [(r, r.tokens[-1], r.next_pos) for r in self._running if r.tokens]
+        room = SMALL_BATCH - len(rows) % SMALL_BATCH
+        for request in self._running:
+            fed, prompt = request.prompt_fed, request.prompt_tokens
+            take = min(room, len(prompt) - fed)
+            rows += [(request, prompt[pos], pos) for pos in range(fed, fed + take)]
+            request.prompt_fed += take
+            room -= take
+        return rows
+
+    def _prefill_alone(self, request: Request) -> None:
+        try:
+            logits = self.model.prefill(request.prompt_tokens, 0, request.slot)
+        except Exception as error:  # a failed request must not take the others down
+            log.exception("prefill failed")
+            self._finish(request, "error", error=str(error))
+            return
+        request.prompt_fed = len(request.prompt_tokens)
+        self._advance(request, request.sampler.sample(logits))
 
     def run(self) -> None:
         """Run rounds until stop(); sleep while there is nothing to do."""

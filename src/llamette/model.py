@@ -264,6 +264,8 @@ class Transformer:
             fast.swiglu_rows(gate, up)
             (out,) = self._matmul(gate, (w.w2[layer],))
             x += out
+        if logit_rows is not None and len(logit_rows) == 0:  # a pass through part of a prompt
+            return np.empty((0, c.vocab_size), np.float32)
         rows = x if logit_rows is None else x[logit_rows]
         fast.rmsnorm_rows(rows, rows, w.norm, c.norm_eps)
         (logits,) = self._matmul(rows, (w.output,))
