@@ -246,12 +246,12 @@ class Transformer:
             np.empty((n, c.head_size // 2), np.float32),
         )
         fast.rope_angles_rows(cos, sin, positions, c.head_size, c.rope_theta)
+        heads = (n, c.n_kv_heads, c.head_size)  # a row of keys or values, as the cache holds it
         for layer in range(c.n_layers):
             # attention
             fast.rmsnorm_rows(xb, x, w.attention_norm[layer], c.norm_eps)
             q, k, v = self._matmul(xb, (w.wq[layer], w.wk[layer], w.wv[layer]))
             fast.rope_rows(q, k, cos, sin)
-            heads = (n, c.n_kv_heads, c.head_size)
             self.key_cache[slots, layer, :, positions] = k.reshape(heads)
             self.value_cache[slots, layer, :, positions] = v.reshape(heads)
             fast.attention_rows(attended, q, self.key_cache, self.value_cache, layer, slots,

@@ -2,10 +2,10 @@
 
 Matrix products take B inputs at once (decode is B = 1): each weight row is read once for all of
 them. fp32: each dot product is summed in 16 SIMD lanes, an order of its own (within float
-tolerance of run.c's) that does not depend on the batch. Q8: runq.c's arithmetic exactly (group dot products in int32, group terms summed in
-float32 in order) with the int8 products vectorized (AVX-512 VNNI where the CPU has it),
-except that rows which are not a whole number of groups are computed in full, where runq.c skips
-their last columns and misreads their scales.
+tolerance of run.c's) that does not depend on the batch. Q8: runq.c's arithmetic exactly (group
+dot products in int32, group terms summed in float32 in order) with the int8 products vectorized
+(AVX-512 VNNI where the CPU has it), except that rows which are not a whole number of groups are
+computed in full, where runq.c skips their last columns and misreads their scales.
 """
 
 import math

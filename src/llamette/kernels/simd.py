@@ -4,7 +4,8 @@ find on its own.
 
 Generic LLVM vector IR, no target intrinsics: on a CPU with AVX-512 VNNI `madd_pairs` becomes
 one `vpdpwssd`, elsewhere LLVM spells the same products with the instructions it has. Float
-operations carry no fast-math flags, so LLVM keeps them in the order written.
+operations are emitted without fast-math flags, so LLVM keeps them in the order written, as long
+as the kernel they are inlined into is not compiled with fastmath (Numba would flag them too).
 """
 
 from llvmlite import ir
