@@ -5,6 +5,7 @@ import pytest
 
 from conftest import shared_path
 from llamette import Transformer
+from llamette.quant import Q8Tensor
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -46,9 +47,10 @@ def test_batched_prefill_agrees_with_one_token_at_a_time(name):
         expected = one_by_one.forward(token, pos)
     logits = batched.prefill(tokens, 0)
     assert np.argmax(logits) == np.argmax(expected)
-    if "q80" in name:
-        # a last-bit difference can flip the rounding of a quantized activation, which moves the
-        # values it feeds by a quantization step: compare the whole, not each value
+    if isinstance(one_by_one.weights.layer(0, "attention.wq.weight"), Q8Tensor):
+        # a last-bit difference (here from the reordered attention sums, which depend on the CPU's
+        # vector width) can flip the rounding of a quantized activation, which moves the values
+        # it feeds by a quantization step: compare the whole, not each value
         assert np.abs(logits - expected).max() < 1e-2 * np.abs(expected).max()
         difference = np.linalg.norm(batched.key_cache - one_by_one.key_cache)
         assert difference < 1e-2 * np.linalg.norm(one_by_one.key_cache)
