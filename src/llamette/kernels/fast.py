@@ -25,7 +25,9 @@ from llamette.kernels.reference import (
     round_half_away,
 )
 from llamette.kernels.simd import (
+    FUSED_MADD,
     LANES,
+    WIDE_REGISTERS,
     add_group_terms,
     add_int32x16,
     float32x16_zeros,
@@ -55,7 +57,7 @@ def matmul_f32(out, x, w):
     Up to 3 inputs (bound by memory): two weight rows half the matrix apart per task, so that each
     thread reads two long runs of memory (which the prefetchers follow; four runs are slower here)
     and uses each input value it loads twice. From 4 inputs (bound by arithmetic): blocks of 4
-    adjacent rows times 4 inputs, 16 sums in registers.
+    adjacent rows times 4 inputs, 16 sums in registers (on AVX-512; elsewhere 2 by 2).
     """
     n_inputs, d = x.shape[0], w.shape[0]
     if n_inputs < 4:
@@ -92,6 +94,14 @@ def rows_times_inputs(out, x, rows, i, d):
                 out[b, i + r] = _dot(x[b], rows[r])
         return
     w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
+    if not WIDE_REGISTERS:  # 16 sums would not stay in registers: 2 rows by 2 inputs
+        paired = n_inputs - n_inputs % 2
+        for b in range(0, paired, 2):
+            _dots_2x2(out, b, i, x[b], x[b + 1], w0, w1)
+            _dots_2x2(out, b, i + 2, x[b], x[b + 1], w2, w3)
+        for b in range(paired, n_inputs):
+            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
+        return
     blocked = n_inputs - n_inputs % 4
     for b in range(0, blocked, 4):
         _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
@@ -143,6 +153,21 @@ def _dots_1x4(x, w0, w1, w2, w3):
 
 
 @njit(inline="always")
+def _dots_2x2(out, b, i, x0, x1, w0, w1):
+    """out[b + k, i + r] = x_k . w_r for inputs k and rows r of 0, 1."""
+    whole = x0.shape[0] - x0.shape[0] % LANES
+    a00 = a01 = a10 = a11 = float32x16_zeros()
+    for j in range(0, whole, LANES):
+        p0, p1 = load_float32x16(w0, j), load_float32x16(w1, j)
+        v = load_float32x16(x0, j)
+        a00, a01 = multiply_add(a00, v, p0), multiply_add(a01, v, p1)
+        v = load_float32x16(x1, j)
+        a10, a11 = multiply_add(a10, v, p0), multiply_add(a11, v, p1)
+    out[b, i], out[b, i + 1] = _total(a00, x0, w0, whole), _total(a01, x0, w1, whole)
+    out[b + 1, i], out[b + 1, i + 1] = _total(a10, x1, w0, whole), _total(a11, x1, w1, whole)
+
+
+@njit(inline="always")
 def _dots_4x4(out, b, i, x0, x1, x2, x3, w0, w1, w2, w3):
     """out[b + k, i + r] = x_k . w_r for inputs k and rows r of 0..3: 16 sums in registers,
     each loaded vector used four times."""
@@ -187,19 +212,30 @@ def _total(lanes, x, w, whole):
 
 @kernel
 def q8_quantize(xq, xs, x, group_size):
-    """Quantize x in groups of group_size (the last may be shorter): scale = max|x| / 127, q = round(x / scale)."""
+    """Quantize x in groups of group_size (the last may be shorter): scale = max|x| / 127,
+    q = round(x / scale), halves away from zero (runq.c's arithmetic, in loops that vectorize)."""
     n = x.shape[0]
     for g in range((n + group_size - 1) // group_size):
         start, stop = g * group_size, min(n, (g + 1) * group_size)
         wmax = F32(0.0)
         for i in range(start, stop):
-            if abs(x[i]) > wmax:
-                wmax = abs(x[i])
+            wmax = max(wmax, abs(x[i]))  # a NaN is passed over, as by `if abs(x[i]) > wmax`
         scale = wmax / F32(127.0)
         xs[g] = scale
-        for i in range(start, stop):
+        if F32(0.0) < scale < F32(np.inf):
+            _quantize_into(xq[start:stop], x[start:stop], scale)
+            continue
+        for i in range(start, stop):  # all zeros (0 / 0) or an infinity: no vector loop
             quotient = x[i] / scale
             xq[i] = 0 if math.isnan(quotient) else np.int8(round_half_away(quotient))
+
+
+@njit(inline="always")
+def _quantize_into(xq, x, scale):
+    """xq = round_half_away(x / scale) for a finite, positive scale."""
+    for i in range(x.shape[0]):
+        rounded = np.floor(abs(x[i] / scale) + F32(0.5))
+        xq[i] = np.int8(-rounded if x[i] < 0 else rounded)
 
 
 @parallel_kernel
@@ -339,23 +375,26 @@ def _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws):
             out[b, i] = val
 
 
-@kernel
+@parallel_kernel
 def _inputs_across_lanes(xq, xs):
     """The quantized inputs xq (B, n), xs (B, groups) laid out for _q8_matmul_across_inputs:
     in blocks of 16 inputs (the last padded with zeros), pairs (blocks, n * 16) int16 holds for
     each pair of columns (k, k + 1) the 16 inputs' values side by side, and lane_scales
-    (blocks, groups * 16) each group's 16 scales."""
+    (blocks, groups * 16) each group's 16 scales. (n is even: whole groups of 32 or 64.)"""
     n_inputs, n = xq.shape
     groups = xs.shape[1]
     blocks = (n_inputs + LANES - 1) // LANES
     pairs = np.zeros((blocks, n * LANES), np.int16)
     lane_scales = np.zeros((blocks, groups * LANES), np.float32)
+    for pair in prange(n // 2):
+        k = 2 * np.int64(pair)
+        for b in range(n_inputs):
+            block, lane = b // LANES, b % LANES
+            pairs[block, k * LANES + 2 * lane] = xq[b, k]
+            pairs[block, k * LANES + 2 * lane + 1] = xq[b, k + 1]
     for b in range(n_inputs):
-        block, lane = b // LANES, b % LANES
-        for k in range(n):
-            pairs[block, (k // 2) * 2 * LANES + 2 * lane + k % 2] = xq[b, k]
         for g in range(groups):
-            lane_scales[block, g * LANES + lane] = xs[b, g]
+            lane_scales[b // LANES, g * LANES + b % LANES] = xs[b, g]
     return pairs, lane_scales
 
 
@@ -397,7 +436,15 @@ def _q8_matmul_across_inputs(out, pairs, lane_scales, wq, ws, group_size):
 @njit(inline="always")
 def _group_sums(x_pairs, row0, row1, start, group_size):
     """The int32 sums of one group (columns start.. of group_size) for rows 0 and 1, each lane
-    one input: four partial sums per row (exact in any order), then one."""
+    one input. Where a multiply-accumulate waits on its previous sum (FUSED_MADD), four partial
+    sums per row (exact in any order) keep the multiplier busy; elsewhere one per row leaves the
+    registers (16 on AVX2, each int32x16 takes two) to the rest of the loop."""
+    if not FUSED_MADD:
+        sum0 = sum1 = int32x16_zeros()
+        for k in range(start, start + group_size, 2):
+            sum0 = madd_pairs(sum0, x_pairs, k * LANES, row0, k)
+            sum1 = madd_pairs(sum1, x_pairs, k * LANES, row1, k)
+        return sum0, sum1
     a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = int32x16_zeros()
     for k in range(start, start + group_size, 8):
         a0 = madd_pairs(a0, x_pairs, k * LANES, row0, k)

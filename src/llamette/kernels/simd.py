@@ -8,12 +8,19 @@ operations are emitted without fast-math flags, so LLVM keeps them in the order 
 as the kernel they are inlined into is not compiled with fastmath (Numba would flag them too).
 """
 
-from llvmlite import ir
+from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
+_HOST_FEATURES = binding.get_host_cpu_features().flatten().split(",")
+# Whether a float32x16 fits one register, of 32 (AVX-512); elsewhere (AVX2) it takes two of 16,
+# and kernels keep fewer of them live at once.
+WIDE_REGISTERS = "+avx512f" in _HOST_FEATURES
+# Whether the CPU multiplies and accumulates in one instruction (AVX-512 VNNI's vpdpwssd), so that
+# a sum of madd_pairs waits for its previous value; elsewhere the products (pmaddwd) do not.
+FUSED_MADD = "+avx512vnni" in _HOST_FEATURES
 _INT32 = ir.IntType(32)
 _INT32_LANES = ir.VectorType(_INT32, LANES)
 _FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
