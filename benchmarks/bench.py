@@ -96,7 +96,7 @@ def bandwidth(threads: int) -> float:
 
 def machine() -> dict:
     return {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": THREADS,
         "bandwidth_gb_s": {"1": bandwidth(1), str(THREADS): bandwidth(THREADS)},
         "date": time.strftime("%Y-%m-%d"),
@@ -254,14 +254,20 @@ def chart(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector extension (the kernels' speed depends on it)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        info = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return "unknown CPU"
+        return "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                "unknown CPU")  # fmt: skip
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    vectors = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
+                                         ("avx2", "AVX2")) if flag in flags]  # fmt: skip
+    if "AVX-512" in vectors:
+        vectors.remove("AVX2")
+    return f"{name} ({', '.join(vectors)})" if vectors else name
 
 
 if __name__ == "__main__":

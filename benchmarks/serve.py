@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench import DEFAULT_TOKENIZER, RESULTS, THREADS, ensure_peer
+from bench import DEFAULT_TOKENIZER, RESULTS, THREADS, cpu_name, ensure_peer
 from models import ensure_model
 
 CLIENTS = (1, 4, 16)
@@ -194,8 +194,8 @@ def stress() -> dict:
 def markdown(rows: list[dict], stress_result: dict | None) -> str:
     lines = [
         f"Generated tokens per second, {REQUESTS} completions of {MAX_TOKENS} tokens shared "
-        f"among the clients, {THREADS} threads, medians; llama.cpp is llama-cpp-python[server] "
-        "on GGUF files of the same weights.",
+        f"among the clients, {THREADS} threads on {cpu_name()}, {time.strftime('%Y-%m-%d')}, "
+        "medians; llama.cpp is llama-cpp-python[server] on GGUF files of the same weights.",
         "",
         "| model | weights | clients | llamette serve | llama.cpp server | ratio | llamette vs 1 client |",
         "|---|---|---|---|---|---|---|",

@@ -14,7 +14,17 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 LANES = 16
-_HOST_FEATURES = binding.get_host_cpu_features().flatten().split(",")
+
+
+def _host_features() -> set[str]:
+    """The CPU's features as LLVM names them ("+avx2", ...); none where LLVM cannot tell."""
+    try:
+        return set(binding.get_host_cpu_features().flatten().split(","))
+    except RuntimeError:
+        return set()
+
+
+_HOST_FEATURES = _host_features()
 # Whether a float32x16 fits one register, of 32 (AVX-512); elsewhere (AVX2) it takes two of 16,
 # and kernels keep fewer of them live at once.
 WIDE_REGISTERS = "+avx512f" in _HOST_FEATURES
