@@ -1,10 +1,13 @@
 """The forward pass against Hugging Face transformers' logits for the same weights."""
 
+import sys
+
 import numpy as np
 import pytest
 
 from conftest import shared_path
 from llamette import Transformer
+from llamette.model import lazily_mapped_zeros
 from llamette.quant import Q8Tensor
 
 
@@ -75,3 +78,18 @@ def test_forward_batch_decodes_several_sequences_at_once():
         np.testing.assert_allclose(
             logits[slot], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
         )
+
+
+def resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_the_kv_cache_takes_memory_only_where_written():
+    """A 7B model's cache is 4 GiB at full context; a short chat should not make it resident."""
+    cache = lazily_mapped_zeros((4, 2, 4096, 128))  # 4 layers x 2 kv heads: 2 MiB per run
+    before = resident_kib()
+    cache[:, :, 0] = 1.0  # the first position of every kv head
+    assert resident_kib() - before < 1024  # 8 pages of 4 KiB, not 8 runs of 2 MiB
+    assert not cache[:, :, 1:].any()
