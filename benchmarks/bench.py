@@ -189,14 +189,15 @@ def summary_line(c: dict) -> str:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
+    seen = [c["bandwidth_gb_s"] for c in results["configs"]]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores; read bandwidth at the start {m['bandwidth_gb_s']['1']} GB/s "
         f"(1 thread), {m['bandwidth_gb_s'][str(m['cores'])]} GB/s ({m['cores']} threads); {m['date']}. "
         f"Medians of alternating runs; llama.cpp is llama-cpp-python {PEER_PACKAGE.split('==')[1]} "
         "built with -DGGML_NATIVE=ON, timed by its own counters (no Python in them); llamette's "
         "figures include its Python loop and sampling. Ceiling: weight bytes per token over the "
-        "read bandwidth measured just before each model's runs (on this shared host it lands near "
-        "31 or near 46 GB/s from one measurement to the next).",
+        "read bandwidth measured just before each model's runs (this run: "
+        f"{min(seen)} to {max(seen)} GB/s).",
         "",
         "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s at GB/s (llamette's share) "
         "| prefill tok/s llamette / llama.cpp (ratio) | first token s llamette / llama.cpp "

@@ -80,8 +80,6 @@ class Buffers(NamedTuple):
     # A Q8 matmul's input, quantized (sizes: the widest input, max(dim, hidden_dim)):
     xq: np.ndarray  # int8 values
     xs: np.ndarray  # group scales
-    x_even: np.ndarray  # int8 values of even groups of 32, the rest zero
-    x_odd: np.ndarray  # int8 values of odd groups of 32
     x_dequantized: np.ndarray  # float32 values * scales
     x_sums: np.ndarray  # int32 sums of the values of each group of 32 (Q8_0)
 
@@ -96,8 +94,8 @@ class Buffers(NamedTuple):
             zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.kv_dim), zeros(c.kv_dim),
             zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
             zeros(c.head_size // 2), zeros(c.head_size // 2), zeros(c.vocab_size),
-            zeros(widest, dtype=np.int8), zeros(widest), zeros(widest, dtype=np.int8),
-            zeros(widest, dtype=np.int8), zeros(widest), zeros(-(-widest // 32), dtype=np.int32),
+            zeros(widest, dtype=np.int8), zeros(widest), zeros(widest),
+            zeros(-(-widest // 32), dtype=np.int32),
         )  # fmt: skip
 
 

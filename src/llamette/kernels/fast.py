@@ -30,6 +30,8 @@ from llamette.kernels.simd import (
     WIDE_REGISTERS,
     add_group_terms,
     add_int32x16,
+    dot_int8x32,
+    dot_int8x64,
     float32x16_zeros,
     int32x16_zeros,
     load_float32x16,
@@ -254,8 +256,6 @@ class Q8Scratch(NamedTuple):
 
     values: np.ndarray  # (B, n) int8: the inputs quantized
     scales: np.ndarray  # (B, groups) float32
-    even: np.ndarray  # (B, n) int8: values of groups 0, 2, 4, ... of 32 (the others zero)
-    odd: np.ndarray  # (B, n) int8: values of groups 1, 3, 5, ...
     dequantized: np.ndarray  # (B, n) float32: values * scales
 
 
@@ -263,7 +263,6 @@ def q8_scratch(n_inputs: int, n: int, group_size: int) -> Q8Scratch:
     groups = -(-n // group_size)
     return Q8Scratch(
         np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, groups), np.float32),
-        np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, n), np.int8),
         np.zeros((n_inputs, n), np.float32),
     )  # fmt: skip
 
@@ -297,15 +296,9 @@ def q8_linear(outs, x, weights, scratch):
         if in_lanes == n_inputs:
             return
         values, scales = scratch.values[in_lanes:], scratch.scales[in_lanes:]
-        even, odd = scratch.even[in_lanes:], scratch.odd[in_lanes:]
-        if group_size == 32:
-            _split_alternate_groups(values, even, odd)
         for i in range(len(weights)):
             w = weights[i]
-            if group_size == 64:
-                _q8_matmul_groups_of_64(outs[i][in_lanes:], values, scales, w.values, w.scales)
-            else:
-                _q8_matmul_groups_of_32(outs[i][in_lanes:], even, odd, scales, w.values, w.scales)
+            _q8_matmul_groups(outs[i][in_lanes:], values, scales, w.values, w.scales, group_size)
         return
     _dequantize_rows(scratch.dequantized, scratch.values, scratch.scales, group_size)
     for i in range(len(weights)):
@@ -318,60 +311,25 @@ def q8_linear(outs, x, weights, scratch):
             )
 
 
-# Integer products are written as I32(acc + I32(a) * I32(b)): Numba would widen them to int64,
-# and 32-bit sums of 8-bit products are what the vectorizer turns into VNNI instructions.
-
-
 @parallel_kernel
-def _q8_matmul_groups_of_64(out, xq, xs, wq, ws):
-    """Groups of exactly 64 (llama2.c's export default): a constant trip count vectorizes best.
-
-    Each weight row is read once for all inputs. (Blocking several rows or inputs into one loop
-    keeps LLVM from vectorizing the int8 products: one product sum per loop is what becomes VNNI.)
-    """
+def _q8_matmul_groups(out, xq, xs, wq, ws, group_size):
+    """out (B, d) = x @ wq^T with runq.c's arithmetic, groups of 64 or 32, one input at a time:
+    per group an int32 dot product (SIMD products and a horizontal sum), then the float32 term
+    (dot * weight scale) * input scale, groups summed in order. Each weight row is read once for
+    all inputs."""
     d, n = wq.shape
-    ng = n // 64
+    groups = n // group_size
     for i in prange(d):
-        row, row_scales = wq[i], ws[i * ng : (i + 1) * ng]
+        row, row_scales = wq[i], ws[i * groups : (i + 1) * groups]
         for b in range(xq.shape[0]):
             x, x_scales = xq[b], xs[b]
             val = F32(0.0)
-            for g in range(ng):
-                ival = I32(0)
-                for k in range(64):
-                    ival = I32(ival + I32(x[g * 64 + k]) * I32(row[g * 64 + k]))
-                val += (F32(ival) * row_scales[g]) * x_scales[g]
-            out[b, i] = val
-
-
-@parallel_kernel
-def _q8_matmul_groups_of_32(out, x_even, x_odd, xs, wq, ws):
-    """Groups of 32 (GGUF's Q8_0 block size): each window of 64 values holds two groups, and the
-    input comes twice, with the odd groups zeroed (x_even) and with the even ones zeroed (x_odd),
-    so that each group's sum is a 64-wide loop that vectorizes (a 32-wide one does not)."""
-    d, n = wq.shape
-    ng = n // 32
-    for i in prange(d):
-        row, scales = wq[i], ws[i * ng : (i + 1) * ng]
-        for b in range(x_even.shape[0]):
-            even, odd, x_scales = x_even[b], x_odd[b], xs[b]
-            val = F32(0.0)
-            for h in range(ng // 2):
-                first = I32(0)
-                for k in range(64):
-                    first = I32(first + I32(even[h * 64 + k]) * I32(row[h * 64 + k]))
-                second = I32(0)
-                for k in range(64):
-                    second = I32(second + I32(odd[h * 64 + k]) * I32(row[h * 64 + k]))
-                val += (F32(first) * scales[2 * h]) * x_scales[2 * h]
-                val += (F32(second) * scales[2 * h + 1]) * x_scales[2 * h + 1]
-            if ng % 2:  # an odd number of groups: the last one alone, still in a 64-wide loop:
-                # over the last 64 values, x_even holds the last group and zeros for the one before
-                tail, x_tail = row[n - 64 :], even[n - 64 :]
-                last = I32(0)
-                for k in range(64):
-                    last = I32(last + I32(x_tail[k]) * I32(tail[k]))
-                val += (F32(last) * scales[ng - 1]) * x_scales[ng - 1]
+            if group_size == 64:
+                for g in range(groups):
+                    val += (F32(dot_int8x64(row, g * 64, x, g * 64)) * row_scales[g]) * x_scales[g]
+            else:
+                for g in range(groups):
+                    val += (F32(dot_int8x32(row, g * 32, x, g * 32)) * row_scales[g]) * x_scales[g]
             out[b, i] = val
 
 
@@ -406,7 +364,7 @@ def _q8_matmul_across_inputs(out, pairs, lane_scales, wq, ws, group_size):
     """out (B, d) = x @ wq^T with runq.c's arithmetic, 16 inputs at a time in SIMD lanes (one
     lane per input; see _inputs_across_lanes): each lane sums a group's int32 products over
     pairs of columns, then adds the group's float32 term, groups in order. The same operations
-    per output as _q8_matmul_groups_of_64/32, so the same bits, without their per-group
+    per output as _q8_matmul_groups, so the same bits, without their per-group
     horizontal sums. Two weight rows at a time share each input load; rows are widened to
     int16 once."""
     d, n = wq.shape
@@ -465,17 +423,6 @@ def _widen_into(out, values):
     """out = values (a whole row: a loop from 0 over a 1-d slice vectorizes, a 2-d index not)."""
     for k in range(values.shape[0]):
         out[k] = values[k]
-
-
-@parallel_kernel
-def _split_alternate_groups(xq, x_even, x_odd):
-    """Copy xq (B, n) into x_even (groups of 32 with even index, the rest zero) and x_odd."""
-    for b in prange(xq.shape[0]):
-        for k in range(xq.shape[1]):
-            if k % 64 < 32:
-                x_even[b, k], x_odd[b, k] = xq[b, k], 0
-            else:
-                x_even[b, k], x_odd[b, k] = 0, xq[b, k]
 
 
 @parallel_kernel

@@ -61,8 +61,8 @@ def _linear(outs, x, weights, exact, s):
                     reference.q8_matmul(outs[i], s.xq[:n], s.xs, w.values, w.scales, group_size)
                 return
             scratch = fast.Q8Scratch(
-                s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups), s.x_even[:n].reshape(1, n),
-                s.x_odd[:n].reshape(1, n), s.x_dequantized[:n].reshape(1, n),
+                s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups),
+                s.x_dequantized[:n].reshape(1, n),
             )  # fmt: skip
             fast.q8_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
 
