@@ -166,7 +166,7 @@ def test_q8_reference_is_runq_to_the_bit(group_size):
     np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
 
 
-@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH])  # decode, and batches of sequences
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # decode to prompts
 @pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
 def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns, inputs):
     w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)
@@ -181,9 +181,9 @@ def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns
 
 
 @pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 7])  # register blocks of 4, then leftovers
-@pytest.mark.parametrize("group_size", [64, 32, 16, 8])
+@pytest.mark.parametrize("group_size", [16, 8])
 def test_q8_fast_is_runq_within_float_tolerance(group_size, inputs):
-    """Other group sizes, and batches: the same quantized values multiplied in float."""
+    """Other group sizes: the same quantized values multiplied in float."""
     w, x = quantize_q8(randn(42, 256), group_size), randn(inputs, 256)
     out, xq, xs = fast_q8_product(w, x)
     for b in range(inputs):
@@ -409,7 +409,7 @@ def test_q8_0_tensor_reads_its_blocks():
     )
 
 
-@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH])  # decode, and batches of sequences
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # decode to prompts
 @pytest.mark.parametrize("columns", [256, 288])  # 288: 9 blocks
 def test_q8_0_products_are_runq_to_the_bit(columns, inputs):
     w, regrouped = random_q8_0(40, columns)
@@ -430,15 +430,6 @@ def test_q8_0_products_equal_q8_products_of_the_same_values(rows, columns, input
     w, regrouped = random_q8_0(rows, columns)
     x = randn(inputs, columns)
     np.testing.assert_array_equal(q8_0_product(w, x)[0], fast_q8_product(regrouped, x)[0])
-
-
-def test_q8_0_batches_are_the_quantized_product_within_float_tolerance():
-    w, regrouped = random_q8_0(42, 256)
-    x = randn(SMALL_BATCH + 7, 256)
-    out, xq, xs = q8_0_product(w, x)
-    x_dequantized = xq * np.repeat(xs, 32, axis=1).astype(np.float64)
-    expected = x_dequantized @ regrouped.dequantize().astype(np.float64).T
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_q8_0_reference_is_runq_to_the_bit():

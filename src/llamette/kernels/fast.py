@@ -272,15 +272,15 @@ def q8_linear(outs, x, weights, scratch):
     """outs[i] (B, d_i) = x (B, n) @ weights[i] (d_i, n)^T for Q8 weights that share their input,
     which is quantized once (q8_quantize) as runq.c quantizes activations.
 
-    Up to SMALL_BATCH inputs (decode), groups of 64 or 32: runq.c's arithmetic to the bit. Larger
-    batches: dequantized blocks of weights times the dequantized inputs, in the fp32 GEMM's register
-    blocks; other group sizes: dequantized rows. Those are the same quantized values multiplied
-    in float, sums reordered (within float tolerance of runq.c).
+    Groups of 64 or 32 that tile the rows: runq.c's arithmetic to the bit, for any number of
+    inputs (a prompt's rows get the bits one-at-a-time decoding gives them). Other group sizes:
+    dequantized rows (a few inputs) or blocks of rows in the fp32 GEMM's register blocks, the same
+    quantized values multiplied in float, sums reordered (within float tolerance of runq.c).
     """
     group_size = weights[0].group_size
     n_inputs, n = x.shape
     q8_quantize_rows(scratch.values, scratch.scales, x, group_size)
-    if n_inputs <= SMALL_BATCH and n % group_size == 0 and group_size in (64, 32):
+    if n % group_size == 0 and group_size in (64, 32):
         # Inputs in SIMD lanes, 16 at a time, where they fill at least half the lanes; the rest
         # one dot product each. Both compute the same sums to the bit, in different orders.
         in_lanes = n_inputs if n_inputs % LANES >= LANES // 2 else n_inputs - n_inputs % LANES
@@ -362,14 +362,10 @@ ROWS_PER_TASK = 64
 @parallel_kernel
 def _q8_matmul_across_inputs(out, pairs, lane_scales, wq, ws, group_size):
     """out (B, d) = x @ wq^T with runq.c's arithmetic, 16 inputs at a time in SIMD lanes (one
-    lane per input; see _inputs_across_lanes): each lane sums a group's int32 products over
-    pairs of columns, then adds the group's float32 term, groups in order. The same operations
-    per output as _q8_matmul_groups, so the same bits, without their per-group
-    horizontal sums. Two weight rows at a time share each input load; rows are widened to
-    int16 once."""
+    lane per input; see _inputs_across_lanes and rows_times_lanes). Rows are widened to int16
+    once, two at a time."""
     d, n = wq.shape
     groups = n // group_size
-    n_inputs = out.shape[0]
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         row0, row1 = np.empty(n, np.int16), np.empty(n, np.int16)
         lanes = np.empty(LANES, np.float32)
@@ -377,18 +373,33 @@ def _q8_matmul_across_inputs(out, pairs, lane_scales, wq, ws, group_size):
             i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
             _widen_into(row0, wq[i0])
             _widen_into(row1, wq[i1])
-            for block in range(pairs.shape[0]):
-                x_pairs, x_scales = pairs[block], lane_scales[block]
-                val0, val1 = float32x16_zeros(), float32x16_zeros()
-                for g in range(groups):
-                    sum0, sum1 = _group_sums(x_pairs, row0, row1, g * group_size, group_size)
-                    val0 = add_group_terms(val0, sum0, ws[i0 * groups + g], x_scales, g * LANES)
-                    val1 = add_group_terms(val1, sum1, ws[i1 * groups + g], x_scales, g * LANES)
-                first = block * LANES
-                for i, val in ((i0, val0), (i1, val1)):
-                    store_float32x16(lanes, val)
-                    for lane in range(min(LANES, n_inputs - first)):
-                        out[first + lane, i] = lanes[lane]
+            scales0, scales1 = (
+                ws[i0 * groups : (i0 + 1) * groups],
+                ws[i1 * groups : (i1 + 1) * groups],
+            )
+            rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes)
+
+
+@njit(inline="always")
+def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes):
+    """out[:, i0] and out[:, i1] for two weight rows, widened to int16, with their group scales:
+    each lane (input) sums a group's int32 products over pairs of columns, then adds the group's
+    float32 term, groups in order. The same operations per output as _q8_matmul_groups, so the
+    same bits, without their per-group horizontal sums; each input load serves both rows."""
+    groups, n_inputs = scales0.shape[0], out.shape[0]
+    group_size = row0.shape[0] // groups
+    for block in range(pairs.shape[0]):
+        x_pairs, x_scales = pairs[block], lane_scales[block]
+        val0, val1 = float32x16_zeros(), float32x16_zeros()
+        for g in range(groups):
+            sum0, sum1 = _group_sums(x_pairs, row0, row1, g * group_size, group_size)
+            val0 = add_group_terms(val0, sum0, scales0[g], x_scales, g * LANES)
+            val1 = add_group_terms(val1, sum1, scales1[g], x_scales, g * LANES)
+        first = block * LANES
+        for i, val in ((i0, val0), (i1, val1)):
+            store_float32x16(lanes, val)
+            for lane in range(min(LANES, n_inputs - first)):
+                out[first + lane, i] = lanes[lane]
 
 
 @njit(inline="always")

@@ -5,7 +5,7 @@ a few inputs the row is decoded inside the dot product; for a batch it is decode
 float32 row and dotted with every input. F16, BF16 and Q4_0 sums are vectorized (reordered), and
 these types have no run.c counterpart, so `--exact` takes the same kernels. Q8_0 computes what
 `fast.q8_linear` computes for the same values regrouped as a `Q8Tensor` (group size 32), bit for
-bit: runq.c's arithmetic up to SMALL_BATCH inputs, dequantized rows beyond.
+bit: runq.c's arithmetic, for any number of inputs.
 """
 
 from typing import NamedTuple
@@ -18,14 +18,16 @@ from numba.extending import intrinsic
 
 from llamette.kernels import SMALL_BATCH, parallel_kernel
 from llamette.kernels.fast import (
-    _dequantize_rows,
+    ROWS_PER_TASK,
     _dot,
     _float32_from_bits,
+    _inputs_across_lanes,
     _scale_into,
     q8_quantize_rows,
     reassociating_kernel,
-    rows_times_inputs,
+    rows_times_lanes,
 )
+from llamette.kernels.simd import FUSED_MADD, LANES, dot_int8x32
 
 F32 = np.float32
 I32 = np.int32
@@ -162,14 +164,13 @@ class Q8_0Scratch(NamedTuple):
     values: np.ndarray  # (B, n) int8: the inputs quantized in groups of 32
     scales: np.ndarray  # (B, n / 32) float32
     sums: np.ndarray  # (B, n / 32) int32: each group's values summed
-    dequantized: np.ndarray  # (B, n) float32: values * scales (batches only)
 
 
 def q8_0_scratch(n_inputs: int, n: int) -> Q8_0Scratch:
     groups = n // 32
     return Q8_0Scratch(
         np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, groups), np.float32),
-        np.zeros((n_inputs, groups), np.int32), np.zeros((n_inputs, n), np.float32),
+        np.zeros((n_inputs, groups), np.int32),
     )  # fmt: skip
 
 
@@ -178,18 +179,60 @@ def q8_0_linear(outs, x, weights, scratch):
     """outs[i] (B, d_i) = x (B, n) @ weights[i] (d_i, n)^T for Q8_0 weights that share their
     input, which is quantized once in groups of 32 as runq.c quantizes activations.
 
-    Up to SMALL_BATCH inputs: runq.c's arithmetic to the bit. Batches: dequantized blocks of
-    weight rows times the dequantized inputs, sums reordered (as fast.q8_linear computes them).
+    runq.c's arithmetic to the bit, for any number of inputs, as fast.q8_linear computes it:
+    inputs in SIMD lanes where they fill at least half of 16, the rest one dot product each.
     """
+    n_inputs = x.shape[0]
     q8_quantize_rows(scratch.values, scratch.scales, x, 32)
-    if x.shape[0] <= SMALL_BATCH:
-        _sum_groups_of_32(scratch.sums, scratch.values)
+    in_lanes = n_inputs if n_inputs % LANES >= LANES // 2 else n_inputs - n_inputs % LANES
+    if in_lanes:
+        pairs, lane_scales = _inputs_across_lanes(
+            scratch.values[:in_lanes], scratch.scales[:in_lanes]
+        )
         for i in range(len(weights)):
-            _q8_0_matmul(outs[i], scratch.values, scratch.scales, scratch.sums, weights[i].blocks)
+            _q8_0_matmul_across_inputs(outs[i][:in_lanes], pairs, lane_scales, weights[i].blocks)
+    if in_lanes == n_inputs:
         return
-    _dequantize_rows(scratch.dequantized, scratch.values, scratch.scales, 32)
+    values, scales, sums = (
+        scratch.values[in_lanes:],
+        scratch.scales[in_lanes:],
+        scratch.sums[in_lanes:],
+    )
+    _sum_groups_of_32(sums, values)
     for i in range(len(weights)):
-        _q8_0_matmul_dequantized_blocks(outs[i], scratch.dequantized, weights[i].blocks)
+        _q8_0_matmul(outs[i][in_lanes:], values, scales, sums, weights[i].blocks)
+
+
+@parallel_kernel
+def _q8_0_matmul_across_inputs(out, pairs, lane_scales, blocks):
+    """out (B, d) = x @ w^T for w in Q8_0 blocks, 16 inputs at a time in SIMD lanes: each pair of
+    rows decoded once into int16 values and float32 scales, then fast.rows_times_lanes."""
+    d, groups = blocks.shape[0], blocks.shape[1] // 34
+    for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        row0, row1 = np.empty(groups * 32, np.int16), np.empty(groups * 32, np.int16)
+        scales0, scales1 = np.empty(groups, np.float32), np.empty(groups, np.float32)
+        lanes = np.empty(LANES, np.float32)
+        for i0 in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK), 2):
+            i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
+            _widen_q8_0_row(row0, scales0, blocks[i0])
+            _widen_q8_0_row(row1, scales1, blocks[i1])
+            rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes)
+
+
+@njit(inline="always")
+def _widen_q8_0_row(values, scales, row):
+    """values (n,) int16 and scales (n / 32,) float32 of a row of Q8_0 blocks."""
+    signed = row.view(np.int8)
+    for block in range(scales.shape[0]):
+        start = block * 34
+        scales[block] = block_scale(row, start)
+        _widen_block(values[block * 32 : block * 32 + 32], signed[start + 2 : start + 34])
+
+
+@njit(inline="always")
+def _widen_block(out, values):
+    for k in range(32):
+        out[k] = values[k]
 
 
 @parallel_kernel
@@ -207,16 +250,22 @@ def _sum_groups_of_32(sums, xq):
 def _q8_0_matmul(out, xq, xs, x_sums, blocks):
     """out (B, d) = x (B, n) @ w (d, n)^T for w in Q8_0 blocks (d, n / 32 * 34) and x quantized
     (xq, xs, x_sums from Q8_0Scratch): per block an int32 dot product, then runq.c's float32
-    terms (dot * weight scale) * input scale, summed in block order."""
+    terms (dot * weight scale) * input scale, summed in block order. With AVX-512 VNNI the dot
+    product takes the weights biased to unsigned bytes (one vpdpbusd), elsewhere them as they are.
+    """
     n_blocks = blocks.shape[1] // 34
     for i in prange(blocks.shape[0]):
         row = blocks[i]
+        signed = row.view(np.int8)
         for b in range(xq.shape[0]):
             x, x_scales, sums = xq[b], xs[b], x_sums[b]
             val = F32(0.0)
             for g in range(n_blocks):
                 start = g * 34
-                dot = _biased_block_dot(row, start + 2, x, g * 32) - (sums[g] << 7)
+                if FUSED_MADD:
+                    dot = _biased_block_dot(row, start + 2, x, g * 32) - (sums[g] << 7)
+                else:
+                    dot = dot_int8x32(signed, start + 2, x, g * 32)
                 val += (F32(dot) * block_scale(row, start)) * x_scales[g]
             out[b, i] = val
 
@@ -254,19 +303,6 @@ def _biased_block_dot(typingctx, row, start, x, first):
         return builder.call(vector_sum, [products])
 
     return types.int32(row, start, x, first), codegen
-
-
-@parallel_kernel
-def _q8_0_matmul_dequantized_blocks(out, x, blocks):
-    """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
-    decoded once, times 4 inputs at a time in the fp32 GEMM's register blocks."""
-    d, n = blocks.shape[0], x.shape[1]
-    for block in prange((d + 3) // 4):
-        rows = np.empty((4, n), np.float32)
-        i = 4 * block
-        for r in range(min(4, d - i)):
-            decode_q8_0_row(rows[r], blocks[i + r])
-        rows_times_inputs(out, x, rows, i, d)
 
 
 @njit(inline="always")

@@ -79,7 +79,7 @@ def _linear(outs, x, weights, exact, s):
                 return
             scratch = ggml.Q8_0Scratch(
                 s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups),
-                s.x_sums[:groups].reshape(1, groups), s.x_dequantized[:n].reshape(1, n),
+                s.x_sums[:groups].reshape(1, groups),
             )  # fmt: skip
             ggml.q8_0_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
 
