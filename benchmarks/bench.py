@@ -266,7 +266,7 @@ def cpu_name() -> str:
     flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
     vectors = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_vnni", "VNNI"),
                                          ("avx2", "AVX2")) if flag in flags]  # fmt: skip
-    if "AVX-512" in vectors:
+    if "AVX-512" in vectors and "AVX2" in vectors:
         vectors.remove("AVX2")
     return f"{name} ({', '.join(vectors)})" if vectors else name
 

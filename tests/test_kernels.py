@@ -109,7 +109,7 @@ def runq_quantize(x, group_size):
     """runq.c's quantize in NumPy: float32 scale and quotient, C round (halves away from zero)."""
     groups = x[: len(x) // group_size * group_size].reshape(-1, group_size)
     scales = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
-    quotient = groups / scales[:, None]
+    quotient = (groups / scales[:, None]).astype(np.float64)  # C's round() takes a double
     return (np.sign(quotient) * np.floor(np.abs(quotient) + 0.5)).astype(np.int8).ravel(), scales
 
 
@@ -150,6 +150,22 @@ def test_q8_quantize_rounds_halves_away_from_zero(path):
 
 
 @pytest.mark.parametrize("path", QUANTIZERS)
+def test_q8_quantize_rounds_just_below_a_half_down(path):
+    x = np.array([127.0, 0.49999997, -0.49999997, 1.4999999], np.float32)  # scale exactly 1
+    xq, xs = np.zeros(4, np.int8), np.zeros(1, np.float32)
+    QUANTIZERS[path](xq, xs, x, 4)
+    assert xq.tolist() == [127, 0, 0, 1]
+
+
+@pytest.mark.parametrize("path", QUANTIZERS)
+def test_q8_quantize_makes_a_nan_zero(path):
+    x = np.array([2.0, np.nan, -1.0, 0.5], np.float32)
+    xq, xs = np.zeros(4, np.int8), np.zeros(1, np.float32)
+    QUANTIZERS[path](xq, xs, x, 4)
+    assert xs[0] == np.float32(2.0) / np.float32(127.0) and xq.tolist() == [127, 0, -64, 32]
+
+
+@pytest.mark.parametrize("path", QUANTIZERS)
 def test_an_all_zero_group_quantizes_to_zeros(path):
     x, xq, xs = np.zeros(16, np.float32), np.ones(16, np.int8), np.ones(2, np.float32)
     QUANTIZERS[path](xq, xs, x, 8)
@@ -166,7 +182,7 @@ def test_q8_reference_is_runq_to_the_bit(group_size):
     np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
 
 
-@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # decode to prompts
+@pytest.mark.parametrize("inputs", [1, 3, 25, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # 25: padded lanes
 @pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
 def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns, inputs):
     w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
@@ -173,8 +174,9 @@ def use_huge_pages(array: np.ndarray) -> None:
 
 
 def _advise(memory: mmap.mmap, advice: str) -> None:
-    if hasattr(mmap, advice):  # Linux
-        memory.madvise(getattr(mmap, advice))
+    if hasattr(mmap, advice):  # Linux; a kernel without huge pages refuses (EINVAL): no matter
+        with contextlib.suppress(OSError):
+            memory.madvise(getattr(mmap, advice))
 
 
 class Transformer:

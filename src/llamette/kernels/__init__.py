@@ -28,9 +28,9 @@ parallel_kernel = njit(cache=True, nogil=True, error_model="numpy", parallel=Tru
 # Matrix products with at most this many inputs compute each output as a dot product of its own,
 # the same way whatever else is in the batch: a sequence decodes to the same bits alone or beside
 # others, and a short prompt gets the same bits in one pass or spread over several (the server
-# relies on both). Larger batches (long prompts) of GGUF's quantized weights, and of llama2.c Q8
-# whose groups do not tile the rows, take dequantized blocks; fp32 products, and llama2.c Q8 in
-# groups of 64 or 32, are the same at any batch size.
+# relies on both). Larger batches (long prompts) of F16, BF16 and Q4_0 weights, and of llama2.c Q8
+# in groups other than 64 or 32, take dequantized blocks; fp32, Q8_0 and Q8 products in groups of
+# 64 or 32 are the same at any batch size.
 SMALL_BATCH = 32
 
 # ...and for those, Numba's note that it found no loop to parallelize is expected.

@@ -2,10 +2,11 @@
 
 Matrix products take B inputs at once (decode is B = 1): each weight row is read once for all of
 them. fp32: each dot product is summed in 16 SIMD lanes, an order of its own (within float
-tolerance of run.c's) that does not depend on the batch. Q8: runq.c's arithmetic exactly (group
-dot products in int32, group terms summed in float32 in order) with the int8 products vectorized
-(AVX-512 VNNI where the CPU has it), except that rows which are not a whole number of groups are
-computed in full, where runq.c skips their last columns and misreads their scales.
+tolerance of run.c's) that does not depend on the batch. Q8 in groups of 64 or 32: runq.c's
+arithmetic exactly (group dot products in int32, group terms summed in float32 in order) with the
+int8 products vectorized, at any batch size. Other group sizes: the same values multiplied in
+float; rows which are not a whole number of groups are computed in full, where runq.c skips their
+last columns and misreads their scales.
 """
 
 import math
@@ -87,7 +88,7 @@ def _rows_of_task(task, half):
 
 @njit(inline="always")
 def rows_times_inputs(out, x, rows, i, d):
-    """out[:, i:i + 4] = x (B, n) @ rows (4, n)^T for weight rows i.. of d, 4 inputs at a time;
+    """out[:, i:i + 4] = x (B, n) @ rows (4, n)^T for weight rows i.. of d, in register blocks;
     past d, the rows that exist one at a time."""
     n_inputs = x.shape[0]
     if i + 4 > d:
@@ -234,10 +235,14 @@ def q8_quantize(xq, xs, x, group_size):
 
 @njit(inline="always")
 def _quantize_into(xq, x, scale):
-    """xq = round_half_away(x / scale) for a finite, positive scale."""
+    """xq = round_half_away(x / scale) for a finite, positive scale, a NaN to 0. The fraction is
+    compared with 1/2 (exact in float32), not added to it: 0.49999997 + 0.5 rounds up to 1."""
     for i in range(x.shape[0]):
-        rounded = np.floor(abs(x[i] / scale) + F32(0.5))
-        xq[i] = np.int8(-rounded if x[i] < 0 else rounded)
+        quotient = abs(x[i] / scale)
+        whole = np.trunc(quotient)
+        rounded = whole + F32(1.0) if quotient - whole >= F32(0.5) else whole
+        rounded = -rounded if x[i] < 0 else rounded
+        xq[i] = np.int8(rounded) if rounded == rounded else np.int8(0)
 
 
 @parallel_kernel
@@ -470,7 +475,7 @@ def _q8_matmul_dequantized(out, x, wq, ws, group_size):
 @parallel_kernel
 def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
     """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
-    dequantized once, times 4 inputs at a time in the fp32 GEMM's register blocks."""
+    dequantized once, times the inputs in the fp32 GEMM's register blocks."""
     d, n = wq.shape
     for block in prange((d + 3) // 4):
         rows = np.empty((4, n), np.float32)

@@ -1,8 +1,8 @@
 """Kernels for GGUF's weight types that run in their own layout: F16, BF16, Q4_0 and Q8_0.
 
 Products take B inputs at once, as in `fast`: each weight row is read once for all of them. For
-a few inputs the row is decoded inside the dot product; for a batch it is decoded once into a
-float32 row and dotted with every input. F16, BF16 and Q4_0 sums are vectorized (reordered), and
+F16, BF16 and Q4_0, a few inputs get the row decoded inside the dot product; a batch gets it
+decoded once into a float32 row and dotted with every input. Their sums are vectorized (reordered), and
 these types have no run.c counterpart, so `--exact` takes the same kernels. Q8_0 computes what
 `fast.q8_linear` computes for the same values regrouped as a `Q8Tensor` (group size 32), bit for
 bit: runq.c's arithmetic, for any number of inputs.
@@ -198,7 +198,8 @@ def q8_0_linear(outs, x, weights, scratch):
         scratch.scales[in_lanes:],
         scratch.sums[in_lanes:],
     )
-    _sum_groups_of_32(sums, values)
+    if FUSED_MADD:  # the biased dot products subtract these
+        _sum_groups_of_32(sums, values)
     for i in range(len(weights)):
         _q8_0_matmul(outs[i][in_lanes:], values, scales, sums, weights[i].blocks)
 
