@@ -286,9 +286,7 @@ def q8_linear(outs, x, weights, scratch):
     n_inputs, n = x.shape
     q8_quantize_rows(scratch.values, scratch.scales, x, group_size)
     if n % group_size == 0 and group_size in (64, 32):
-        # Inputs in SIMD lanes, 16 at a time, where they fill at least half the lanes; the rest
-        # one dot product each. Both compute the same sums to the bit, in different orders.
-        in_lanes = n_inputs if n_inputs % LANES >= LANES // 2 else n_inputs - n_inputs % LANES
+        in_lanes = inputs_in_lanes(n_inputs)
         if in_lanes:
             pairs, lane_scales = _inputs_across_lanes(
                 scratch.values[:in_lanes], scratch.scales[:in_lanes]
@@ -314,6 +312,16 @@ def q8_linear(outs, x, weights, scratch):
             _q8_matmul_dequantized_blocks(
                 outs[i], scratch.dequantized, w.values, w.scales, group_size
             )
+
+
+@njit(inline="always")
+def inputs_in_lanes(n_inputs):
+    """How many of n_inputs a Q8 product takes in SIMD lanes, 16 at a time: all but a last block
+    that would fill less than half the lanes, whose inputs go one dot product each. Both compute
+    the same sums to the bit, in different orders."""
+    if n_inputs % LANES >= LANES // 2:
+        return n_inputs
+    return n_inputs - n_inputs % LANES
 
 
 @parallel_kernel

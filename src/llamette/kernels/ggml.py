@@ -23,6 +23,8 @@ from llamette.kernels.fast import (
     _float32_from_bits,
     _inputs_across_lanes,
     _scale_into,
+    _widen_into,
+    inputs_in_lanes,
     q8_quantize_rows,
     reassociating_kernel,
     rows_times_lanes,
@@ -184,7 +186,7 @@ def q8_0_linear(outs, x, weights, scratch):
     """
     n_inputs = x.shape[0]
     q8_quantize_rows(scratch.values, scratch.scales, x, 32)
-    in_lanes = n_inputs if n_inputs % LANES >= LANES // 2 else n_inputs - n_inputs % LANES
+    in_lanes = inputs_in_lanes(n_inputs)
     if in_lanes:
         pairs, lane_scales = _inputs_across_lanes(
             scratch.values[:in_lanes], scratch.scales[:in_lanes]
@@ -227,13 +229,7 @@ def _widen_q8_0_row(values, scales, row):
     for block in range(scales.shape[0]):
         start = block * 34
         scales[block] = block_scale(row, start)
-        _widen_block(values[block * 32 : block * 32 + 32], signed[start + 2 : start + 34])
-
-
-@njit(inline="always")
-def _widen_block(out, values):
-    for k in range(32):
-        out[k] = values[k]
+        _widen_into(values[block * 32 : block * 32 + 32], signed[start + 2 : start + 34])
 
 
 @parallel_kernel
