@@ -2,10 +2,10 @@
 
 Products take B inputs at once, as in `fast`: each weight row is read once for all of them. For
 F16, BF16 and Q4_0, a few inputs get the row decoded inside the dot product; a batch gets it
-decoded once into a float32 row and dotted with every input. Their sums are vectorized (reordered), and
-these types have no run.c counterpart, so `--exact` takes the same kernels. Q8_0 computes what
-`fast.q8_linear` computes for the same values regrouped as a `Q8Tensor` (group size 32), bit for
-bit: runq.c's arithmetic, for any number of inputs.
+decoded once into a float32 row and dotted with every input. Their sums are vectorized
+(reordered), and these types have no run.c counterpart, so `--exact` takes the same kernels. Q8_0
+computes what `fast.q8_linear` computes for the same values regrouped as a `Q8Tensor` (group size
+32), bit for bit: runq.c's arithmetic, for any number of inputs.
 """
 
 from typing import NamedTuple
