@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from llamette.kernels import SMALL_BATCH, fast, ggml, reference
+from llamette.kernels import SMALL_BATCH, fast, ggml, reference, simd
 from llamette.quant import Q8_0Tensor, Q8Tensor, quantize_q8
 
 rng = np.random.default_rng(0)
@@ -194,6 +194,54 @@ def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns
         np.testing.assert_array_equal(
             out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
         )
+
+
+def lanes_int16_pairs(out, xq, xs, w):
+    pairs, lane_scales = fast._inputs_across_lanes(xq, xs)
+    fast._q8_matmul_across_inputs(out, pairs, lane_scales, w.values, w.scales, w.group_size)
+
+
+def lanes_uint8_quads(out, xq, xs, w):
+    quads, biases, lane_scales = fast._inputs_in_quads(xq, xs)
+    fast._q8_matmul_quads(out, quads, biases, lane_scales, w.values, w.scales, w.group_size)
+
+
+@pytest.mark.parametrize("layout", [lanes_int16_pairs, lanes_uint8_quads])
+@pytest.mark.parametrize("rows", [43, 130])  # blocks of 4 and a rest; tasks of 64 and a rest
+@pytest.mark.parametrize("group_size", [64, 32])
+def test_both_lane_layouts_are_runq_to_the_bit(layout, rows, group_size):
+    """A CPU with AVX-512 VNNI takes quads, others pairs (q8_linear): both run on any CPU."""
+    w, x = quantize_q8(randn(rows, 256), group_size), randn(21, 256)  # 21: a padded block
+    quantized = [runq_quantize(x[b], group_size) for b in range(21)]
+    xq, xs = np.stack([q for q, _ in quantized]), np.stack([s for _, s in quantized])
+    out = np.full((21, rows), np.nan, np.float32)
+    layout(out, xq, xs, w)
+    for b in range(21):
+        np.testing.assert_array_equal(
+            out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        )
+
+
+@pytest.mark.parametrize("vnni", [False, True])
+def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
+    """The intrinsic as vpdpbusd and as generic vector code (chosen when it is compiled)."""
+    if vnni and not simd.FUSED_MADD:
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    monkeypatch.setattr(simd, "FUSED_MADD", vnni)
+
+    @njit  # compiled now, uncached
+    def madd(acc, quads, u, k):
+        return_lanes = np.empty(16, np.int32)
+        total = simd.madd_quads(simd.load_int32x16(acc, 0), quads, 0, u, k)
+        simd.store_lanes(return_lanes, total)
+        return return_lanes
+
+    rng = np.random.default_rng(0)
+    acc = rng.integers(-(2**20), 2**20, 16).astype(np.int32)
+    quads = rng.integers(-128, 128, 64).astype(np.int8)
+    u = rng.integers(0, 256, 10).astype(np.uint8)
+    expected = acc + quads.reshape(16, 4).astype(np.int32) @ u[3:7].astype(np.int32)
+    np.testing.assert_array_equal(madd(acc, quads, u, 3), expected)
 
 
 @pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 7])  # register blocks of 4, then leftovers

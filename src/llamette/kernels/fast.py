@@ -36,9 +36,11 @@ from llamette.kernels.simd import (
     float32x16_zeros,
     int32x16_zeros,
     load_float32x16,
+    load_int32x16,
     madd_pairs,
+    madd_quads,
     multiply_add,
-    store_float32x16,
+    store_lanes,
     sum_float32x16,
 )
 
@@ -287,7 +289,16 @@ def q8_linear(outs, x, weights, scratch):
     q8_quantize_rows(scratch.values, scratch.scales, x, group_size)
     if n % group_size == 0 and group_size in (64, 32):
         in_lanes = inputs_in_lanes(n_inputs)
-        if in_lanes:
+        if in_lanes and FUSED_MADD:
+            quads, biases, lane_scales = _inputs_in_quads(
+                scratch.values[:in_lanes], scratch.scales[:in_lanes]
+            )
+            for i in range(len(weights)):
+                w = weights[i]
+                _q8_matmul_quads(
+                    outs[i][:in_lanes], quads, biases, lane_scales, w.values, w.scales, group_size
+                )
+        elif in_lanes:
             pairs, lane_scales = _inputs_across_lanes(
                 scratch.values[:in_lanes], scratch.scales[:in_lanes]
             )
@@ -410,7 +421,7 @@ def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, 
             val1 = add_group_terms(val1, sum1, scales1[g], x_scales, g * LANES)
         first = block * LANES
         for i, val in ((i0, val0), (i1, val1)):
-            store_float32x16(lanes, val)
+            store_lanes(lanes, val)
             for lane in range(min(LANES, n_inputs - first)):
                 out[first + lane, i] = lanes[lane]
 
@@ -440,6 +451,127 @@ def _group_sums(x_pairs, row0, row1, start, group_size):
     sum0 = add_int32x16(add_int32x16(a0, a1), add_int32x16(a2, a3))
     sum1 = add_int32x16(add_int32x16(b0, b1), add_int32x16(b2, b3))
     return sum0, sum1
+
+
+# With AVX-512 VNNI, lanes take inputs four columns each: one vpdpbusd multiplies 64 bytes,
+# where the int16 pairs above multiply 32 values. It multiplies unsigned bytes by signed ones, so
+# the weights go in as w + 128 (their top bit flipped) and a lane's sum over a group exceeds the
+# true one by 128 times its input's values in the group summed: the lane's sum starts from minus
+# that (its bias, computed once per input), and ends exact.
+
+
+@parallel_kernel
+def _inputs_in_quads(xq, xs):
+    """The quantized inputs xq (B, n), xs (B, groups) laid out for _q8_matmul_quads, in blocks of
+    16 inputs (the last padded with zeros): quads (blocks, n * 16) int8 holds for each four
+    columns k..k + 3 the 16 inputs' values side by side; biases (blocks, groups * 16) int32 each
+    group's 16 biases, and lane_scales (blocks, groups * 16) its 16 scales. (n is a multiple of
+    4: whole groups of 32 or 64.)"""
+    n_inputs, n = xq.shape
+    groups = xs.shape[1]
+    group_size = n // groups
+    blocks = (n_inputs + LANES - 1) // LANES
+    quads = np.zeros((blocks, n * LANES), np.int8)
+    biases = np.zeros((blocks, groups * LANES), np.int32)
+    lane_scales = np.zeros((blocks, groups * LANES), np.float32)
+    for quad in prange(n // 4):
+        k = 4 * np.int64(quad)
+        for b in range(n_inputs):
+            block, lane = b // LANES, b % LANES
+            for j in range(4):
+                quads[block, k * LANES + 4 * lane + j] = xq[b, k + j]
+    for b in range(n_inputs):
+        block, lane = b // LANES, b % LANES
+        for g in range(groups):
+            biases[block, g * LANES + lane] = -128 * _sum_int8(
+                xq[b, g * group_size : (g + 1) * group_size]
+            )
+            lane_scales[block, g * LANES + lane] = xs[b, g]
+    return quads, biases, lane_scales
+
+
+@parallel_kernel
+def _q8_matmul_quads(out, quads, biases, lane_scales, wq, ws, group_size):
+    """out (B, d) = x @ wq^T with runq.c's arithmetic, 16 inputs at a time in SIMD lanes (see
+    _inputs_in_quads and rows_times_quads), four rows at a time."""
+    d, n = wq.shape
+    groups = n // group_size
+    for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        first = task * ROWS_PER_TASK
+        rows = np.empty((ROWS_PER_TASK, n), np.uint8)
+        scales = np.empty((ROWS_PER_TASK, groups), np.float32)
+        for r in range(ROWS_PER_TASK):  # read in one sweep, which the prefetchers follow
+            row = min(first + r, d - 1)  # past the last row, the last again (not stored)
+            flip_into(rows[r], wq[row])
+            scales[r] = ws[row * groups : (row + 1) * groups]
+        rows_times_quads(out, quads, biases, lane_scales, rows, scales, first)
+
+
+@njit(inline="always")
+def flip_into(out, values):
+    """out (uint8) = int8 values + 128: each byte's top bit flipped."""
+    for k in range(values.shape[0]):
+        out[k] = np.uint8(values[k]) ^ np.uint8(0x80)
+
+
+@njit(inline="always")
+def _sum_int8(values):
+    """The int32 sum of int8 values (a slice indexed from 0, so that the loop vectorizes)."""
+    total = I32(0)
+    for k in range(values.shape[0]):
+        total += I32(values[k])
+    return total
+
+
+@njit(inline="always")
+def rows_times_quads(out, quads, biases, lane_scales, rows, scales, first):
+    """out[:, first..first + R] for R weight rows (R, n) as uint8 (w + 128), R a multiple of 4,
+    with their group scales (R, groups), four rows at a time. Outputs past out's last column
+    are not stored."""
+    lanes = np.empty(LANES, np.float32)
+    for r in range(0, min(rows.shape[0], out.shape[1] - first), 4):
+        _four_rows_times_quads(out, quads, biases, lane_scales, rows[r : r + 4],
+                               scales[r : r + 4], first + r, lanes)  # fmt: skip
+
+
+@njit(inline="always")
+def _four_rows_times_quads(out, quads, biases, lane_scales, rows, scales, i, lanes):
+    """out[:, i..i + 3] for four rows: each lane (input) sums a group's int32 products four
+    columns at a time (two partial sums per row), then adds the group's float32 term, groups in
+    order; the same bits as rows_times_lanes and _q8_matmul_groups."""
+    w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
+    groups, n_inputs = scales.shape[1], out.shape[0]
+    group_size = w0.shape[0] // groups
+    for block in range(quads.shape[0]):
+        x_quads, x_biases, x_scales = quads[block], biases[block], lane_scales[block]
+        v0 = v1 = v2 = v3 = float32x16_zeros()
+        for g in range(groups):
+            at = g * LANES
+            a0 = a1 = a2 = a3 = load_int32x16(x_biases, at)
+            b0 = b1 = b2 = b3 = int32x16_zeros()
+            for k in range(g * group_size, (g + 1) * group_size, 8):
+                x = k * LANES
+                a0, a1 = madd_quads(a0, x_quads, x, w0, k), madd_quads(a1, x_quads, x, w1, k)
+                a2, a3 = madd_quads(a2, x_quads, x, w2, k), madd_quads(a3, x_quads, x, w3, k)
+                x = (k + 4) * LANES
+                b0, b1 = (
+                    madd_quads(b0, x_quads, x, w0, k + 4),
+                    madd_quads(b1, x_quads, x, w1, k + 4),
+                )
+                b2, b3 = (
+                    madd_quads(b2, x_quads, x, w2, k + 4),
+                    madd_quads(b3, x_quads, x, w3, k + 4),
+                )
+            v0 = add_group_terms(v0, add_int32x16(a0, b0), scales[0, g], x_scales, at)
+            v1 = add_group_terms(v1, add_int32x16(a1, b1), scales[1, g], x_scales, at)
+            v2 = add_group_terms(v2, add_int32x16(a2, b2), scales[2, g], x_scales, at)
+            v3 = add_group_terms(v3, add_int32x16(a3, b3), scales[3, g], x_scales, at)
+        first = block * LANES
+        for r, v in ((0, v0), (1, v1), (2, v2), (3, v3)):
+            if i + r < out.shape[1]:
+                store_lanes(lanes, v)
+                for lane in range(min(LANES, n_inputs - first)):
+                    out[first + lane, i + r] = lanes[lane]
 
 
 @njit(inline="always")

@@ -2,8 +2,9 @@
 vector, for loops whose arithmetic is fixed lane by lane and which LLVM's vectorizer would not
 find on its own.
 
-Generic LLVM vector IR, no target intrinsics: on a CPU with AVX-512 VNNI `madd_pairs` becomes
-one `vpdpwssd`, elsewhere LLVM spells the same products with the instructions it has. Float
+Generic LLVM vector IR, which LLVM spells with the instructions the CPU has (on one with AVX-512
+VNNI `madd_pairs` becomes one `vpdpwssd`); the one target intrinsic, AVX-512 VNNI's `vpdpbusd` in
+`madd_quads`, is emitted only where the CPU has it, generic code elsewhere. Float
 operations are emitted without fast-math flags, so LLVM keeps them in the order written, as long
 as the kernel they are inlined into is not compiled with fastmath (Numba would flag them too).
 """
@@ -35,6 +36,7 @@ _INT32 = ir.IntType(32)
 _INT32_LANES = ir.VectorType(_INT32, LANES)
 _FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
 _INT16_PAIRS = ir.VectorType(ir.IntType(16), 2 * LANES)
+_BYTES = ir.VectorType(ir.IntType(8), 4 * LANES)
 
 
 class Int32x16(types.Type):
@@ -109,6 +111,47 @@ def madd_pairs(typingctx, acc, pairs, offset, w, k):
 
 
 @intrinsic
+def madd_quads(typingctx, acc, quads, offset, u, k):
+    """acc + (x[4l] * u[k] + ... + x[4l + 3] * u[k + 3] for each lane l), where x is the 64
+    int8 values of `quads` from `offset` (lane l's four) and u a uint8 array: exact int32 sums.
+    One AVX-512 VNNI vpdpbusd (FUSED_MADD), elsewhere generic vector code."""
+
+    def codegen(context, builder, signature, args):
+        acc, quads, offset, u, k = args
+        x = builder.load(_pointer(context, builder, signature.args[1], quads, offset, _BYTES),
+                         align=1)  # fmt: skip
+        u_quad = builder.load(_pointer(context, builder, signature.args[3], u, k, _INT32), align=1)
+        u_quads = builder.bitcast(_broadcast(builder, u_quad, _INT32_LANES), _BYTES)
+        if FUSED_MADD:  # unsigned bytes first, signed second
+            vpdpbusd = cgutils.get_or_insert_function(
+                builder.module,
+                ir.FunctionType(_INT32_LANES, [_INT32_LANES, _BYTES, _BYTES]),
+                "llvm.x86.avx512.vpdpbusd.512",
+            )
+            return builder.call(vpdpbusd, [acc, u_quads, x])
+        wide = ir.VectorType(_INT32, 4 * LANES)
+        products = builder.mul(builder.zext(u_quads, wide), builder.sext(x, wide))
+        for j in range(4):
+            lane_terms = ir.Constant(_INT32_LANES, list(range(j, 4 * LANES, 4)))
+            acc = builder.add(acc, builder.shuffle_vector(products, products, lane_terms))
+        return acc
+
+    return int32x16(acc, quads, offset, u, k), codegen
+
+
+@intrinsic
+def load_int32x16(typingctx, array, index):
+    """array[index:index + 16] of a contiguous int32 array."""
+
+    def codegen(context, builder, signature, args):
+        array, index = args
+        pointer = _pointer(context, builder, signature.args[0], array, index, _INT32_LANES)
+        return builder.load(pointer, align=4)
+
+    return int32x16(array, index), codegen
+
+
+@intrinsic
 def add_group_terms(typingctx, val, acc, w_scale, x_scales, offset):
     """val + (float32(acc) * w_scale) * x_scales[offset + l] for each lane l, in that order."""
 
@@ -126,11 +169,13 @@ def add_group_terms(typingctx, val, acc, w_scale, x_scales, offset):
 
 
 @intrinsic
-def store_float32x16(typingctx, out, v):
-    """out[0:16] = v"""
+def store_lanes(typingctx, out, v):
+    """out[0:16] = v: a float32x16 into a float32 array, an int32x16 into an int32 one."""
+    if out.dtype != {float32x16: types.float32, int32x16: types.int32}.get(v):
+        return None
 
     def codegen(context, builder, signature, args):
-        pointer = _pointer(context, builder, signature.args[0], args[0], _INT32(0), _FLOAT32_LANES)
+        pointer = _pointer(context, builder, signature.args[0], args[0], _INT32(0), args[1].type)
         builder.store(args[1], pointer, align=4)
         return context.get_dummy_value()
 
