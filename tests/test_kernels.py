@@ -232,7 +232,7 @@ def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
     @njit  # compiled now, uncached
     def madd(acc, quads, u, k):
         return_lanes = np.empty(16, np.int32)
-        total = simd.madd_quads(simd.load_int32x16(acc, 0), quads, 0, u, k)
+        total = simd.madd_quads(simd.load_lanes(acc, 0), quads, 0, u, k)
         simd.store_lanes(return_lanes, total)
         return return_lanes
 

@@ -35,8 +35,7 @@ from llamette.kernels.simd import (
     dot_int8x64,
     float32x16_zeros,
     int32x16_zeros,
-    load_float32x16,
-    load_int32x16,
+    load_lanes,
     madd_pairs,
     madd_quads,
     multiply_add,
@@ -126,7 +125,7 @@ def _dot(x, w):
     whole = x.shape[0] - x.shape[0] % LANES
     a = float32x16_zeros()
     for j in range(0, whole, LANES):
-        a = multiply_add(a, load_float32x16(x, j), load_float32x16(w, j))
+        a = multiply_add(a, load_lanes(x, j), load_lanes(w, j))
     return _total(a, x, w, whole)
 
 
@@ -136,9 +135,9 @@ def _dots_1x2(x, w0, w1):
     whole = x.shape[0] - x.shape[0] % LANES
     a0 = a1 = float32x16_zeros()
     for j in range(0, whole, LANES):
-        v = load_float32x16(x, j)
-        a0 = multiply_add(a0, v, load_float32x16(w0, j))
-        a1 = multiply_add(a1, v, load_float32x16(w1, j))
+        v = load_lanes(x, j)
+        a0 = multiply_add(a0, v, load_lanes(w0, j))
+        a1 = multiply_add(a1, v, load_lanes(w1, j))
     return _total(a0, x, w0, whole), _total(a1, x, w1, whole)
 
 
@@ -148,11 +147,11 @@ def _dots_1x4(x, w0, w1, w2, w3):
     whole = x.shape[0] - x.shape[0] % LANES
     a0 = a1 = a2 = a3 = float32x16_zeros()
     for j in range(0, whole, LANES):
-        v = load_float32x16(x, j)
-        a0 = multiply_add(a0, v, load_float32x16(w0, j))
-        a1 = multiply_add(a1, v, load_float32x16(w1, j))
-        a2 = multiply_add(a2, v, load_float32x16(w2, j))
-        a3 = multiply_add(a3, v, load_float32x16(w3, j))
+        v = load_lanes(x, j)
+        a0 = multiply_add(a0, v, load_lanes(w0, j))
+        a1 = multiply_add(a1, v, load_lanes(w1, j))
+        a2 = multiply_add(a2, v, load_lanes(w2, j))
+        a3 = multiply_add(a3, v, load_lanes(w3, j))
     return (_total(a0, x, w0, whole), _total(a1, x, w1, whole),
             _total(a2, x, w2, whole), _total(a3, x, w3, whole))  # fmt: skip
 
@@ -163,10 +162,10 @@ def _dots_2x2(out, b, i, x0, x1, w0, w1):
     whole = x0.shape[0] - x0.shape[0] % LANES
     a00 = a01 = a10 = a11 = float32x16_zeros()
     for j in range(0, whole, LANES):
-        p0, p1 = load_float32x16(w0, j), load_float32x16(w1, j)
-        v = load_float32x16(x0, j)
+        p0, p1 = load_lanes(w0, j), load_lanes(w1, j)
+        v = load_lanes(x0, j)
         a00, a01 = multiply_add(a00, v, p0), multiply_add(a01, v, p1)
-        v = load_float32x16(x1, j)
+        v = load_lanes(x1, j)
         a10, a11 = multiply_add(a10, v, p0), multiply_add(a11, v, p1)
     out[b, i], out[b, i + 1] = _total(a00, x0, w0, whole), _total(a01, x0, w1, whole)
     out[b + 1, i], out[b + 1, i + 1] = _total(a10, x1, w0, whole), _total(a11, x1, w1, whole)
@@ -180,18 +179,18 @@ def _dots_4x4(out, b, i, x0, x1, x2, x3, w0, w1, w2, w3):
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = float32x16_zeros()
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = float32x16_zeros()
     for j in range(0, whole, LANES):
-        p0, p1 = load_float32x16(w0, j), load_float32x16(w1, j)
-        p2, p3 = load_float32x16(w2, j), load_float32x16(w3, j)
-        v = load_float32x16(x0, j)
+        p0, p1 = load_lanes(w0, j), load_lanes(w1, j)
+        p2, p3 = load_lanes(w2, j), load_lanes(w3, j)
+        v = load_lanes(x0, j)
         a00, a01 = multiply_add(a00, v, p0), multiply_add(a01, v, p1)
         a02, a03 = multiply_add(a02, v, p2), multiply_add(a03, v, p3)
-        v = load_float32x16(x1, j)
+        v = load_lanes(x1, j)
         a10, a11 = multiply_add(a10, v, p0), multiply_add(a11, v, p1)
         a12, a13 = multiply_add(a12, v, p2), multiply_add(a13, v, p3)
-        v = load_float32x16(x2, j)
+        v = load_lanes(x2, j)
         a20, a21 = multiply_add(a20, v, p0), multiply_add(a21, v, p1)
         a22, a23 = multiply_add(a22, v, p2), multiply_add(a23, v, p3)
-        v = load_float32x16(x3, j)
+        v = load_lanes(x3, j)
         a30, a31 = multiply_add(a30, v, p0), multiply_add(a31, v, p1)
         a32, a33 = multiply_add(a32, v, p2), multiply_add(a33, v, p3)
     _store_totals(out, b, i, x0, w0, w1, w2, w3, a00, a01, a02, a03, whole)
@@ -360,24 +359,43 @@ def _q8_matmul_groups(out, xq, xs, wq, ws, group_size):
 @parallel_kernel
 def _inputs_across_lanes(xq, xs):
     """The quantized inputs xq (B, n), xs (B, groups) laid out for _q8_matmul_across_inputs:
-    in blocks of 16 inputs (the last padded with zeros), pairs (blocks, n * 16) int16 holds for
-    each pair of columns (k, k + 1) the 16 inputs' values side by side, and lane_scales
-    (blocks, groups * 16) each group's 16 scales. (n is even: whole groups of 32 or 64.)"""
-    n_inputs, n = xq.shape
-    groups = xs.shape[1]
-    blocks = (n_inputs + LANES - 1) // LANES
-    pairs = np.zeros((blocks, n * LANES), np.int16)
-    lane_scales = np.zeros((blocks, groups * LANES), np.float32)
-    for pair in prange(n // 2):
-        k = 2 * np.int64(pair)
-        for b in range(n_inputs):
+    pairs (blocks, n * 16) int16 holds for each pair of columns (k, k + 1) the 16 inputs' values
+    side by side (see _interleave), lane_scales (blocks, groups * 16) each group's 16 scales."""
+    pairs = np.zeros((_lane_blocks(xq), xq.shape[1] * LANES), np.int16)
+    _interleave(pairs, xq, 2)
+    return pairs, _lanes_of_groups(xs)
+
+
+@njit(inline="always")
+def _lane_blocks(xq):
+    """Blocks of 16 inputs (one per SIMD lane) that hold B inputs, the last padded with zeros."""
+    return (xq.shape[0] + LANES - 1) // LANES
+
+
+@parallel_kernel
+def _interleave(out, xq, per_lane):
+    """out (blocks, n * 16) = xq (B, n) in blocks of 16 inputs, runs of per_lane columns
+    (k..k + per_lane - 1) of the 16 inputs side by side (n is a multiple of per_lane: whole
+    groups of 32 or 64)."""
+    n = xq.shape[1]
+    for run in prange(n // per_lane):
+        k = per_lane * np.int64(run)
+        for b in range(xq.shape[0]):
             block, lane = b // LANES, b % LANES
-            pairs[block, k * LANES + 2 * lane] = xq[b, k]
-            pairs[block, k * LANES + 2 * lane + 1] = xq[b, k + 1]
+            for j in range(per_lane):
+                out[block, k * LANES + per_lane * lane + j] = xq[b, k + j]
+
+
+@njit(inline="always")
+def _lanes_of_groups(per_group):
+    """per_group (B, groups) as (blocks, groups * 16): each group's values of 16 inputs side by
+    side."""
+    n_inputs, groups = per_group.shape
+    lanes = np.zeros(((n_inputs + LANES - 1) // LANES, groups * LANES), per_group.dtype)
     for b in range(n_inputs):
         for g in range(groups):
-            lane_scales[b // LANES, g * LANES + b % LANES] = xs[b, g]
-    return pairs, lane_scales
+            lanes[b // LANES, g * LANES + b % LANES] = per_group[b, g]
+    return lanes
 
 
 ROWS_PER_TASK = 64
@@ -462,32 +480,20 @@ def _group_sums(x_pairs, row0, row1, start, group_size):
 
 @parallel_kernel
 def _inputs_in_quads(xq, xs):
-    """The quantized inputs xq (B, n), xs (B, groups) laid out for _q8_matmul_quads, in blocks of
-    16 inputs (the last padded with zeros): quads (blocks, n * 16) int8 holds for each four
-    columns k..k + 3 the 16 inputs' values side by side; biases (blocks, groups * 16) int32 each
-    group's 16 biases, and lane_scales (blocks, groups * 16) its 16 scales. (n is a multiple of
-    4: whole groups of 32 or 64.)"""
+    """The quantized inputs xq (B, n), xs (B, groups) laid out for _q8_matmul_quads: quads
+    (blocks, n * 16) int8 holds for each four columns k..k + 3 the 16 inputs' values side by
+    side (see _interleave); biases and lane_scales (blocks, groups * 16) each group's 16 biases
+    (int32) and scales."""
     n_inputs, n = xq.shape
     groups = xs.shape[1]
     group_size = n // groups
-    blocks = (n_inputs + LANES - 1) // LANES
-    quads = np.zeros((blocks, n * LANES), np.int8)
-    biases = np.zeros((blocks, groups * LANES), np.int32)
-    lane_scales = np.zeros((blocks, groups * LANES), np.float32)
-    for quad in prange(n // 4):
-        k = 4 * np.int64(quad)
-        for b in range(n_inputs):
-            block, lane = b // LANES, b % LANES
-            for j in range(4):
-                quads[block, k * LANES + 4 * lane + j] = xq[b, k + j]
+    quads = np.zeros((_lane_blocks(xq), n * LANES), np.int8)
+    _interleave(quads, xq, 4)
+    biases = np.empty((n_inputs, groups), np.int32)
     for b in range(n_inputs):
-        block, lane = b // LANES, b % LANES
         for g in range(groups):
-            biases[block, g * LANES + lane] = -128 * _sum_int8(
-                xq[b, g * group_size : (g + 1) * group_size]
-            )
-            lane_scales[block, g * LANES + lane] = xs[b, g]
-    return quads, biases, lane_scales
+            biases[b, g] = -128 * _sum_int8(xq[b, g * group_size : (g + 1) * group_size])
+    return quads, _lanes_of_groups(biases), _lanes_of_groups(xs)
 
 
 @parallel_kernel
@@ -547,7 +553,7 @@ def _four_rows_times_quads(out, quads, biases, lane_scales, rows, scales, i, lan
         v0 = v1 = v2 = v3 = float32x16_zeros()
         for g in range(groups):
             at = g * LANES
-            a0 = a1 = a2 = a3 = load_int32x16(x_biases, at)
+            a0 = a1 = a2 = a3 = load_lanes(x_biases, at)
             b0 = b1 = b2 = b3 = int32x16_zeros()
             for k in range(g * group_size, (g + 1) * group_size, 8):
                 x = k * LANES

@@ -140,18 +140,6 @@ def madd_quads(typingctx, acc, quads, offset, u, k):
 
 
 @intrinsic
-def load_int32x16(typingctx, array, index):
-    """array[index:index + 16] of a contiguous int32 array."""
-
-    def codegen(context, builder, signature, args):
-        array, index = args
-        pointer = _pointer(context, builder, signature.args[0], array, index, _INT32_LANES)
-        return builder.load(pointer, align=4)
-
-    return int32x16(array, index), codegen
-
-
-@intrinsic
 def add_group_terms(typingctx, val, acc, w_scale, x_scales, offset):
     """val + (float32(acc) * w_scale) * x_scales[offset + l] for each lane l, in that order."""
 
@@ -183,15 +171,19 @@ def store_lanes(typingctx, out, v):
 
 
 @intrinsic
-def load_float32x16(typingctx, array, index):
-    """array[index:index + 16] of a contiguous float32 array."""
+def load_lanes(typingctx, array, index):
+    """array[index:index + 16] of a contiguous float32 (int32) array, as a float32x16 (int32x16)."""
+    lanes = {types.float32: float32x16, types.int32: int32x16}.get(array.dtype)
+    if lanes is None:
+        return None
 
     def codegen(context, builder, signature, args):
         array, index = args
-        pointer = _pointer(context, builder, signature.args[0], array, index, _FLOAT32_LANES)
+        vector_type = _FLOAT32_LANES if lanes is float32x16 else _INT32_LANES
+        pointer = _pointer(context, builder, signature.args[0], array, index, vector_type)
         return builder.load(pointer, align=4)
 
-    return float32x16(array, index), codegen
+    return lanes(array, index), codegen
 
 
 @intrinsic
