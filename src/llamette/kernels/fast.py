@@ -367,9 +367,10 @@ def _inputs_across_lanes(xq, xs):
 
 
 @njit(inline="always")
-def _lane_blocks(xq):
-    """Blocks of 16 inputs (one per SIMD lane) that hold B inputs, the last padded with zeros."""
-    return (xq.shape[0] + LANES - 1) // LANES
+def _lane_blocks(per_input):
+    """Blocks of 16 inputs (one per SIMD lane) that hold the B rows of per_input, the last block
+    padded with zeros."""
+    return (per_input.shape[0] + LANES - 1) // LANES
 
 
 @parallel_kernel
@@ -391,7 +392,7 @@ def _lanes_of_groups(per_group):
     """per_group (B, groups) as (blocks, groups * 16): each group's values of 16 inputs side by
     side."""
     n_inputs, groups = per_group.shape
-    lanes = np.zeros(((n_inputs + LANES - 1) // LANES, groups * LANES), per_group.dtype)
+    lanes = np.zeros((_lane_blocks(per_group), groups * LANES), per_group.dtype)
     for b in range(n_inputs):
         for g in range(groups):
             lanes[b // LANES, g * LANES + b % LANES] = per_group[b, g]
