@@ -231,10 +231,10 @@ def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
 
     @njit  # compiled now, uncached
     def madd(acc, quads, u, k):
-        return_lanes = np.empty(16, np.int32)
+        lanes = np.empty(16, np.int32)
         total = simd.madd_quads(simd.load_lanes(acc, 0), quads, 0, u, k)
-        simd.store_lanes(return_lanes, total)
-        return return_lanes
+        simd.store_lanes(lanes, total)
+        return lanes
 
     rng = np.random.default_rng(0)
     acc = rng.integers(-(2**20), 2**20, 16).astype(np.int32)

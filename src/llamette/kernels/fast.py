@@ -429,7 +429,7 @@ def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, 
     each lane (input) sums a group's int32 products over pairs of columns, then adds the group's
     float32 term, groups in order. The same operations per output as _q8_matmul_groups, so the
     same bits, without their per-group horizontal sums; each input load serves both rows."""
-    groups, n_inputs = scales0.shape[0], out.shape[0]
+    groups = scales0.shape[0]
     group_size = row0.shape[0] // groups
     for block in range(pairs.shape[0]):
         x_pairs, x_scales = pairs[block], lane_scales[block]
@@ -438,11 +438,17 @@ def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, 
             sum0, sum1 = _group_sums(x_pairs, row0, row1, g * group_size, group_size)
             val0 = add_group_terms(val0, sum0, scales0[g], x_scales, g * LANES)
             val1 = add_group_terms(val1, sum1, scales1[g], x_scales, g * LANES)
-        first = block * LANES
-        for i, val in ((i0, val0), (i1, val1)):
-            store_lanes(lanes, val)
-            for lane in range(min(LANES, n_inputs - first)):
-                out[first + lane, i] = lanes[lane]
+        _store_column(out, i0, block * LANES, val0, lanes)
+        _store_column(out, i1, block * LANES, val1, lanes)
+
+
+@njit(inline="always")
+def _store_column(out, i, first, v, lanes):
+    """out[first + l, i] = lane l of v for the inputs that exist (a last block may be padded);
+    lanes: 16 float32 of scratch."""
+    store_lanes(lanes, v)
+    for lane in range(min(LANES, out.shape[0] - first)):
+        out[first + lane, i] = lanes[lane]
 
 
 @njit(inline="always")
@@ -547,7 +553,7 @@ def _four_rows_times_quads(out, quads, biases, lane_scales, rows, scales, i, lan
     columns at a time (two partial sums per row), then adds the group's float32 term, groups in
     order; the same bits as rows_times_lanes and _q8_matmul_groups."""
     w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
-    groups, n_inputs = scales.shape[1], out.shape[0]
+    groups = scales.shape[1]
     group_size = w0.shape[0] // groups
     for block in range(quads.shape[0]):
         x_quads, x_biases, x_scales = quads[block], biases[block], lane_scales[block]
@@ -573,12 +579,9 @@ def _four_rows_times_quads(out, quads, biases, lane_scales, rows, scales, i, lan
             v1 = add_group_terms(v1, add_int32x16(a1, b1), scales[1, g], x_scales, at)
             v2 = add_group_terms(v2, add_int32x16(a2, b2), scales[2, g], x_scales, at)
             v3 = add_group_terms(v3, add_int32x16(a3, b3), scales[3, g], x_scales, at)
-        first = block * LANES
         for r, v in ((0, v0), (1, v1), (2, v2), (3, v3)):
             if i + r < out.shape[1]:
-                store_lanes(lanes, v)
-                for lane in range(min(LANES, n_inputs - first)):
-                    out[first + lane, i + r] = lanes[lane]
+                _store_column(out, i + r, block * LANES, v, lanes)
 
 
 @njit(inline="always")

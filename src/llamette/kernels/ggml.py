@@ -226,8 +226,8 @@ def _q8_0_matmul_across_inputs(out, pairs, lane_scales, blocks):
         lanes = np.empty(LANES, np.float32)
         for i0 in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK), 2):
             i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
-            _widen_q8_0_row(row0, scales0, blocks[i0])
-            _widen_q8_0_row(row1, scales1, blocks[i1])
+            _unpack_q8_0_row(row0, scales0, blocks[i0], _widen_into)
+            _unpack_q8_0_row(row1, scales1, blocks[i1], _widen_into)
             rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes)
 
 
@@ -243,22 +243,19 @@ def _q8_0_matmul_quads(out, quads, biases, lane_scales, blocks):
         scales = np.empty((ROWS_PER_TASK, groups), np.float32)
         for r in range(ROWS_PER_TASK):
             row = blocks[min(first + r, d - 1)]  # past the last row, the last again (not stored)
-            signed = row.view(np.int8)
-            for block in range(groups):
-                start = block * 34
-                scales[r, block] = block_scale(row, start)
-                flip_into(rows[r, block * 32 : block * 32 + 32], signed[start + 2 : start + 34])
+            _unpack_q8_0_row(rows[r], scales[r], row, flip_into)
         rows_times_quads(out, quads, biases, lane_scales, rows, scales, first)
 
 
 @njit(inline="always")
-def _widen_q8_0_row(values, scales, row):
-    """values (n,) int16 and scales (n / 32,) float32 of a row of Q8_0 blocks."""
+def _unpack_q8_0_row(values, scales, row, copy_into):
+    """values (n,) and scales (n / 32,) float32 of a row of Q8_0 blocks, each block's int8 values
+    written by copy_into (fast._widen_into for int16, fast.flip_into for uint8 + 128)."""
     signed = row.view(np.int8)
     for block in range(scales.shape[0]):
         start = block * 34
         scales[block] = block_scale(row, start)
-        _widen_into(values[block * 32 : block * 32 + 32], signed[start + 2 : start + 34])
+        copy_into(values[block * 32 : block * 32 + 32], signed[start + 2 : start + 34])
 
 
 @parallel_kernel
