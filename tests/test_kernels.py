@@ -233,7 +233,7 @@ def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
     def madd(acc, quads, u, k):
         lanes = np.empty(16, np.int32)
         total = simd.madd_quads(simd.load_lanes(acc, 0), quads, 0, u, k)
-        simd.store_lanes(lanes, total)
+        simd.store_lanes(lanes, 0, total)
         return lanes
 
     rng = np.random.default_rng(0)
@@ -298,6 +298,17 @@ def test_matmul_f32_on_a_batch(inputs):
     w, x = randn(42, 300), randn(inputs, 300)
     out = np.empty((inputs, 42), np.float32)
     fast.matmul_f32(out, x, w)
+    np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_f32_reads_inputs_and_weights_that_are_rows_of_wider_arrays():
+    wide_w, wide_x = randn(42, 320), randn(SMALL_BATCH + 7, 333)
+    w, x = wide_w[:, 5:305], wide_x[:, 17:317]
+    out = np.empty((len(x), 42), np.float32)
+    fast.matmul_f32(out, x, w)
+    contiguous = np.empty_like(out)
+    fast.matmul_f32(contiguous, np.ascontiguousarray(x), np.ascontiguousarray(w))
+    np.testing.assert_array_equal(out, contiguous)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
 

@@ -52,6 +52,12 @@ reassociating_kernel = njit(
 )
 
 
+# Weight rows per block of the fp32 GEMM: with the 32 vector registers of AVX-512, 8 rows by 3
+# inputs (24 sums, each input vector loaded used 8 times, so that the inputs, which stream from L2,
+# keep up with the multiply-adds); with the 16 of AVX2, 4 rows (2 by 2 sums at a time).
+GEMM_ROWS = 8 if WIDE_REGISTERS else 4
+
+
 @parallel_kernel
 def matmul_f32(out, x, w):
     """out (B, d) = x (B, n) @ w (d, n)^T, each output one dot product in the fixed order of
@@ -60,8 +66,8 @@ def matmul_f32(out, x, w):
 
     Up to 3 inputs (bound by memory): two weight rows half the matrix apart per task, so that each
     thread reads two long runs of memory (which the prefetchers follow; four runs are slower here)
-    and uses each input value it loads twice. From 4 inputs (bound by arithmetic): blocks of 4
-    adjacent rows times 4 inputs, 16 sums in registers (on AVX-512; elsewhere 2 by 2).
+    and uses each input value it loads twice. From 4 inputs (bound by arithmetic): blocks of
+    GEMM_ROWS adjacent rows times all the inputs, in register blocks.
     """
     n_inputs, d = x.shape[0], w.shape[0]
     if n_inputs < 4:
@@ -72,9 +78,9 @@ def matmul_f32(out, x, w):
             for b in range(n_inputs):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         return
-    for block in prange((d + 3) // 4):
-        i = 4 * np.int64(block)  # a prange index may be unsigned, and unsigned + signed is a float
-        rows_times_inputs(out, x, w[i : i + 4], i, d)
+    for block in prange((d + GEMM_ROWS - 1) // GEMM_ROWS):
+        i = GEMM_ROWS * np.int64(block)  # a prange index may be unsigned (unsigned + signed: float)
+        rows_times_inputs(out, x, w, i, i)
 
 
 @njit(inline="always")
@@ -88,17 +94,17 @@ def _rows_of_task(task, half):
 
 
 @njit(inline="always")
-def rows_times_inputs(out, x, rows, i, d):
-    """out[:, i:i + 4] = x (B, n) @ rows (4, n)^T for weight rows i.. of d, in register blocks;
-    past d, the rows that exist one at a time."""
-    n_inputs = x.shape[0]
-    if i + 4 > d:
-        for r in range(d - i):
+def rows_times_inputs(out, x, w, r, i):
+    """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T, in register blocks; a last block
+    with fewer rows, one row at a time."""
+    n_inputs, rows = x.shape[0], min(GEMM_ROWS, w.shape[0] - r)
+    if rows < GEMM_ROWS:
+        for q in range(rows):
             for b in range(n_inputs):
-                out[b, i + r] = _dot(x[b], rows[r])
+                out[b, i + q] = _dot(x[b], w[r + q])
         return
-    w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
-    if not WIDE_REGISTERS:  # 16 sums would not stay in registers: 2 rows by 2 inputs
+    w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+    if not WIDE_REGISTERS:
         paired = n_inputs - n_inputs % 2
         for b in range(0, paired, 2):
             _dots_2x2(out, b, i, x[b], x[b + 1], w0, w1)
@@ -106,11 +112,13 @@ def rows_times_inputs(out, x, rows, i, d):
         for b in range(paired, n_inputs):
             out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
         return
-    blocked = n_inputs - n_inputs % 4
-    for b in range(0, blocked, 4):
-        _dots_4x4(out, b, i, x[b], x[b + 1], x[b + 2], x[b + 3], w0, w1, w2, w3)
+    blocked = n_inputs - n_inputs % 3
+    for b in range(0, blocked, 3):
+        _dots_8x3(out, x, b, w, r, i)
+    w4, w5, w6, w7 = w[r + 4], w[r + 5], w[r + 6], w[r + 7]
     for b in range(blocked, n_inputs):
         out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
+        out[b, i + 4], out[b, i + 5], out[b, i + 6], out[b, i + 7] = _dots_1x4(x[b], w4, w5, w6, w7)
 
 
 # fp32 dot products, all in one order: lane l of a float32x16 sums the products of columns l,
@@ -172,31 +180,66 @@ def _dots_2x2(out, b, i, x0, x1, w0, w1):
 
 
 @njit(inline="always")
-def _dots_4x4(out, b, i, x0, x1, x2, x3, w0, w1, w2, w3):
-    """out[b + k, i + r] = x_k . w_r for inputs k and rows r of 0..3: 16 sums in registers,
-    each loaded vector used four times."""
-    whole = x0.shape[0] - x0.shape[0] % LANES
-    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = float32x16_zeros()
-    a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = float32x16_zeros()
+def _dots_8x3(out, x, b, w, r, i):
+    """out[b + k, i + q] = x[b + k] . w[r + q] for inputs k of 0..2 and rows q of 0..7: 24 sums
+    in registers (a_kq), each loaded input vector used eight times. Rows are addressed from the
+    arrays' starts, not as views (each view costs two atomic reference counts)."""
+    n = x.shape[1]
+    whole = n - n % LANES
+    xs, ws = _row_stride(x), _row_stride(w)
+    x0, x1, x2 = b * xs, (b + 1) * xs, (b + 2) * xs
+    w0, w1, w2, w3 = r * ws, (r + 1) * ws, (r + 2) * ws, (r + 3) * ws
+    w4, w5, w6, w7 = (r + 4) * ws, (r + 5) * ws, (r + 6) * ws, (r + 7) * ws
+    a00 = a01 = a02 = a03 = a04 = a05 = a06 = a07 = float32x16_zeros()
+    a10 = a11 = a12 = a13 = a14 = a15 = a16 = a17 = float32x16_zeros()
+    a20 = a21 = a22 = a23 = a24 = a25 = a26 = a27 = float32x16_zeros()
     for j in range(0, whole, LANES):
-        p0, p1 = load_lanes(w0, j), load_lanes(w1, j)
-        p2, p3 = load_lanes(w2, j), load_lanes(w3, j)
-        v = load_lanes(x0, j)
-        a00, a01 = multiply_add(a00, v, p0), multiply_add(a01, v, p1)
-        a02, a03 = multiply_add(a02, v, p2), multiply_add(a03, v, p3)
-        v = load_lanes(x1, j)
-        a10, a11 = multiply_add(a10, v, p0), multiply_add(a11, v, p1)
-        a12, a13 = multiply_add(a12, v, p2), multiply_add(a13, v, p3)
-        v = load_lanes(x2, j)
-        a20, a21 = multiply_add(a20, v, p0), multiply_add(a21, v, p1)
-        a22, a23 = multiply_add(a22, v, p2), multiply_add(a23, v, p3)
-        v = load_lanes(x3, j)
-        a30, a31 = multiply_add(a30, v, p0), multiply_add(a31, v, p1)
-        a32, a33 = multiply_add(a32, v, p2), multiply_add(a33, v, p3)
-    _store_totals(out, b, i, x0, w0, w1, w2, w3, a00, a01, a02, a03, whole)
-    _store_totals(out, b + 1, i, x1, w0, w1, w2, w3, a10, a11, a12, a13, whole)
-    _store_totals(out, b + 2, i, x2, w0, w1, w2, w3, a20, a21, a22, a23, whole)
-    _store_totals(out, b + 3, i, x3, w0, w1, w2, w3, a30, a31, a32, a33, whole)
+        v0, v1, v2 = load_lanes(x, x0 + j), load_lanes(x, x1 + j), load_lanes(x, x2 + j)
+        a00, a10, a20 = _times_row(a00, a10, a20, v0, v1, v2, load_lanes(w, w0 + j))
+        a01, a11, a21 = _times_row(a01, a11, a21, v0, v1, v2, load_lanes(w, w1 + j))
+        a02, a12, a22 = _times_row(a02, a12, a22, v0, v1, v2, load_lanes(w, w2 + j))
+        a03, a13, a23 = _times_row(a03, a13, a23, v0, v1, v2, load_lanes(w, w3 + j))
+        a04, a14, a24 = _times_row(a04, a14, a24, v0, v1, v2, load_lanes(w, w4 + j))
+        a05, a15, a25 = _times_row(a05, a15, a25, v0, v1, v2, load_lanes(w, w5 + j))
+        a06, a16, a26 = _times_row(a06, a16, a26, v0, v1, v2, load_lanes(w, w6 + j))
+        a07, a17, a27 = _times_row(a07, a17, a27, v0, v1, v2, load_lanes(w, w7 + j))
+    _store_row_of_8(out, x, b, w, r, i, whole, a00, a01, a02, a03, a04, a05, a06, a07)
+    _store_row_of_8(out, x, b + 1, w, r, i, whole, a10, a11, a12, a13, a14, a15, a16, a17)
+    _store_row_of_8(out, x, b + 2, w, r, i, whole, a20, a21, a22, a23, a24, a25, a26, a27)
+
+
+@njit(inline="always")
+def _row_stride(a):
+    """Elements from one row of a 2-D array to the next."""
+    return a.strides[0] // a.itemsize
+
+
+@njit(inline="always")
+def _store_row_of_8(out, x, b, w, r, i, whole, a0, a1, a2, a3, a4, a5, a6, a7):
+    """out[b, i + q] = x[b] . w[r + q] for q of 0..7, from their lane sums a_q."""
+    out[b, i] = _lanes_total(a0, x, b, w, r, whole)
+    out[b, i + 1] = _lanes_total(a1, x, b, w, r + 1, whole)
+    out[b, i + 2] = _lanes_total(a2, x, b, w, r + 2, whole)
+    out[b, i + 3] = _lanes_total(a3, x, b, w, r + 3, whole)
+    out[b, i + 4] = _lanes_total(a4, x, b, w, r + 4, whole)
+    out[b, i + 5] = _lanes_total(a5, x, b, w, r + 5, whole)
+    out[b, i + 6] = _lanes_total(a6, x, b, w, r + 6, whole)
+    out[b, i + 7] = _lanes_total(a7, x, b, w, r + 7, whole)
+
+
+@njit(inline="always")
+def _lanes_total(lanes, x, b, w, r, whole):
+    """x[b] . w[r] from its 16 lane sums (as `_total`, for rows of 2-D arrays)."""
+    total = sum_float32x16(lanes)
+    for j in range(whole, x.shape[1]):
+        total += x[b, j] * w[r, j]
+    return total
+
+
+@njit(inline="always")
+def _times_row(a0, a1, a2, v0, v1, v2, p):
+    """Three inputs' vectors times one row's: (a0 + v0 * p, a1 + v1 * p, a2 + v2 * p)."""
+    return multiply_add(a0, v0, p), multiply_add(a1, v1, p), multiply_add(a2, v2, p)
 
 
 @njit(inline="always")
@@ -446,7 +489,7 @@ def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, 
 def _store_column(out, i, first, v, lanes):
     """out[first + l, i] = lane l of v for the inputs that exist (a last block may be padded);
     lanes: 16 float32 of scratch."""
-    store_lanes(lanes, v)
+    store_lanes(lanes, 0, v)
     for lane in range(min(LANES, out.shape[0] - first)):
         out[first + lane, i] = lanes[lane]
 
@@ -624,15 +667,15 @@ def _q8_matmul_dequantized(out, x, wq, ws, group_size):
 
 @parallel_kernel
 def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
-    """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of 4 weight rows (in parallel),
+    """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of GEMM_ROWS weight rows (in parallel),
     dequantized once, times the inputs in the fp32 GEMM's register blocks."""
     d, n = wq.shape
-    for block in prange((d + 3) // 4):
-        rows = np.empty((4, n), np.float32)
-        i = 4 * block
-        for r in range(min(4, d - i)):
+    for block in prange((d + GEMM_ROWS - 1) // GEMM_ROWS):
+        i = GEMM_ROWS * np.int64(block)
+        rows = np.empty((min(GEMM_ROWS, d - i), n), np.float32)
+        for r in range(rows.shape[0]):
             _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
-        rows_times_inputs(out, x, rows, i, d)
+        rows_times_inputs(out, x, rows, 0, i)
 
 
 @njit(inline="always")

@@ -157,17 +157,19 @@ def add_group_terms(typingctx, val, acc, w_scale, x_scales, offset):
 
 
 @intrinsic
-def store_lanes(typingctx, out, v):
-    """out[0:16] = v: a float32x16 into a float32 array, an int32x16 into an int32 one."""
+def store_lanes(typingctx, out, index, v):
+    """out[index:index + 16] = v: a float32x16 into a contiguous float32 array, an int32x16 into
+    an int32 one."""
     if out.dtype != {float32x16: types.float32, int32x16: types.int32}.get(v):
         return None
 
     def codegen(context, builder, signature, args):
-        pointer = _pointer(context, builder, signature.args[0], args[0], _INT32(0), args[1].type)
-        builder.store(args[1], pointer, align=4)
+        out, index, v = args
+        pointer = _pointer(context, builder, signature.args[0], out, index, v.type)
+        builder.store(v, pointer, align=4)
         return context.get_dummy_value()
 
-    return types.none(out, v), codegen
+    return types.none(out, index, v), codegen
 
 
 @intrinsic
