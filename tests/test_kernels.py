@@ -222,6 +222,25 @@ def test_both_lane_layouts_are_runq_to_the_bit(layout, rows, group_size):
         )
 
 
+def test_sums_float32x16_adds_sixteen_vectors_as_sum_float32x16_adds_each():
+    @njit  # compiled now, uncached
+    def both(x):
+        def v(k):
+            return simd.load_lanes(x, 16 * k)
+
+        together = np.empty(16, np.float32)
+        vectors = (v(0), v(1), v(2), v(3), v(4), v(5), v(6), v(7),
+                   v(8), v(9), v(10), v(11), v(12), v(13), v(14), v(15))  # fmt: skip
+        simd.store_lanes(together, 0, simd.sums_float32x16(vectors))
+        one_by_one = np.array([simd.sum_float32x16(v(k)) for k in range(16)], np.float32)
+        return together, one_by_one
+
+    rng = np.random.default_rng(0)  # magnitudes from 1e-8 to 1e8, so that the order shows
+    values = rng.standard_normal(256) * 10.0 ** rng.integers(-8, 9, 256)
+    together, one_by_one = both(values.astype(np.float32))
+    np.testing.assert_array_equal(together, one_by_one)
+
+
 @pytest.mark.parametrize("vnni", [False, True])
 def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
     """The intrinsic as vpdpbusd and as generic vector code (chosen when it is compiled)."""
@@ -326,15 +345,34 @@ def test_matmul_f32_bits_do_not_depend_on_the_batch(columns):
             np.testing.assert_array_equal(part, together[start : start + size])
 
 
-def test_fast_attention_agrees_with_the_reference():
-    n_heads, head_size, seq_len = 4, 16, 30
+@pytest.mark.parametrize("head_size", [8, 16, 64, 80])  # in scalar loops; SIMD vectors: 1, 4, 4 + 1
+def test_fast_attention_agrees_with_the_reference(head_size):
+    n_heads, seq_len = 4, 40
     keys, values = randn(2, seq_len, head_size), randn(2, seq_len, head_size)  # 2 kv heads
     q = randn(n_heads * head_size)
-    expected, out = np.empty_like(q), np.empty_like(q)
     att = np.zeros((n_heads, seq_len), np.float32)
-    reference.attention(expected, q, keys, values, 25, n_heads, att)
-    fast.attention(out, q, keys, values, 25, n_heads, att)
-    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    for pos in (0, 14, 15, 16, 33):  # keys: a few; whole blocks of 16; blocks and the rest
+        expected, out = np.empty_like(q), np.empty_like(q)
+        reference.attention(expected, q, keys, values, pos, n_heads, att)
+        fast.attention(out, q, keys, values, pos, n_heads, att)
+        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_row_of_a_batch_attends_as_one_token_decoding_alone():
+    """The engine's batches and the run loop's decode steps give a sequence the same bits."""
+    n_heads, n_kv_heads, head_size, seq_len = 4, 2, 64, 40
+    key_cache = randn(1, 1, n_kv_heads, seq_len, head_size)
+    value_cache = randn(1, 1, n_kv_heads, seq_len, head_size)
+    positions = np.array([0, 15, 16, 17, 39])
+    q = randn(len(positions), n_heads * head_size)
+    batched = np.empty_like(q)
+    fast.attention_rows(batched, q, key_cache, value_cache, 0, np.zeros(5, np.int64), positions,
+                        n_heads)  # fmt: skip
+    att = np.zeros((n_heads, seq_len), np.float32)
+    for b, pos in enumerate(positions):
+        alone = np.empty(q.shape[1], np.float32)
+        fast.attention(alone, q[b], key_cache[0, 0], value_cache[0, 0], pos, n_heads, att)
+        np.testing.assert_array_equal(batched[b], alone)
 
 
 def test_batched_attention_agrees_with_the_reference():

@@ -33,6 +33,7 @@ from llamette.kernels.simd import (
     add_int32x16,
     dot_int8x32,
     dot_int8x64,
+    float32x16_of,
     float32x16_zeros,
     int32x16_zeros,
     load_lanes,
@@ -41,6 +42,7 @@ from llamette.kernels.simd import (
     multiply_add,
     store_lanes,
     sum_float32x16,
+    sums_float32x16,
 )
 
 F32 = np.float32
@@ -747,8 +749,9 @@ def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_he
     """
     head_size = q.shape[1] // n_heads
     kv_mul = n_heads // key_cache.shape[2]
-    for r in prange(q.shape[0] * n_heads):
-        b, h = r // n_heads, r % n_heads
+    n_rows = q.shape[0]
+    for r in prange(n_heads * n_rows):  # by head, then row: a thread's share of a prompt's rows,
+        h, b = r // n_rows, r % n_rows  # which attend to more keys the later they are, is even
         heads = slice(h * head_size, (h + 1) * head_size)
         kv_head = h // kv_mul
         keys, values = key_cache[slots[b], layer, kv_head], value_cache[slots[b], layer, kv_head]
@@ -759,26 +762,98 @@ def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_he
 @njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
 def _attend(out, q, keys, values, n_keys, scores):
     """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys;
-    keys, values (seq_len, head_size): its kv head's cache, each position's vector contiguous."""
+    keys, values (seq_len, head_size): its kv head's cache, each position's vector contiguous.
+    Heads a whole number of SIMD vectors long take explicit lanes (`_key_scores`,
+    `_weighted_values`); others, loops that LLVM vectorizes as it can."""
     head_size = q.shape[0]
+    whole_vectors = head_size % LANES == 0
+    if whole_vectors:
+        _key_scores(scores, q, keys, n_keys)
+    else:
+        for t in range(n_keys):
+            score = F32(0.0)
+            for i in range(head_size):
+                score += q[i] * keys[t, i]
+            scores[t] = score
     inverse_scale = F32(1.0) / F32(math.sqrt(F32(head_size)))
+    highest = F32(-np.inf)
     for t in range(n_keys):
-        key = keys[t]
-        score = F32(0.0)
-        for i in range(head_size):
-            score += q[i] * key[i]
-        scores[t] = score * inverse_scale
-    highest = scores[:n_keys].max()
+        scores[t] *= inverse_scale
+        highest = max(highest, scores[t])
     total = F32(0.0)
     for t in range(n_keys):
         scores[t] = exp_f32(scores[t] - highest)
         total += scores[t]
+    for t in range(n_keys):
+        scores[t] /= total
+    if whole_vectors:
+        _weighted_values(out, scores, values, n_keys)
+        return
     out[:] = 0.0
     for t in range(n_keys):
-        weight = scores[t] / total
-        value = values[t]
         for i in range(head_size):
-            out[i] += weight * value[i]
+            out[i] += scores[t] * values[t, i]
+
+
+@njit(inline="always")
+def _key_scores(scores, q, keys, n_keys):
+    """scores[t] = q . keys[t] for t < n_keys, each summed in 16 lanes (as `_dot`), 16 keys at a
+    time: their lane sums added together (sums_float32x16), not one key after another."""
+    head_size, stride = q.shape[0], _row_stride(keys)
+    blocked = n_keys - n_keys % LANES
+    for t in range(0, blocked, LANES):
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = float32x16_zeros()  # a_k: key t + k
+        a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = float32x16_zeros()
+        for i in range(0, head_size, LANES):
+            v, at = load_lanes(q, i), t * stride + i
+            a0, a1, a2, a3 = _times_4_keys(a0, a1, a2, a3, v, keys, at, stride)
+            a4, a5, a6, a7 = _times_4_keys(a4, a5, a6, a7, v, keys, at + 4 * stride, stride)
+            a8, a9, a10, a11 = _times_4_keys(a8, a9, a10, a11, v, keys, at + 8 * stride, stride)
+            a12, a13, a14, a15 = _times_4_keys(
+                a12, a13, a14, a15, v, keys, at + 12 * stride, stride
+            )
+        lanes = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+        store_lanes(scores, t, sums_float32x16(lanes))
+    for t in range(blocked, n_keys):
+        a = float32x16_zeros()
+        for i in range(0, head_size, LANES):
+            a = multiply_add(a, load_lanes(q, i), load_lanes(keys, t * stride + i))
+        scores[t] = sum_float32x16(a)
+
+
+@njit(inline="always")
+def _times_4_keys(a0, a1, a2, a3, v, keys, at, stride):
+    """a_k + v * (16 values of key k), k = 0..3: key 0's from flat index `at`, the next ones
+    `stride` further each."""
+    return (multiply_add(a0, v, load_lanes(keys, at)),
+            multiply_add(a1, v, load_lanes(keys, at + stride)),
+            multiply_add(a2, v, load_lanes(keys, at + 2 * stride)),
+            multiply_add(a3, v, load_lanes(keys, at + 3 * stride)))  # fmt: skip
+
+
+@njit(inline="always")
+def _weighted_values(out, weights, values, n_keys):
+    """out (head_size,) = sum over t < n_keys of weights[t] * values[t], each value summed in
+    position order (fused multiply-adds); four vectors of the output at a time where they exist."""
+    head_size, stride = out.shape[0], _row_stride(values)
+    in_fours = head_size - head_size % (4 * LANES)
+    for i in range(0, in_fours, 4 * LANES):
+        a0 = a1 = a2 = a3 = float32x16_zeros()
+        for t in range(n_keys):
+            weight, value = float32x16_of(weights[t]), t * stride + i
+            a0 = multiply_add(a0, weight, load_lanes(values, value))
+            a1 = multiply_add(a1, weight, load_lanes(values, value + LANES))
+            a2 = multiply_add(a2, weight, load_lanes(values, value + 2 * LANES))
+            a3 = multiply_add(a3, weight, load_lanes(values, value + 3 * LANES))
+        store_lanes(out, i, a0)
+        store_lanes(out, i + LANES, a1)
+        store_lanes(out, i + 2 * LANES, a2)
+        store_lanes(out, i + 3 * LANES, a3)
+    for i in range(in_fours, head_size, LANES):
+        a = float32x16_zeros()
+        for t in range(n_keys):
+            a = multiply_add(a, float32x16_of(weights[t]), load_lanes(values, t * stride + i))
+        store_lanes(out, i, a)
 
 
 @reassociating_kernel

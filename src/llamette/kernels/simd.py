@@ -86,6 +86,18 @@ def float32x16_zeros(typingctx):
 
 
 @intrinsic
+def float32x16_of(typingctx, value):
+    """A float32 in all 16 lanes."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _broadcast(builder, args[0], _FLOAT32_LANES)
+
+    return float32x16(value), codegen
+
+
+@intrinsic
 def add_int32x16(typingctx, a, b):
     return int32x16(a, b), lambda context, builder, signature, args: builder.add(*args)
 
@@ -217,6 +229,33 @@ def sum_float32x16(typingctx, v):
         return builder.extract_element(v, _INT32(0))
 
     return types.float32(v), codegen
+
+
+@intrinsic
+def sums_float32x16(typingctx, vectors):
+    """Sixteen float32x16 sums at once: lane k of the result is sum_float32x16(vectors[k]), with
+    the same additions in the same order, 15 vector adds in all (a tree of shuffles that pairs
+    up the vectors as it halves their lanes)."""
+    if not (isinstance(vectors, types.UniTuple) and vectors.count == LANES
+            and vectors.dtype == float32x16):  # fmt: skip
+        return None
+
+    def codegen(context, builder, signature, args):
+        partials = [builder.extract_value(args[0], k) for k in range(LANES)]
+        width = LANES  # partial sums per vector in each block of lanes
+        while len(partials) > 1:  # two vectors of blocks of `width` -> one of blocks of width / 2
+            half = width // 2
+            lower = [b + k for b in range(0, 2 * LANES, width) for k in range(half)]
+            upper = [j + half for j in lower]
+            partials = [
+                builder.fadd(builder.shuffle_vector(p, q, ir.Constant(_INT32_LANES, lower)),
+                             builder.shuffle_vector(p, q, ir.Constant(_INT32_LANES, upper)))
+                for p, q in zip(partials[::2], partials[1::2], strict=True)
+            ]  # fmt: skip
+            width = half
+        return partials[0]
+
+    return float32x16(vectors), codegen
 
 
 def _int8_dot(width: int):
