@@ -36,10 +36,12 @@ from llamette.kernels.simd import (
     float32x16_of,
     float32x16_zeros,
     int32x16_zeros,
+    load_each,
     load_lanes,
     madd_pairs,
     madd_quads,
     multiply_add,
+    store_each,
     store_lanes,
     sum_float32x16,
     sums_float32x16,
@@ -58,6 +60,10 @@ reassociating_kernel = njit(
 # inputs (24 sums, each input vector loaded used 8 times, so that the inputs, which stream from L2,
 # keep up with the multiply-adds); with the 16 of AVX2, 4 rows (2 by 2 sums at a time).
 GEMM_ROWS = 8 if WIDE_REGISTERS else 4
+# Rows of up to ONE_PASS_COLUMNS go through the 8 x 3 blocks in one pass (8 of them fill at most
+# 32 KB of L1); longer ones in passes of COLUMNS_PER_PASS, so that the 8 rows' part (16 KB) stays
+# in L1 while the inputs' part passes.
+ONE_PASS_COLUMNS, COLUMNS_PER_PASS = 1024, 512
 
 
 @parallel_kernel
@@ -80,9 +86,15 @@ def matmul_f32(out, x, w):
             for b in range(n_inputs):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         return
-    for block in prange((d + GEMM_ROWS - 1) // GEMM_ROWS):
-        i = GEMM_ROWS * np.int64(block)  # a prange index may be unsigned (unsigned + signed: float)
-        rows_times_inputs(out, x, w, i, i)
+    n_blocks = (d + GEMM_ROWS - 1) // GEMM_ROWS
+    if WIDE_REGISTERS and x.shape[1] > ONE_PASS_COLUMNS:  # two loops, so that each is compiled
+        for block in prange(n_blocks):  # with one way through the columns
+            i = GEMM_ROWS * np.int64(block)  # a prange index may be unsigned: + signed is a float
+            rows_times_inputs(out, x, w, i, i, True)
+    else:
+        for block in prange(n_blocks):
+            i = GEMM_ROWS * np.int64(block)
+            rows_times_inputs(out, x, w, i, i, False)
 
 
 @njit(inline="always")
@@ -96,9 +108,10 @@ def _rows_of_task(task, half):
 
 
 @njit(inline="always")
-def rows_times_inputs(out, x, w, r, i):
-    """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T, in register blocks; a last block
-    with fewer rows, one row at a time."""
+def rows_times_inputs(out, x, w, r, i, in_passes):
+    """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T, in register blocks (over the
+    columns in one pass, or in_passes for long rows); a last block with fewer rows, one row at a
+    time."""
     n_inputs, rows = x.shape[0], min(GEMM_ROWS, w.shape[0] - r)
     if rows < GEMM_ROWS:
         for q in range(rows):
@@ -115,8 +128,13 @@ def rows_times_inputs(out, x, w, r, i):
             out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
         return
     blocked = n_inputs - n_inputs % 3
-    for b in range(0, blocked, 3):
-        _dots_8x3(out, x, b, w, r, i)
+    whole = x.shape[1] - x.shape[1] % LANES
+    if in_passes:
+        _blocks_8x3_in_passes(out, x, w, r, i, blocked)
+    else:
+        for b in range(0, blocked, 3):
+            lane_sums = _sweep_8x3(_zeros_8x3(), x, b, w, r, 0, whole)
+            _store_8x3(out, x, b, w, r, i, whole, lane_sums)
     w4, w5, w6, w7 = w[r + 4], w[r + 5], w[r + 6], w[r + 7]
     for b in range(blocked, n_inputs):
         out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
@@ -182,20 +200,35 @@ def _dots_2x2(out, b, i, x0, x1, w0, w1):
 
 
 @njit(inline="always")
-def _dots_8x3(out, x, b, w, r, i):
-    """out[b + k, i + q] = x[b + k] . w[r + q] for inputs k of 0..2 and rows q of 0..7: 24 sums
-    in registers (a_kq), each loaded input vector used eight times. Rows are addressed from the
-    arrays' starts, not as views (each view costs two atomic reference counts)."""
-    n = x.shape[1]
-    whole = n - n % LANES
+def _blocks_8x3_in_passes(out, x, w, r, i, blocked):
+    """out[:blocked, i:i + 8] = x[:blocked] @ w[r:r + 8]^T for long rows, in passes over
+    COLUMNS_PER_PASS columns, each block of 3 inputs' lane sums kept between passes: the same
+    sums as in one pass."""
+    whole = x.shape[1] - x.shape[1] % LANES
+    kept = np.zeros((blocked // 3, 24 * LANES), np.float32)
+    for start in range(0, whole, COLUMNS_PER_PASS):
+        stop = min(whole, start + COLUMNS_PER_PASS)
+        for b in range(0, blocked, 3):
+            lane_sums = _sweep_8x3(load_each(kept[b // 3], 0, 24), x, b, w, r, start, stop)
+            store_each(kept[b // 3], 0, lane_sums)
+    for b in range(0, blocked, 3):
+        _store_8x3(out, x, b, w, r, i, whole, load_each(kept[b // 3], 0, 24))
+
+
+@njit(inline="always")
+def _sweep_8x3(lane_sums, x, b, w, r, start, stop):
+    """The 24 lane sums (a_kq) of x[b + k] . w[r + q], inputs k of 0..2 and rows q of 0..7,
+    carried on over columns start..stop (whole vectors): in registers, each loaded input vector
+    used eight times. Rows are addressed from the arrays' starts, not as views (each view costs
+    two atomic reference counts)."""
     xs, ws = _row_stride(x), _row_stride(w)
     x0, x1, x2 = b * xs, (b + 1) * xs, (b + 2) * xs
     w0, w1, w2, w3 = r * ws, (r + 1) * ws, (r + 2) * ws, (r + 3) * ws
     w4, w5, w6, w7 = (r + 4) * ws, (r + 5) * ws, (r + 6) * ws, (r + 7) * ws
-    a00 = a01 = a02 = a03 = a04 = a05 = a06 = a07 = float32x16_zeros()
-    a10 = a11 = a12 = a13 = a14 = a15 = a16 = a17 = float32x16_zeros()
-    a20 = a21 = a22 = a23 = a24 = a25 = a26 = a27 = float32x16_zeros()
-    for j in range(0, whole, LANES):
+    (a00, a01, a02, a03, a04, a05, a06, a07,
+     a10, a11, a12, a13, a14, a15, a16, a17,
+     a20, a21, a22, a23, a24, a25, a26, a27) = lane_sums  # fmt: skip
+    for j in range(start, stop, LANES):
         v0, v1, v2 = load_lanes(x, x0 + j), load_lanes(x, x1 + j), load_lanes(x, x2 + j)
         a00, a10, a20 = _times_row(a00, a10, a20, v0, v1, v2, load_lanes(w, w0 + j))
         a01, a11, a21 = _times_row(a01, a11, a21, v0, v1, v2, load_lanes(w, w1 + j))
@@ -205,6 +238,23 @@ def _dots_8x3(out, x, b, w, r, i):
         a05, a15, a25 = _times_row(a05, a15, a25, v0, v1, v2, load_lanes(w, w5 + j))
         a06, a16, a26 = _times_row(a06, a16, a26, v0, v1, v2, load_lanes(w, w6 + j))
         a07, a17, a27 = _times_row(a07, a17, a27, v0, v1, v2, load_lanes(w, w7 + j))
+    return (a00, a01, a02, a03, a04, a05, a06, a07,
+            a10, a11, a12, a13, a14, a15, a16, a17,
+            a20, a21, a22, a23, a24, a25, a26, a27)  # fmt: skip
+
+
+@njit(inline="always")
+def _zeros_8x3():
+    z = float32x16_zeros()
+    return (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
+
+
+@njit(inline="always")
+def _store_8x3(out, x, b, w, r, i, whole, lane_sums):
+    """out[b + k, i + q] = x[b + k] . w[r + q] from the 24 lane sums of `_sweep_8x3`."""
+    (a00, a01, a02, a03, a04, a05, a06, a07,
+     a10, a11, a12, a13, a14, a15, a16, a17,
+     a20, a21, a22, a23, a24, a25, a26, a27) = lane_sums  # fmt: skip
     _store_row_of_8(out, x, b, w, r, i, whole, a00, a01, a02, a03, a04, a05, a06, a07)
     _store_row_of_8(out, x, b + 1, w, r, i, whole, a10, a11, a12, a13, a14, a15, a16, a17)
     _store_row_of_8(out, x, b + 2, w, r, i, whole, a20, a21, a22, a23, a24, a25, a26, a27)
@@ -677,7 +727,7 @@ def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
         rows = np.empty((min(GEMM_ROWS, d - i), n), np.float32)
         for r in range(rows.shape[0]):
             _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
-        rows_times_inputs(out, x, rows, 0, i)
+        rows_times_inputs(out, x, rows, 0, i, False)
 
 
 @njit(inline="always")

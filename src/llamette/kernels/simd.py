@@ -201,6 +201,44 @@ def load_lanes(typingctx, array, index):
 
 
 @intrinsic
+def load_each(typingctx, array, index, count):
+    """A tuple of `count` (a constant) float32x16: array[index:index + 16], the next 16, ..."""
+    if array.dtype != types.float32 or not isinstance(count, types.IntegerLiteral):
+        return None
+    tuple_type = types.UniTuple(float32x16, count.literal_value)
+
+    def codegen(context, builder, signature, args):
+        array, index, _ = args
+        vectors = context.get_value_type(tuple_type)(None)
+        for k in range(count.literal_value):
+            offset = builder.add(index, ir.Constant(index.type, LANES * k))
+            pointer = _pointer(context, builder, signature.args[0], array, offset, _FLOAT32_LANES)
+            vectors = builder.insert_value(vectors, builder.load(pointer, align=4), k)
+        return vectors
+
+    return tuple_type(array, index, count), codegen
+
+
+@intrinsic
+def store_each(typingctx, out, index, vectors):
+    """out[index:index + 16 * len(vectors)] = the float32x16 vectors, one after another."""
+    if out.dtype != types.float32 or not (
+        isinstance(vectors, types.UniTuple) and vectors.dtype == float32x16
+    ):
+        return None
+
+    def codegen(context, builder, signature, args):
+        out, index, vectors = args
+        for k in range(signature.args[2].count):
+            offset = builder.add(index, ir.Constant(index.type, LANES * k))
+            pointer = _pointer(context, builder, signature.args[0], out, offset, _FLOAT32_LANES)
+            builder.store(builder.extract_value(vectors, k), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.none(out, index, vectors), codegen
+
+
+@intrinsic
 def multiply_add(typingctx, acc, a, b):
     """acc + a * b lane by lane, rounded once (a fused multiply-add)."""
 
