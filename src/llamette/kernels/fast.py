@@ -134,7 +134,9 @@ def rows_times_inputs(out, x, w, r, i, in_passes):
     else:
         for b in range(0, blocked, 3):
             lane_sums = _sweep_8x3(_zeros_8x3(), x, b, w, r, 0, whole)
-            _store_8x3(out, x, b, w, r, i, whole, lane_sums)
+            _store_8x3(out, b, i, lane_sums)
+    if whole < x.shape[1]:
+        _add_last_columns(out, x, w, r, i, blocked, GEMM_ROWS, whole)
     w4, w5, w6, w7 = w[r + 4], w[r + 5], w[r + 6], w[r + 7]
     for b in range(blocked, n_inputs):
         out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dots_1x4(x[b], w0, w1, w2, w3)
@@ -212,7 +214,7 @@ def _blocks_8x3_in_passes(out, x, w, r, i, blocked):
             lane_sums = _sweep_8x3(load_each(kept[b // 3], 0, 24), x, b, w, r, start, stop)
             store_each(kept[b // 3], 0, lane_sums)
     for b in range(0, blocked, 3):
-        _store_8x3(out, x, b, w, r, i, whole, load_each(kept[b // 3], 0, 24))
+        _store_8x3(out, b, i, load_each(kept[b // 3], 0, 24))
 
 
 @njit(inline="always")
@@ -250,14 +252,14 @@ def _zeros_8x3():
 
 
 @njit(inline="always")
-def _store_8x3(out, x, b, w, r, i, whole, lane_sums):
-    """out[b + k, i + q] = x[b + k] . w[r + q] from the 24 lane sums of `_sweep_8x3`."""
+def _store_8x3(out, b, i, lane_sums):
+    """out[b + k, i + q] = the totals of the 24 lane sums of `_sweep_8x3`."""
     (a00, a01, a02, a03, a04, a05, a06, a07,
      a10, a11, a12, a13, a14, a15, a16, a17,
      a20, a21, a22, a23, a24, a25, a26, a27) = lane_sums  # fmt: skip
-    _store_row_of_8(out, x, b, w, r, i, whole, a00, a01, a02, a03, a04, a05, a06, a07)
-    _store_row_of_8(out, x, b + 1, w, r, i, whole, a10, a11, a12, a13, a14, a15, a16, a17)
-    _store_row_of_8(out, x, b + 2, w, r, i, whole, a20, a21, a22, a23, a24, a25, a26, a27)
+    _store_row_of_8(out, b, i, a00, a01, a02, a03, a04, a05, a06, a07)
+    _store_row_of_8(out, b + 1, i, a10, a11, a12, a13, a14, a15, a16, a17)
+    _store_row_of_8(out, b + 2, i, a20, a21, a22, a23, a24, a25, a26, a27)
 
 
 @njit(inline="always")
@@ -267,25 +269,24 @@ def _row_stride(a):
 
 
 @njit(inline="always")
-def _store_row_of_8(out, x, b, w, r, i, whole, a0, a1, a2, a3, a4, a5, a6, a7):
-    """out[b, i + q] = x[b] . w[r + q] for q of 0..7, from their lane sums a_q."""
-    out[b, i] = _lanes_total(a0, x, b, w, r, whole)
-    out[b, i + 1] = _lanes_total(a1, x, b, w, r + 1, whole)
-    out[b, i + 2] = _lanes_total(a2, x, b, w, r + 2, whole)
-    out[b, i + 3] = _lanes_total(a3, x, b, w, r + 3, whole)
-    out[b, i + 4] = _lanes_total(a4, x, b, w, r + 4, whole)
-    out[b, i + 5] = _lanes_total(a5, x, b, w, r + 5, whole)
-    out[b, i + 6] = _lanes_total(a6, x, b, w, r + 6, whole)
-    out[b, i + 7] = _lanes_total(a7, x, b, w, r + 7, whole)
+def _store_row_of_8(out, b, i, a0, a1, a2, a3, a4, a5, a6, a7):
+    """out[b, i + q] = the total of lane sums a_q, q = 0..7."""
+    out[b, i], out[b, i + 1] = sum_float32x16(a0), sum_float32x16(a1)
+    out[b, i + 2], out[b, i + 3] = sum_float32x16(a2), sum_float32x16(a3)
+    out[b, i + 4], out[b, i + 5] = sum_float32x16(a4), sum_float32x16(a5)
+    out[b, i + 6], out[b, i + 7] = sum_float32x16(a6), sum_float32x16(a7)
 
 
 @njit(inline="always")
-def _lanes_total(lanes, x, b, w, r, whole):
-    """x[b] . w[r] from its 16 lane sums (as `_total`, for rows of 2-D arrays)."""
-    total = sum_float32x16(lanes)
-    for j in range(whole, x.shape[1]):
-        total += x[b, j] * w[r, j]
-    return total
+def _add_last_columns(out, x, w, r, i, n_inputs, rows, whole):
+    """out[b, i + q] += x[b, j] * w[r + q, j] for the columns j past the whole vectors, one by
+    one (the float32 steps of `_total`, after its lane sums are stored)."""
+    for b in range(n_inputs):
+        for q in range(rows):
+            total = out[b, i + q]
+            for j in range(whole, x.shape[1]):
+                total += x[b, j] * w[r + q, j]
+            out[b, i + q] = total
 
 
 @njit(inline="always")
