@@ -7,7 +7,7 @@ import pytest
 
 from conftest import shared_path
 from llamette import Transformer
-from llamette.model import lazily_mapped_zeros
+from llamette.model import Activations, lazily_mapped_zeros
 from llamette.quant import Q8Tensor
 
 
@@ -78,6 +78,19 @@ def test_forward_batch_decodes_several_sequences_at_once():
         np.testing.assert_allclose(
             logits[slot], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
         )
+
+
+def test_activations_reuse_their_memory_by_name():
+    """forward_batch's arrays come back to the same memory, pass after pass (no fresh pages)."""
+    activations = Activations()
+    q = activations.get("q", (4, 8))
+    assert q.shape == (4, 8) and q.dtype == np.float32
+    assert np.shares_memory(activations.get("q", (2, 8)), q)
+    assert not np.shares_memory(activations.get("k", (4, 8)), q)
+    xq = activations.get("q", (4, 32), np.int8)  # as many bytes as before: the same memory
+    assert np.shares_memory(xq, q) and xq.shape == (4, 32)
+    grown = activations.get("q", (16, 8))
+    assert grown.shape == (16, 8) and not np.shares_memory(grown, q)
 
 
 def resident_kib() -> int:

@@ -361,12 +361,20 @@ class Q8Scratch(NamedTuple):
     dequantized: np.ndarray  # (B, n) float32: values * scales
 
 
-def q8_scratch(n_inputs: int, n: int, group_size: int) -> Q8Scratch:
+def q8_scratch(n_inputs: int, n: int, group_size: int, get=None) -> Q8Scratch:
+    """Scratch for q8_linear: fresh zeros, or the arrays of get(name, shape, dtype) (a model's
+    Activations.get, which reuses them)."""
+    get = get or zeros_named
     groups = -(-n // group_size)
     return Q8Scratch(
-        np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, groups), np.float32),
-        np.zeros((n_inputs, n), np.float32),
+        get("xq", (n_inputs, n), np.int8), get("xs", (n_inputs, groups), np.float32),
+        get("x_dequantized", (n_inputs, n), np.float32),
     )  # fmt: skip
+
+
+def zeros_named(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.zeros(shape, dtype), called as Activations.get is (the name unused)."""
+    return np.zeros(shape, dtype)
 
 
 @parallel_kernel

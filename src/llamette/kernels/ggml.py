@@ -31,6 +31,7 @@ from llamette.kernels.fast import (
     reassociating_kernel,
     rows_times_lanes,
     rows_times_quads,
+    zeros_named,
 )
 from llamette.kernels.simd import FUSED_MADD, LANES, dot_int8x32
 
@@ -171,11 +172,14 @@ class Q8_0Scratch(NamedTuple):
     sums: np.ndarray  # (B, n / 32) int32: each group's values summed
 
 
-def q8_0_scratch(n_inputs: int, n: int) -> Q8_0Scratch:
+def q8_0_scratch(n_inputs: int, n: int, get=None) -> Q8_0Scratch:
+    """Scratch for q8_0_linear: fresh zeros, or the arrays of get(name, shape, dtype) (a model's
+    Activations.get, which reuses them)."""
+    get = get or zeros_named
     groups = n // 32
     return Q8_0Scratch(
-        np.zeros((n_inputs, n), np.int8), np.zeros((n_inputs, groups), np.float32),
-        np.zeros((n_inputs, groups), np.int32),
+        get("xq", (n_inputs, n), np.int8), get("xs", (n_inputs, groups), np.float32),
+        get("x_sums", (n_inputs, groups), np.int32),
     )  # fmt: skip
 
 
