@@ -60,10 +60,9 @@ reassociating_kernel = njit(
 # inputs (24 sums, each input vector loaded used 8 times, so that the inputs, which stream from L2,
 # keep up with the multiply-adds); with the 16 of AVX2, 4 rows (2 by 2 sums at a time).
 GEMM_ROWS = 8 if WIDE_REGISTERS else 4
-# Rows of up to ONE_PASS_COLUMNS go through the 8 x 3 blocks in one pass (8 of them fill at most
-# 32 KB of L1); longer ones in passes of COLUMNS_PER_PASS, so that the 8 rows' part (16 KB) stays
-# in L1 while the inputs' part passes.
-ONE_PASS_COLUMNS, COLUMNS_PER_PASS = 1024, 512
+# Rows of more than COLUMNS_PER_PASS go through the 8 x 3 blocks in passes of that many columns,
+# so that the 8 rows' part (32 KB) stays in L1 while the inputs' part passes.
+COLUMNS_PER_PASS = 1024
 
 
 @parallel_kernel
@@ -87,7 +86,7 @@ def matmul_f32(out, x, w):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         return
     n_blocks = (d + GEMM_ROWS - 1) // GEMM_ROWS
-    if WIDE_REGISTERS and x.shape[1] > ONE_PASS_COLUMNS:  # two loops, so that each is compiled
+    if WIDE_REGISTERS and x.shape[1] > COLUMNS_PER_PASS:  # two loops, so that each is compiled
         for block in prange(n_blocks):  # with one way through the columns
             i = GEMM_ROWS * np.int64(block)  # a prange index may be unsigned: + signed is a float
             rows_times_inputs(out, x, w, i, i, True)
