@@ -246,6 +246,7 @@ def _sweep_8x3(lane_sums, x, b, w, r, start, stop):
 
 @njit(inline="always")
 def _zeros_8x3():
+    """24 vectors of zeros: the lane sums of a block before its first column."""
     z = float32x16_zeros()
     return (z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z, z)
 
@@ -292,12 +293,6 @@ def _add_last_columns(out, x, w, r, i, n_inputs, rows, whole):
 def _times_row(a0, a1, a2, v0, v1, v2, p):
     """Three inputs' vectors times one row's: (a0 + v0 * p, a1 + v1 * p, a2 + v2 * p)."""
     return multiply_add(a0, v0, p), multiply_add(a1, v1, p), multiply_add(a2, v2, p)
-
-
-@njit(inline="always")
-def _store_totals(out, b, i, x, w0, w1, w2, w3, a0, a1, a2, a3, whole):
-    out[b, i], out[b, i + 1] = _total(a0, x, w0, whole), _total(a1, x, w1, whole)
-    out[b, i + 2], out[b, i + 3] = _total(a2, x, w2, whole), _total(a3, x, w3, whole)
 
 
 @njit(inline="always")
@@ -727,8 +722,8 @@ def _q8_matmul_dequantized(out, x, wq, ws, group_size):
 
 @parallel_kernel
 def _q8_matmul_dequantized_blocks(out, x, wq, ws, group_size):
-    """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of GEMM_ROWS weight rows (in parallel),
-    dequantized once, times the inputs in the fp32 GEMM's register blocks."""
+    """out (B, d) = x (B, n) @ w (d, n)^T for a batch: blocks of GEMM_ROWS weight rows (in
+    parallel), dequantized once, times the inputs in the fp32 GEMM's register blocks."""
     d, n = wq.shape
     for block in prange((d + GEMM_ROWS - 1) // GEMM_ROWS):
         i = GEMM_ROWS * np.int64(block)
