@@ -80,6 +80,17 @@ def test_forward_batch_decodes_several_sequences_at_once():
         )
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_warmed_up_model_runs_as_a_fresh_one(exact):
+    """warm_up's tokens in the cache are written over by the run that follows."""
+    path = shared_path("models", "stories260K.bin")
+    fresh, warmed = Transformer.load(path, exact=exact), Transformer.load(path, exact=exact)
+    warmed.warm_up()
+    tokens = [1, 403, 407, 261, 378]
+    np.testing.assert_array_equal(warmed.prefill(tokens, 0), fresh.prefill(tokens, 0))
+    np.testing.assert_array_equal(warmed.forward(9, 5), fresh.forward(9, 5))
+
+
 def test_activations_reuse_their_memory_by_name():
     """forward_batch's arrays come back to the same memory, pass after pass (no fresh pages)."""
     activations = Activations()

@@ -320,9 +320,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LlametteError("--json: works with -m generate only")
     use_threads(args.threads)
     model = Transformer.load(args.model, exact=args.exact)
+    tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
+    model.warm_up()  # so that the speeds reported are the kernels', not their loading
     if args.profile:
         model.start_profile()
-    tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     steps = clamp_steps(args.steps, model.config.seq_len)
     sampler = Sampler(
         model.config.vocab_size,

@@ -228,6 +228,13 @@ class Transformer:
         """Load a model file (memory-mapped) and make it ready to run."""
         return cls(load_weights(path), exact=exact, n_slots=n_slots)
 
+    def warm_up(self) -> None:
+        """Load (or compile) the kernels of a run before it is timed: a batched pass and a decode
+        step, in slot 0 at positions 0 and 1 (which the run then writes over)."""
+        if not self.exact:
+            self.forward_batch([1, 1], [0, 1], [0, 0], [-1])
+        self.forward(1, 0)
+
     def forward(self, token: int, pos: int, slot: int = 0) -> np.ndarray:
         """Logits (vocab_size,) for the token at position pos, after positions 0..pos-1 are cached.
 
