@@ -358,16 +358,17 @@ def test_fast_attention_agrees_with_the_reference(head_size):
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_row_of_a_batch_attends_as_one_token_decoding_alone():
-    """The engine's batches and the run loop's decode steps give a sequence the same bits."""
-    n_heads, n_kv_heads, head_size, seq_len = 4, 2, 64, 40
+@pytest.mark.parametrize("positions", [np.arange(99, 200), np.array([0, 15, 16, 17, 39])])
+def test_a_row_of_a_batch_attends_as_one_token_decoding_alone(positions):
+    """The engine's batches and the run loop's decode steps give a sequence the same bits: a
+    prompt's rows (taken in blocks that share chunks of 128 keys and values) as rows alone."""
+    n_heads, n_kv_heads, head_size, seq_len = 4, 2, 64, 200
     key_cache = randn(1, 1, n_kv_heads, seq_len, head_size)
     value_cache = randn(1, 1, n_kv_heads, seq_len, head_size)
-    positions = np.array([0, 15, 16, 17, 39])
     q = randn(len(positions), n_heads * head_size)
     batched = np.empty_like(q)
-    fast.attention_rows(batched, q, key_cache, value_cache, 0, np.zeros(5, np.int64), positions,
-                        n_heads)  # fmt: skip
+    slots = np.zeros(len(positions), np.int64)
+    fast.attention_rows(batched, q, key_cache, value_cache, 0, slots, positions, n_heads)
     att = np.zeros((n_heads, seq_len), np.float32)
     for b, pos in enumerate(positions):
         alone = np.empty(q.shape[1], np.float32)

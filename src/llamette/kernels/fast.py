@@ -799,17 +799,68 @@ def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_he
     its sequence's cache, which already holds the batch's own keys and values.
 
     out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, n_kv_heads, seq_len, head_size).
+    Each row gets the bits of `attention` for one token; a prompt's rows go in blocks that share
+    each chunk of keys and values while it is in L1.
     """
     head_size = q.shape[1] // n_heads
     kv_mul = n_heads // key_cache.shape[2]
     n_rows = q.shape[0]
-    for r in prange(n_heads * n_rows):  # by head, then row: a thread's share of a prompt's rows,
-        h, b = r // n_rows, r % n_rows  # which attend to more keys the later they are, is even
+    n_blocks = (n_rows + ATTENTION_ROWS - 1) // ATTENTION_ROWS
+    for task in prange(n_heads * n_blocks):  # by head, then block: a thread's share of a prompt's
+        h, block = task // n_blocks, task % n_blocks  # rows (later ones attend to more) is even
+        first, last = block * ATTENTION_ROWS, min(n_rows, (block + 1) * ATTENTION_ROWS)
         heads = slice(h * head_size, (h + 1) * head_size)
         kv_head = h // kv_mul
-        keys, values = key_cache[slots[b], layer, kv_head], value_cache[slots[b], layer, kv_head]
-        scores = np.empty(positions[b] + 1, np.float32)
-        _attend(out[b, heads], q[b, heads], keys, values, positions[b] + 1, scores)
+        if head_size % LANES == 0 and _one_run(slots, positions, first, last):
+            keys = key_cache[slots[first], layer, kv_head]
+            values = value_cache[slots[first], layer, kv_head]
+            _attend_rows(out[first:last, heads], q[first:last, heads], keys, values,
+                         positions[first])  # fmt: skip
+            continue
+        for b in range(first, last):
+            slot = slots[b]
+            keys, values = key_cache[slot, layer, kv_head], value_cache[slot, layer, kv_head]
+            scores = np.empty(positions[b] + 1, np.float32)
+            _attend(out[b, heads], q[b, heads], keys, values, positions[b] + 1, scores)
+
+
+ATTENTION_ROWS = 8  # rows of one sequence that attention_rows takes together
+
+
+@njit(inline="always")
+def _one_run(slots, positions, first, last):
+    """Whether rows first..last - 1 are one sequence's consecutive positions."""
+    for b in range(first + 1, last):
+        if slots[b] != slots[first] or positions[b] != positions[first] + b - first:
+            return False
+    return True
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
+def _attend_rows(out, q, keys, values, first_position):
+    """`_attend` for rows r of one sequence at positions first_position + r (out, q: (rows,
+    head_size), heads a whole number of SIMD vectors long): the same steps in the same order for
+    each row, taken a chunk of keys (and of values) at a time for all the rows."""
+    n_rows, head_size = q.shape
+    n_keys = first_position + n_rows  # the last row's
+    scores = np.empty((n_rows, n_keys), np.float32)
+    chunk = max(LANES, ATTENTION_CHUNK_BYTES // (4 * head_size) // LANES * LANES)
+    for start in range(0, n_keys, chunk):
+        for r in range(n_rows):
+            stop = min(start + chunk, first_position + r + 1)
+            if stop > start:
+                _key_scores(scores[r], q[r], keys, start, stop)
+    for r in range(n_rows):
+        _softmax(scores[r], first_position + r + 1, head_size)
+    out[:, :] = 0.0
+    for start in range(0, n_keys, chunk):
+        for r in range(n_rows):
+            stop = min(start + chunk, first_position + r + 1)
+            if stop > start:
+                _add_weighted_values(out[r], scores[r], values, start, stop)
+
+
+ATTENTION_CHUNK_BYTES = 32 * 1024  # keys (or values) taken at a time by a block of rows
 
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
@@ -817,17 +868,30 @@ def _attend(out, q, keys, values, n_keys, scores):
     """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys;
     keys, values (seq_len, head_size): its kv head's cache, each position's vector contiguous.
     Heads a whole number of SIMD vectors long take explicit lanes (`_key_scores`,
-    `_weighted_values`); others, loops that LLVM vectorizes as it can."""
+    `_add_weighted_values`); others, loops that LLVM vectorizes as it can."""
     head_size = q.shape[0]
     whole_vectors = head_size % LANES == 0
     if whole_vectors:
-        _key_scores(scores, q, keys, n_keys)
+        _key_scores(scores, q, keys, 0, n_keys)
     else:
         for t in range(n_keys):
             score = F32(0.0)
             for i in range(head_size):
                 score += q[i] * keys[t, i]
             scores[t] = score
+    _softmax(scores, n_keys, head_size)
+    out[:] = 0.0
+    if whole_vectors:
+        _add_weighted_values(out, scores, values, 0, n_keys)
+        return
+    for t in range(n_keys):
+        for i in range(head_size):
+            out[i] += scores[t] * values[t, i]
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
+def _softmax(scores, n_keys, head_size):
+    """scores[:n_keys] = softmax(scores[:n_keys] / sqrt(head_size)), in place."""
     inverse_scale = F32(1.0) / F32(math.sqrt(F32(head_size)))
     highest = F32(-np.inf)
     for t in range(n_keys):
@@ -839,22 +903,16 @@ def _attend(out, q, keys, values, n_keys, scores):
         total += scores[t]
     for t in range(n_keys):
         scores[t] /= total
-    if whole_vectors:
-        _weighted_values(out, scores, values, n_keys)
-        return
-    out[:] = 0.0
-    for t in range(n_keys):
-        for i in range(head_size):
-            out[i] += scores[t] * values[t, i]
 
 
 @njit(inline="always")
-def _key_scores(scores, q, keys, n_keys):
-    """scores[t] = q . keys[t] for t < n_keys, each summed in 16 lanes (as `_dot`), 16 keys at a
-    time: their lane sums added together (sums_float32x16), not one key after another."""
+def _key_scores(scores, q, keys, start, stop):
+    """scores[t] = q . keys[t] for t in start..stop - 1 (start a multiple of 16), each summed in
+    16 lanes (as `_dot`): whole blocks of 16 keys at a time, their lane sums added together
+    (sums_float32x16), then the keys left one by one."""
     head_size, stride = q.shape[0], _row_stride(keys)
-    blocked = n_keys - n_keys % LANES
-    for t in range(0, blocked, LANES):
+    blocked = stop - (stop - start) % LANES
+    for t in range(start, blocked, LANES):
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = float32x16_zeros()  # a_k: key t + k
         a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = float32x16_zeros()
         for i in range(0, head_size, LANES):
@@ -867,7 +925,7 @@ def _key_scores(scores, q, keys, n_keys):
             )
         lanes = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
         store_lanes(scores, t, sums_float32x16(lanes))
-    for t in range(blocked, n_keys):
+    for t in range(blocked, stop):
         a = float32x16_zeros()
         for i in range(0, head_size, LANES):
             a = multiply_add(a, load_lanes(q, i), load_lanes(keys, t * stride + i))
@@ -885,14 +943,15 @@ def _times_4_keys(a0, a1, a2, a3, v, keys, at, stride):
 
 
 @njit(inline="always")
-def _weighted_values(out, weights, values, n_keys):
-    """out (head_size,) = sum over t < n_keys of weights[t] * values[t], each value summed in
+def _add_weighted_values(out, weights, values, start, stop):
+    """out (head_size,) += weights[t] * values[t] for t in start..stop - 1, each value summed in
     position order (fused multiply-adds); four vectors of the output at a time where they exist."""
     head_size, stride = out.shape[0], _row_stride(values)
     in_fours = head_size - head_size % (4 * LANES)
     for i in range(0, in_fours, 4 * LANES):
-        a0 = a1 = a2 = a3 = float32x16_zeros()
-        for t in range(n_keys):
+        a0, a1 = load_lanes(out, i), load_lanes(out, i + LANES)
+        a2, a3 = load_lanes(out, i + 2 * LANES), load_lanes(out, i + 3 * LANES)
+        for t in range(start, stop):
             weight, value = float32x16_of(weights[t]), t * stride + i
             a0 = multiply_add(a0, weight, load_lanes(values, value))
             a1 = multiply_add(a1, weight, load_lanes(values, value + LANES))
@@ -903,8 +962,8 @@ def _weighted_values(out, weights, values, n_keys):
         store_lanes(out, i + 2 * LANES, a2)
         store_lanes(out, i + 3 * LANES, a3)
     for i in range(in_fours, head_size, LANES):
-        a = float32x16_zeros()
-        for t in range(n_keys):
+        a = load_lanes(out, i)
+        for t in range(start, stop):
             a = multiply_add(a, float32x16_of(weights[t]), load_lanes(values, t * stride + i))
         store_lanes(out, i, a)
 
