@@ -120,7 +120,8 @@ def write_random_v0(path, dim, hidden_dim, n_layers, n_heads, vocab_size, seq_le
 
 
 def test_running_a_large_model_does_not_copy_its_weights(tmp_path):
-    small = write_random_v0(tmp_path / "small.bin", 64, 128, 1, 4, 512, 16)
+    # as many layers, so that the small model's decode step is the large one's compiled code
+    small = write_random_v0(tmp_path / "small.bin", 64, 128, 4, 4, 512, 16)
     large = write_random_v0(tmp_path / "large.bin", 768, 2048, 4, 12, 32000, 64)
     size = large.stat().st_size
     assert size > 200e6
