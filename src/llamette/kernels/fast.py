@@ -908,8 +908,8 @@ def _softmax(scores, n_keys, head_size):
 @njit(inline="always")
 def _key_scores(scores, q, keys, start, stop):
     """scores[t] = q . keys[t] for t in start..stop - 1 (start a multiple of 16), each summed in
-    16 lanes (as `_dot`): whole blocks of 16 keys at a time, their lane sums added together
-    (sums_float32x16), then the keys left one by one."""
+    16 lanes as `_dot` sums: whole blocks of 16 keys at a time, their lane sums added together
+    (sums_float32x16), then the keys left with `_dot` itself."""
     head_size, stride = q.shape[0], _row_stride(keys)
     blocked = stop - (stop - start) % LANES
     for t in range(start, blocked, LANES):
@@ -926,10 +926,7 @@ def _key_scores(scores, q, keys, start, stop):
         lanes = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
         store_lanes(scores, t, sums_float32x16(lanes))
     for t in range(blocked, stop):
-        a = float32x16_zeros()
-        for i in range(0, head_size, LANES):
-            a = multiply_add(a, load_lanes(q, i), load_lanes(keys, t * stride + i))
-        scores[t] = sum_float32x16(a)
+        scores[t] = _dot(q, keys[t])
 
 
 @njit(inline="always")
