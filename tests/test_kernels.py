@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from llamette.kernels import SMALL_BATCH, fast, ggml, reference, simd
+from llamette.kernels import SMALL_BATCH, fast, ggml, last_level_cache_bytes, reference, simd
 from llamette.quant import Q8_0Tensor, Q8Tensor, quantize_q8
 
 rng = np.random.default_rng(0)
@@ -97,11 +97,11 @@ def test_swiglu_and_add():
     np.testing.assert_array_equal(a, before + y)
 
 
-def fast_q8_product(w, x):
+def fast_q8_product(w, x, weights_in_cache=False):
     """fast.q8_linear for inputs x (B, n): the product (B, d) and the quantized inputs it used."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32)
     scratch = fast.q8_scratch(x.shape[0], x.shape[1], w.group_size)
-    fast.q8_linear((out,), x, (w,), scratch)
+    fast.q8_linear((out,), x, (w,), scratch, weights_in_cache)
     return out, scratch.values, scratch.scales
 
 
@@ -182,11 +182,15 @@ def test_q8_reference_is_runq_to_the_bit(group_size):
     np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
 
 
+@pytest.mark.parametrize("weights_in_cache", [False, True])  # rows one at a time, 16 in lanes
 @pytest.mark.parametrize("inputs", [1, 3, 25, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # 25: padded lanes
 @pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
-def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(group_size, columns, inputs):
+def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(
+    group_size, columns, inputs, weights_in_cache
+):
+    """40 rows: two blocks of 16 in lanes and 8 rows left over."""
     w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)
-    out, xq, xs = fast_q8_product(w, x)
+    out, xq, xs = fast_q8_product(w, x, weights_in_cache)
     for b in range(inputs):
         expected_q, expected_s = runq_quantize(x[b], group_size)
         np.testing.assert_array_equal(xq[b], expected_q)
@@ -274,10 +278,19 @@ def test_q8_fast_is_runq_within_float_tolerance(group_size, inputs):
         np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_last_level_cache_is_the_highest_level_linux_lists(tmp_path):
+    for index, level, size in [(0, 1, "48K"), (2, 2, "1024K"), (3, 3, "32M"), (4, 1, "32K")]:
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "level").write_text(f"{level}\n")
+        (tmp_path / f"index{index}" / "size").write_text(f"{size}\n")
+    assert last_level_cache_bytes(tmp_path) == 32 << 20
+    assert last_level_cache_bytes(tmp_path / "absent") == 0
+
+
 def test_q8_linear_quantizes_a_shared_input_once_for_every_matrix():
     w1, w2, x = quantize_q8(randn(24, 128), 64), quantize_q8(randn(40, 128), 64), randn(2, 128)
     out1, out2 = np.empty((2, 24), np.float32), np.empty((2, 40), np.float32)
-    fast.q8_linear((out1, out2), x, (w1, w2), fast.q8_scratch(2, 128, 64))
+    fast.q8_linear((out1, out2), x, (w1, w2), fast.q8_scratch(2, 128, 64), False)
     np.testing.assert_array_equal(out1, fast_q8_product(w1, x)[0])
     np.testing.assert_array_equal(out2, fast_q8_product(w2, x)[0])
 
@@ -440,7 +453,7 @@ def products_by_kind():
     kinds = {"f32": lambda out, x: fast.matmul_f32(out, x, w)}
     for name, wq in q8.items():
         kinds[name] = lambda out, x, wq=wq: fast.q8_linear(
-            (out,), x, (wq,), fast.q8_scratch(x.shape[0], 256, wq.group_size)
+            (out,), x, (wq,), fast.q8_scratch(x.shape[0], 256, wq.group_size), False
         )
     for kind in ("f16", "bf16", "q4_0", "q8_0"):
         kinds[kind] = gguf_product(kind, w)[0]

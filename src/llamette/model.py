@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llamette.formats import load_weights
-from llamette.kernels import fast, ggml, parallel_kernel
+from llamette.kernels import fast, ggml, last_level_cache_bytes, parallel_kernel
 from llamette.kernels import timing as t
 from llamette.kernels.linear import attention, embed, linear, swiglu
 from llamette.kernels.reference import add, rmsnorm, rope, rope_angles, store_kv
@@ -83,9 +83,10 @@ class Buffers(NamedTuple):
     xs: np.ndarray  # group scales
     x_dequantized: np.ndarray  # float32 values * scales
     x_sums: np.ndarray  # int32 sums of the values of each group of 32 (Q8_0)
+    weights_in_cache: bool  # whether the weights stay in cache between steps (fast.q8_linear)
 
     @classmethod
-    def for_config(cls, c) -> Buffers:
+    def for_config(cls, c, weights_in_cache: bool = False) -> Buffers:
         widest = max(c.dim, c.hidden_dim)
 
         def zeros(*shape, dtype=np.float32):
@@ -96,7 +97,7 @@ class Buffers(NamedTuple):
             zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
             zeros(c.head_size // 2), zeros(c.head_size // 2), zeros(c.vocab_size),
             zeros(widest, dtype=np.int8), zeros(widest), zeros(widest),
-            zeros(-(-widest // 32), dtype=np.int32),
+            zeros(-(-widest // 32), dtype=np.int32), weights_in_cache,
         )  # fmt: skip
 
 
@@ -195,6 +196,12 @@ def _advise(memory: mmap.mmap, advice: str) -> None:
             memory.madvise(getattr(mmap, advice))
 
 
+def fits_in_cache(weight_bytes: int) -> bool:
+    """Whether a decode step's weights stay in the last-level cache from one step to the next,
+    with a quarter of it left for the rest (the KV cache, activations, other programs)."""
+    return weight_bytes <= last_level_cache_bytes() * 3 // 4
+
+
 class Transformer:
     """A model ready to run: weights, KV cache and activation buffers.
 
@@ -211,7 +218,9 @@ class Transformer:
         self.weights = weights
         self.exact = exact
         self.tensors = Tensors.of(weights)
-        self.buffers = Buffers.for_config(c)
+        self.buffers = Buffers.for_config(
+            c, fits_in_cache(sum(self._weight_bytes_per_part().values()))
+        )
         self.activations = Activations()  # forward_batch's
         # KV cache: every layer's keys and values for every position so far, per sequence; each
         # kv head's positions in a row, so that attention reads one run of memory per head.
@@ -330,7 +339,7 @@ class Transformer:
                 else [np.empty(shape, np.float32) for shape in shapes])  # fmt: skip
         if isinstance(weights[0], Q8Tensor):
             scratch = fast.q8_scratch(x.shape[0], x.shape[1], weights[0].group_size, a.get)
-            fast.q8_linear(tuple(outs), x, weights, scratch)
+            fast.q8_linear(tuple(outs), x, weights, scratch, self.buffers.weights_in_cache)
         elif isinstance(weights[0], Q8_0Tensor):
             scratch = ggml.q8_0_scratch(x.shape[0], x.shape[1], a.get)
             ggml.q8_0_linear(tuple(outs), x, weights, scratch)

@@ -7,6 +7,7 @@
 
 import os
 import warnings
+from pathlib import Path
 
 import numba
 from numba import njit
@@ -53,3 +54,17 @@ def set_threads(threads: int | None = None) -> int:
         raise ValueError(f"{threads} threads: this machine runs 1 to {available}")
     numba.set_num_threads(threads)
     return threads
+
+
+def last_level_cache_bytes(cpu_caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of the CPU's last-level cache as Linux reports it (sysfs); 0 where it does not."""
+    sizes = {}
+    for index in cpu_caches.glob("index*"):
+        try:
+            level, size = (index / "level").read_text(), (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        if size[:-1].isdigit() and size[-1] in units and level.strip().isdigit():
+            sizes[int(level)] = int(size[:-1]) * units[size[-1]]
+    return sizes[max(sizes)] if sizes else 0

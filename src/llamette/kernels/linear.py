@@ -64,7 +64,7 @@ def _linear(outs, x, weights, exact, s):
                 s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups),
                 s.x_dequantized[:n].reshape(1, n),
             )  # fmt: skip
-            fast.q8_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
+            fast.q8_linear(as_rows(outs), x.reshape(1, n), weights, scratch, s.weights_in_cache)
 
         return linear_q8
     if is_a(weights[0], Q8_0Tensor):

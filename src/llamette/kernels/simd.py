@@ -269,31 +269,109 @@ def sum_float32x16(typingctx, v):
     return types.float32(v), codegen
 
 
+def _sums_of_sixteen(builder, vectors, add):
+    """Lane k of the result: the 16 lanes of vectors[k] added as sum_float32x16 adds them (upper
+    half onto lower half), 15 vector adds in all: a tree of shuffles that pairs up the vectors as
+    it halves their lanes."""
+    partials = list(vectors)
+    width = LANES  # partial sums per vector in each block of lanes
+    while len(partials) > 1:  # two vectors of blocks of `width` -> one of blocks of width / 2
+        half = width // 2
+        lower = [b + k for b in range(0, 2 * LANES, width) for k in range(half)]
+        upper = [j + half for j in lower]
+        partials = [
+            add(builder.shuffle_vector(p, q, ir.Constant(_INT32_LANES, lower)),
+                builder.shuffle_vector(p, q, ir.Constant(_INT32_LANES, upper)))
+            for p, q in zip(partials[::2], partials[1::2], strict=True)
+        ]  # fmt: skip
+        width = half
+    return partials[0]
+
+
 @intrinsic
 def sums_float32x16(typingctx, vectors):
     """Sixteen float32x16 sums at once: lane k of the result is sum_float32x16(vectors[k]), with
-    the same additions in the same order, 15 vector adds in all (a tree of shuffles that pairs
-    up the vectors as it halves their lanes)."""
+    the same additions in the same order."""
     if not (isinstance(vectors, types.UniTuple) and vectors.count == LANES
             and vectors.dtype == float32x16):  # fmt: skip
         return None
 
     def codegen(context, builder, signature, args):
-        partials = [builder.extract_value(args[0], k) for k in range(LANES)]
-        width = LANES  # partial sums per vector in each block of lanes
-        while len(partials) > 1:  # two vectors of blocks of `width` -> one of blocks of width / 2
-            half = width // 2
-            lower = [b + k for b in range(0, 2 * LANES, width) for k in range(half)]
-            upper = [j + half for j in lower]
-            partials = [
-                builder.fadd(builder.shuffle_vector(p, q, ir.Constant(_INT32_LANES, lower)),
-                             builder.shuffle_vector(p, q, ir.Constant(_INT32_LANES, upper)))
-                for p, q in zip(partials[::2], partials[1::2], strict=True)
-            ]  # fmt: skip
-            width = half
-        return partials[0]
+        vectors = [builder.extract_value(args[0], k) for k in range(LANES)]
+        return _sums_of_sixteen(builder, vectors, builder.fadd)
 
     return float32x16(vectors), codegen
+
+
+@intrinsic
+def row_group_dots(typingctx, w, start, row_stride, x, x_start, group_size):
+    """The int32 dot products of 16 rows' groups with one of x: lane l is the sum over
+    j < group_size (32 or 64) of w[start + l * row_stride + j] * x[x_start + j], int8 arrays
+    (flat indices). Exact: each row's products summed in pairs (pmaddwd), the 16 rows' partial
+    sums then reduced together (_sums_of_sixteen)."""
+    if not (w.dtype == types.int8 and x.dtype == types.int8
+            and isinstance(group_size, types.IntegerLiteral)
+            and group_size.literal_value in (32, 64)):  # fmt: skip
+        return None
+    width = group_size.literal_value
+    values, wide = ir.VectorType(ir.IntType(8), width), ir.VectorType(_INT32, width)
+
+    def codegen(context, builder, signature, args):
+        w, start, row_stride, x, x_start, _ = args
+        w_type, x_type = signature.args[0], signature.args[3]
+        x_wide = builder.sext(
+            builder.load(_pointer(context, builder, x_type, x, x_start, values), align=1), wide
+        )
+        partials = []
+        for row in range(LANES):
+            at = builder.add(start, builder.mul(row_stride, ir.Constant(row_stride.type, row)))
+            row_values = builder.load(_pointer(context, builder, w_type, w, at, values), align=1)
+            products = builder.mul(builder.sext(row_values, wide), x_wide)
+            pairs = [builder.shuffle_vector(products, products, ir.Constant(
+                ir.VectorType(_INT32, width // 2), list(range(parity, width, 2))))
+                for parity in (0, 1)]  # fmt: skip
+            partial = builder.add(*pairs)
+            if width == 64:  # 32 pair sums -> 16
+                halves = [builder.shuffle_vector(partial, partial, ir.Constant(
+                    _INT32_LANES, list(range(h, h + LANES)))) for h in (0, LANES)]  # fmt: skip
+                partial = builder.add(*halves)
+            partials.append(partial)
+        return _sums_of_sixteen(builder, partials, builder.add)
+
+    return int32x16(w, start, row_stride, x, x_start, group_size), codegen
+
+
+@intrinsic
+def gather_lanes(typingctx, array, index, stride):
+    """array[index + l * stride] for lanes l = 0..15 of a float32 array, as a float32x16."""
+    if array.dtype != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        array, index, stride = args
+        v = ir.Constant(_FLOAT32_LANES, None)
+        for lane in range(LANES):
+            at = builder.add(index, builder.mul(stride, ir.Constant(stride.type, lane)))
+            pointer = _pointer(context, builder, signature.args[0], array, at, ir.FloatType())
+            v = builder.insert_element(v, builder.load(pointer, align=4), _INT32(lane))
+        return v
+
+    return float32x16(array, index, stride), codegen
+
+
+@intrinsic
+def add_row_group_terms(typingctx, val, acc, w_scales, x_scale):
+    """val + (float32(acc) * w_scales) * x_scale lane by lane, in that order: runq.c's float
+    steps for 16 rows' group dot products acc, each row's weight scale in its lane."""
+    if x_scale != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        val, acc, w_scales, x_scale = args
+        term = builder.fmul(builder.sitofp(acc, _FLOAT32_LANES), w_scales)
+        return builder.fadd(val, builder.fmul(term, _broadcast(builder, x_scale, _FLOAT32_LANES)))
+
+    return float32x16(val, acc, w_scales, x_scale), codegen
 
 
 def _int8_dot(width: int):
