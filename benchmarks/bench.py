@@ -3,9 +3,9 @@
 For each model and weight type: decode tok/s (128 tokens, greedy), prefill tok/s (a 256-token
 prompt), time to first token (process start to the first sampled token of a 16-token prompt,
 warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
-a token reads, divided by the read bandwidth measured just before that model's runs: the machine
-is shared, and its bandwidth drifts). Engines alternate run by run, each run in a fresh process;
-figures are medians.
+a token reads, divided by the median of the read bandwidths measured before and after that
+model's runs: the machine is shared, and its bandwidth drifts). Engines alternate run by run,
+each run in a fresh process; figures are medians.
 
 Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--runs 6]
 Writes benchmarks/results/results.{md,json,png}. Models and llama.cpp's venv are made once and
@@ -59,7 +59,7 @@ def main() -> None:
     results = {"machine": machine(), "configs": []}
     print(f"read bandwidth: {results['machine']['bandwidth_gb_s']} GB/s (1 and {THREADS} threads)")
     results["machine"]["bandwidth_note"] = (
-        "at the start; each model's ceiling uses its own measurement"
+        "at the start; each model's ceiling uses its own measurements"
     )
     for name in args.models.split(","):
         runs = max(3, args.runs // 2) if name == "llama2-7b" else args.runs
@@ -89,9 +89,13 @@ def ensure_peer() -> Path:
 
 def bandwidth(threads: int) -> float:
     """GB/s read by `threads` threads: the median of three measurements (best of seven each)."""
+    return round(statistics.median(bandwidth_samples(threads)), 1)
+
+
+def bandwidth_samples(threads: int) -> list[float]:
+    """Three measurements of the GB/s read by `threads` threads, each the best of seven reads."""
     command = [sys.executable, str(HERE / "bandwidth.py"), str(threads)]
-    samples = [float(run_json(command)) for _ in range(3)]
-    return round(statistics.median(samples), 1)
+    return [float(run_json(command)) for _ in range(3)]
 
 
 def machine() -> dict:
@@ -111,7 +115,7 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
         str(paths["llama.cpp"]),
         str(THREADS),
     ]
-    read_bandwidth = bandwidth(THREADS)  # now, as this model's runs start
+    read_bandwidths = bandwidth_samples(THREADS)  # as this model's runs start, and after them
     samples = {"llamette": [], "llama.cpp": []}
     ttft = {"llamette": [], "llama.cpp": []}
     for run in range(runs):  # alternate which engine goes first
@@ -121,11 +125,14 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
             ttft[engine].append(time_to_first_token(command + ["--ttft"]))
     with tempfile.TemporaryDirectory() as empty_cache:  # llamette compiling everything
         cold = time_to_first_token(ours + ["--ttft"], {"LLAMETTE_CACHE_DIR": empty_cache})
+    read_bandwidths += bandwidth_samples(THREADS)
+    read_bandwidth = round(statistics.median(read_bandwidths), 1)
 
     bytes_per_token = weight_bytes_per_token(paths["llamette"])
     ceiling = read_bandwidth * 1e9 / bytes_per_token
     config = {"model": name, "weight_type": weight_type, "runs": runs,
               "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1), "bandwidth_gb_s": read_bandwidth,
+              "bandwidth_samples_gb_s": [round(b, 1) for b in read_bandwidths],
               "ceiling_tok_s": round(ceiling, 1), "cold_first_token_s": round(cold, 2)}  # fmt: skip
     for engine in samples:
         config[engine] = {
@@ -196,7 +203,7 @@ def markdown(results: dict) -> str:
         f"Medians of alternating runs; llama.cpp is llama-cpp-python {PEER_PACKAGE.split('==')[1]} "
         "built with -DGGML_NATIVE=ON, timed by its own counters (no Python in them); llamette's "
         "figures include its Python loop and sampling. Ceiling: weight bytes per token over the "
-        "read bandwidth measured just before each model's runs (this run: "
+        "median read bandwidth of 3 measurements before and 3 after each model's runs (this run: "
         f"{min(seen)} to {max(seen)} GB/s).",
         "",
         "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s at GB/s (llamette's share) "
