@@ -519,11 +519,11 @@ def random_q8_0(d, n):
     return Q8_0Tensor(q8_0_blocks(values, scales)), regrouped
 
 
-def q8_0_product(w, x, out=None):
+def q8_0_product(w, x, out=None, weights_in_cache=False):
     """ggml.q8_0_linear for inputs x (B, n): the product (B, d) and the quantized inputs it used."""
     out = np.empty((x.shape[0], w.shape[0]), np.float32) if out is None else out
     scratch = ggml.q8_0_scratch(x.shape[0], x.shape[1])
-    ggml.q8_0_linear((out,), x, (w,), scratch)
+    ggml.q8_0_linear((out,), x, (w,), scratch, weights_in_cache)
     return out, scratch.values, scratch.scales
 
 
@@ -536,12 +536,14 @@ def test_q8_0_tensor_reads_its_blocks():
     )
 
 
+@pytest.mark.parametrize("weights_in_cache", [False, True])  # rows one at a time, 16 in lanes
 @pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # decode to prompts
 @pytest.mark.parametrize("columns", [256, 288])  # 288: 9 blocks
-def test_q8_0_products_are_runq_to_the_bit(columns, inputs):
+def test_q8_0_products_are_runq_to_the_bit(columns, inputs, weights_in_cache):
+    """40 rows: two blocks of 16 in lanes and 8 rows left over."""
     w, regrouped = random_q8_0(40, columns)
     x = randn(inputs, columns)
-    out, xq, xs = q8_0_product(w, x)
+    out, xq, xs = q8_0_product(w, x, weights_in_cache=weights_in_cache)
     for b in range(inputs):
         expected_q, expected_s = runq_quantize(x[b], 32)
         np.testing.assert_array_equal(xq[b], expected_q)

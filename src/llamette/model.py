@@ -342,7 +342,7 @@ class Transformer:
             fast.q8_linear(tuple(outs), x, weights, scratch, self.buffers.weights_in_cache)
         elif isinstance(weights[0], Q8_0Tensor):
             scratch = ggml.q8_0_scratch(x.shape[0], x.shape[1], a.get)
-            ggml.q8_0_linear(tuple(outs), x, weights, scratch)
+            ggml.q8_0_linear(tuple(outs), x, weights, scratch, self.buffers.weights_in_cache)
         elif isinstance(weights[0], HalfTensor | BF16Tensor):
             for out, w in zip(outs, weights, strict=True):
                 ggml.half_matmul(out, x, w.bits, isinstance(w, BF16Tensor))

@@ -23,6 +23,7 @@ from llamette.kernels.fast import (
     _float32_from_bits,
     _inputs_across_lanes,
     _inputs_in_quads,
+    _row_stride,
     _scale_into,
     _widen_into,
     flip_into,
@@ -33,7 +34,16 @@ from llamette.kernels.fast import (
     rows_times_quads,
     zeros_named,
 )
-from llamette.kernels.simd import FUSED_MADD, LANES, dot_int8x32
+from llamette.kernels.simd import (
+    FUSED_MADD,
+    LANES,
+    add_row_group_terms,
+    dot_int8x32,
+    float32x16_zeros,
+    gather_half_lanes,
+    row_group_dots,
+    store_lanes,
+)
 
 F32 = np.float32
 I32 = np.int32
@@ -184,12 +194,13 @@ def q8_0_scratch(n_inputs: int, n: int, get=None) -> Q8_0Scratch:
 
 
 @parallel_kernel
-def q8_0_linear(outs, x, weights, scratch):
+def q8_0_linear(outs, x, weights, scratch, weights_in_cache):
     """outs[i] (B, d_i) = x (B, n) @ weights[i] (d_i, n)^T for Q8_0 weights that share their
     input, which is quantized once in groups of 32 as runq.c quantizes activations.
 
     runq.c's arithmetic to the bit, for any number of inputs, as fast.q8_linear computes it:
-    inputs in SIMD lanes where they fill at least half of 16, the rest one dot product each.
+    inputs in SIMD lanes where they fill at least half of 16, the rest one dot product each, or
+    with weights that stay in cache (weights_in_cache) 16 rows at a time in lanes.
     """
     n_inputs = x.shape[0]
     q8_quantize_rows(scratch.values, scratch.scales, x, 32)
@@ -216,7 +227,10 @@ def q8_0_linear(outs, x, weights, scratch):
     if FUSED_MADD:  # the biased dot products subtract these
         _sum_groups_of_32(sums, values)
     for i in range(len(weights)):
-        _q8_0_matmul(outs[i][in_lanes:], values, scales, sums, weights[i].blocks)
+        if weights_in_cache:
+            _q8_0_matmul_rows_in_lanes(outs[i][in_lanes:], values, scales, sums, weights[i].blocks)
+        else:
+            _q8_0_matmul(outs[i][in_lanes:], values, scales, sums, weights[i].blocks)
 
 
 @parallel_kernel
@@ -276,25 +290,51 @@ def _sum_groups_of_32(sums, xq):
 @parallel_kernel
 def _q8_0_matmul(out, xq, xs, x_sums, blocks):
     """out (B, d) = x (B, n) @ w (d, n)^T for w in Q8_0 blocks (d, n / 32 * 34) and x quantized
-    (xq, xs, x_sums from Q8_0Scratch): per block an int32 dot product, then runq.c's float32
-    terms (dot * weight scale) * input scale, summed in block order. With AVX-512 VNNI the dot
-    product takes the weights biased to unsigned bytes (one vpdpbusd), elsewhere them as they are.
-    """
-    n_blocks = blocks.shape[1] // 34
+    (xq, xs, x_sums from Q8_0Scratch), one row at a time (_q8_0_row_dot)."""
     for i in prange(blocks.shape[0]):
-        row = blocks[i]
-        signed = row.view(np.int8)
         for b in range(xq.shape[0]):
-            x, x_scales, sums = xq[b], xs[b], x_sums[b]
-            val = F32(0.0)
+            out[b, i] = _q8_0_row_dot(blocks[i], xq[b], xs[b], x_sums[b])
+
+
+@njit(inline="always")
+def _q8_0_row_dot(row, x, x_scales, x_sums):
+    """A row of Q8_0 blocks times a quantized input: per block an int32 dot product, then runq.c's
+    float32 terms (dot * weight scale) * input scale, summed in block order. With AVX-512 VNNI the
+    dot product takes the weights biased to unsigned bytes (one vpdpbusd), elsewhere them as they
+    are."""
+    signed = row.view(np.int8)
+    val = F32(0.0)
+    for g in range(row.shape[0] // 34):
+        start = g * 34
+        if FUSED_MADD:
+            dot = _biased_block_dot(row, start + 2, x, g * 32) - (x_sums[g] << 7)
+        else:
+            dot = dot_int8x32(signed, start + 2, x, g * 32)
+        val += (F32(dot) * block_scale(row, start)) * x_scales[g]
+    return val
+
+
+@parallel_kernel
+def _q8_0_matmul_rows_in_lanes(out, xq, xs, x_sums, blocks):
+    """What _q8_0_matmul computes, to the bit, with 16 rows in SIMD lanes, as
+    fast._q8_matmul_rows_in_lanes: for weights that stay in cache."""
+    d, n_blocks = blocks.shape[0], blocks.shape[1] // 34
+    signed, stride = blocks.view(np.int8), _row_stride(blocks)
+    full_blocks = d // LANES
+    for block in prange(full_blocks):
+        first = block * LANES * stride
+        for b in range(xq.shape[0]):
+            x, x_scales = xq[b], xs[b]
+            val = float32x16_zeros()  # (16,) the rows' sums
             for g in range(n_blocks):
-                start = g * 34
-                if FUSED_MADD:
-                    dot = _biased_block_dot(row, start + 2, x, g * 32) - (sums[g] << 7)
-                else:
-                    dot = dot_int8x32(signed, start + 2, x, g * 32)
-                val += (F32(dot) * block_scale(row, start)) * x_scales[g]
-            out[b, i] = val
+                start = first + g * 34  # the block's scale, then its 32 values
+                dots = row_group_dots(signed, start + 2, stride, x, g * 32, 32)
+                w_scales = gather_half_lanes(blocks, start, stride)
+                val = add_row_group_terms(val, dots, w_scales, x_scales[g])
+            store_lanes(out[b], block * LANES, val)
+    for i in range(full_blocks * LANES, d):  # the last rows, fewer than 16
+        for b in range(xq.shape[0]):
+            out[b, i] = _q8_0_row_dot(blocks[i], xq[b], xs[b], x_sums[b])
 
 
 @intrinsic

@@ -81,7 +81,7 @@ def _linear(outs, x, weights, exact, s):
                 s.xq[:n].reshape(1, n), s.xs[:groups].reshape(1, groups),
                 s.x_sums[:groups].reshape(1, groups),
             )  # fmt: skip
-            ggml.q8_0_linear(as_rows(outs), x.reshape(1, n), weights, scratch)
+            ggml.q8_0_linear(as_rows(outs), x.reshape(1, n), weights, scratch, s.weights_in_cache)
 
         return linear_q8_0
     if is_a(weights[0], HalfTensor) or is_a(weights[0], BF16Tensor):

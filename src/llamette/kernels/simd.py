@@ -360,6 +360,27 @@ def gather_lanes(typingctx, array, index, stride):
 
 
 @intrinsic
+def gather_half_lanes(typingctx, data, index, stride):
+    """The IEEE halves stored (little-endian) at bytes index + l * stride of a uint8 array, for
+    lanes l = 0..15, as a float32x16 (converted exactly)."""
+    if data.dtype != types.uint8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        data, index, stride = args
+        halves = ir.VectorType(ir.IntType(16), LANES)
+        v = ir.Constant(halves, None)
+        for lane in range(LANES):
+            at = builder.add(index, builder.mul(stride, ir.Constant(stride.type, lane)))
+            pointer = _pointer(context, builder, signature.args[0], data, at, ir.IntType(16))
+            v = builder.insert_element(v, builder.load(pointer, align=1), _INT32(lane))
+        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)),
+                             _FLOAT32_LANES)  # fmt: skip
+
+    return float32x16(data, index, stride), codegen
+
+
+@intrinsic
 def add_row_group_terms(typingctx, val, acc, w_scales, x_scale):
     """val + (float32(acc) * w_scales) * x_scale lane by lane, in that order: runq.c's float
     steps for 16 rows' group dot products acc, each row's weight scale in its lane."""
