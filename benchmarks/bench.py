@@ -3,9 +3,9 @@
 For each model and weight type: decode tok/s (128 tokens, greedy), prefill tok/s (a 256-token
 prompt), time to first token (process start to the first sampled token of a 16-token prompt,
 warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
-a token reads, divided by the median of the read bandwidths measured before and after that
-model's runs: the machine is shared, and its bandwidth drifts). Engines alternate run by run,
-each run in a fresh process; figures are medians.
+a token reads, divided by the read bandwidth measured just before each pair of runs: the machine
+is shared, and its bandwidth drifts). Engines alternate run by run, each run in a fresh process;
+figures are medians.
 
 Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--runs 6]
 Writes benchmarks/results/results.{md,json,png}. Models and llama.cpp's venv are made once and
@@ -88,14 +88,13 @@ def ensure_peer() -> Path:
 
 
 def bandwidth(threads: int) -> float:
-    """GB/s read by `threads` threads: the median of three measurements (best of seven each)."""
-    return round(statistics.median(bandwidth_samples(threads)), 1)
+    """GB/s read by `threads` threads: the median of three measurements."""
+    return round(statistics.median(bandwidth_now(threads) for _ in range(3)), 1)
 
 
-def bandwidth_samples(threads: int) -> list[float]:
-    """Three measurements of the GB/s read by `threads` threads, each the best of seven reads."""
-    command = [sys.executable, str(HERE / "bandwidth.py"), str(threads)]
-    return [float(run_json(command)) for _ in range(3)]
+def bandwidth_now(threads: int) -> float:
+    """GB/s read by `threads` threads now: the best of seven reads of 2 GB."""
+    return float(run_json([sys.executable, str(HERE / "bandwidth.py"), str(threads)]))
 
 
 def machine() -> dict:
@@ -115,17 +114,17 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
         str(paths["llama.cpp"]),
         str(THREADS),
     ]
-    read_bandwidths = bandwidth_samples(THREADS)  # as this model's runs start, and after them
+    read_bandwidths = []  # GB/s, measured just before each pair of runs
     samples = {"llamette": [], "llama.cpp": []}
     ttft = {"llamette": [], "llama.cpp": []}
     for run in range(runs):  # alternate which engine goes first
+        read_bandwidths.append(bandwidth_now(THREADS))
         order = [("llamette", ours), ("llama.cpp", theirs)]
         for engine, command in order if run % 2 == 0 else order[::-1]:
             samples[engine].append(json.loads(run_json(command)))
             ttft[engine].append(time_to_first_token(command + ["--ttft"]))
     with tempfile.TemporaryDirectory() as empty_cache:  # llamette compiling everything
         cold = time_to_first_token(ours + ["--ttft"], {"LLAMETTE_CACHE_DIR": empty_cache})
-    read_bandwidths += bandwidth_samples(THREADS)
     read_bandwidth = round(statistics.median(read_bandwidths), 1)
 
     bytes_per_token = weight_bytes_per_token(paths["llamette"])
@@ -143,7 +142,11 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
             "first_token_s": round(statistics.median(ttft[engine]), 3),
             "peak_rss_mb": round(statistics.median(s["peak_rss"] for s in samples[engine]) / 1e6),
         }
-        config[engine]["ceiling_fraction"] = round(config[engine]["decode_tok_s"] / ceiling, 3)
+        shares = [  # each run's decode speed against the ceiling measured just before it
+            s["decode_tok_s"] * bytes_per_token / (gb_s * 1e9)
+            for s, gb_s in zip(samples[engine], read_bandwidths, strict=True)
+        ]
+        config[engine]["ceiling_fraction"] = round(statistics.median(shares), 3)
     for measure_name in ("decode_tok_s", "prefill_tok_s"):
         config[f"{measure_name.split('_')[0]}_ratio"] = round(
             config["llamette"][measure_name] / config["llama.cpp"][measure_name], 2
@@ -203,7 +206,8 @@ def markdown(results: dict) -> str:
         f"Medians of alternating runs; llama.cpp is llama-cpp-python {PEER_PACKAGE.split('==')[1]} "
         "built with -DGGML_NATIVE=ON, timed by its own counters (no Python in them); llamette's "
         "figures include its Python loop and sampling. Ceiling: weight bytes per token over the "
-        "median read bandwidth of 3 measurements before and 3 after each model's runs (this run: "
+        "read bandwidth measured before each pair of runs; the share is the median of each run's "
+        "against its own measurement, the ceiling shown uses their median (this run: "
         f"{min(seen)} to {max(seen)} GB/s).",
         "",
         "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s at GB/s (llamette's share) "
