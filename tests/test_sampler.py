@@ -89,3 +89,23 @@ def test_xorshift_matches_run_c():
 def test_rejects_settings_out_of_range(kwargs):
     with pytest.raises(ValueError):
         Sampler(10, **kwargs)
+
+
+def test_top_p_sorts_candidates_as_a_stable_sort_by_probability_would():
+    """Largest first, ties in index order, zeros last: NumPy's stable argsort as the reference."""
+    from llamette.kernels.sampling import _sorted_descending
+
+    rng = np.random.default_rng(1)
+    probs = rng.random(5000).astype(np.float32)
+    probs[rng.random(5000) < 0.3] = probs[0]  # many ties
+    probs[rng.random(5000) < 0.1] = 0.0
+    candidates = np.sort(rng.choice(5000, 3000, replace=False)).astype(np.int64)
+    expected = candidates[np.argsort(-probs[candidates], kind="stable")]
+    np.testing.assert_array_equal(_sorted_descending(probs, candidates), expected)
+
+
+def test_warm_up_leaves_the_draws_to_come_as_they_were():
+    logits = np.random.default_rng(2).standard_normal(500).astype(np.float32)
+    warmed, fresh = (Sampler(500, temperature=0.8, topp=0.9, seed=11) for _ in range(2))
+    warmed.warm_up()
+    assert [warmed.sample(logits) for _ in range(20)] == [fresh.sample(logits) for _ in range(20)]

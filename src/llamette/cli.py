@@ -332,6 +332,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed if args.seed > 0 else None,
         topk=args.topk,
     )
+    sampler.warm_up()
     on_text = None if args.json else print_stream
     if args.mode == "generate":
         result = generate(model, tokenizer, sampler, args.prompt or "", steps, on_text)

@@ -111,7 +111,7 @@ class Engine:
             return not self._running and not self._waiting
 
     def warm_up(self) -> None:
-        """Compile (or load) the kernels a step runs: a prompt, then a batch of two rows; and
+        """Compile (or load) the kernels a step runs: a prompt, a batch of two rows, a draw; and
         write the whole KV cache once, so that its memory is mapped before any request waits on
         it (the first write to a fresh page faults: about 0.2 s per slot of stories110M here)."""
         for cache in (self.model.key_cache, self.model.value_cache):
@@ -119,6 +119,7 @@ class Engine:
             cache.fill(0.0)
         self.model.prefill([BOS_ID], 0, 0)
         self.model.forward_batch([BOS_ID, BOS_ID], [0, 0], [0, 0])
+        Sampler(self.model.config.vocab_size, temperature=1.0, topp=0.9, seed=1).warm_up()
 
     def step(self) -> None:
         """One round: admit waiting requests to free slots, then one pass through the model.

@@ -66,6 +66,13 @@ class Sampler:
         coin = self.random_f32()
         return int(sample_logits(self._work, self.temperature, self.topp, self.topk, coin))
 
+    def warm_up(self) -> None:
+        """Load the sampling kernels before a run is timed: one draw, thrown away, with the RNG
+        left where it was."""
+        state = self.rng_state
+        self.sample(np.zeros(self.vocab_size, np.float32))
+        self.rng_state = state
+
     def skip(self, n: int) -> None:
         """Advance the RNG as n calls to sample() would (run.c's chat samples on prompt tokens too)."""
         if self.temperature != 0.0:

@@ -43,11 +43,34 @@ def _top_p_prefix(probs, order, count, topp, mass_scale):
 
 @kernel
 def _sorted_descending(probs, candidates):
-    """Candidates (ascending indices) ordered by probability, largest first; ties keep index order."""
-    keys = np.empty(candidates.shape[0], np.float32)
-    for i in range(candidates.shape[0]):
-        keys[i] = -probs[candidates[i]]
-    return candidates[np.argsort(keys, kind="mergesort")]
+    """Candidates (ascending indices) ordered by probability, largest first; ties keep index order.
+
+    A stable radix sort, 8 bits a pass, of the probabilities' bit patterns, which order as the
+    values do for floats >= 0 (inverted, for largest first): linear time, where a comparison sort
+    of a flat distribution's 32,000 candidates took 2.5 ms a token.
+    """
+    n = candidates.shape[0]
+    bits = probs.view(np.uint32)
+    keys, order = np.empty(n, np.uint32), candidates.copy()
+    for i in range(n):
+        keys[i] = np.uint32(0xFFFFFFFF) - bits[order[i]]
+    next_keys, next_order = np.empty_like(keys), np.empty_like(order)
+    starts = np.empty(256, np.int64)  # where each bucket goes next in the pass's output
+    for shift in range(0, 32, 8):
+        starts[:] = 0
+        for i in range(n):
+            starts[(keys[i] >> shift) & 255] += 1
+        total = 0
+        for bucket in range(256):
+            total, starts[bucket] = total + starts[bucket], total
+        for i in range(n):
+            bucket = (keys[i] >> shift) & 255
+            at = starts[bucket]
+            starts[bucket] = at + 1
+            next_keys[at], next_order[at] = keys[i], order[i]
+        keys, next_keys = next_keys, keys
+        order, next_order = next_order, order
+    return order
 
 
 @kernel
