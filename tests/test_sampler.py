@@ -7,6 +7,7 @@ import pytest
 
 from conftest import expected_rows
 from llamette import Sampler
+from llamette.kernels.sampling import _sorted_descending
 
 
 def _name(row):
@@ -93,8 +94,6 @@ def test_rejects_settings_out_of_range(kwargs):
 
 def test_top_p_sorts_candidates_as_a_stable_sort_by_probability_would():
     """Largest first, ties in index order, zeros last: NumPy's stable argsort as the reference."""
-    from llamette.kernels.sampling import _sorted_descending
-
     rng = np.random.default_rng(1)
     probs = rng.random(5000).astype(np.float32)
     probs[rng.random(5000) < 0.3] = probs[0]  # many ties
