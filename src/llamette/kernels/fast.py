@@ -57,6 +57,11 @@ I32 = np.int32
 reassociating_kernel = njit(
     cache=True, nogil=True, error_model="numpy", parallel=True, fastmath={"reassoc", "contract"}
 )
+# ...and the same for the body of such a kernel's parallel loop, compiled once as a function of its
+# own: inlined into the loop, Numba's parallel passes take seconds over a large body (a cold start).
+reassociating_serial_kernel = njit(
+    cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}
+)
 
 
 # Weight rows per block of the fp32 GEMM: with the 32 vector registers of AVX-512, 8 rows by 3
@@ -91,12 +96,26 @@ def matmul_f32(out, x, w):
     n_blocks = (d + GEMM_ROWS - 1) // GEMM_ROWS
     if WIDE_REGISTERS and x.shape[1] > COLUMNS_PER_PASS:  # two loops, so that each is compiled
         for block in prange(n_blocks):  # with one way through the columns
-            i = GEMM_ROWS * np.int64(block)  # a prange index may be unsigned: + signed is a float
-            rows_times_inputs(out, x, w, i, i, True)
-    else:
+            _block_in_passes(out, x, w, GEMM_ROWS * np.int64(block))  # (a prange index may be
+    else:  # unsigned: times a signed int it would be a float)
         for block in prange(n_blocks):
-            i = GEMM_ROWS * np.int64(block)
-            rows_times_inputs(out, x, w, i, i, False)
+            _block_in_one_pass(out, x, w, GEMM_ROWS * np.int64(block))
+
+
+# The loops above call their bodies as functions compiled once on their own (inlined into the
+# loops, their code cost Numba's parallel passes 4 s of a cold start).
+
+
+@kernel
+def _block_in_passes(out, x, w, i):
+    """out[:, i:i + GEMM_ROWS] = x @ w[i:i + GEMM_ROWS]^T, long rows in passes."""
+    rows_times_inputs(out, x, w, i, i, True)
+
+
+@kernel
+def _block_in_one_pass(out, x, w, i):
+    """out[:, i:i + GEMM_ROWS] = x @ w[i:i + GEMM_ROWS]^T, over the columns in one pass."""
+    rows_times_inputs(out, x, w, i, i, False)
 
 
 @njit(inline="always")
@@ -830,12 +849,17 @@ def attention(out, q, key_cache, value_cache, pos, n_heads, att):
     seq_len) scratch. Vectorized dot products and exp: within float tolerance of the reference,
     not equal to it.
     """
-    head_size = q.shape[0] // n_heads
-    kv_mul = n_heads // key_cache.shape[0]
     for h in prange(n_heads):
-        heads = slice(h * head_size, (h + 1) * head_size)
-        kv_head = h // kv_mul
-        _attend(out[heads], q[heads], key_cache[kv_head], value_cache[kv_head], pos + 1, att[h])
+        _attention_head(out, q, key_cache, value_cache, pos, n_heads, att, h)
+
+
+@reassociating_serial_kernel
+def _attention_head(out, q, key_cache, value_cache, pos, n_heads, att, h):
+    """attention's head h."""
+    head_size = q.shape[0] // n_heads
+    kv_head = h // (n_heads // key_cache.shape[0])
+    heads = slice(h * head_size, (h + 1) * head_size)
+    _attend(out[heads], q[heads], key_cache[kv_head], value_cache[kv_head], pos + 1, att[h])
 
 
 @reassociating_kernel
@@ -847,26 +871,33 @@ def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_he
     Each row gets the bits of `attention` for one token; a prompt's rows go in blocks that share
     each chunk of keys and values while it is in L1.
     """
-    head_size = q.shape[1] // n_heads
-    kv_mul = n_heads // key_cache.shape[2]
-    n_rows = q.shape[0]
-    n_blocks = (n_rows + ATTENTION_ROWS - 1) // ATTENTION_ROWS
+    n_blocks = (q.shape[0] + ATTENTION_ROWS - 1) // ATTENTION_ROWS
     for task in prange(n_heads * n_blocks):  # by head, then block: a thread's share of a prompt's
         h, block = task // n_blocks, task % n_blocks  # rows (later ones attend to more) is even
-        first, last = block * ATTENTION_ROWS, min(n_rows, (block + 1) * ATTENTION_ROWS)
-        heads = slice(h * head_size, (h + 1) * head_size)
-        kv_head = h // kv_mul
-        if head_size % LANES == 0 and _one_run(slots, positions, first, last):
-            keys = key_cache[slots[first], layer, kv_head]
-            values = value_cache[slots[first], layer, kv_head]
-            _attend_rows(out[first:last, heads], q[first:last, heads], keys, values,
-                         positions[first])  # fmt: skip
-            continue
-        for b in range(first, last):
-            slot = slots[b]
-            keys, values = key_cache[slot, layer, kv_head], value_cache[slot, layer, kv_head]
-            scores = np.empty(positions[b] + 1, np.float32)
-            _attend(out[b, heads], q[b, heads], keys, values, positions[b] + 1, scores)
+        _attention_rows_task(out, q, key_cache, value_cache, layer, slots, positions, n_heads, h,
+                             block)  # fmt: skip
+
+
+@reassociating_serial_kernel
+def _attention_rows_task(
+    out, q, key_cache, value_cache, layer, slots, positions, n_heads, h, block
+):
+    """attention_rows' head h for rows block * ATTENTION_ROWS.. of the batch."""
+    head_size = q.shape[1] // n_heads
+    kv_head = h // (n_heads // key_cache.shape[2])
+    first = block * ATTENTION_ROWS
+    last = min(q.shape[0], first + ATTENTION_ROWS)
+    heads = slice(h * head_size, (h + 1) * head_size)
+    if head_size % LANES == 0 and _one_run(slots, positions, first, last):
+        keys = key_cache[slots[first], layer, kv_head]
+        values = value_cache[slots[first], layer, kv_head]
+        _attend_rows(out[first:last, heads], q[first:last, heads], keys, values, positions[first])
+        return
+    for b in range(first, last):
+        slot = slots[b]
+        keys, values = key_cache[slot, layer, kv_head], value_cache[slot, layer, kv_head]
+        scores = np.empty(positions[b] + 1, np.float32)
+        _attend(out[b, heads], q[b, heads], keys, values, positions[b] + 1, scores)
 
 
 ATTENTION_ROWS = 8  # rows of one sequence that attention_rows takes together

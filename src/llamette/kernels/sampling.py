@@ -74,27 +74,6 @@ def _sorted_descending(probs, candidates):
 
 
 @kernel
-def _top_k_candidates(probs, k):
-    """Indices of the k largest probabilities, ascending; ties at the threshold go to lower indices."""
-    n = probs.shape[0]
-    threshold = np.partition(probs.copy(), n - k)[n - k]
-    above = 0
-    for i in range(n):
-        if probs[i] > threshold:
-            above += 1
-    ties_left = k - above
-    out = np.empty(k, np.int64)
-    m = 0
-    for i in range(n):
-        if probs[i] > threshold or (probs[i] == threshold and ties_left > 0):
-            if probs[i] == threshold:
-                ties_left -= 1
-            out[m] = i
-            m += 1
-    return out
-
-
-@kernel
 def sample_logits(work, temperature, topp, topk, coin):
     """Sample a token from logits (copied into `work`, which is overwritten), given one coin in [0, 1).
 
@@ -108,7 +87,7 @@ def sample_logits(work, temperature, topp, topk, coin):
     softmax(work)
     use_topp = topp > 0.0 and topp < 1.0
     if 0 < topk < n:
-        order = _sorted_descending(work, _top_k_candidates(work, topk))
+        order = _sorted_descending(work, np.arange(n))[:topk]  # ties: lower ids first
         total = F32(0.0)
         for i in range(topk):
             total += work[order[i]]
