@@ -94,10 +94,12 @@ def matmul_f32(out, x, w):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         return
     n_blocks = (d + GEMM_ROWS - 1) // GEMM_ROWS
-    if WIDE_REGISTERS and x.shape[1] > COLUMNS_PER_PASS:  # two loops, so that each is compiled
-        for block in prange(n_blocks):  # with one way through the columns
-            _block_in_passes(out, x, w, GEMM_ROWS * np.int64(block))  # (a prange index may be
-    else:  # unsigned: times a signed int it would be a float)
+    # Two loops, so that each is compiled with one way through the columns; np.int64: a prange
+    # index may be unsigned, and an unsigned times a signed int is a float in Numba.
+    if WIDE_REGISTERS and x.shape[1] > COLUMNS_PER_PASS:
+        for block in prange(n_blocks):
+            _block_in_passes(out, x, w, GEMM_ROWS * np.int64(block))
+    else:
         for block in prange(n_blocks):
             _block_in_one_pass(out, x, w, GEMM_ROWS * np.int64(block))
 
