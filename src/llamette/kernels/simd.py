@@ -348,13 +348,7 @@ def gather_lanes(typingctx, array, index, stride):
         return None
 
     def codegen(context, builder, signature, args):
-        array, index, stride = args
-        v = ir.Constant(_FLOAT32_LANES, None)
-        for lane in range(LANES):
-            at = builder.add(index, builder.mul(stride, ir.Constant(stride.type, lane)))
-            pointer = _pointer(context, builder, signature.args[0], array, at, ir.FloatType())
-            v = builder.insert_element(v, builder.load(pointer, align=4), _INT32(lane))
-        return v
+        return _gather(context, builder, signature.args[0], *args, ir.FloatType(), align=4)
 
     return float32x16(array, index, stride), codegen
 
@@ -367,17 +361,22 @@ def gather_half_lanes(typingctx, data, index, stride):
         return None
 
     def codegen(context, builder, signature, args):
-        data, index, stride = args
-        halves = ir.VectorType(ir.IntType(16), LANES)
-        v = ir.Constant(halves, None)
-        for lane in range(LANES):
-            at = builder.add(index, builder.mul(stride, ir.Constant(stride.type, lane)))
-            pointer = _pointer(context, builder, signature.args[0], data, at, ir.IntType(16))
-            v = builder.insert_element(v, builder.load(pointer, align=1), _INT32(lane))
-        return builder.fpext(builder.bitcast(v, ir.VectorType(ir.HalfType(), LANES)),
-                             _FLOAT32_LANES)  # fmt: skip
+        bits = _gather(context, builder, signature.args[0], *args, ir.IntType(16), align=1)
+        halves = builder.bitcast(bits, ir.VectorType(ir.HalfType(), LANES))
+        return builder.fpext(halves, _FLOAT32_LANES)
 
     return float32x16(data, index, stride), codegen
+
+
+def _gather(context, builder, array_type, array, index, stride, element_type, align):
+    """The 16 values of element_type at array[index + l * stride] (flat, in elements of the
+    array), l = 0..15, as one vector."""
+    v = ir.Constant(ir.VectorType(element_type, LANES), None)
+    for lane in range(LANES):
+        at = builder.add(index, builder.mul(stride, ir.Constant(stride.type, lane)))
+        pointer = _pointer(context, builder, array_type, array, at, element_type)
+        v = builder.insert_element(v, builder.load(pointer, align=align), _INT32(lane))
+    return v
 
 
 @intrinsic
