@@ -4,13 +4,14 @@ import json
 import threading
 from pathlib import Path
 
+import numba
 import pytest
 
 import llamette
 from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.engine import Engine, QueueFull, Request
 from llamette.generate import StopStrings
-from llamette.kernels import SMALL_BATCH
+from llamette.kernels import SMALL_BATCH, set_threads
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 
@@ -228,3 +229,25 @@ def test_start_raises_what_the_warm_up_raised(tokenizer):
     engine.model.prefill = None  # not callable: the warm-up fails
     with pytest.raises(TypeError):
         engine.start()
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one thread is all there is")
+def test_the_engine_thread_runs_with_the_threads_asked_for(tokenizer):
+    """`llamette serve --threads 1` sets the count on the main thread, where the engine is made;
+    Numba's count belongs to each thread, and every kernel of the server runs on the engine's."""
+    model = Transformer.load(BUNDLED / "model.bin")
+    set_threads(1)
+    try:
+        engine = Engine(model, tokenizer)
+    finally:
+        set_threads()  # every core again, for the tests that follow
+    seen = []
+    engine.warm_up = lambda: seen.append(numba.get_num_threads())
+    engine.start()
+    engine.stop()
+    assert seen == [1] and numba.get_num_threads() == numba.config.NUMBA_NUM_THREADS
+    explicit = Engine(model, tokenizer, threads=2)
+    explicit.warm_up = lambda: seen.append(numba.get_num_threads())
+    explicit.start()
+    explicit.stop()
+    assert seen == [1, 2]

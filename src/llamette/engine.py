@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numba
+
 from llamette.errors import LlametteError
 from llamette.generate import StopStrings
 from llamette.kernels import SMALL_BATCH
@@ -70,11 +72,17 @@ class QueueFull(LlametteError):
 
 class Engine:
     """Schedules requests over the model's KV-cache slots: at most one per slot runs, up to
-    `max_queue` more wait."""
+    `max_queue` more wait. Its thread runs the kernels with `threads` threads (default: as many
+    as the thread that made the engine was set to use, see kernels.set_threads)."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_queue: int = 64):
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, max_queue: int = 64,
+        threads: int | None = None,
+    ):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
+        # Numba's thread count belongs to the thread that sets it: the engine's thread sets its own
+        self.threads = threads or numba.get_num_threads()
         self.n_slots = model.key_cache.shape[0]
         self.max_queue = max_queue
         self._free_slots = list(range(self.n_slots - 1, -1, -1))
@@ -198,6 +206,7 @@ class Engine:
 
         def warm_up_then_run() -> None:
             try:
+                numba.set_num_threads(self.threads)
                 self.warm_up()
             except Exception as error:
                 failure.append(error)
