@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(
@@ -68,3 +69,39 @@ def serving(served):
     finally:
         server.should_exit = True
         thread.join()
+
+
+def tiny_llama(n_kv_heads: int, tied: bool, seed: int):
+    """A random transformers LlamaForCausalLM small enough to build in a test (skips without
+    torch and transformers, the test extra's references)."""
+    torch = pytest.importorskip(
+        "torch", reason="torch is a test dependency (pip install -e .[test])"
+    )
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1.0, so that a swapped norm shows
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
+    return model
+
+
+def transformers_logits(model, tokens: list[int]) -> np.ndarray:
+    """A transformers model's float32 logits (len(tokens), vocab) for one sequence."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()

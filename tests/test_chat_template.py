@@ -2,8 +2,6 @@
 
 from pathlib import Path
 
-import llama_cpp
-import openai
 import pytest
 import sentencepiece
 
@@ -24,6 +22,7 @@ from llamette.tokenizer import Tokenizer
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 BOS, EOS = 1, 2
+LLAMA_CPP_NEEDED = "llama-cpp-python is a test dependency (pip install -e .[test])"
 
 # A Zephyr-style template, as Hugging Face tokenizer_config.json files and GGUF files carry them.
 TEMPLATE = (
@@ -73,6 +72,7 @@ def test_llama2_format_needs_alternating_turns_ending_with_the_user(tokenizer, r
 
 
 def test_a_gguf_template_renders_and_tokenizes_as_llama_cpp_does(gguf_with_template, tokenizer):
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_NEEDED)
     template = chat_template_for(gguf_with_template)
     assert isinstance(template, JinjaTemplate)
     llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
@@ -87,9 +87,11 @@ def test_a_gguf_template_renders_and_tokenizes_as_llama_cpp_does(gguf_with_templ
 
 def test_a_gguf_served_with_its_template_answers_as_llama_cpp(gguf_with_template):
     """Greedy chat through llamette's server code and through llama.cpp's own chat handler."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_NEEDED)
     llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
     messages = [{"role": m.role, "content": m.content} for m in CONVERSATION]
     theirs = llm.create_chat_completion(messages, temperature=0, max_tokens=40)
+    openai = pytest.importorskip("openai", reason="openai is a test dependency")
     served = ServedModel.load(str(gguf_with_template), max_batch=2, name="stories")
     with serving(served) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
@@ -106,6 +108,7 @@ def test_a_gguf_served_with_its_template_answers_as_llama_cpp(gguf_with_template
 
 def test_run_chat_uses_a_ggufs_template_and_answers_as_llama_cpp(gguf_with_template, tokenizer):
     """`llamette run -m chat` on a GGUF with a template: the greedy answer llama.cpp gives."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_NEEDED)
     llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
     messages = [{"role": "system", "content": "You tell stories."},
                 {"role": "user", "content": "Tell me about a dog."}]  # fmt: skip

@@ -219,8 +219,9 @@ def test_serve_starts_answers_and_stops_on_ctrl_c():
     import signal
     import socket
 
-    import httpx
-
+    httpx = pytest.importorskip(
+        "httpx", reason="httpx is a test dependency (pip install -e .[test])"
+    )
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -3,42 +3,13 @@
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import shared_path, tiny_llama, transformers_logits
 from llamette import Transformer
 from llamette.cli import main
 from llamette.formats import read_model
 from llamette.formats.huggingface import read_hf
 
 torch = pytest.importorskip("torch", reason="torch is a test dependency (pip install -e .[test])")
-transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
-
-
-def tiny_llama(n_kv_heads: int, tied: bool, seed: int):
-    """A random LlamaForCausalLM small enough to build in a test."""
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=tied,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # norms away from 1.0, so that a swapped norm shows
-        for name, parameter in model.named_parameters():
-            if "norm" in name:
-                parameter.copy_(1 + 0.3 * torch.randn_like(parameter))
-    return model
-
-
-def transformers_logits(model, tokens: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0].float().numpy()
 
 
 @pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "pytorch_bin"])

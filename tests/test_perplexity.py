@@ -5,13 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import shared_path, tiny_llama
 from llamette import Transformer
 from llamette.cli import main
 from llamette.perplexity import evaluate, windows
-from test_huggingface import tiny_llama
-
-torch = pytest.importorskip("torch", reason="torch is a test dependency (pip install -e .[test])")
 
 TOKENS = [17, 230, 5, 99, 311, 42, 7, 7, 260, 3, 150, 151, 152, 9, 88, 301, 44, 2, 19, 200]
 
@@ -24,6 +21,8 @@ def converted(model, folder):
 
 
 def transformers_logprobs(model, window):
+    import torch
+
     with torch.no_grad():
         return torch.log_softmax(model(torch.tensor([window])).logits[0].double(), dim=-1)
 
@@ -36,6 +35,9 @@ def test_windows_start_with_bos_and_cover_every_token():
 
 @pytest.mark.parametrize("context", [8, 64])
 def test_nll_and_kl_match_transformers(tmp_path, context):
+    torch = pytest.importorskip(
+        "torch", reason="torch is a test dependency (pip install -e .[test])"
+    )
     hf_model, hf_reference = tiny_llama(2, False, seed=11), tiny_llama(2, False, seed=12)
     model = converted(hf_model, tmp_path / "model")
     reference = converted(hf_reference, tmp_path / "reference")

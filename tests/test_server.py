@@ -5,14 +5,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
-import openai
 import pytest
 import sentencepiece
 
 import llamette
 from conftest import serving
 from llamette.server import ServedModel
+
+httpx = pytest.importorskip("httpx", reason="httpx is a test dependency (pip install -e .[test])")
+openai = pytest.importorskip("openai", reason="openai is a test dependency")
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 NAME = "stories"
