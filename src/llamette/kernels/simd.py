@@ -9,6 +9,7 @@ operations are emitted without fast-math flags, so LLVM keeps them in the order 
 as the kernel they are inlined into is not compiled with fastmath (Numba would flag them too).
 """
 
+import numba
 from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
@@ -17,21 +18,25 @@ from numba.extending import intrinsic, models, register_model
 LANES = 16
 
 
-def _host_features() -> set[str]:
-    """The CPU's features as LLVM names them ("+avx2", ...); none where LLVM cannot tell."""
+def target_features() -> set[str]:
+    """The features of the CPU that Numba compiles for, as LLVM names them ("+avx2", ...): those
+    of $NUMBA_CPU_FEATURES where it is set (compiling for another CPU, as the tests do for AVX2),
+    else the host's, as Numba itself chooses; none where LLVM cannot tell."""
+    if numba.config.CPU_FEATURES is not None:
+        return set(numba.config.CPU_FEATURES.split(","))
     try:
         return set(binding.get_host_cpu_features().flatten().split(","))
     except RuntimeError:
         return set()
 
 
-_HOST_FEATURES = _host_features()
+_FEATURES = target_features()
 # Whether a float32x16 fits one register, of 32 (AVX-512); elsewhere (AVX2) it takes two of 16,
 # and kernels keep fewer of them live at once.
-WIDE_REGISTERS = "+avx512f" in _HOST_FEATURES
+WIDE_REGISTERS = "+avx512f" in _FEATURES
 # Whether the CPU multiplies and accumulates in one instruction (AVX-512 VNNI's vpdpwssd), so that
 # a sum of madd_pairs waits for its previous value; elsewhere the products (pmaddwd) do not.
-FUSED_MADD = "+avx512vnni" in _HOST_FEATURES
+FUSED_MADD = "+avx512vnni" in _FEATURES
 _INT32 = ir.IntType(32)
 _INT32_LANES = ir.VectorType(_INT32, LANES)
 _FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
