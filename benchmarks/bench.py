@@ -7,9 +7,15 @@ a token reads, divided by the read bandwidth measured just before each pair of r
 is shared, and its bandwidth drifts). Engines alternate run by run, each run in a fresh process;
 figures are medians.
 
+With --baseline SRC (the src folder of another llamette checkout, e.g. a git worktree of an
+earlier commit), that build runs too, alternating with the others, for a side-by-side comparison
+of two builds; with --formats bin,gguf llamette also runs the GGUF files llama.cpp runs.
+
 Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--runs 6]
-Writes benchmarks/results/results.{md,json,png}. Models and llama.cpp's venv are made once and
-kept in ~/.cache/llamette-bench (or $LLAMETTE_BENCH_DIR).
+                                  [--formats bin,gguf] [--baseline SRC]
+Writes benchmarks/results/results.{md,json,png} (with --baseline: builds.{md,json} instead).
+Models and llama.cpp's venv are made once and kept in ~/.cache/llamette-bench (or
+$LLAMETTE_BENCH_DIR).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from pathlib import Path
 from models import cache_dir, ensure_model
 
 from llamette.formats.llama2c import read_llama2c
-from llamette.quant import Q8Tensor
+from llamette.weight_types import nbytes
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -54,21 +60,39 @@ def main() -> None:
     )
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
                         help="tokenizer.bin embedded in the GGUF files (32000 pieces)")  # fmt: skip
+    parser.add_argument("--formats", default="bin",
+                        help="the files llamette runs: bin (llama2.c), gguf, or both")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="another build's src folder, run alongside this one")  # fmt: skip
     args = parser.parse_args()
+    formats = args.formats.split(",")
+    if not set(formats) <= {"bin", "gguf"}:
+        raise SystemExit(f"--formats: {args.formats!r} is not bin, gguf or both")
+    if args.baseline and not (args.baseline / "llamette").is_dir():
+        raise SystemExit(f"--baseline: {args.baseline} holds no llamette package")
     peer_python = ensure_peer()
     results = {"machine": machine(), "configs": []}
     print(f"read bandwidth: {results['machine']['bandwidth_gb_s']} GB/s (1 and {THREADS} threads)")
     results["machine"]["bandwidth_note"] = (
         "at the start; each model's ceiling uses its own measurements"
     )
+    if args.baseline:
+        results["baseline"] = str(args.baseline.resolve())
     for name in args.models.split(","):
         runs = max(3, args.runs // 2) if name == "llama2-7b" else args.runs
         for weight_type in CONFIGS[name]:
             paths = ensure_model(name, weight_type, args.tokenizer)
-            config = measure(name, weight_type, paths, peer_python, runs)
-            results["configs"].append(config)
-            print(summary_line(config), flush=True)
+            for file_format in formats:
+                config = measure(name, weight_type, paths, peer_python, runs, file_format,
+                                 args.baseline)  # fmt: skip
+                results["configs"].append(config)
+                print(summary_line(config), flush=True)
     RESULTS.mkdir(exist_ok=True)
+    if args.baseline:  # a comparison of builds, not the results of record
+        (RESULTS / "builds.json").write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / "builds.md").write_text(builds_markdown(results))
+        print(builds_markdown(results))
+        return
     (RESULTS / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "results.md").write_text(markdown(results))
     chart(results, RESULTS / "results.png")
@@ -106,33 +130,43 @@ def machine() -> dict:
     }
 
 
-def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: int) -> dict:
-    ours = [sys.executable, str(HERE / "run_llamette.py"), str(paths["llamette"])]
-    theirs = [
-        str(peer_python),
-        str(HERE / "run_llamacpp.py"),
-        str(paths["llama.cpp"]),
-        str(THREADS),
-    ]
-    read_bandwidths = []  # GB/s, measured just before each pair of runs
-    samples = {"llamette": [], "llama.cpp": []}
-    ttft = {"llamette": [], "llama.cpp": []}
-    for run in range(runs):  # alternate which engine goes first
+def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: int,
+            file_format: str = "bin", baseline: Path | None = None) -> dict:  # fmt: skip
+    """One model and weight type: each engine's runs, alternating, each in a fresh process."""
+    ours_file = paths["llamette"] if file_format == "bin" else paths["llama.cpp"]
+    ours = [sys.executable, str(HERE / "run_llamette.py"), str(ours_file)]
+    engines = {  # engine: (command, environment)
+        "llamette": (ours, {}),
+        "llama.cpp": ([str(peer_python), str(HERE / "run_llamacpp.py"), str(paths["llama.cpp"]),
+                       str(THREADS)], {}),
+    }  # fmt: skip
+    if baseline:  # the other build, on the same file, with its own kernel cache
+        engines["baseline"] = (ours, {"PYTHONPATH": str(baseline.resolve())})
+    read_bandwidths = []  # GB/s, measured just before each round of runs
+    samples = {engine: [] for engine in engines}
+    ttft = {engine: [] for engine in engines}
+    for run in range(runs):  # rotate which engine goes first
         read_bandwidths.append(bandwidth_now(THREADS))
-        order = [("llamette", ours), ("llama.cpp", theirs)]
-        for engine, command in order if run % 2 == 0 else order[::-1]:
-            samples[engine].append(json.loads(run_json(command)))
-            ttft[engine].append(time_to_first_token(command + ["--ttft"]))
-    with tempfile.TemporaryDirectory() as empty_cache:  # llamette compiling everything
-        cold = time_to_first_token(ours + ["--ttft"], {"LLAMETTE_CACHE_DIR": empty_cache})
+        order = list(engines)
+        for engine in order[run % len(order) :] + order[: run % len(order)]:
+            command, env = engines[engine]
+            samples[engine].append(json.loads(run_json(command, env)))
+            ttft[engine].append(time_to_first_token(command + ["--ttft"], env))
+    cold = {}
+    for engine in ("llamette", "baseline") if baseline else ("llamette",):
+        command, env = engines[engine]
+        with tempfile.TemporaryDirectory() as empty_cache:  # llamette compiling everything
+            cold[engine] = time_to_first_token(
+                command + ["--ttft"], {**env, "LLAMETTE_CACHE_DIR": empty_cache}
+            )
     read_bandwidth = round(statistics.median(read_bandwidths), 1)
 
     bytes_per_token = weight_bytes_per_token(paths["llamette"])
     ceiling = read_bandwidth * 1e9 / bytes_per_token
-    config = {"model": name, "weight_type": weight_type, "runs": runs,
+    config = {"model": name, "weight_type": weight_type, "file": file_format, "runs": runs,
               "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1), "bandwidth_gb_s": read_bandwidth,
               "bandwidth_samples_gb_s": [round(b, 1) for b in read_bandwidths],
-              "ceiling_tok_s": round(ceiling, 1), "cold_first_token_s": round(cold, 2)}  # fmt: skip
+              "ceiling_tok_s": round(ceiling, 1), "cold_first_token_s": round(cold["llamette"], 2)}  # fmt: skip
     for engine in samples:
         config[engine] = {
             "decode_tok_s": round(statistics.median(s["decode_tok_s"] for s in samples[engine]), 2),
@@ -147,10 +181,23 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
             for s, gb_s in zip(samples[engine], read_bandwidths, strict=True)
         ]
         config[engine]["ceiling_fraction"] = round(statistics.median(shares), 3)
+        config[engine]["decode_tok_s_runs"] = [round(s["decode_tok_s"], 1) for s in samples[engine]]
+        config[engine]["prefill_tok_s_runs"] = [
+            round(s["prefill_tok_s"], 1) for s in samples[engine]
+        ]
     for measure_name in ("decode_tok_s", "prefill_tok_s"):
         config[f"{measure_name.split('_')[0]}_ratio"] = round(
             config["llamette"][measure_name] / config["llama.cpp"][measure_name], 2
         )
+    if baseline:
+        config["baseline"]["cold_first_token_s"] = round(cold["baseline"], 2)
+        for measure_name in ("decode_tok_s", "prefill_tok_s"):  # each run's against its neighbour's
+            ratios = [ours / theirs for ours, theirs in zip(
+                config["llamette"][f"{measure_name}_runs"], config["baseline"][f"{measure_name}_runs"],
+                strict=True)]  # fmt: skip
+            config[f"{measure_name.split('_')[0]}_vs_baseline"] = round(
+                statistics.median(ratios), 3
+            )
     return config
 
 
@@ -159,19 +206,17 @@ def weight_bytes_per_token(path: Path) -> int:
     weights = read_llama2c(path)
     total = 0
     for name, tensor in weights.tensors.items():
-        size = (
-            tensor.values.nbytes + tensor.scales.nbytes
-            if isinstance(tensor, Q8Tensor)
-            else tensor.nbytes
-        )
+        size = nbytes(tensor)
         if name == "tok_embeddings.weight" and not weights.config.shared_classifier:
             size //= weights.config.vocab_size
         total += size
     return total
 
 
-def run_json(command: list[str]) -> str:
-    done = subprocess.run(command, capture_output=True, text=True)
+def run_json(command: list[str], env: dict | None = None) -> str:
+    done = subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
     if done.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
     return done.stdout.strip().splitlines()[-1]
@@ -192,9 +237,39 @@ def time_to_first_token(command: list[str], env: dict | None = None) -> float:
 
 def summary_line(c: dict) -> str:
     ours, theirs = c["llamette"], c["llama.cpp"]
-    return (f"{c['model']} {c['weight_type']}: decode {ours['decode_tok_s']} vs {theirs['decode_tok_s']} tok/s "
+    line = (f"{c['model']} {c['weight_type']} ({c['file']}): decode {ours['decode_tok_s']} vs {theirs['decode_tok_s']} tok/s "
             f"(x{c['decode_ratio']}, {ours['ceiling_fraction']:.0%} of ceiling), prefill {ours['prefill_tok_s']} "
             f"vs {theirs['prefill_tok_s']} (x{c['prefill_ratio']})")  # fmt: skip
+    if "baseline" in c:
+        line += (f"; against the baseline: decode x{c['decode_vs_baseline']}, prefill "
+                 f"x{c['prefill_vs_baseline']}, cold start {c['cold_first_token_s']} vs "
+                 f"{c['baseline']['cold_first_token_s']} s")  # fmt: skip
+    return line
+
+
+def builds_markdown(results: dict) -> str:
+    """This build against the baseline, run by run: medians, and the median of the ratios of
+    runs made one after the other."""
+    m = results["machine"]
+    lines = [
+        f"This build against {results['baseline']}, alternating run by run, each run in a fresh "
+        f"process: {m['cpu']}, {m['cores']} cores, {m['date']}. Ratio: the median of each run's "
+        "against the baseline's run next to it (above 1: this build is faster). llama.cpp ran "
+        "in the same rounds, for scale.",
+        "",
+        "| model | weights | file | decode tok/s this / baseline (ratio) | prefill tok/s this / baseline (ratio) "
+        "| decode tok/s llama.cpp | cold start s this / baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in results["configs"]:
+        ours, theirs = c["llamette"], c["baseline"]
+        lines.append(
+            f"| {c['model']} | {c['weight_type'].upper()} | {c['file']} "
+            f"| {ours['decode_tok_s']} / {theirs['decode_tok_s']} (**{c['decode_vs_baseline']}**) "
+            f"| {ours['prefill_tok_s']} / {theirs['prefill_tok_s']} (**{c['prefill_vs_baseline']}**) "
+            f"| {c['llama.cpp']['decode_tok_s']} | {c['cold_first_token_s']} / {theirs['cold_first_token_s']} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(results: dict) -> str:

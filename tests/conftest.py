@@ -105,3 +105,93 @@ def transformers_logits(model, tokens: list[int]) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+# Weights and inputs for the kernel and weight type tests, and runq.c's arithmetic in NumPy.
+
+_rng = np.random.default_rng(0)
+
+
+def randn(*shape) -> np.ndarray:
+    """float32 values drawn from N(0, 1), from one seeded stream."""
+    return _rng.standard_normal(shape).astype(np.float32)
+
+
+def runq_quantize(x, group_size):
+    """runq.c's quantize in NumPy: float32 scale and quotient, C round (halves away from zero)."""
+    groups = x[: len(x) // group_size * group_size].reshape(-1, group_size)
+    scales = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
+    quotient = (groups / scales[:, None]).astype(np.float64)  # C's round() takes a double
+    return (np.sign(quotient) * np.floor(np.abs(quotient) + 0.5)).astype(np.int8).ravel(), scales
+
+
+def runq_matmul(xq, xs, wq, ws, group_size):
+    """runq.c's matmul in NumPy: group dot products in integers, float32 sums in group order,
+    weight scales read over the matrix flattened, trailing columns of a row skipped."""
+    d, n = wq.shape
+    out = np.zeros(d, np.float32)
+    for j in range(0, n - group_size + 1, group_size):
+        ival = wq[:, j : j + group_size].astype(np.int32) @ xq[j : j + group_size].astype(np.int32)
+        w_scale = ws[(np.arange(d) * n + j) // group_size]
+        out = out + (ival.astype(np.float32) * w_scale) * xs[j // group_size]
+    return out
+
+
+def rounded_to_8_bits(x: np.ndarray) -> np.ndarray:
+    """x (B, n) rounded as runq.c and llama.cpp round a product's input for int8 weights, in
+    float64: groups of 32 values, scale max|x| / 127 and quotient x / scale in float32, nearest
+    integer (halves away from zero)."""
+    groups = x.reshape(len(x), -1, 32).astype(np.float32)
+    scales = (np.abs(groups).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.nan_to_num(groups / scales).astype(np.float64)
+    return (np.sign(q) * np.floor(np.abs(q) + 0.5) * scales).reshape(x.shape)
+
+
+def numpy_forward(config, tensors: dict, tokens: list[int], quantized_inputs=frozenset()):
+    """Logits (len(tokens), vocab_size) of a Llama forward pass in float64 NumPy, written from
+    the paper's steps (RMSNorm, RoPE on pairs within each head, grouped-query causal attention,
+    SwiGLU) over float tensors by Meta's names: an independent reference for llamette's forward.
+
+    Inputs to the matrices named in quantized_inputs are rounded first (rounded_to_8_bits), as
+    for Q8_0 and Q4_0 weights.
+    """
+    c, t = config, {name: np.asarray(value, np.float64) for name, value in tensors.items()}
+    n, hs = len(tokens), config.head_size
+
+    def linear(name, x):
+        return (rounded_to_8_bits(x) if name in quantized_inputs else x) @ t[name].T
+
+    def rmsnorm(x, weight):
+        return weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + c.norm_eps)
+
+    def rope(
+        x, heads
+    ):  # x (n, heads * hs): pair (2j, 2j + 1) of a head turns by pos * theta^(-2j / hs)
+        angles = np.arange(n)[:, None] * c.rope_theta ** (-np.arange(0, hs, 2) / hs)[None, :]
+        pairs = x.reshape(n, heads, hs // 2, 2)
+        turned = (pairs[..., 0] + 1j * pairs[..., 1]) * np.exp(1j * angles)[:, None, :]
+        return np.stack([turned.real, turned.imag], axis=-1).reshape(n, heads * hs)
+
+    x = t["tok_embeddings.weight"][tokens]
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for layer in range(c.n_layers):
+        p = f"layers.{layer}."
+        xb = rmsnorm(x, t[p + "attention_norm.weight"])
+        q = rope(linear(p + "attention.wq.weight", xb), c.n_heads).reshape(n, c.n_heads, hs)
+        k = rope(linear(p + "attention.wk.weight", xb), c.n_kv_heads).reshape(n, c.n_kv_heads, hs)
+        v = linear(p + "attention.wv.weight", xb).reshape(n, c.n_kv_heads, hs)
+        group = c.n_heads // c.n_kv_heads  # query heads per kv head, consecutive
+        scores = np.einsum("qhd,khd->hqk", q, np.repeat(k, group, axis=1)) / np.sqrt(hs) + causal
+        weights = np.exp(scores - scores.max(axis=2, keepdims=True))
+        weights /= weights.sum(axis=2, keepdims=True)
+        attended = np.einsum("hqk,khd->qhd", weights, np.repeat(v, group, axis=1)).reshape(n, -1)
+        x = x + linear(p + "attention.wo.weight", attended)
+        xb = rmsnorm(x, t[p + "ffn_norm.weight"])
+        gate, up = (
+            linear(p + "feed_forward.w1.weight", xb),
+            linear(p + "feed_forward.w3.weight", xb),
+        )
+        x = x + linear(p + "feed_forward.w2.weight", gate / (1 + np.exp(-gate)) * up)
+    classifier = "output.weight" if "output.weight" in t else "tok_embeddings.weight"
+    return linear(classifier, rmsnorm(x, t["norm.weight"]))

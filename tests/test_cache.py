@@ -10,7 +10,7 @@ RUN_ONE_STEP = textwrap.dedent("""
     import json, sys
     import numpy as np
     from llamette import Transformer
-    from llamette.model import decode_step
+    from llamette.model import forward
     from llamette.weights import ModelConfig, Weights
 
     config = ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=16)
@@ -18,7 +18,7 @@ RUN_ONE_STEP = textwrap.dedent("""
     tensors = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in config.tensor_shapes().items()}
     model = Transformer(Weights(config, tensors))
     model.forward(1, 0)
-    print(json.dumps({"misses": len(decode_step.stats.cache_misses), "hits": len(decode_step.stats.cache_hits)}))
+    print(json.dumps({"misses": len(forward.stats.cache_misses), "hits": len(forward.stats.cache_hits)}))
 """)
 
 
@@ -36,7 +36,7 @@ def test_a_warm_start_compiles_nothing(tmp_path):
     assert run_step(tmp_path) == {"misses": 1, "hits": 0}  # cold: compiled, then saved
     assert run_step(tmp_path) == {"misses": 0, "hits": 1}  # warm: loaded
     stamped = tmp_path / f"kernels-{cache.source_hash()}"
-    assert any(stamped.glob("model.decode_step-*.nbi"))
+    assert any(stamped.glob("model.forward-*.nbi"))
 
 
 def test_the_stamp_covers_every_file_with_compiled_code():

@@ -39,7 +39,8 @@ def test_kernel_tests_pass_compiled_for(target):
     assert choices == [str(choice) for choice in expected_choices]
     tests = Path(__file__).resolve().parent
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_kernels.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_kernels.py",
+         "test_weight_types.py"],
         env=env, cwd=tests, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]

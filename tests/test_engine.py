@@ -8,6 +8,7 @@ import numba
 import pytest
 
 import llamette
+from conftest import read_jsonl, shared_path
 from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.engine import Engine, QueueFull, Request
 from llamette.generate import StopStrings
@@ -251,3 +252,33 @@ def test_the_engine_thread_runs_with_the_threads_asked_for(tokenizer):
     explicit.start()
     explicit.stop()
     assert seen == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["rand-gqa.v0.bin", "rand-gqa.v2.bin"])  # run.c's, runq.c's
+def test_an_exact_engine_samples_run_c_s_tokens_for_requests_in_a_crowd(name):
+    """A random model's flat distributions turn any last-bit difference into another token, so
+    only run.c's (runq.c's) arithmetic to the bit gives the tokens it printed: the batched passes
+    of an exact model give them to every request, prompts and decode steps sharing passes."""
+
+    def sampled(row) -> bool:
+        argv = row["argv"]
+        return argv[0] == name and "-m" not in argv and argv[argv.index("-t") + 1] != "0"
+
+    rows = [row for row in read_jsonl("expected", "generate.jsonl") if sampled(row)]
+    model = Transformer.load(shared_path("models", name), exact=True, n_slots=len(rows))
+    engine = Engine(model, Tokenizer.load(shared_path("models", "tokenizer.bin")))
+    requests = []
+    for row in rows:
+        flags = dict(zip(row["argv"][1::2], row["argv"][2::2], strict=True))
+        sampler = Sampler(model.config.vocab_size, float(flags["-t"]), float(flags["-p"]),
+                          int(flags["-s"]))  # fmt: skip
+        prompt = row["prompt_ids"]
+        steps = int(
+            flags["-n"]
+        )  # positions, the prompt's included: steps - len(prompt) + 1 sampled
+        requests.append(Request(prompt, steps - len(prompt) + 1, sampler, lambda event: None))
+        engine.submit(requests[-1])
+    assert len(requests) >= 4
+    run_until_idle(engine)
+    for row, request in zip(rows, requests, strict=True):
+        assert request.prompt_tokens[1:] + request.tokens == row["ids"]

@@ -1,18 +1,24 @@
 """GGUF files: run with their own tokenizer and metadata, checked against run.c and gguf-py."""
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
 
-from conftest import expected_rows, shared_path
-from llamette import Sampler, Tokenizer, Transformer, generate
+import llamette
+from conftest import expected_rows, numpy_forward, shared_path
+from llamette import Sampler, Tokenizer, Transformer, generate, weight_types
 from llamette.cli import main
 from llamette.formats import gguf as gguf_format
 from llamette.formats import load_weights, read_model
 from llamette.formats.gguf import GGUFModel, gguf_name, write_gguf
 from llamette.formats.llama2c import read_llama2c, write_llama2c
-from llamette.quant import Q8_0Tensor, Q8Tensor, tensor_nbytes
-from llamette.weights import Weights
+from llamette.weight_types import Q8_0Tensor, Q8Tensor, nbytes
+
+BUNDLED = Path(llamette.__file__).parent / "bundled"
+# types whose products take their input rounded to 8 bits in groups of 32, as llama.cpp does
+ROUNDED_INPUTS = {gguf.GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0")}
 
 
 def recorded_greedy_stories260K(row):
@@ -61,7 +67,9 @@ def test_written_tensors_read_back_through_gguf_py(tmp_path, models, weight_type
     if weight_type != "f32":
         assert gguf.GGMLQuantizationType(wq.tensor_type).name == weight_type.upper()
     values = gguf.quants.dequantize(wq.data, wq.tensor_type)
-    tolerance = {"f32": 0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.2}[weight_type]
+    tolerance = {"f32": 0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.2}[
+        weight_type
+    ]
     assert np.abs(values - expected).max() <= tolerance * np.abs(expected).max()
 
 
@@ -109,7 +117,7 @@ def test_q8_0_matrices_stay_views_of_the_file(q8_0_gguf):
         assert isinstance(tensor, Q8_0Tensor) and tensor.shape == shape
         assert np.shares_memory(tensor.blocks, model.reader.data)
         assert memory_map_of(tensor.blocks).filename == str(q8_0_gguf.resolve())
-        assert tensor_nbytes(tensor) == file_tensors[gguf_name(name)].n_bytes
+        assert nbytes(tensor) == file_tensors[gguf_name(name)].n_bytes
 
 
 def test_q8_0_gguf_computes_what_its_llama2c_v2_twin_computes(tmp_path, q8_0_gguf):
@@ -157,26 +165,32 @@ def test_q8_0_gguf_converts_to_the_same_bytes_from_its_blocks(tmp_path, q8_0_ggu
 
 @pytest.mark.parametrize("weight_type", ["f16", "bf16", "q4_0"])
 def test_each_type_runs_in_its_own_layout_close_to_its_values(tmp_path, models, weight_type):
-    """Logits of F16, BF16 and Q4_0 GGUF files against the same weights dequantized by gguf-py."""
+    """Logits of F16, BF16 and Q4_0 GGUF files against a float64 NumPy forward over the
+    weights dequantized by gguf-py. Inputs to 4-bit matrices are rounded to 8 bits as llama.cpp
+    rounds them: where a value lies within float32 error of a rounding boundary, the two forwards
+    may round it apart, which moves this random model's logits by up to about 0.5% (the products
+    alone agree within 1e-5: test_weight_types)."""
     out = tmp_path / f"rand-gqa.{weight_type}.gguf"
     assert main(["convert", str(models / "rand-gqa.v1.bin"), str(out), "--type", weight_type,
                  "--tokenizer", str(models / "tokenizer.bin")]) == 0  # fmt: skip
     model = Transformer.load(out)
     kind = type(model.weights["layers.0.attention.wq.weight"]).__name__
-    assert kind == {"f16": "HalfTensor", "bf16": "BF16Tensor", "q4_0": "Q4Tensor"}[weight_type]
+    assert kind == f"{weight_type.upper()}Tensor"
     reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    dequantized = Weights(model.config, {
-        name: gguf.quants.dequantize(reader[gguf_name(name)].data, reader[gguf_name(name)].tensor_type)
-        for name in model.config.tensor_shapes()
-    })  # fmt: skip
-    expected_model = Transformer(dequantized, exact=True)
+    dequantized, rounded = {}, set()
+    for name in model.config.tensor_shapes():
+        tensor = reader[gguf_name(name)]
+        dequantized[name] = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if tensor.tensor_type in ROUNDED_INPUTS:
+            rounded.add(name)
     tokens = [1, 450, 4996, 17354, 1701, 29916]
+    expected = numpy_forward(model.config, dequantized, tokens, rounded)
+    tolerance = 1e-2 if rounded else 1e-4
+    scale = np.abs(expected).max()
     batched = model.forward_batch(tokens, np.arange(len(tokens)), np.zeros(len(tokens), np.int64))
+    assert np.abs(batched - expected).max() < tolerance * scale
     for pos, token in enumerate(tokens):
-        expected = expected_model.forward(token, pos)
-        scale = np.abs(expected).max()
-        assert np.abs(model.forward(token, pos) - expected).max() < 1e-4 * scale
-        assert np.abs(batched[pos] - expected).max() < 1e-4 * scale
+        assert np.abs(model.forward(token, pos) - expected[pos]).max() < tolerance * scale
 
 
 def test_types_without_a_kernel_say_so(tmp_path, models, capsys, monkeypatch):
@@ -198,9 +212,21 @@ def test_truncated_gguf_is_one_line(tmp_path, models, capsys, keep):
     assert status == 2 and "cut.gguf: " in err and err.count("\n") == 1, err
 
 
+def greedy_llama_cpp(path, prompt_tokens: list[int], steps: int) -> list[int]:
+    """llama.cpp's greedy tokens after prompt_tokens, up to `steps` positions or its EOS."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    llama = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    tokens = []
+    for token in llama.generate(prompt_tokens, temp=0.0, repeat_penalty=1.0):
+        tokens.append(token)
+        if token == llama.token_eos() or len(prompt_tokens) + len(tokens) >= steps:
+            return tokens
+    return tokens
+
+
 @pytest.mark.parametrize("weight_type", ["f32", "q8_0"])
 def test_written_gguf_gives_llama_cpp_the_same_greedy_tokens(tmp_path, models, weight_type):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
     out = tmp_path / f"stories260K.{weight_type}.gguf"
     assert main(["convert", str(models / "stories260K.bin"), str(out), "--type", weight_type]) == 0
     prompt = "Once upon a time, there was a"
@@ -208,12 +234,109 @@ def test_written_gguf_gives_llama_cpp_the_same_greedy_tokens(tmp_path, models, w
     model = Transformer.load(out)
     tokenizer = GGUFModel(out).tokenizer()
     ours = generate(model, tokenizer, Sampler(model.config.vocab_size, 0.0), prompt, 120)
+    theirs = greedy_llama_cpp(out, ours.prompt_tokens, 120)
+    assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 100
 
-    llama = llama_cpp.Llama(str(out), n_ctx=512, n_threads=2, verbose=False)
-    assert llama.tokenize(prompt.encode()) == ours.prompt_tokens  # its tokenizer reads ours
+
+@pytest.mark.parametrize("weight_type", ["q4_0"])
+@pytest.mark.parametrize("model_name", ["stories260K", "bundled"])
+def test_q4_ggufs_give_llama_cpp_s_greedy_tokens_up_to_a_near_tie(tmp_path, models, weight_type,
+                                                                  model_name):  # fmt: skip
+    """Both engines multiply 4-bit weights with activations rounded to 8 bits, but llama.cpp keeps
+    the activations' scales and its KV cache in fp16: on the small stories260K the greedy tokens
+    are the same until, if ever, two candidates come within that rounding's reach (here 1% of the
+    largest logit)."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    source, vocabulary = {"stories260K": (models / "stories260K.bin", models / "tok512.bin"),
+                          "bundled": (BUNDLED / "model.bin", BUNDLED / "tokenizer.bin")}[model_name]  # fmt: skip
+    out = tmp_path / f"{model_name}.{weight_type}.gguf"
+    assert main(["convert", str(source), str(out), "--type", weight_type,
+                 "--tokenizer", str(vocabulary)]) == 0  # fmt: skip
+    model = Transformer.load(out)
+    ours = generate(model, GGUFModel(out).tokenizer(), Sampler(model.config.vocab_size, 0.0),
+                    "Once upon a time, there was a", 250)  # fmt: skip
+    theirs = greedy_llama_cpp(out, ours.prompt_tokens, 250)
+    parted = next(
+        (i for i, (a, b) in enumerate(zip(theirs, ours.tokens, strict=False)) if a != b), None
+    )
+    if parted is None:
+        assert min(len(theirs), len(ours.tokens)) >= 100
+        return
+    logits = Transformer.load(out).prefill(ours.prompt_tokens + ours.tokens[:parted], 0)
+    best, second = np.sort(logits)[::-1][:2]
+    assert parted >= 50 and best - second < 0.01 * best, (parted, best, second)
+
+
+MIX = ("f32", "f16", "bf16", "q8_0", "q4_0")  # seven matrices a layer: each layer shifts
+
+
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    """The bundled (trained) model as a GGUF whose matrices take the five types in turn, so that
+    types differ across layers and within them (q, k and v of three types), written with
+    gguf-py's quantizers."""
+    weights = read_model(BUNDLED / "model.bin")
+    matrices = [name for name, shape in weights.config.tensor_shapes().items() if len(shape) == 2]
+    types = {name: MIX[i % len(MIX)] for i, name in enumerate(matrices)}
+    out = tmp_path_factory.mktemp("mixed") / "bundled.mixed.gguf"
+    write_gguf(weights, out, Tokenizer.load(BUNDLED / "tokenizer.bin"), tensor_types=types)
+    return out
+
+
+def test_a_file_of_mixed_types_runs_memory_mapped_in_its_own_types(mixed_gguf):
+    model = GGUFModel(mixed_gguf)
+    weights = model.runnable_weights()
+    in_file = {
+        t.name: gguf.GGMLQuantizationType(t.tensor_type).name.lower() for t in model.reader.tensors
+    }
+    seen = set()
+    for name in weights.config.tensor_shapes():
+        tensor = weights[name]
+        assert in_file[gguf_name(name)] == weight_types.weight_type(tensor).NAME
+        seen.add(in_file[gguf_name(name)])
+        array = tensor if isinstance(tensor, np.ndarray) else tensor[0]
+        assert memory_map_of(array).filename == str(mixed_gguf.resolve())
+    assert seen == set(MIX)
+    layer = [
+        weight_types.weight_type(weights.layer(0, f"attention.w{m}.weight")).NAME for m in "qkv"
+    ]
+    assert len(set(layer)) == 3
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_file_of_mixed_types_gives_the_logits_of_its_values(mixed_gguf, exact):
+    """Logits against a float64 NumPy forward over gguf-py's dequantized weights (inputs to the
+    Q8_0 and Q4_0 matrices rounded as llama.cpp rounds them), token by token and in one
+    batch."""
+    model = Transformer.load(mixed_gguf, exact=exact)
+    reader = {t.name: t for t in gguf.GGUFReader(mixed_gguf).tensors}
+    dequantized, rounded = {}, set()
+    for name in model.config.tensor_shapes():
+        tensor = reader[gguf_name(name)]
+        dequantized[name] = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if tensor.tensor_type in ROUNDED_INPUTS:
+            rounded.add(name)
+    tokens = Tokenizer.load(BUNDLED / "tokenizer.bin").encode("Once upon a time, a little fox")
+    expected = numpy_forward(model.config, dequantized, tokens, rounded)
+    scale = np.abs(expected).max()
+    batched = model.forward_batch(tokens, np.arange(len(tokens)), np.zeros(len(tokens), np.int64))
+    assert np.abs(batched - expected).max() < 1e-3 * scale
+    for pos, token in enumerate(tokens):
+        assert np.abs(model.forward(token, pos) - expected[pos]).max() < 1e-3 * scale
+
+
+def test_a_file_of_mixed_types_gives_llama_cpp_the_same_greedy_tokens(mixed_gguf):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    model = Transformer.load(mixed_gguf)
+    tokenizer = GGUFModel(mixed_gguf).tokenizer()
+    prompt = "Once upon a time, there was a"
+    ours = generate(model, tokenizer, Sampler(model.config.vocab_size, 0.0), prompt, 200)
+
+    llama = llama_cpp.Llama(str(mixed_gguf), n_ctx=256, n_threads=2, verbose=False)
+    assert llama.tokenize(prompt.encode()) == ours.prompt_tokens
     theirs = []
     for token in llama.generate(ours.prompt_tokens, temp=0.0, repeat_penalty=1.0):
         theirs.append(token)
-        if token == llama.token_eos() or len(ours.prompt_tokens) + len(theirs) >= 120:
+        if token == llama.token_eos() or len(ours.prompt_tokens) + len(theirs) >= 200:
             break
     assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 100

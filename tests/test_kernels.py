@@ -1,18 +1,23 @@
-"""Kernels against NumPy: float64 formulas for the fp32 steps, runq.c's integer arithmetic for Q8."""
+"""Kernels against NumPy: float64 formulas for the fp32 steps, runq.c's integer arithmetic for the
+int8 family. (Each weight type's own products: test_weight_types.)"""
 
-import gguf
 import numpy as np
 import pytest
 from numba import njit
 
-from llamette.kernels import SMALL_BATCH, fast, ggml, last_level_cache_bytes, reference, simd
-from llamette.quant import Q8_0Tensor, Q8Tensor, quantize_q8
-
-rng = np.random.default_rng(0)
-
-
-def randn(*shape):
-    return rng.standard_normal(shape).astype(np.float32)
+from conftest import randn, runq_matmul, runq_quantize
+from llamette.kernels import (
+    SMALL_BATCH,
+    attention,
+    elementwise,
+    gemm,
+    halves,
+    int8,
+    last_level_cache_bytes,
+    reference,
+    simd,
+)
+from llamette.weight_types import quantize_q8
 
 
 def test_matmul():
@@ -82,7 +87,7 @@ def test_fast_matvec_f32_within_float_tolerance_of_the_reference():
     w, x = randn(300, 517), randn(517)
     exact, fast_out = np.empty(300, np.float32), np.empty(300, np.float32)
     reference.matmul(exact, x, w)
-    fast.matmul_f32(fast_out.reshape(1, -1), x.reshape(1, -1), w)
+    gemm.matmul_f32(fast_out.reshape(1, -1), x.reshape(1, -1), w)
     np.testing.assert_allclose(fast_out, exact, rtol=1e-4, atol=1e-4)
 
 
@@ -97,35 +102,7 @@ def test_swiglu_and_add():
     np.testing.assert_array_equal(a, before + y)
 
 
-def fast_q8_product(w, x, weights_in_cache=False):
-    """fast.q8_linear for inputs x (B, n): the product (B, d) and the quantized inputs it used."""
-    out = np.empty((x.shape[0], w.shape[0]), np.float32)
-    scratch = fast.q8_scratch(x.shape[0], x.shape[1], w.group_size)
-    fast.q8_linear((out,), x, (w,), scratch, weights_in_cache)
-    return out, scratch.values, scratch.scales
-
-
-def runq_quantize(x, group_size):
-    """runq.c's quantize in NumPy: float32 scale and quotient, C round (halves away from zero)."""
-    groups = x[: len(x) // group_size * group_size].reshape(-1, group_size)
-    scales = (np.abs(groups).max(axis=1) / np.float32(127)).astype(np.float32)
-    quotient = (groups / scales[:, None]).astype(np.float64)  # C's round() takes a double
-    return (np.sign(quotient) * np.floor(np.abs(quotient) + 0.5)).astype(np.int8).ravel(), scales
-
-
-def runq_matmul(xq, xs, wq, ws, group_size):
-    """runq.c's matmul in NumPy: group dot products in integers, float32 sums in group order,
-    weight scales read over the matrix flattened, trailing columns of a row skipped."""
-    d, n = wq.shape
-    out = np.zeros(d, np.float32)
-    for j in range(0, n - group_size + 1, group_size):
-        ival = wq[:, j : j + group_size].astype(np.int32) @ xq[j : j + group_size].astype(np.int32)
-        w_scale = ws[(np.arange(d) * n + j) // group_size]
-        out = out + (ival.astype(np.float32) * w_scale) * xs[j // group_size]
-    return out
-
-
-QUANTIZERS = {"reference": reference.q8_quantize, "fast": fast.q8_quantize}
+QUANTIZERS = {"reference": reference.q8_quantize, "fast": int8.q8_quantize}
 
 
 @pytest.mark.parametrize("path", QUANTIZERS)
@@ -172,49 +149,34 @@ def test_an_all_zero_group_quantizes_to_zeros(path):
     assert not xq.any() and not xs.any()
 
 
-@pytest.mark.parametrize("group_size", [64, 32, 16])
-def test_q8_reference_is_runq_to_the_bit(group_size):
-    w, x = quantize_q8(randn(40, 256), group_size), randn(256)
-    xq, xs = np.zeros(256, np.int8), np.zeros(256 // group_size, np.float32)
-    reference.q8_quantize(xq, xs, x, group_size)
-    out = np.empty(40, np.float32)
-    reference.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
-    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
-
-
-@pytest.mark.parametrize("weights_in_cache", [False, True])  # rows one at a time, 16 in lanes
-@pytest.mark.parametrize("inputs", [1, 3, 25, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # 25: padded lanes
-@pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
-def test_q8_fast_with_groups_of_64_and_32_is_runq_to_the_bit(
-    group_size, columns, inputs, weights_in_cache
-):
-    """40 rows: two blocks of 16 in lanes and 8 rows left over."""
-    w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)
-    out, xq, xs = fast_q8_product(w, x, weights_in_cache)
-    for b in range(inputs):
-        expected_q, expected_s = runq_quantize(x[b], group_size)
-        np.testing.assert_array_equal(xq[b], expected_q)
-        np.testing.assert_array_equal(xs[b], expected_s)
-        np.testing.assert_array_equal(
-            out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
-        )
+def in_lanes(per_input, per_lane):
+    """per_input (B, k) in the lane kernels' layout, 16 inputs a block: runs of per_lane values
+    of each input side by side (int8.quantized makes it, in one layout, for this CPU)."""
+    blocks = -(-len(per_input) // 16)
+    lanes = np.full((blocks, per_input.shape[1] * 16), 99, per_input.dtype)  # padding: not zeros
+    for b, values in enumerate(per_input):
+        runs = values.reshape(-1, per_lane)
+        lanes[b // 16].reshape(-1, 16, per_lane)[:, b % 16] = runs
+    return lanes
 
 
 def lanes_int16_pairs(out, xq, xs, w):
-    pairs, lane_scales = fast._inputs_across_lanes(xq, xs)
-    fast._q8_matmul_across_inputs(out, pairs, lane_scales, w.values, w.scales, w.group_size)
+    pairs = in_lanes(xq.astype(np.int16), 2)
+    int8._matmul_across_inputs(out, pairs, in_lanes(xs, 1), w)
 
 
 def lanes_uint8_quads(out, xq, xs, w):
-    quads, biases, lane_scales = fast._inputs_in_quads(xq, xs)
-    fast._q8_matmul_quads(out, quads, biases, lane_scales, w.values, w.scales, w.group_size)
+    biases = (-128 * xq.reshape(len(xq), -1, w.group_size).astype(np.int32).sum(axis=2)).astype(
+        np.int32
+    )
+    int8._matmul_quads(out, in_lanes(xq, 4), in_lanes(biases, 1), in_lanes(xs, 1), w)
 
 
 @pytest.mark.parametrize("layout", [lanes_int16_pairs, lanes_uint8_quads])
 @pytest.mark.parametrize("rows", [43, 130])  # blocks of 4 and a rest; tasks of 64 and a rest
 @pytest.mark.parametrize("group_size", [64, 32])
 def test_both_lane_layouts_are_runq_to_the_bit(layout, rows, group_size):
-    """A CPU with AVX-512 VNNI takes quads, others pairs (q8_linear): both run on any CPU."""
+    """A CPU with AVX-512 VNNI takes quads, others pairs (int8.product): both run on any CPU."""
     w, x = quantize_q8(randn(rows, 256), group_size), randn(21, 256)  # 21: a padded block
     quantized = [runq_quantize(x[b], group_size) for b in range(21)]
     xq, xs = np.stack([q for q, _ in quantized]), np.stack([s for _, s in quantized])
@@ -267,17 +229,6 @@ def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
     np.testing.assert_array_equal(madd(acc, quads, u, 3), expected)
 
 
-@pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 7])  # register blocks of 4, then leftovers
-@pytest.mark.parametrize("group_size", [16, 8])
-def test_q8_fast_is_runq_within_float_tolerance(group_size, inputs):
-    """Other group sizes: the same quantized values multiplied in float."""
-    w, x = quantize_q8(randn(42, 256), group_size), randn(inputs, 256)
-    out, xq, xs = fast_q8_product(w, x)
-    for b in range(inputs):
-        expected = runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
-        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
-
-
 def test_the_last_level_cache_is_the_highest_level_linux_lists(tmp_path):
     for index, level, size in [(0, 1, "48K"), (2, 2, "1024K"), (3, 3, "32M"), (4, 1, "32K")]:
         (tmp_path / f"index{index}").mkdir()
@@ -287,49 +238,11 @@ def test_the_last_level_cache_is_the_highest_level_linux_lists(tmp_path):
     assert last_level_cache_bytes(tmp_path / "absent") == 0
 
 
-def test_q8_linear_quantizes_a_shared_input_once_for_every_matrix():
-    w1, w2, x = quantize_q8(randn(24, 128), 64), quantize_q8(randn(40, 128), 64), randn(2, 128)
-    out1, out2 = np.empty((2, 24), np.float32), np.empty((2, 40), np.float32)
-    fast.q8_linear((out1, out2), x, (w1, w2), fast.q8_scratch(2, 128, 64), False)
-    np.testing.assert_array_equal(out1, fast_q8_product(w1, x)[0])
-    np.testing.assert_array_equal(out2, fast_q8_product(w2, x)[0])
-
-
-def test_q8_matmul_reference_keeps_runq_quirk_on_partial_groups():
-    w = quantize_q8(randn(16, 172), 8)  # 172 = 21 groups of 8 + 4: groups straddle rows
-    x = randn(172)
-    xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
-    reference.q8_quantize(xq, xs, x, 8)
-    out = np.empty(16, np.float32)
-    reference.q8_matmul(out, xq, xs, w.values, w.scales, 8)
-    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, 8))
-
-
-def test_q8_fast_computes_partial_groups_in_full():
-    w = quantize_q8(randn(16, 172), 8)  # 172 = 21 groups of 8 + 4: groups straddle rows
-    x = randn(1, 172)
-    out, xq, xs = fast_q8_product(w, x)
-    x_dequantized = xq[0] * np.repeat(xs[0], 8)[:172]
-    np.testing.assert_allclose(
-        out[0], w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4
-    )
-    # and that is close to the float product: the quantization error only
-    exact = w.dequantize().astype(np.float64) @ x[0]
-    assert np.abs(out[0] - exact).max() < 0.02 * np.abs(exact).max()
-
-
-def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
-    w = quantize_q8(randn(6, 20), 8)  # 120 values, 15 groups; rows start mid-group
-    out = np.empty(20, np.float32)
-    reference.q8_dequantize_row(out, w.values, w.scales, 3, 8)
-    np.testing.assert_array_equal(out, w.dequantize()[3])
-
-
 @pytest.mark.parametrize("inputs", [3, 7, SMALL_BATCH + 7])  # row pairs; register blocks
 def test_matmul_f32_on_a_batch(inputs):
     w, x = randn(42, 300), randn(inputs, 300)
     out = np.empty((inputs, 42), np.float32)
-    fast.matmul_f32(out, x, w)
+    gemm.matmul_f32(out, x, w)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
 
@@ -337,9 +250,9 @@ def test_matmul_f32_reads_inputs_and_weights_that_are_rows_of_wider_arrays():
     wide_w, wide_x = randn(42, 320), randn(SMALL_BATCH + 7, 333)
     w, x = wide_w[:, 5:305], wide_x[:, 17:317]
     out = np.empty((len(x), 42), np.float32)
-    fast.matmul_f32(out, x, w)
+    gemm.matmul_f32(out, x, w)
     contiguous = np.empty_like(out)
-    fast.matmul_f32(contiguous, np.ascontiguousarray(x), np.ascontiguousarray(w))
+    gemm.matmul_f32(contiguous, np.ascontiguousarray(x), np.ascontiguousarray(w))
     np.testing.assert_array_equal(out, contiguous)
     np.testing.assert_allclose(out, x.astype(np.float64) @ w.T, rtol=1e-4, atol=1e-4)
 
@@ -350,11 +263,11 @@ def test_matmul_f32_bits_do_not_depend_on_the_batch(columns):
     get the numbers that feeding them one at a time gives."""
     w, x = randn(43, columns), randn(2 * SMALL_BATCH + 3, columns)
     together = np.empty((len(x), 43), np.float32)
-    fast.matmul_f32(together, x, w)
+    gemm.matmul_f32(together, x, w)
     for size in (1, 2, 3, 4, 5, 9):
         for start in range(0, len(x) - size + 1, 7):
             part = np.empty((size, 43), np.float32)
-            fast.matmul_f32(part, x[start : start + size], w)
+            gemm.matmul_f32(part, x[start : start + size], w)
             np.testing.assert_array_equal(part, together[start : start + size])
 
 
@@ -367,7 +280,7 @@ def test_fast_attention_agrees_with_the_reference(head_size):
     for pos in (0, 14, 15, 16, 33):  # keys: a few; whole blocks of 16; blocks and the rest
         expected, out = np.empty_like(q), np.empty_like(q)
         reference.attention(expected, q, keys, values, pos, n_heads, att)
-        fast.attention(out, q, keys, values, pos, n_heads, att)
+        attention.attention(out, q, keys, values, pos, n_heads, att)
         np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -381,11 +294,11 @@ def test_a_row_of_a_batch_attends_as_one_token_decoding_alone(positions):
     q = randn(len(positions), n_heads * head_size)
     batched = np.empty_like(q)
     slots = np.zeros(len(positions), np.int64)
-    fast.attention_rows(batched, q, key_cache, value_cache, 0, slots, positions, n_heads)
+    attention.attention_rows(batched, q, key_cache, value_cache, 0, slots, positions, n_heads)
     att = np.zeros((n_heads, seq_len), np.float32)
     for b, pos in enumerate(positions):
         alone = np.empty(q.shape[1], np.float32)
-        fast.attention(alone, q[b], key_cache[0, 0], value_cache[0, 0], pos, n_heads, att)
+        attention.attention(alone, q[b], key_cache[0, 0], value_cache[0, 0], pos, n_heads, att)
         np.testing.assert_array_equal(batched[b], alone)
 
 
@@ -398,7 +311,7 @@ def test_batched_attention_agrees_with_the_reference():
     positions = np.array([0, 1, 2, 3, 10, 11, 12, 19])
     q = randn(8, n_heads * head_size)
     out = np.empty_like(q)
-    fast.attention_rows(out, q, key_cache, value_cache, 0, slots, positions, n_heads)
+    attention.attention_rows(out, q, key_cache, value_cache, 0, slots, positions, n_heads)
     for b in range(8):
         expected, att = np.empty(q.shape[1], np.float32), np.zeros((n_heads, seq_len), np.float32)
         reference.attention(expected, q[b], key_cache[slots[b], 0], value_cache[slots[b], 0],
@@ -410,68 +323,18 @@ def test_swiglu_rows_agrees_with_the_reference():
     gate, up = randn(5, 300) * 4, randn(5, 300)
     expected = gate.copy()
     reference.swiglu(expected.reshape(-1), up.reshape(-1))
-    fast.swiglu_rows(gate, up)
+    elementwise.swiglu_rows(gate, up)
     np.testing.assert_allclose(gate, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_vectorizable_exp_is_within_two_ulp():
     @njit
     def exps(x):
-        return np.array([fast.exp_f32(v) for v in x], np.float32)
+        return np.array([elementwise.exp_f32(v) for v in x], np.float32)
 
     x = np.linspace(-87, 88, 100_001).astype(np.float32)
     expected = np.exp(x.astype(np.float64))
     assert np.max(np.abs(exps(x) - expected) / expected) < 2 * 2.0**-24
-
-
-def gguf_product(kind: str, w: np.ndarray):
-    """(product(out, x), w as the kernel sees it) for a GGUF weight type, via gguf-py's encoding."""
-    qtype = gguf.GGMLQuantizationType[kind.upper()]
-    encoded = gguf.quants.quantize(w, qtype)
-    values = gguf.quants.dequantize(encoded, qtype).reshape(w.shape)
-    if kind == "q4_0":
-        return (lambda out, x: ggml.q4_matmul(out, x, encoded)), values
-    if kind == "q8_0":
-        return (lambda out, x: q8_0_product(Q8_0Tensor(encoded), x, out)), values
-    bits = encoded.view(np.uint16)
-    return (lambda out, x: ggml.half_matmul(out, x, bits, kind == "bf16")), values
-
-
-@pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 5])  # row by row; rows decoded once
-@pytest.mark.parametrize("kind", ["f16", "bf16", "q4_0"])
-def test_gguf_type_products_against_gguf_py(kind, inputs):
-    product, values = gguf_product(kind, randn(40, 256))
-    x, out = randn(inputs, 256), np.empty((inputs, 40), np.float32)
-    product(out, x)
-    expected = x.astype(np.float64) @ values.astype(np.float64).T
-    np.testing.assert_allclose(out, expected, rtol=1e-4, atol=1e-4)
-
-
-def products_by_kind():
-    w = randn(41, 256)  # an odd number of rows: kernels that take rows in pairs end on one alone
-    q8 = {f"q8 groups of {g}": quantize_q8(w, g) for g in (64, 32, 16)}
-    kinds = {"f32": lambda out, x: fast.matmul_f32(out, x, w)}
-    for name, wq in q8.items():
-        kinds[name] = lambda out, x, wq=wq: fast.q8_linear(
-            (out,), x, (wq,), fast.q8_scratch(x.shape[0], 256, wq.group_size), False
-        )
-    for kind in ("f16", "bf16", "q4_0", "q8_0"):
-        kinds[kind] = gguf_product(kind, w)[0]
-    return kinds
-
-
-@pytest.mark.parametrize("batch", [SMALL_BATCH, 20])  # Q8: 16 inputs in SIMD lanes, 4 not
-@pytest.mark.parametrize("kind", list(products_by_kind()))
-def test_small_batches_compute_each_row_as_it_is_computed_alone(kind, batch):
-    """What the server relies on: a sequence's numbers do not depend on its batch."""
-    product = products_by_kind()[kind]
-    x = randn(batch, 256)
-    together = np.empty((batch, 41), np.float32)
-    product(together, x)
-    for b in (0, 1, 5, 17, batch - 1):
-        alone = np.empty((1, 41), np.float32)
-        product(alone, x[b : b + 1])
-        np.testing.assert_array_equal(alone[0], together[b])
 
 
 def finite_halves():
@@ -487,93 +350,12 @@ def test_fp16_decoders_agree_with_numpy_on_every_finite_half():
 
     @njit
     def block_scales(row):
-        return np.array([ggml.block_scale(row, start) for start in range(0, len(row), 2)])
+        return np.array([halves.block_scale(row, start) for start in range(0, len(row), 2)])
 
     bits = finite_halves()
     expected = bits.view(np.float16).astype(np.float32)
-    fast_ones = decode_all(bits, ggml.f16_to_f32)
+    fast_ones = decode_all(bits, halves.f16_to_f32)
     reference_ones = decode_all(bits.astype(np.int32), reference.half_to_float)
     from_bytes = block_scales(bits.astype("<u2").view(np.uint8))
     for decoded in (fast_ones, reference_ones, from_bytes):
         np.testing.assert_array_equal(decoded.view(np.uint32), expected.view(np.uint32))  # -0 too
-
-
-def q8_0_blocks(values, scales):
-    """GGUF Q8_0 rows (d, n / 32 * 34), built by hand: per block the fp16 scale's two bytes
-    (little-endian), then the 32 int8 values."""
-    d, n = values.shape
-    blocks = np.empty((d, n // 32, 34), np.uint8)
-    blocks[:, :, :2] = scales.astype("<f2").reshape(d, n // 32, 1).view(np.uint8)
-    blocks[:, :, 2:] = values.reshape(d, n // 32, 32).view(np.uint8)
-    return blocks.reshape(d, -1)
-
-
-def random_q8_0(d, n):
-    """(Q8_0Tensor, the same values as a Q8Tensor of group size 32): int8 values over their
-    whole range (-128 too, which gguf's quantizer never writes) and fp16 scales of all sizes,
-    subnormal ones included."""
-    values = rng.integers(-128, 128, (d, n), dtype=np.int8)
-    scales = rng.uniform(0.5, 2, (d, n // 32)) * 2.0 ** rng.integers(-24, 2, (d, n // 32))
-    scales = (scales * rng.choice([-1, 1], scales.shape)).astype(np.float16)
-    regrouped = Q8Tensor(values, scales.astype(np.float32).ravel(), 32)
-    return Q8_0Tensor(q8_0_blocks(values, scales)), regrouped
-
-
-def q8_0_product(w, x, out=None, weights_in_cache=False):
-    """ggml.q8_0_linear for inputs x (B, n): the product (B, d) and the quantized inputs it used."""
-    out = np.empty((x.shape[0], w.shape[0]), np.float32) if out is None else out
-    scratch = ggml.q8_0_scratch(x.shape[0], x.shape[1])
-    ggml.q8_0_linear((out,), x, (w,), scratch, weights_in_cache)
-    return out, scratch.values, scratch.scales
-
-
-def test_q8_0_tensor_reads_its_blocks():
-    w, regrouped = random_q8_0(6, 96)
-    assert w.shape == (6, 96)
-    np.testing.assert_array_equal(w.dequantize(), regrouped.dequantize())
-    np.testing.assert_array_equal(
-        w.dequantize(), gguf.quants.dequantize(w.blocks, gguf.GGMLQuantizationType.Q8_0)
-    )
-
-
-@pytest.mark.parametrize("weights_in_cache", [False, True])  # rows one at a time, 16 in lanes
-@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # decode to prompts
-@pytest.mark.parametrize("columns", [256, 288])  # 288: 9 blocks
-def test_q8_0_products_are_runq_to_the_bit(columns, inputs, weights_in_cache):
-    """40 rows: two blocks of 16 in lanes and 8 rows left over."""
-    w, regrouped = random_q8_0(40, columns)
-    x = randn(inputs, columns)
-    out, xq, xs = q8_0_product(w, x, weights_in_cache=weights_in_cache)
-    for b in range(inputs):
-        expected_q, expected_s = runq_quantize(x[b], 32)
-        np.testing.assert_array_equal(xq[b], expected_q)
-        np.testing.assert_array_equal(xs[b], expected_s)
-        expected = runq_matmul(xq[b], xs[b], regrouped.values, regrouped.scales, 32)
-        np.testing.assert_array_equal(out[b], expected)
-
-
-@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, SMALL_BATCH + 7])
-@pytest.mark.parametrize("rows, columns", [(40, 256), (42, 288)])  # 42: 4-row blocks and a rest
-def test_q8_0_products_equal_q8_products_of_the_same_values(rows, columns, inputs):
-    """What keeps a Q8_0 GGUF's tokens as they were when its blocks were regrouped at load."""
-    w, regrouped = random_q8_0(rows, columns)
-    x = randn(inputs, columns)
-    np.testing.assert_array_equal(q8_0_product(w, x)[0], fast_q8_product(regrouped, x)[0])
-
-
-def test_q8_0_reference_is_runq_to_the_bit():
-    w, regrouped = random_q8_0(40, 288)
-    x = randn(288)
-    xq, xs = np.zeros(288, np.int8), np.zeros(9, np.float32)
-    reference.q8_quantize(xq, xs, x, 32)
-    out = np.empty(40, np.float32)
-    reference.q8_0_matmul(out, xq, xs, w.blocks)
-    np.testing.assert_array_equal(out, runq_matmul(xq, xs, regrouped.values, regrouped.scales, 32))
-
-
-def test_q8_0_embedding_rows_are_the_dequantized_rows():
-    w, regrouped = random_q8_0(10, 96)
-    tokens = np.array([3, 0, 9, 3])
-    out = np.empty((4, 96), np.float32)
-    ggml.q8_0_embed_rows(out, w.blocks, tokens)
-    np.testing.assert_array_equal(out, regrouped.dequantize()[tokens])

@@ -10,7 +10,7 @@ import pytest
 
 from llamette import LlametteError
 from llamette.formats.llama2c import read_llama2c
-from llamette.quant import Q8Tensor
+from llamette.weight_types import Q8Tensor
 
 
 def test_reads_all_three_versions_of_one_model(models):

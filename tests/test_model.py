@@ -5,10 +5,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import numpy_forward, shared_path
 from llamette import Transformer
-from llamette.model import Activations, lazily_mapped_zeros
-from llamette.quant import Q8Tensor
+from llamette.formats.llama2c import read_llama2c
+from llamette.model import lazily_mapped_zeros
+from llamette.weight_types import Q8Tensor
 
 
 @pytest.mark.parametrize("exact", [True, False])
@@ -21,6 +22,17 @@ def test_logits_match_transformers(exact):
         expected = reference["logits"].reshape(-1, 32000)[pos]
         error = np.abs(logits - expected).max() / np.abs(expected).max()
         assert error < 1e-4, f"position {pos}: relative error {error:.2e}"
+
+
+def test_the_numpy_reference_forward_gives_transformers_logits():
+    """conftest.numpy_forward, which the GGUF tests compare llamette's forward with, checked
+    against transformers itself."""
+    reference = np.load(shared_path("expected", "hf-mha.logits.npz"))
+    weights = read_llama2c(shared_path("models", "hf-mha.v0.bin"))
+    tokens = reference["input_ids"].ravel().tolist()
+    logits = numpy_forward(weights.config, dict(weights.tensors), tokens)
+    expected = reference["logits"].reshape(-1, 32000)
+    assert np.abs(logits - expected).max() < 1e-4 * np.abs(expected).max()
 
 
 def test_default_path_on_partial_q8_groups_stays_close_to_fp32():
@@ -55,11 +67,29 @@ def test_batched_prefill_agrees_with_one_token_at_a_time(name):
         # vector width) can flip the rounding of a quantized activation, which moves the values
         # it feeds by a quantization step: compare the whole, not each value
         assert np.abs(logits - expected).max() < 1e-2 * np.abs(expected).max()
-        difference = np.linalg.norm(batched.key_cache - one_by_one.key_cache)
-        assert difference < 1e-2 * np.linalg.norm(one_by_one.key_cache)
+        difference = np.linalg.norm(batched.kv_cache.keys - one_by_one.kv_cache.keys)
+        assert difference < 1e-2 * np.linalg.norm(one_by_one.kv_cache.keys)
     else:
         assert np.abs(logits - expected).max() < 1e-5 * np.abs(expected).max()
-        np.testing.assert_allclose(batched.key_cache, one_by_one.key_cache, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            batched.kv_cache.keys, one_by_one.kv_cache.keys, rtol=1e-5, atol=1e-5
+        )
+
+
+@pytest.mark.parametrize(
+    "name", ["rand-gqa.v0.bin", "rand-gqa.v2.bin", "stories260K_q80.bin", "stories260K.gguf"]
+)
+def test_exact_batches_give_the_logits_of_one_token_at_a_time_to_the_bit(name):
+    """--exact holds in every call: a prompt's batch (prefill, the server's passes, perplexity)
+    gets run.c's bits, runq.c's miscomputed partial groups included (stories260K_q80)."""
+    path = shared_path("models", name)
+    one_by_one, batched = Transformer.load(path, exact=True), Transformer.load(path, exact=True)
+    tokens = [1, *np.random.default_rng(0).integers(3, one_by_one.config.vocab_size, 40).tolist()]
+    expected = np.stack([one_by_one.forward(token, pos).copy() for pos, token in enumerate(tokens)])
+    logits = batched.forward_batch(tokens, np.arange(len(tokens)), np.zeros(len(tokens), np.int64))
+    np.testing.assert_array_equal(logits, expected)
+    np.testing.assert_array_equal(batched.prefill(tokens, 0), expected[-1])
+    np.testing.assert_array_equal(batched.kv_cache.keys, one_by_one.kv_cache.keys)
 
 
 def test_forward_batch_decodes_several_sequences_at_once():
@@ -91,17 +121,17 @@ def test_a_warmed_up_model_runs_as_a_fresh_one(exact):
     np.testing.assert_array_equal(warmed.forward(9, 5), fresh.forward(9, 5))
 
 
-def test_activations_reuse_their_memory_by_name():
-    """forward_batch's arrays come back to the same memory, pass after pass (no fresh pages)."""
-    activations = Activations()
-    q = activations.get("q", (4, 8))
-    assert q.shape == (4, 8) and q.dtype == np.float32
-    assert np.shares_memory(activations.get("q", (2, 8)), q)
-    assert not np.shares_memory(activations.get("k", (4, 8)), q)
-    xq = activations.get("q", (4, 32), np.int8)  # as many bytes as before: the same memory
-    assert np.shares_memory(xq, q) and xq.shape == (4, 32)
-    grown = activations.get("q", (16, 8))
-    assert grown.shape == (16, 8) and not np.shares_memory(grown, q)
+def test_passes_reuse_the_memory_of_the_passes_before():
+    """A pass's activations take the memory of the last one's (fresh pages fault at first
+    touch), growing only for a larger batch; decode steps take it too."""
+    model = Transformer.load(shared_path("models", "stories260K.bin"))
+    model.forward_batch([1, 403, 407], [0, 1, 2], [0, 0, 0])
+    buffers = model.buffers
+    model.forward_batch([1, 403], [0, 1], [0, 0])
+    model.forward(261, 2)
+    assert model.buffers is buffers and buffers.capacity == 3
+    model.forward_batch(list(range(1, 9)), list(range(8)), [0] * 8)
+    assert model.buffers.capacity == 8
 
 
 def resident_kib() -> int:

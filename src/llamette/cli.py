@@ -357,7 +357,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-QUANTIZED_TYPES = ("q8_0", "q4_0", "bf16", "f16")
+QUANTIZED_TYPES = tuple(kind for kind in GGUF_TYPES if kind != "f32")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -445,7 +445,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name
     )
     c = served.engine.model.config
-    kv_bytes = served.engine.model.key_cache.nbytes * 2
+    kv_bytes = sum(cache.nbytes for cache in served.engine.model.kv_cache)
     host, port = sock.getsockname()[:2]
     log.info(
         f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: {args.max_batch} "

@@ -83,7 +83,7 @@ class Engine:
         self.tokenizer = tokenizer
         # Numba's thread count belongs to the thread that sets it: the engine's thread sets its own
         self.threads = threads or numba.get_num_threads()
-        self.n_slots = model.key_cache.shape[0]
+        self.n_slots = model.kv_cache.keys.shape[0]
         self.max_queue = max_queue
         self._free_slots = list(range(self.n_slots - 1, -1, -1))
         self._waiting: deque[Request] = deque()
@@ -122,7 +122,7 @@ class Engine:
         """Compile (or load) the kernels a step runs: a prompt, a batch of two rows, a draw; and
         write the whole KV cache once, so that its memory is mapped before any request waits on
         it (the first write to a fresh page faults: about 0.2 s per slot of stories110M here)."""
-        for cache in (self.model.key_cache, self.model.value_cache):
+        for cache in self.model.kv_cache:
             use_huge_pages(cache)  # resident in full anyway: spare attention the TLB misses
             cache.fill(0.0)
         self.model.prefill([BOS_ID], 0, 0)

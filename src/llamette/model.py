@@ -1,4 +1,5 @@
-"""The Llama transformer: its weights, KV cache and the forward pass of one token."""
+"""The Llama transformer: its weights, KV cache and the forward pass, written once for a batch of
+rows (a decode step is a batch of one), in the flavour the model was loaded with."""
 
 from __future__ import annotations
 
@@ -10,162 +11,198 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
+from numba import literal_unroll
 
 from llamette.formats import load_weights
-from llamette.kernels import fast, ggml, last_level_cache_bytes, parallel_kernel
+from llamette.kernels import inlined_kernel, last_level_cache_bytes, parallel_kernel
 from llamette.kernels import timing as t
-from llamette.kernels.linear import attention, embed, linear, swiglu
-from llamette.kernels.reference import add, rmsnorm, rope, rope_angles, store_kv
-from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8_0Tensor, Q8Tensor, tensor_nbytes
-from llamette.weights import Tensor, Weights
+from llamette.kernels.dispatch import product
+from llamette.kernels.int8 import Int8Inputs, new_input
+from llamette.kernels.layers import (
+    KVCache,
+    add,
+    attention,
+    embed,
+    gather_rows,
+    rmsnorm,
+    rope,
+    rope_angles,
+    store_kv,
+    swiglu,
+)
+from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
+from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
 log = logging.getLogger("llamette")
 
 PREFILL_CHUNK = 512  # prompt tokens per batched forward pass
 
 
+class Layer(NamedTuple):
+    """One transformer block's weights, each matrix in its file's type."""
+
+    attention_norm: np.ndarray  # (dim,)
+    wq: Tensor  # (dim, dim)
+    wk: Tensor  # (kv_dim, dim)
+    wv: Tensor  # (kv_dim, dim)
+    wo: Tensor  # (dim, dim)
+    ffn_norm: np.ndarray  # (dim,)
+    w1: Tensor  # (hidden_dim, dim), gate
+    w2: Tensor  # (dim, hidden_dim), down
+    w3: Tensor  # (hidden_dim, dim), up
+
+
 class Tensors(NamedTuple):
-    """The weights as compiled code takes them: per-layer tensors as tuples indexed by layer."""
+    """The weights as compiled code takes them."""
 
     tok_embeddings: Tensor  # (vocab_size, dim)
-    attention_norm: tuple  # (dim,) per layer
-    wq: tuple  # (dim, dim)
-    wk: tuple  # (kv_dim, dim)
-    wv: tuple  # (kv_dim, dim)
-    wo: tuple  # (dim, dim)
-    ffn_norm: tuple  # (dim,)
-    w1: tuple  # (hidden_dim, dim), gate
-    w2: tuple  # (dim, hidden_dim), down
-    w3: tuple  # (hidden_dim, dim), up
+    layers: tuple  # of Layer, one per block
     norm: np.ndarray  # (dim,)
     output: Tensor  # (vocab_size, dim), the classifier
 
     @classmethod
     def of(cls, weights: Weights) -> Tensors:
-        layers = range(weights.config.n_layers)
-
-        def per_layer(name: str) -> tuple:
-            return tuple(weights.layer(i, name) for i in layers)
-
-        return cls(
-            weights["tok_embeddings.weight"],
-            per_layer("attention_norm.weight"),
-            per_layer("attention.wq.weight"),
-            per_layer("attention.wk.weight"),
-            per_layer("attention.wv.weight"),
-            per_layer("attention.wo.weight"),
-            per_layer("ffn_norm.weight"),
-            per_layer("feed_forward.w1.weight"),
-            per_layer("feed_forward.w2.weight"),
-            per_layer("feed_forward.w3.weight"),
-            weights["norm.weight"],
-            weights.classifier,
+        layers = tuple(
+            Layer(*(weights.layer(i, name) for name in LAYER_TENSORS))  # in Layer's order
+            for i in range(weights.config.n_layers)
         )
+        return cls(weights["tok_embeddings.weight"], layers, weights["norm.weight"],
+                   weights.classifier)  # fmt: skip
 
 
 class Buffers(NamedTuple):
-    """Activations of the token being computed, allocated once."""
+    """Memory for the activations of a batch of up to `capacity` rows, kept from one pass to the
+    next (fresh memory costs a page fault per 4 KiB at its first touch). Compiled code takes the
+    views of each batch's rows (`Activations`)."""
 
-    x: np.ndarray  # (dim,) the residual stream
-    xb: np.ndarray  # (dim,) normed input, attention output
-    xb2: np.ndarray  # (dim,)
-    q: np.ndarray  # (dim,) query
-    k: np.ndarray  # (kv_dim,) key, stored into the KV cache after RoPE
-    v: np.ndarray  # (kv_dim,) value
-    hb: np.ndarray  # (hidden_dim,) feed-forward hidden state
-    hb2: np.ndarray  # (hidden_dim,)
-    att: np.ndarray  # (n_heads, seq_len) attention weights
-    rope_cos: np.ndarray  # (head_size / 2,) this position's rotary angles
-    rope_sin: np.ndarray
-    logits: np.ndarray  # (vocab_size,)
-    # A Q8 matmul's input, quantized (sizes: the widest input, max(dim, hidden_dim)):
-    xq: np.ndarray  # int8 values
-    xs: np.ndarray  # group scales
-    x_dequantized: np.ndarray  # float32 values * scales
-    x_sums: np.ndarray  # int32 sums of the values of each group of 32 (Q8_0)
-    weights_in_cache: bool  # whether the weights stay in cache between steps (fast.q8_linear)
+    x: np.ndarray  # (capacity, dim) the residual stream
+    xb: np.ndarray  # (capacity, dim) a block's input, normed
+    q: np.ndarray  # (capacity, dim) queries
+    k: np.ndarray  # (capacity, kv_dim) keys, stored into the KV cache after RoPE
+    v: np.ndarray  # (capacity, kv_dim) values
+    attended: np.ndarray  # (capacity, dim) attention's output
+    out: np.ndarray  # (capacity, dim) a block's output, added to the residual stream
+    gate: np.ndarray  # (capacity, hidden_dim) the feed-forward's hidden state
+    up: np.ndarray  # (capacity, hidden_dim)
+    cos: np.ndarray  # (capacity, head_size / 2) each row's rotary angles
+    sin: np.ndarray
+    scores: np.ndarray  # (n_heads, seq_len) one row's attention weights
+    inputs: Int8Inputs  # products' inputs, quantized for int8 weights
 
     @classmethod
-    def for_config(cls, c, weights_in_cache: bool = False) -> Buffers:
-        widest = max(c.dim, c.hidden_dim)
-
-        def zeros(*shape, dtype=np.float32):
-            return np.zeros(shape, dtype)
+    def for_config(cls, c: ModelConfig, capacity: int, smallest_group: int,
+                   weights_in_cache: bool) -> Buffers:  # fmt: skip
+        def empty(*shape):
+            return np.empty((capacity, *shape), np.float32)
 
         return cls(
-            zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.dim), zeros(c.kv_dim), zeros(c.kv_dim),
-            zeros(c.hidden_dim), zeros(c.hidden_dim), zeros(c.n_heads, c.seq_len),
-            zeros(c.head_size // 2), zeros(c.head_size // 2), zeros(c.vocab_size),
-            zeros(widest, dtype=np.int8), zeros(widest), zeros(widest),
-            zeros(-(-widest // 32), dtype=np.int32), weights_in_cache,
+            empty(c.dim), empty(c.dim), empty(c.dim), empty(c.kv_dim), empty(c.kv_dim),
+            empty(c.dim), empty(c.dim), empty(c.hidden_dim), empty(c.hidden_dim),
+            empty(c.head_size // 2), empty(c.head_size // 2),
+            np.empty((c.n_heads, c.seq_len), np.float32),
+            Int8Inputs.sized(capacity, max(c.dim, c.hidden_dim), smallest_group, weights_in_cache),
         )  # fmt: skip
+
+    @property
+    def capacity(self) -> int:
+        return self.x.shape[0]
+
+
+class Activations(NamedTuple):
+    """The rows of a batch of n in Buffers (n, ...)."""
+
+    x: np.ndarray
+    xb: np.ndarray
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    attended: np.ndarray
+    out: np.ndarray
+    gate: np.ndarray
+    up: np.ndarray
+    cos: np.ndarray
+    sin: np.ndarray
+    scores: np.ndarray
+    inputs: Int8Inputs
 
 
 @parallel_kernel  # it calls parallel kernels (see llamette.kernels)
-def decode_step(
-    w, s, key_cache, value_cache, token, pos, n_heads, norm_eps, rope_theta, exact, profile
-):
-    """One token at position pos through the transformer, as run.c's forward; logits in s.logits.
+def forward(w, kv, buffers, rows, logit_rows, logits, n_heads, norm_eps, rope_theta, exact,
+            profile):  # fmt: skip
+    """Tokens through the transformer: token rows[0, b] at position rows[1, b] of the sequence
+    in KV-cache slot rows[2, b] (a sequence's rows in position order, after its earlier positions
+    are cached); the logits of the rows logit_rows into logits (len(logit_rows), vocab_size).
 
-    key_cache, value_cache: (n_layers, n_kv_heads, seq_len, head_size); this step writes
-    position pos of each layer.
-    profile: empty, or cycle counts per part of the step to add to (see kernels.timing).
+    Rows attend causally within their own sequence, earlier rows of the batch included. exact:
+    run.c's arithmetic to the bit, row by row. profile: empty, or cycle counts per part of the
+    pass to add to (see kernels.timing).
     """
-    x = s.x
+    n = rows.shape[1]
+    tokens, positions, slots = rows[0], rows[1], rows[2]
+    b = buffers
+    a = Activations(b.x[:n], b.xb[:n], b.q[:n], b.k[:n], b.v[:n], b.attended[:n], b.out[:n],
+                    b.gate[:n], b.up[:n], b.cos[:n], b.sin[:n], b.scores, b.inputs)  # fmt: skip
     t.start(profile)
-    embed(x, w.tok_embeddings, token)
+    embed(a.x, w.tok_embeddings, tokens)
     t.tick(profile, t.EMBEDDING)
-    rope_angles(s.rope_cos, s.rope_sin, pos, 2 * s.rope_cos.shape[0], rope_theta)  # every layer's
+    rope_angles(a.cos, a.sin, positions, 2 * a.cos.shape[1], rope_theta)  # every layer's
     t.tick(profile, t.ROPE)
-    for layer in range(len(w.wq)):
-        # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
-        rmsnorm(s.xb, x, w.attention_norm[layer], norm_eps)
-        t.tick(profile, t.ATTENTION_NORM)
-        linear((s.q, s.k, s.v), s.xb, (w.wq[layer], w.wk[layer], w.wv[layer]), exact, s)
-        t.tick(profile, t.QKV)
-        rope(s.q, s.k, s.rope_cos, s.rope_sin)
-        t.tick(profile, t.ROPE)
-        store_kv(key_cache[layer], s.k, pos)
-        store_kv(value_cache[layer], s.v, pos)
-        attention(s.xb, s.q, key_cache[layer], value_cache[layer], pos, n_heads, s.att, exact)
-        t.tick(profile, t.ATTENTION)
-        linear((s.xb2,), s.xb, (w.wo[layer],), exact, s)
-        t.tick(profile, t.WO)
-        add(x, s.xb2)
-        t.tick(profile, t.RESIDUALS)
-
-        # feed-forward (SwiGLU): x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
-        rmsnorm(s.xb, x, w.ffn_norm[layer], norm_eps)
-        t.tick(profile, t.FFN_NORM)
-        linear((s.hb, s.hb2), s.xb, (w.w1[layer], w.w3[layer]), exact, s)
-        t.tick(profile, t.W1_W3)
-        swiglu(s.hb, s.hb2, exact)
-        t.tick(profile, t.SWIGLU)
-        linear((s.xb,), s.hb, (w.w2[layer],), exact, s)
-        t.tick(profile, t.W2)
-        add(x, s.xb)
-        t.tick(profile, t.RESIDUALS)
-
-    rmsnorm(x, x, w.norm, norm_eps)
+    # literal_unroll compiles the block once per type of layer (and takes no enumerate); the
+    # count starts as an int64, not the literal 0, which would compile the block once more
+    layer = np.int64(0)
+    for block in literal_unroll(w.layers):
+        transformer_block(block, layer, a, kv, positions, slots, n_heads, norm_eps, exact,
+                          profile)  # fmt: skip
+        layer += 1  # noqa: SIM113
+    if logit_rows.shape[0] == 0:  # a pass through part of a prompt
+        return
+    # the classifier, for the rows asked for
+    final = a.xb[: logit_rows.shape[0]]  # (m, dim)
+    gather_rows(final, a.x, logit_rows)
+    rmsnorm(final, final, w.norm, norm_eps)
     t.tick(profile, t.FINAL_NORM)
-    linear((s.logits,), x, (w.output,), exact, s)
+    new_input(a.inputs)
+    product(logits, final, w.output, a.inputs, exact)
     t.tick(profile, t.CLASSIFIER)
 
 
-class Activations:
-    """Memory for forward_batch's arrays, kept from one pass to the next: fresh memory costs a page
-    fault per 4 KiB at first touch (about 5,900 in a 256-token prefill of stories110M: 6% of it)."""
+@inlined_kernel
+def transformer_block(w, layer, a, kv, positions, slots, n_heads, norm_eps, exact, profile):
+    """One block for the rows of a batch: attention, then a SwiGLU feed-forward, each on the
+    RMS-normed residual stream a.x and added back to it."""
+    # attention: x += wo @ attention(rope(wq @ norm(x)), rope(wk @ norm(x)), wv @ norm(x))
+    rmsnorm(a.xb, a.x, w.attention_norm, norm_eps)
+    t.tick(profile, t.ATTENTION_NORM)
+    new_input(a.inputs)  # q, k and v share it: int8 weights quantize it once
+    product(a.q, a.xb, w.wq, a.inputs, exact)
+    product(a.k, a.xb, w.wk, a.inputs, exact)
+    product(a.v, a.xb, w.wv, a.inputs, exact)
+    t.tick(profile, t.QKV)
+    rope(a.q, a.k, a.cos, a.sin)
+    t.tick(profile, t.ROPE)
+    store_kv(kv, layer, slots, positions, a.k, a.v)
+    attention(a.attended, a.q, kv, layer, slots, positions, n_heads, a.scores, exact)
+    t.tick(profile, t.ATTENTION)
+    new_input(a.inputs)
+    product(a.out, a.attended, w.wo, a.inputs, exact)
+    t.tick(profile, t.WO)
+    add(a.x, a.out)
+    t.tick(profile, t.RESIDUALS)
 
-    def __init__(self) -> None:
-        self._held: dict[str, np.ndarray] = {}
-
-    def get(self, name: str, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
-        """An uninitialized array: the memory of the last one of the same name, grown as needed."""
-        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        held = self._held.get(name)
-        if held is None or held.size < size:
-            held = self._held[name] = np.empty(size, np.uint8)
-        return held[:size].view(dtype).reshape(shape)
+    # feed-forward (SwiGLU): x += w2 @ (silu(w1 @ norm(x)) * (w3 @ norm(x)))
+    rmsnorm(a.xb, a.x, w.ffn_norm, norm_eps)
+    t.tick(profile, t.FFN_NORM)
+    new_input(a.inputs)  # shared by w1 and w3
+    product(a.gate, a.xb, w.w1, a.inputs, exact)
+    product(a.up, a.xb, w.w3, a.inputs, exact)
+    t.tick(profile, t.W1_W3)
+    swiglu(a.gate, a.up, exact)
+    t.tick(profile, t.SWIGLU)
+    new_input(a.inputs)
+    product(a.out, a.gate, w.w2, a.inputs, exact)
+    t.tick(profile, t.W2)
+    add(a.x, a.out)
+    t.tick(profile, t.RESIDUALS)
 
 
 def lazily_mapped_zeros(shape: tuple[int, ...]) -> np.ndarray:
@@ -177,8 +214,8 @@ def lazily_mapped_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """
     if not hasattr(mmap, "MAP_PRIVATE"):  # not a POSIX system
         return np.zeros(shape, np.float32)
-    nbytes = int(np.prod(shape)) * np.dtype(np.float32).itemsize
-    memory = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    size = int(np.prod(shape)) * np.dtype(np.float32).itemsize
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     _advise(memory, "MADV_NOHUGEPAGE")  # also where huge pages are the system's default
     return np.ndarray(shape, np.float32, buffer=memory)
 
@@ -206,9 +243,9 @@ class Transformer:
     """A model ready to run: weights, KV cache and activation buffers.
 
     `exact=True` selects the reference kernels, which reproduce run.c's and runq.c's arithmetic
-    to the bit; the default kernels are faster and agree with them. The KV cache holds `n_slots`
-    sequences of up to `seq_len` positions (default: the model's context), which forward_batch
-    can advance together.
+    to the bit, in every call (batches too); the default kernels are faster and agree with them.
+    The KV cache holds `n_slots` sequences of up to `seq_len` positions (default: the model's
+    context), which forward_batch can advance together.
     """
 
     def __init__(
@@ -218,16 +255,14 @@ class Transformer:
         self.weights = weights
         self.exact = exact
         self.tensors = Tensors.of(weights)
-        self.buffers = Buffers.for_config(
-            c, fits_in_cache(sum(self._weight_bytes_per_part().values()))
-        )
-        self.activations = Activations()  # forward_batch's
-        # KV cache: every layer's keys and values for every position so far, per sequence; each
-        # kv head's positions in a row, so that attention reads one run of memory per head.
+        self.weights_in_cache = fits_in_cache(sum(self._weight_bytes_per_part().values()))
+        self.buffers = self._buffers(1)
         cache_shape = (n_slots, c.n_layers, c.n_kv_heads, c.seq_len, c.head_size)
-        self.key_cache = lazily_mapped_zeros(cache_shape)
-        self.value_cache = lazily_mapped_zeros(cache_shape)
-        self.profile = np.zeros(0, np.int64)  # cycle counts per part of a decode step, when on
+        self.kv_cache = KVCache(lazily_mapped_zeros(cache_shape), lazily_mapped_zeros(cache_shape))
+        # a decode step's row, logit row and logits, written over by each step
+        self._step_rows, self._step_logit_rows = np.zeros((3, 1), np.int64), np.zeros(1, np.int64)
+        self._step_logits = np.zeros((1, c.vocab_size), np.float32)
+        self.profile = self._no_profile = np.zeros(0, np.int64)  # cycles per part of a decode step
         self.profiled_steps = 0
         if not exact:
             self._note_misaligned_groups()
@@ -240,8 +275,7 @@ class Transformer:
     def warm_up(self) -> None:
         """Load (or compile) the kernels of a run before it is timed: a batched pass and a decode
         step, in slot 0 at positions 0 and 1 (which the run then writes over)."""
-        if not self.exact:
-            self.forward_batch([1, 1], [0, 1], [0, 0], [-1])
+        self.forward_batch([1, 1], [0, 1], [0, 0], [-1])
         self.forward(1, 0)
 
     def forward(self, token: int, pos: int, slot: int = 0) -> np.ndarray:
@@ -249,24 +283,15 @@ class Transformer:
 
         The returned array is reused by the next call.
         """
-        c = self.config
-        decode_step(
-            self.tensors, self.buffers, self.key_cache[slot], self.value_cache[slot], token, pos,
-            c.n_heads, c.norm_eps, c.rope_theta, self.exact, self.profile,
-        )  # fmt: skip
+        rows = self._step_rows
+        rows[0, 0], rows[1, 0], rows[2, 0] = token, pos, slot
+        self._run(rows, self._step_logit_rows, self._step_logits, self.profile)
         self.profiled_steps += len(self.profile) > 0
-        return self.buffers.logits
+        return self._step_logits[0]
 
     def prefill(self, tokens: list[int], start_pos: int, slot: int = 0) -> np.ndarray:
-        """Run tokens at positions start_pos.. through the model; the last one's logits (vocab_size,).
-
-        The default path takes the prompt in batches of PREFILL_CHUNK tokens; --exact feeds it one
-        token at a time, as run.c does.
-        """
-        if self.exact:
-            for offset, token in enumerate(tokens):
-                logits = self.forward(token, start_pos + offset, slot)
-            return logits
+        """Run tokens at positions start_pos.. through the model, PREFILL_CHUNK at a time; the
+        last one's logits (vocab_size,)."""
         for chunk in range(0, len(tokens), PREFILL_CHUNK):
             batch = tokens[chunk : chunk + PREFILL_CHUNK]
             positions = np.arange(start_pos + chunk, start_pos + chunk + len(batch))
@@ -283,76 +308,27 @@ class Transformer:
 
         Rows attend causally within their own sequence, including earlier rows of the batch; a
         sequence's rows must be in position order. Returns the logits (len(logit_rows), vocab_size)
-        of the rows asked for (default: all).
+        of the rows asked for (default: all; -1 is the last), a fresh array.
         """
-        c, w = self.config, self.tensors
-        tokens, positions, slots = (np.asarray(a, np.int64) for a in (tokens, positions, slots))
-        n, a = len(tokens), self.activations
-        x = a.get("x", (n, c.dim))  # the residual stream, one row per token
-        e = w.tok_embeddings
-        if isinstance(e, Q8Tensor):
-            fast.embed_rows(x, e.values, e.scales, tokens, e.group_size)
-        elif isinstance(e, HalfTensor | BF16Tensor):
-            ggml.half_embed_rows(x, e.bits, tokens, isinstance(e, BF16Tensor))
-        elif isinstance(e, Q4Tensor):
-            ggml.q4_embed_rows(x, e.blocks, tokens)
-        elif isinstance(e, Q8_0Tensor):
-            ggml.q8_0_embed_rows(x, e.blocks, tokens)
-        else:
-            x[:] = w.tok_embeddings[tokens]
-        xb, attended = a.get("xb", (n, c.dim)), a.get("attended", (n, c.dim))
-        cos, sin = a.get("cos", (n, c.head_size // 2)), a.get("sin", (n, c.head_size // 2))
-        fast.rope_angles_rows(cos, sin, positions, c.head_size, c.rope_theta)
-        heads = (n, c.n_kv_heads, c.head_size)  # a row of keys or values, as the cache holds it
-        for layer in range(c.n_layers):
-            # attention
-            fast.rmsnorm_rows(xb, x, w.attention_norm[layer], c.norm_eps)
-            q, k, v = self._matmul(xb, (w.wq[layer], w.wk[layer], w.wv[layer]), ("q", "k", "v"))
-            fast.rope_rows(q, k, cos, sin)
-            self.key_cache[slots, layer, :, positions] = k.reshape(heads)
-            self.value_cache[slots, layer, :, positions] = v.reshape(heads)
-            fast.attention_rows(attended, q, self.key_cache, self.value_cache, layer, slots,
-                                positions, c.n_heads)  # fmt: skip
-            (out,) = self._matmul(attended, (w.wo[layer],), ("out",))
-            x += out
-            # feed-forward (SwiGLU)
-            fast.rmsnorm_rows(xb, x, w.ffn_norm[layer], c.norm_eps)
-            gate, up = self._matmul(xb, (w.w1[layer], w.w3[layer]), ("gate", "up"))
-            fast.swiglu_rows(gate, up)
-            (out,) = self._matmul(gate, (w.w2[layer],), ("out",))
-            x += out
-        if logit_rows is not None and len(logit_rows) == 0:  # a pass through part of a prompt
-            return np.empty((0, c.vocab_size), np.float32)
-        rows = x if logit_rows is None else x[logit_rows]
-        fast.rmsnorm_rows(rows, rows, w.norm, c.norm_eps)
-        (logits,) = self._matmul(rows, (w.output,))  # fresh: the caller keeps them
+        rows = np.array([tokens, positions, slots], np.int64).reshape(3, -1)  # (3, B)
+        n = rows.shape[1]
+        wanted = np.arange(n) if logit_rows is None else np.asarray(logit_rows, np.int64) % n
+        logits = np.empty((len(wanted), self.config.vocab_size), np.float32)
+        if n > self.buffers.capacity:
+            self.buffers = self._buffers(n)
+        self._run(rows, wanted, logits, self._no_profile)
         return logits
 
-    def _matmul(
-        self, x: np.ndarray, weights: tuple[Tensor, ...], names: tuple[str, ...] | None = None
-    ) -> list[np.ndarray]:
-        """x (B, n) @ w.T for weights that share their input (Q8, Q8_0: quantized once); the
-        outputs in the named activations, or fresh arrays."""
-        a = self.activations
-        shapes = [(x.shape[0], w.shape[0]) for w in weights]
-        outs = ([a.get(name, shape) for name, shape in zip(names, shapes, strict=True)] if names
-                else [np.empty(shape, np.float32) for shape in shapes])  # fmt: skip
-        if isinstance(weights[0], Q8Tensor):
-            scratch = fast.q8_scratch(x.shape[0], x.shape[1], weights[0].group_size, a.get)
-            fast.q8_linear(tuple(outs), x, weights, scratch, self.buffers.weights_in_cache)
-        elif isinstance(weights[0], Q8_0Tensor):
-            scratch = ggml.q8_0_scratch(x.shape[0], x.shape[1], a.get)
-            ggml.q8_0_linear(tuple(outs), x, weights, scratch, self.buffers.weights_in_cache)
-        elif isinstance(weights[0], HalfTensor | BF16Tensor):
-            for out, w in zip(outs, weights, strict=True):
-                ggml.half_matmul(out, x, w.bits, isinstance(w, BF16Tensor))
-        elif isinstance(weights[0], Q4Tensor):
-            for out, w in zip(outs, weights, strict=True):
-                ggml.q4_matmul(out, x, w.blocks)
-        else:
-            for out, w in zip(outs, weights, strict=True):
-                fast.matmul_f32(out, x, w)
-        return outs
+    def _run(self, rows, logit_rows, logits, profile) -> None:
+        c = self.config
+        forward(
+            self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
+            c.norm_eps, c.rope_theta, self.exact, profile,
+        )  # fmt: skip
+
+    def _buffers(self, capacity: int) -> Buffers:
+        smallest_group = smallest_input_group(self.weights.tensors.values())
+        return Buffers.for_config(self.config, capacity, smallest_group, self.weights_in_cache)
 
     def start_profile(self) -> None:
         """From now on, count where the time of each decode step goes (see profile_report)."""
@@ -371,17 +347,17 @@ class Transformer:
         return report
 
     def _weight_bytes_per_part(self) -> dict[str, int]:
-        w = self.tensors
+        layers = self.tensors.layers
 
-        def nbytes(*tensors) -> int:
-            return sum(tensor_nbytes(tensor) for tensor in tensors)
+        def total(*names: str) -> int:
+            return sum(nbytes(getattr(layer, name)) for layer in layers for name in names)
 
         return {
-            "q k v": nbytes(*w.wq, *w.wk, *w.wv),
-            "wo": nbytes(*w.wo),
-            "w1 w3": nbytes(*w.w1, *w.w3),
-            "w2": nbytes(*w.w2),
-            "classifier": nbytes(w.output),
+            "q k v": total("wq", "wk", "wv"),
+            "wo": total("wo"),
+            "w1 w3": total("w1", "w3"),
+            "w2": total("w2"),
+            "classifier": nbytes(self.tensors.output),
         }
 
     def _note_misaligned_groups(self) -> None:

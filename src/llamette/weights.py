@@ -5,12 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import numpy as np
-
 from llamette.errors import LlametteError
-from llamette.quant import BF16Tensor, HalfTensor, Q4Tensor, Q8_0Tensor, Q8Tensor
-
-Tensor = np.ndarray | Q8Tensor | Q8_0Tensor | HalfTensor | BF16Tensor | Q4Tensor
+from llamette.weight_types import Tensor
 
 BOS_ID = 1
 EOS_ID = 2

@@ -7,22 +7,15 @@ adjacent) order, as llama2.c does, and keeps the tokenizer inside the file.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import numpy as np
 
 from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.output import atomic_output
-from llamette.quant import (
-    Q4_BLOCK_BYTES,
-    Q8_0_BLOCK_BYTES,
-    BF16Tensor,
-    HalfTensor,
-    Q4Tensor,
-    Q8_0Tensor,
-    to_float32,
-)
 from llamette.tokenizer import Tokenizer
+from llamette.weight_types import BY_GGUF_TYPE, gguf_names, to_float32
 from llamette.weights import LazyTensors, ModelConfig, Tensor, Weights
 
 GGUF_LAYER_NAMES = {
@@ -42,7 +35,7 @@ GGUF_NAMES = {
     "output.weight": "output.weight",
 }
 
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # what write_gguf stores matrices as
+GGUF_TYPES = gguf_names()  # what write_gguf stores matrices as: what llamette runs
 
 # GGUF token types (SentencePiece's piece kinds)
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
@@ -141,37 +134,32 @@ class GGUFModel:
         return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
 
     def runnable_weights(self, dequantize: bool = False) -> Weights:
-        """Weights the model runs: F32, F16, BF16, Q8_0 and Q4_0 matrices as views of the file
-        (memory-mapped, not copied); vectors (norms) as float32.
+        """Weights the model runs: matrices of the types llamette runs (weight_types) as views of
+        the file (memory-mapped, not copied, each in its own type); vectors (norms) as float32.
 
         Other types are refused, or with `dequantize` expanded to float32 in memory.
         """
         import gguf
 
         config = self.config()
-        shapes = config.tensor_shapes()
         tensors: dict[str, Tensor] = {}
-        for name, shape in shapes.items():
+        for name, shape in config.tensor_shapes().items():
             tensor = self.tensors.get(name)
             if tensor is None:
                 raise LlametteError(f"{self.path}: no tensor {gguf_name(name)}")
             kind = gguf.GGMLQuantizationType(tensor.tensor_type)
-            if kind == gguf.GGMLQuantizationType.F32:
-                data = tensor.data
-            elif kind == gguf.GGMLQuantizationType.Q8_0 and len(shape) == 2:
-                data = Q8_0Tensor(self._block_rows(tensor, shape, Q8_0_BLOCK_BYTES))
-            elif kind == gguf.GGMLQuantizationType.F16 and len(shape) == 2:
-                data = HalfTensor(tensor.data.view(np.uint16).reshape(shape))
-            elif kind == gguf.GGMLQuantizationType.BF16 and len(shape) == 2:
-                data = BF16Tensor(tensor.data.view(np.uint16).reshape(shape))
-            elif kind == gguf.GGMLQuantizationType.Q4_0 and len(shape) == 2:
-                data = Q4Tensor(self._block_rows(tensor, shape, Q4_BLOCK_BYTES))
-            elif len(shape) == 1 or dequantize:
+            weight_type = BY_GGUF_TYPE.get(int(kind))
+            if kind == gguf.GGMLQuantizationType.F32 or len(shape) == 1:
+                data = self.float32(name)
+            elif weight_type is not None:
+                data = weight_type.from_gguf(self._matrix_bytes(tensor, shape, weight_type), shape)
+            elif dequantize:
                 data = self.float32(name)
             else:
                 raise LlametteError(
-                    f"{self.path}: {tensor.name} is {kind.name}; llamette runs F32, F16, BF16, "
-                    f"Q8_0 and Q4_0 GGUF weights (convert it: llamette convert {self.path} out.gguf)"
+                    f"{self.path}: {tensor.name} is {kind.name}; llamette runs "
+                    f"{', '.join(name.upper() for name in GGUF_TYPES)} GGUF weights (convert it: "
+                    f"llamette convert {self.path} out.gguf)"
                 )
             if tuple(data.shape) != shape:
                 raise LlametteError(
@@ -180,15 +168,16 @@ class GGUFModel:
             tensors[name] = data
         return Weights(config, tensors, source=self.path)
 
-    def _block_rows(self, tensor, shape: tuple[int, int], block_bytes: int) -> np.ndarray:
-        """A quantized matrix's bytes as rows (rows, cols / 32 * block_bytes), a view of the file."""
+    def _matrix_bytes(self, tensor, shape: tuple[int, int], weight_type) -> np.ndarray:
+        """A matrix's data as the file holds it (a view), checked against its type's layout."""
         rows, cols = shape
-        if cols % 32 or tensor.data.size != rows * cols // 32 * block_bytes:
+        block, block_bytes = weight_type.BLOCK, weight_type.BLOCK_BYTES
+        if cols % block or tensor.data.nbytes != rows * cols // block * block_bytes:
             raise LlametteError(
-                f"{self.path}: {tensor.name} holds {tensor.data.size} bytes, not {rows}x{cols} "
-                f"values in blocks of 32"
+                f"{self.path}: {tensor.name} holds {tensor.data.nbytes} bytes, not {rows}x{cols} "
+                f"{weight_type.NAME} values in blocks of {block}"
             )
-        return tensor.data.reshape(rows, -1)
+        return tensor.data
 
     def tokenizer(self) -> Tokenizer:
         """The embedded SentencePiece vocabulary, spelled as in a llama2.c tokenizer.bin."""
@@ -231,15 +220,17 @@ def write_gguf(
     tokenizer: Tokenizer,
     weight_type: str = "f32",
     chat_template: str | None = None,
+    tensor_types: Mapping[str, str] | None = None,
 ) -> None:
     """Write weights and tokenizer (and a Jinja chat template) as a GGUF file; matrices in
-    `weight_type`, norms always F32."""
+    `weight_type`, or in their own type where `tensor_types` names one (files may mix types),
+    norms always F32."""
     import gguf
 
-    if weight_type not in GGUF_TYPES:
-        raise LlametteError(
-            f"GGUF weight type {weight_type!r} is not one of {', '.join(GGUF_TYPES)}"
-        )
+    tensor_types = tensor_types or {}
+    for kind in (weight_type, *tensor_types.values()):
+        if kind not in GGUF_TYPES:
+            raise LlametteError(f"GGUF weight type {kind!r} is not one of {', '.join(GGUF_TYPES)}")
     types = {name: gguf.GGMLQuantizationType[name.upper()] for name in GGUF_TYPES}
     file_type = gguf.LlamaFileType[
         "ALL_F32" if weight_type == "f32" else f"MOSTLY_{weight_type.upper()}"
@@ -267,7 +258,8 @@ def write_gguf(
 
         def stored_type(name: str) -> gguf.GGMLQuantizationType:
             """Matrices in the requested type where their rows are whole blocks; the rest F32."""
-            qtype = types[weight_type] if len(shapes[name]) == 2 else types["f32"]
+            matrix_type = types[tensor_types.get(name, weight_type)]
+            qtype = matrix_type if len(shapes[name]) == 2 else types["f32"]
             block, _ = gguf.GGML_QUANT_SIZES[qtype]
             return qtype if shapes[name][-1] % block == 0 else types["f32"]
 

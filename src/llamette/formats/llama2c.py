@@ -16,7 +16,7 @@ import numpy as np
 
 from llamette.errors import LlametteError
 from llamette.formats.output import atomic_output
-from llamette.quant import Q8Tensor, quantize_q8, to_float32
+from llamette.weight_types import Q8Tensor, quantize_q8, to_float32
 from llamette.weights import ModelConfig, Weights
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32; the bytes on disk are b"24ka"

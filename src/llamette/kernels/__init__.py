@@ -1,8 +1,12 @@
-"""Numba-compiled hot loops, in two flavours.
+"""Numba-compiled hot loops, in two flavours: `reference`, run.c's and runq.c's arithmetic to the
+bit (`--exact`), and the fast kernels of the default path, tested against it.
 
-`reference`: run.c's and runq.c's arithmetic to the bit (`--exact`).
-`fast`: the default path, tested against the reference.
-`linear`: picks the kernel for a weight type (at compile time) and a flavour (at run time).
+`layers`: the steps of a transformer block over a batch of rows, in either flavour.
+`gemm`: fp32 matrix products; `int8`: the family of products over inputs quantized to int8
+(llama2.c's Q8, GGUF's Q8_0 and 4-bit types); `decoded`: products of weights decoded to float32
+(F16, BF16); `attention`, `elementwise`: the fast flavour's other steps; `dispatch`: where
+compiled code picks a weight type's own function (the types: llamette.weight_types). See
+docs/kernels.md for which kernel runs for which type, batch and CPU.
 """
 
 import os
@@ -25,13 +29,28 @@ cache.install()  # before the first kernel is defined
 # (numba/numba#4807, #8578).
 kernel = njit(cache=True, nogil=True, error_model="numpy")
 parallel_kernel = njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+# A function that only calls kernels (choosing among them, or in order), compiled as part of each
+# caller instead of on its own: a compiled function takes in the code of all it calls, so a
+# separate layer of calls would compile it all twice. Its callers are parallel kernels if it calls
+# any.
+inlined_kernel = njit(inline="always", error_model="numpy")
+# Reordered float sums (vectorized dot products, fused multiply-add), for the fast flavour's
+# kernels that allow them; nothing else loosened.
+reassociating_kernel = njit(
+    cache=True, nogil=True, error_model="numpy", parallel=True, fastmath={"reassoc", "contract"}
+)
+# ...and the same for the body of such a kernel's parallel loop, compiled once as a function of its
+# own: inlined into the loop, Numba's parallel passes take seconds over a large body (a cold start).
+reassociating_serial_kernel = njit(
+    cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}
+)
 
 # Matrix products with at most this many inputs compute each output as a dot product of its own,
 # the same way whatever else is in the batch: a sequence decodes to the same bits alone or beside
 # others, and a short prompt gets the same bits in one pass or spread over several (the server
-# relies on both). Larger batches (long prompts) of F16, BF16 and Q4_0 weights, and of llama2.c Q8
-# in groups other than 64 or 32, take dequantized blocks; fp32, Q8_0 and Q8 products in groups of
-# 64 or 32 are the same at any batch size.
+# relies on both). Larger batches (long prompts) of F16 and BF16 weights, and of llama2.c Q8 in
+# groups other than 64 or 32, take dequantized blocks; the other types' products are the same at
+# any batch size.
 SMALL_BATCH = 32
 
 # ...and for those, Numba's note that it found no loop to parallelize is expected.

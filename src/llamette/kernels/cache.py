@@ -3,7 +3,7 @@
 Numba checks a cached function against its own source file only: when a kernel it calls changes in
 another file, it keeps running the old callee. llamette's kernels call across files, so their
 cache is stamped with a hash of every file that compiled code comes from (the kernels, the
-decode step and the Q8 type), and kept in a directory of its own per version:
+weight types and the forward pass), and kept in a directory of its own per version:
 ~/.cache/llamette/kernels-<hash> (or under $LLAMETTE_CACHE_DIR).
 """
 
@@ -19,7 +19,11 @@ from pathlib import Path
 from numba.core import caching
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
-COMPILED_SOURCES = ("kernels/*.py", "model.py", "quant.py")  # where compiled code is defined
+COMPILED_SOURCES = (
+    "kernels/*.py",
+    "weight_types/*.py",
+    "model.py",
+)  # where compiled code is defined
 STALE_AFTER_SECONDS = 24 * 3600  # other versions' caches unused this long are removed
 
 

@@ -1,0 +1,227 @@
+"""Causal grouped-query attention, the fast flavour: vectorized dot products (16 keys' scores at
+a time in SIMD lanes), a vectorizable exp, within float tolerance of `reference.attention`.
+
+A row of a batch gets the bits one token decoding alone gets: the same steps in the same order,
+whether it attends alone (`attention`, heads in parallel) or among a prompt's rows
+(`attention_rows`, which take blocks of a sequence's rows through each chunk of keys together).
+"""
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from llamette.kernels import reassociating_kernel, reassociating_serial_kernel
+from llamette.kernels.elementwise import exp_f32
+from llamette.kernels.gemm import dot, row_stride
+from llamette.kernels.simd import (
+    LANES,
+    float32x16_of,
+    float32x16_zeros,
+    load_lanes,
+    multiply_add,
+    store_lanes,
+    sums_float32x16,
+)
+
+F32 = np.float32
+
+
+@reassociating_kernel
+def attention(out, q, key_cache, value_cache, pos, n_heads, att):
+    """Causal grouped-query attention of one token, heads in parallel (decode).
+
+    out, q: (dim,); key_cache, value_cache: (n_kv_heads, seq_len, head_size); att: (n_heads,
+    seq_len) scratch. Vectorized dot products and exp: within float tolerance of the reference,
+    not equal to it.
+    """
+    for h in prange(n_heads):
+        _attention_head(out, q, key_cache, value_cache, pos, n_heads, att, h)
+
+
+@reassociating_serial_kernel
+def _attention_head(out, q, key_cache, value_cache, pos, n_heads, att, h):
+    """attention's head h."""
+    head_size = q.shape[0] // n_heads
+    kv_head = h // (n_heads // key_cache.shape[0])
+    heads = slice(h * head_size, (h + 1) * head_size)
+    _attend(out[heads], q[heads], key_cache[kv_head], value_cache[kv_head], pos + 1, att[h])
+
+
+@reassociating_kernel
+def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_heads):
+    """Causal grouped-query attention for a batch: row b attends to positions 0..positions[b] of
+    its sequence's cache, which already holds the batch's own keys and values.
+
+    out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, n_kv_heads, seq_len, head_size).
+    Each row gets the bits of `attention` for one token; a prompt's rows go in blocks that share
+    each chunk of keys and values while it is in L1.
+    """
+    n_blocks = (q.shape[0] + ATTENTION_ROWS - 1) // ATTENTION_ROWS
+    for task in prange(n_heads * n_blocks):  # by head, then block: a thread's share of a prompt's
+        h, block = task // n_blocks, task % n_blocks  # rows (later ones attend to more) is even
+        _attention_rows_task(out, q, key_cache, value_cache, layer, slots, positions, n_heads, h,
+                             block)  # fmt: skip
+
+
+@reassociating_serial_kernel
+def _attention_rows_task(
+    out, q, key_cache, value_cache, layer, slots, positions, n_heads, h, block
+):
+    """attention_rows' head h for rows block * ATTENTION_ROWS.. of the batch."""
+    head_size = q.shape[1] // n_heads
+    kv_head = h // (n_heads // key_cache.shape[2])
+    first = block * ATTENTION_ROWS
+    last = min(q.shape[0], first + ATTENTION_ROWS)
+    heads = slice(h * head_size, (h + 1) * head_size)
+    if head_size % LANES == 0 and _one_run(slots, positions, first, last):
+        keys = key_cache[slots[first], layer, kv_head]
+        values = value_cache[slots[first], layer, kv_head]
+        _attend_rows(out[first:last, heads], q[first:last, heads], keys, values, positions[first])
+        return
+    for b in range(first, last):
+        slot = slots[b]
+        keys, values = key_cache[slot, layer, kv_head], value_cache[slot, layer, kv_head]
+        scores = np.empty(positions[b] + 1, np.float32)
+        _attend(out[b, heads], q[b, heads], keys, values, positions[b] + 1, scores)
+
+
+ATTENTION_ROWS = 8  # rows of one sequence that attention_rows takes together
+
+
+@njit(inline="always")
+def _one_run(slots, positions, first, last):
+    """Whether rows first..last - 1 are one sequence's consecutive positions."""
+    for b in range(first + 1, last):
+        if slots[b] != slots[first] or positions[b] != positions[first] + b - first:
+            return False
+    return True
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
+def _attend_rows(out, q, keys, values, first_position):
+    """`_attend` for rows r of one sequence at positions first_position + r (out, q: (rows,
+    head_size), heads a whole number of SIMD vectors long): the same steps in the same order for
+    each row, taken a chunk of keys (and of values) at a time for all the rows."""
+    n_rows, head_size = q.shape
+    n_keys = first_position + n_rows  # the last row's
+    scores = np.empty((n_rows, n_keys), np.float32)
+    chunk = max(LANES, ATTENTION_CHUNK_BYTES // (4 * head_size) // LANES * LANES)
+    for start in range(0, n_keys, chunk):
+        for r in range(n_rows):
+            stop = min(start + chunk, first_position + r + 1)
+            if stop > start:
+                _key_scores(scores[r], q[r], keys, start, stop)
+    for r in range(n_rows):
+        _softmax(scores[r], first_position + r + 1, head_size)
+    out[:, :] = 0.0
+    for start in range(0, n_keys, chunk):
+        for r in range(n_rows):
+            stop = min(start + chunk, first_position + r + 1)
+            if stop > start:
+                _add_weighted_values(out[r], scores[r], values, start, stop)
+
+
+ATTENTION_CHUNK_BYTES = 32 * 1024  # keys (or values) taken at a time by a block of rows
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
+def _attend(out, q, keys, values, n_keys, scores):
+    """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys;
+    keys, values (seq_len, head_size): its kv head's cache, each position's vector contiguous.
+    Heads a whole number of SIMD vectors long take explicit lanes (`_key_scores`,
+    `_add_weighted_values`); others, loops that LLVM vectorizes as it can."""
+    head_size = q.shape[0]
+    whole_vectors = head_size % LANES == 0
+    if whole_vectors:
+        _key_scores(scores, q, keys, 0, n_keys)
+    else:
+        for t in range(n_keys):
+            score = F32(0.0)
+            for i in range(head_size):
+                score += q[i] * keys[t, i]
+            scores[t] = score
+    _softmax(scores, n_keys, head_size)
+    out[:] = 0.0
+    if whole_vectors:
+        _add_weighted_values(out, scores, values, 0, n_keys)
+        return
+    for t in range(n_keys):
+        for i in range(head_size):
+            out[i] += scores[t] * values[t, i]
+
+
+@njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
+def _softmax(scores, n_keys, head_size):
+    """scores[:n_keys] = softmax(scores[:n_keys] / sqrt(head_size)), in place."""
+    inverse_scale = F32(1.0) / F32(math.sqrt(F32(head_size)))
+    highest = F32(-np.inf)
+    for t in range(n_keys):
+        scores[t] *= inverse_scale
+        highest = max(highest, scores[t])
+    total = F32(0.0)
+    for t in range(n_keys):
+        scores[t] = exp_f32(scores[t] - highest)
+        total += scores[t]
+    for t in range(n_keys):
+        scores[t] /= total
+
+
+@njit(inline="always")
+def _key_scores(scores, q, keys, start, stop):
+    """scores[t] = q . keys[t] for t in start..stop - 1 (start a multiple of 16), each summed in
+    16 lanes as `dot` sums: whole blocks of 16 keys at a time, their lane sums added together
+    (sums_float32x16), then the keys left with `dot` itself."""
+    head_size, stride = q.shape[0], row_stride(keys)
+    blocked = stop - (stop - start) % LANES
+    for t in range(start, blocked, LANES):
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = float32x16_zeros()  # a_k: key t + k
+        a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = float32x16_zeros()
+        for i in range(0, head_size, LANES):
+            v, at = load_lanes(q, i), t * stride + i
+            a0, a1, a2, a3 = _times_4_keys(a0, a1, a2, a3, v, keys, at, stride)
+            a4, a5, a6, a7 = _times_4_keys(a4, a5, a6, a7, v, keys, at + 4 * stride, stride)
+            a8, a9, a10, a11 = _times_4_keys(a8, a9, a10, a11, v, keys, at + 8 * stride, stride)
+            a12, a13, a14, a15 = _times_4_keys(
+                a12, a13, a14, a15, v, keys, at + 12 * stride, stride
+            )
+        lanes = (a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15)
+        store_lanes(scores, t, sums_float32x16(lanes))
+    for t in range(blocked, stop):
+        scores[t] = dot(q, keys[t])
+
+
+@njit(inline="always")
+def _times_4_keys(a0, a1, a2, a3, v, keys, at, stride):
+    """a_k + v * (16 values of key k), k = 0..3: key 0's from flat index `at`, the next ones
+    `stride` further each."""
+    return (multiply_add(a0, v, load_lanes(keys, at)),
+            multiply_add(a1, v, load_lanes(keys, at + stride)),
+            multiply_add(a2, v, load_lanes(keys, at + 2 * stride)),
+            multiply_add(a3, v, load_lanes(keys, at + 3 * stride)))  # fmt: skip
+
+
+@njit(inline="always")
+def _add_weighted_values(out, weights, values, start, stop):
+    """out (head_size,) += weights[t] * values[t] for t in start..stop - 1, each value summed in
+    position order (fused multiply-adds); four vectors of the output at a time where they exist."""
+    head_size, stride = out.shape[0], row_stride(values)
+    in_fours = head_size - head_size % (4 * LANES)
+    for i in range(0, in_fours, 4 * LANES):
+        a0, a1 = load_lanes(out, i), load_lanes(out, i + LANES)
+        a2, a3 = load_lanes(out, i + 2 * LANES), load_lanes(out, i + 3 * LANES)
+        for t in range(start, stop):
+            weight, value = float32x16_of(weights[t]), t * stride + i
+            a0 = multiply_add(a0, weight, load_lanes(values, value))
+            a1 = multiply_add(a1, weight, load_lanes(values, value + LANES))
+            a2 = multiply_add(a2, weight, load_lanes(values, value + 2 * LANES))
+            a3 = multiply_add(a3, weight, load_lanes(values, value + 3 * LANES))
+        store_lanes(out, i, a0)
+        store_lanes(out, i + LANES, a1)
+        store_lanes(out, i + 2 * LANES, a2)
+        store_lanes(out, i + 3 * LANES, a3)
+    for i in range(in_fours, head_size, LANES):
+        a = load_lanes(out, i)
+        for t in range(start, stop):
+            a = multiply_add(a, float32x16_of(weights[t]), load_lanes(values, t * stride + i))
+        store_lanes(out, i, a)

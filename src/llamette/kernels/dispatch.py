@@ -1,0 +1,112 @@
+"""Where compiled code picks a weight type's own function: each function below, called from a
+kernel, runs the function of the same name in the module of its `w` argument's weight type
+(llamette.weight_types' table), chosen when the kernel is compiled. A type module defines those
+it takes part in: every type `decode_row` and `product`, the decoded family `row_dot`, the int8
+family `group_size`, `int8_arrays`, `unpack_row`, `int8_row_dot` and `sixteen_rows`.
+"""
+
+from numba.extending import overload
+
+COMPILED_ONLY = "runs inside compiled code only"
+
+
+def _own(w, name: str):
+    """The function `name` of the weight type whose compiled-code type is w."""
+    from llamette.weight_types import type_of  # here: the types' modules import the kernels
+
+    return getattr(type_of(w), name)
+
+
+def product(out, x, w, inputs, exact):
+    """out (B, d) = x (B, n) @ w (d, n)^T; `inputs`: Int8Inputs, which may hold x quantized
+    already; exact: the reference flavour (run.c's arithmetic where the type has one)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def decode_row(out, w, i):
+    """out (n,) = row i of w as float32 values (an embedding lookup)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def row_dot(w, i, x):
+    """Row i of w times the float32 vector x, the row decoded as it goes (the decoded family)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def group_size(w):
+    """Values per scale of an int8-family type (the groups its input is quantized in)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def int8_arrays(w):
+    """The two arrays that hold int8-family weights (a type with one passes it twice): kernels
+    take them out of w once, before their loops, and pass them to the three functions below
+    (an array read from a tuple inside a parallel loop costs a reference count each time)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def unpack_row(values, scales, w, a, b, i, copy_into):
+    """Row i of int8-family weights w (arrays a, b): its int8 values written into `values` by
+    copy_into(out, int8 values), its group scales into `scales` (float32)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def int8_row_dot(w, a, b, i, x, x_scales, x_sums):
+    """Row i of int8-family weights w (arrays a, b) times one quantized input (int8 x, its group
+    scales and sums of 32), with runq.c's arithmetic."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def sixteen_rows(w, a, b, first, g, groups, x):
+    """Rows first..first + 15 of int8-family weights w (arrays a, b; `groups` a row) at group g:
+    their int32 dot products with the group of the int8 input x (an int32x16) and their scales
+    (a float32x16)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+@overload(product, inline="always")
+def _product(out, x, w, inputs, exact):
+    impl = _own(w, "product")
+    return lambda out, x, w, inputs, exact: impl(out, x, w, inputs, exact)
+
+
+@overload(decode_row, inline="always")
+def _decode_row(out, w, i):
+    impl = _own(w, "decode_row")
+    return lambda out, w, i: impl(out, w, i)
+
+
+@overload(row_dot, inline="always")
+def _row_dot(w, i, x):
+    impl = _own(w, "row_dot")
+    return lambda w, i, x: impl(w, i, x)
+
+
+@overload(group_size, inline="always")
+def _group_size(w):
+    impl = _own(w, "group_size")
+    return lambda w: impl(w)
+
+
+@overload(int8_arrays, inline="always")
+def _int8_arrays(w):
+    impl = _own(w, "int8_arrays")
+    return lambda w: impl(w)
+
+
+@overload(unpack_row, inline="always")
+def _unpack_row(values, scales, w, a, b, i, copy_into):
+    impl = _own(w, "unpack_row")
+    return lambda values, scales, w, a, b, i, copy_into: impl(values, scales, w, a, b, i, copy_into)
+
+
+@overload(int8_row_dot, inline="always")
+def _int8_row_dot(w, a, b, i, x, x_scales, x_sums):
+    impl = _own(w, "int8_row_dot")
+    return lambda w, a, b, i, x, x_scales, x_sums: impl(w, a, b, i, x, x_scales, x_sums)
+
+
+@overload(sixteen_rows, inline="always")
+def _sixteen_rows(w, a, b, first, g, groups, x):
+    impl = _own(w, "sixteen_rows")
+    return lambda w, a, b, first, g, groups, x: impl(w, a, b, first, g, groups, x)

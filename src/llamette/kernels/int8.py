@@ -1,0 +1,588 @@
+"""The int8 family: products with an input quantized to int8 values and a scale per group, and
+integer dot products with the weights' values: llama2.c's v2 groups of 32 or 64 and GGUF's Q8_0,
+with runq.c's arithmetic to the bit; GGUF's Q4_0, with llama.cpp's.
+
+An input is quantized as runq.c quantizes activations (per group, scale = max|x| / 127 and
+q = round(x / scale)), once for every product that shares it (`Int8Inputs`). Each output is then
+summed as runq.c sums it: per group, the int32 dot product of the values, then the float32 term
+(dot * weight scale) * input scale, groups added in order. That gives the same bits however the
+work is laid out, so the layout is chosen for speed alone:
+
+- a batch's inputs 16 at a time in SIMD lanes, where they fill at least half of 16 (a prompt):
+  with AVX-512 VNNI four columns per lane (`vpdpbusd`, 64 products an instruction), elsewhere
+  int16 pairs;
+- other inputs one dot product each, a row at a time (weights streamed from memory), or 16 rows
+  at a time in lanes, for weights that stay in cache from one step to the next.
+
+A weight type joins the family with functions of its own, found through kernels.dispatch:
+`group_size(w)`, `int8_arrays(w)` (its arrays, taken out of w before the loops), `unpack_row`
+(a row's values, copied as the kernel asks, and scales), `int8_row_dot` (a row times one
+quantized input) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
+`product`; or the first two and `int8_row_dot` alone, for `row_product` (a row at a time at any
+batch size: the 4-bit types, whose values are not int8 and have their own block terms).
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from llamette.kernels import kernel, parallel_kernel
+from llamette.kernels.dispatch import (
+    group_size,
+    int8_arrays,
+    int8_row_dot,
+    sixteen_rows,
+    unpack_row,
+)
+from llamette.kernels.reference import round_half_away
+from llamette.kernels.simd import (
+    FUSED_MADD,
+    LANES,
+    add_group_terms,
+    add_int32x16,
+    add_row_group_terms,
+    float32x16_zeros,
+    int32x16_zeros,
+    load_lanes,
+    madd_pairs,
+    madd_quads,
+    store_lanes,
+)
+
+F32 = np.float32
+I32 = np.int32
+
+
+class Int8Inputs(NamedTuple):
+    """Memory for a batch's inputs quantized for int8 products: up to `capacity` inputs of up to
+    `width` values, in flat arrays from which each batch takes views of its own shape. `held`
+    says what the memory holds: the group size of the input quantized last, or 0 once the input
+    has changed (`new_input`); products that share an input quantize it once."""
+
+    values: np.ndarray  # int8 (capacity * width,): the inputs' values
+    scales: np.ndarray  # float32 (capacity * groups,): their groups' scales
+    sums: np.ndarray  # int32 (capacity * width / 32,): each group of 32 values summed
+    quads: np.ndarray  # int8 (blocks * width * 16,): inputs in lanes, 4 columns each (VNNI)
+    pairs: np.ndarray  # int16 (blocks * width * 16,): inputs in lanes, 2 columns each
+    biases: np.ndarray  # int32 (blocks * groups * 16,): the quads' lane sums start from these
+    lane_scales: np.ndarray  # float32 (blocks * groups * 16,): the lanes' group scales
+    held: np.ndarray  # int64 (1,)
+    weights_in_cache: bool  # the weights stay in cache between steps: rows go 16 in lanes
+
+    @classmethod
+    def sized(cls, capacity: int, width: int, smallest_group: int = 32,
+              weights_in_cache: bool = False) -> "Int8Inputs":  # fmt: skip
+        """Memory for `capacity` inputs of `width` values in groups of at least smallest_group."""
+        blocks = -(-capacity // LANES)
+        groups = -(-width // smallest_group)
+        in_lanes = blocks * width * LANES
+
+        def empty(size, dtype):
+            return np.empty(size, dtype)
+
+        return cls(
+            empty(capacity * width, np.int8), empty(capacity * groups, np.float32),
+            empty(capacity * -(-width // 32), np.int32),
+            empty(in_lanes if FUSED_MADD else 0, np.int8),
+            empty(0 if FUSED_MADD else in_lanes, np.int16),
+            empty(blocks * groups * LANES, np.int32), empty(blocks * groups * LANES, np.float32),
+            np.zeros(1, np.int64), weights_in_cache,
+        )  # fmt: skip
+
+
+class Quantized(NamedTuple):
+    """A batch of inputs x (B, n) quantized in groups: views of Int8Inputs."""
+
+    values: np.ndarray  # int8 (B, n)
+    scales: np.ndarray  # float32 (B, groups)
+    sums: np.ndarray  # int32 (B, n / 32): the biased and the 4-bit row dot products use these
+    quads: np.ndarray  # int8 (blocks, n * 16): inputs 0..in_lanes - 1 (VNNI)
+    pairs: np.ndarray  # int16 (blocks, n * 16): the same, elsewhere
+    biases: np.ndarray  # int32 (blocks, groups * 16)
+    lane_scales: np.ndarray  # float32 (blocks, groups * 16)
+    in_lanes: int  # inputs taken in SIMD lanes (the first ones)
+
+
+@njit(inline="always")
+def new_input(inputs):
+    """Say that the next product's input is not the last one's."""
+    inputs.held[0] = 0
+
+
+@parallel_kernel
+def quantized(x, inputs, group_size):
+    """x (B, n) quantized in groups of group_size into views of `inputs`, with what the products
+    read besides (lanes, group sums), unless they hold it already (see Int8Inputs)."""
+    n_inputs, n = x.shape
+    groups = (n + group_size - 1) // group_size
+    whole_groups = n % group_size == 0 and (group_size == 32 or group_size == 64)
+    in_lanes = inputs_in_lanes(n_inputs) if whole_groups else 0
+    blocks = (in_lanes + LANES - 1) // LANES
+    quad_blocks, pair_blocks = (blocks, 0) if FUSED_MADD else (0, blocks)  # one layout or the other
+    sums = n // 32 if n % 32 == 0 else 0
+    q = Quantized(
+        inputs.values[: n_inputs * n].reshape(n_inputs, n),
+        inputs.scales[: n_inputs * groups].reshape(n_inputs, groups),
+        inputs.sums[: n_inputs * sums].reshape(n_inputs, sums),
+        inputs.quads[: quad_blocks * n * LANES].reshape(quad_blocks, n * LANES),
+        inputs.pairs[: pair_blocks * n * LANES].reshape(pair_blocks, n * LANES),
+        inputs.biases[: blocks * groups * LANES].reshape(blocks, groups * LANES),
+        inputs.lane_scales[: blocks * groups * LANES].reshape(blocks, groups * LANES),
+        in_lanes,
+    )
+    if inputs.held[0] == group_size:
+        return q
+    q8_quantize_rows(q.values, q.scales, x, group_size)
+    if sums:
+        _sum_groups_of_32(q.sums, q.values)
+    if in_lanes:
+        _into_lanes(q, group_size)
+    inputs.held[0] = group_size
+    return q
+
+
+@parallel_kernel
+def product(out, x, w, inputs):
+    """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights whose rows are whole groups of
+    32 or 64: runq.c's arithmetic to the bit, for any number of inputs (a prompt's rows get the
+    bits that decoding them one at a time gives)."""
+    q = quantized(x, inputs, group_size(w))
+    n_inputs, in_lanes = x.shape[0], q.in_lanes
+    if in_lanes and FUSED_MADD:
+        _matmul_quads(out[:in_lanes], q.quads, q.biases, q.lane_scales, w)
+    elif in_lanes:
+        _matmul_across_inputs(out[:in_lanes], q.pairs, q.lane_scales, w)
+    if in_lanes == n_inputs:
+        return
+    values, scales, sums = q.values[in_lanes:], q.scales[in_lanes:], q.sums[in_lanes:]
+    if inputs.weights_in_cache:
+        _matmul_rows_in_lanes(out[in_lanes:], values, scales, sums, w)
+    else:
+        _matmul_rows(out[in_lanes:], values, scales, sums, w)
+
+
+@parallel_kernel
+def row_product(out, x, w, inputs):
+    """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights that have a row dot product
+    only (int8_row_dot): x quantized in groups of 32, each output one row dot product, whatever
+    the batch."""
+    q = quantized(x, inputs, 32)
+    _matmul_rows(out, q.values, q.scales, q.sums, w)
+
+
+@njit(inline="always")
+def inputs_in_lanes(n_inputs):
+    """How many of n_inputs a product takes in SIMD lanes, 16 at a time: all but a last block
+    that would fill less than half the lanes, whose inputs go one dot product each. Both compute
+    the same sums to the bit, in different orders."""
+    if n_inputs % LANES >= LANES // 2:
+        return n_inputs
+    return n_inputs - n_inputs % LANES
+
+
+# Quantizing an input.
+
+
+@kernel
+def q8_quantize(xq, xs, x, group_size):
+    """Quantize x in groups of group_size (the last may be shorter): scale = max|x| / 127,
+    q = round(x / scale), halves away from zero (runq.c's arithmetic, in loops that vectorize)."""
+    n = x.shape[0]
+    for g in range((n + group_size - 1) // group_size):
+        start, stop = g * group_size, min(n, (g + 1) * group_size)
+        wmax = F32(0.0)
+        for i in range(start, stop):
+            wmax = max(wmax, abs(x[i]))  # a NaN is passed over, as by `if abs(x[i]) > wmax`
+        scale = wmax / F32(127.0)
+        xs[g] = scale
+        if F32(0.0) < scale < F32(np.inf):
+            _quantize_into(xq[start:stop], x[start:stop], scale)
+            continue
+        for i in range(start, stop):  # all zeros (0 / 0) or an infinity: no vector loop
+            quotient = x[i] / scale
+            xq[i] = 0 if math.isnan(quotient) else np.int8(round_half_away(quotient))
+
+
+@njit(inline="always")
+def _quantize_into(xq, x, scale):
+    """xq = round_half_away(x / scale) for a finite, positive scale, a NaN to 0. The fraction is
+    compared with 1/2 (exact in float32), not added to it: 0.49999997 + 0.5 rounds up to 1."""
+    for i in range(x.shape[0]):
+        quotient = abs(x[i] / scale)
+        whole = np.trunc(quotient)
+        rounded = whole + F32(1.0) if quotient - whole >= F32(0.5) else whole
+        rounded = -rounded if x[i] < 0 else rounded
+        xq[i] = np.int8(rounded) if rounded == rounded else np.int8(0)
+
+
+@parallel_kernel
+def q8_quantize_rows(xq, xs, x, group_size):
+    """q8_quantize each row of x (B, n) into xq (B, n) and xs (B, groups)."""
+    if x.shape[0] == 1:  # decode: not worth waking the other threads
+        q8_quantize(xq[0], xs[0], x[0], group_size)
+        return
+    for b in prange(x.shape[0]):
+        q8_quantize(xq[b], xs[b], x[b], group_size)
+
+
+@parallel_kernel
+def _sum_groups_of_32(sums, xq):
+    """sums (B, n / 32) = the int8 values xq (B, n) summed in groups of 32."""
+    for b in range(xq.shape[0]):
+        for g in range(sums.shape[1]):
+            total = I32(0)
+            for k in range(32):
+                total = I32(total + I32(xq[b, g * 32 + k]))
+            sums[b, g] = total
+
+
+# A row at a time.
+
+
+@parallel_kernel
+def _matmul_rows(out, xq, xs, x_sums, w):
+    """out (B, d) = x @ w^T, one row at a time (the type's int8_row_dot), each weight row read
+    once for all inputs."""
+    a, b = int8_arrays(w)
+    for i in prange(out.shape[1]):
+        for k in range(xq.shape[0]):
+            out[k, i] = int8_row_dot(w, a, b, i, xq[k], xs[k], x_sums[k])
+
+
+@parallel_kernel
+def _matmul_rows_in_lanes(out, xq, xs, x_sums, w):
+    """What _matmul_rows computes, to the bit, with 16 rows in SIMD lanes: per group the 16
+    rows' int32 dot products at once (the type's sixteen_rows), then runq.c's float steps lane
+    by lane.
+
+    Twice as fast as a row at a time where the weights come from cache (stories15M's
+    classifier); from memory, 16 rows read side by side stream more slowly than one row read
+    through, so models that do not fit in cache keep the row at a time (Transformer decides).
+    """
+    d, groups = out.shape[1], xs.shape[1]
+    a, b = int8_arrays(w)
+    blocks = d // LANES
+    for block in prange(blocks):
+        first = block * LANES
+        for k in range(xq.shape[0]):
+            x, x_scales = xq[k], xs[k]
+            val = float32x16_zeros()  # (16,) the rows' sums
+            for g in range(groups):
+                dots, w_scales = sixteen_rows(w, a, b, first, g, groups, x)
+                val = add_row_group_terms(val, dots, w_scales, x_scales[g])
+            store_lanes(out[k], first, val)
+    for i in range(blocks * LANES, d):  # the last rows, fewer than 16
+        for k in range(xq.shape[0]):
+            out[k, i] = int8_row_dot(w, a, b, i, xq[k], xs[k], x_sums[k])
+
+
+@intrinsic
+def biased_dot_32(typingctx, row, start, x, first):
+    """The int32 sum of (w_j + 128) * x[first + j] over the 32 int8 values w_j at bytes start..
+    of a uint8 row (w + 128 is the byte with its top bit flipped): w . x plus 128 * sum(x).
+
+    Written as one vector expression, because a 32-step loop is unrolled and not vectorized (and
+    64-step windows over blocks of 34 bytes do twice the work): LLVM compiles it to AVX-512 VNNI's
+    unsigned-by-signed byte dot product (vpdpbusd), hence the bias, and a sum of 8 lanes.
+    """
+    if not (row.dtype == types.uint8 and x.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_array = context.make_array(signature.args[0])(context, builder, args[0])
+        x_array = context.make_array(signature.args[2])(context, builder, args[2])
+        bytes32, ints32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 32)
+
+        def load_32(array, index):
+            address = builder.bitcast(builder.gep(array.data, [index]), bytes32.as_pointer())
+            return builder.load(address, align=1)
+
+        biased = builder.xor(load_32(row_array, args[1]), ir.Constant(bytes32, [0x80] * 32))
+        products = builder.mul(
+            builder.zext(biased, ints32), builder.sext(load_32(x_array, args[3]), ints32)
+        )
+        vector_sum = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.IntType(32), [ints32]),
+            "llvm.vector.reduce.add.v32i32",
+        )
+        return builder.call(vector_sum, [products])
+
+    return types.int32(row, start, x, first), codegen
+
+
+@intrinsic
+def nibble_dot_32(typingctx, row, start, x, first):
+    """The int32 sum of q_j * x[first + j] over the 32 4-bit values q_j (0..15) packed in the 16
+    bytes at start.. of a uint8 row, GGML's way: value j in the low nibble of byte j, value
+    16 + j in its high nibble.
+
+    One vector expression, like biased_dot_32: unsigned nibbles times signed bytes is what
+    AVX-512 VNNI's vpdpbusd multiplies, with no bias to take off.
+    """
+    if not (row.dtype == types.uint8 and x.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_array = context.make_array(signature.args[0])(context, builder, args[0])
+        x_array = context.make_array(signature.args[2])(context, builder, args[2])
+        bytes16, bytes32 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
+        ints32 = ir.VectorType(ir.IntType(32), 32)
+
+        def load(array, index, vector):
+            address = builder.bitcast(builder.gep(array.data, [index]), vector.as_pointer())
+            return builder.load(address, align=1)
+
+        packed = load(row_array, args[1], bytes16)
+        low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
+        high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
+        nibbles = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                                                                list(range(32))))  # fmt: skip
+        products = builder.mul(
+            builder.zext(nibbles, ints32), builder.sext(load(x_array, args[3], bytes32), ints32)
+        )
+        vector_sum = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.IntType(32), [ints32]),
+            "llvm.vector.reduce.add.v32i32",
+        )
+        return builder.call(vector_sum, [products])
+
+    return types.int32(row, start, x, first), codegen
+
+
+# Inputs in SIMD lanes: each lane one input, 16 inputs a block.
+
+
+@parallel_kernel
+def _into_lanes(q, group_size):
+    """q's first in_lanes inputs in the layout of the lane kernels: with VNNI, quads (each four
+    columns of 16 inputs side by side) and each group's biases; elsewhere pairs; and each group's
+    16 scales side by side."""
+    values = q.values[: q.in_lanes]
+    if FUSED_MADD:
+        _interleave(q.quads, values, 4)
+        _biases_into(q.biases, values, group_size)
+    else:
+        _interleave(q.pairs, values, 2)
+    _lanes_of_groups(q.lane_scales, q.scales[: q.in_lanes])
+
+
+@parallel_kernel
+def _interleave(out, xq, per_lane):
+    """out (blocks, n * 16) = xq (B, n) in blocks of 16 inputs, runs of per_lane columns
+    (k..k + per_lane - 1) of the 16 inputs side by side (n is a multiple of per_lane: whole
+    groups of 32 or 64); a last block's missing inputs are zeros."""
+    n = xq.shape[1]
+    out[out.shape[0] - 1, :] = 0
+    for run in prange(n // per_lane):
+        k = per_lane * np.int64(run)
+        for b in range(xq.shape[0]):
+            block, lane = b // LANES, b % LANES
+            for j in range(per_lane):
+                out[block, k * LANES + per_lane * lane + j] = xq[b, k + j]
+
+
+@njit(inline="always")
+def _lanes_of_groups(lanes, per_group):
+    """lanes (blocks, groups * 16) = per_group (B, groups), each group's values of 16 inputs side
+    by side, zeros past the last input."""
+    n_inputs, groups = per_group.shape
+    lanes[lanes.shape[0] - 1, :] = 0
+    for b in range(n_inputs):
+        for g in range(groups):
+            lanes[b // LANES, g * LANES + b % LANES] = per_group[b, g]
+
+
+# With AVX-512 VNNI, lanes take inputs four columns each: one vpdpbusd multiplies 64 bytes,
+# where int16 pairs multiply 32 values. It multiplies unsigned bytes by signed ones, so the
+# weights go in as w + 128 (their top bit flipped) and a lane's sum over a group exceeds the
+# true one by 128 times its input's values in the group summed: the lane's sum starts from minus
+# that (its bias, computed once per input), and ends exact.
+
+
+@njit(inline="always")
+def _biases_into(lanes, xq, group_size):
+    """lanes (blocks, groups * 16) = -128 * each group of each input summed, 16 inputs side by
+    side."""
+    lanes[lanes.shape[0] - 1, :] = 0
+    for b in range(xq.shape[0]):
+        for g in range(xq.shape[1] // group_size):
+            total = _sum_int8(xq[b, g * group_size : (g + 1) * group_size])
+            lanes[b // LANES, g * LANES + b % LANES] = -128 * total
+
+
+ROWS_PER_TASK = 64
+
+
+@parallel_kernel
+def _matmul_across_inputs(out, pairs, lane_scales, w):
+    """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes (one lane per input): each pair of
+    rows unpacked once into int16 values and float32 scales, then rows_times_lanes."""
+    d, n, groups = out.shape[1], pairs.shape[1] // LANES, lane_scales.shape[1] // LANES
+    a, b = int8_arrays(w)
+    for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        row0, row1 = np.empty(n, np.int16), np.empty(n, np.int16)
+        scales0, scales1 = np.empty(groups, np.float32), np.empty(groups, np.float32)
+        lanes = np.empty(LANES, np.float32)
+        for i0 in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK), 2):
+            i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
+            unpack_row(row0, scales0, w, a, b, i0, widen_into)
+            unpack_row(row1, scales1, w, a, b, i1, widen_into)
+            rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes)
+
+
+@njit(inline="always")
+def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes):
+    """out[:, i0] and out[:, i1] for two weight rows, widened to int16, with their group scales:
+    each lane (input) sums a group's int32 products over pairs of columns, then adds the group's
+    float32 term, groups in order. The same operations per output as a row at a time, so the
+    same bits, without their per-group horizontal sums; each input load serves both rows."""
+    groups = scales0.shape[0]
+    group_size = row0.shape[0] // groups
+    for block in range(pairs.shape[0]):
+        x_pairs, x_scales = pairs[block], lane_scales[block]
+        val0, val1 = float32x16_zeros(), float32x16_zeros()
+        for g in range(groups):
+            sum0, sum1 = _group_sums(x_pairs, row0, row1, g * group_size, group_size)
+            val0 = add_group_terms(val0, sum0, scales0[g], x_scales, g * LANES)
+            val1 = add_group_terms(val1, sum1, scales1[g], x_scales, g * LANES)
+        _store_column(out, i0, block * LANES, val0, lanes)
+        _store_column(out, i1, block * LANES, val1, lanes)
+
+
+@njit(inline="always")
+def _store_column(out, i, first, v, lanes):
+    """out[first + l, i] = lane l of v for the inputs that exist (a last block may be padded);
+    lanes: 16 float32 of scratch."""
+    store_lanes(lanes, 0, v)
+    for lane in range(min(LANES, out.shape[0] - first)):
+        out[first + lane, i] = lanes[lane]
+
+
+@njit(inline="always")
+def _group_sums(x_pairs, row0, row1, start, group_size):
+    """The int32 sums of one group (columns start.. of group_size) for rows 0 and 1, each lane
+    one input. Where a multiply-accumulate waits on its previous sum (FUSED_MADD), four partial
+    sums per row (exact in any order) keep the multiplier busy; elsewhere one per row leaves the
+    registers (16 on AVX2, each int32x16 takes two) to the rest of the loop."""
+    if not FUSED_MADD:
+        sum0 = sum1 = int32x16_zeros()
+        for k in range(start, start + group_size, 2):
+            sum0 = madd_pairs(sum0, x_pairs, k * LANES, row0, k)
+            sum1 = madd_pairs(sum1, x_pairs, k * LANES, row1, k)
+        return sum0, sum1
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = int32x16_zeros()
+    for k in range(start, start + group_size, 8):
+        a0 = madd_pairs(a0, x_pairs, k * LANES, row0, k)
+        b0 = madd_pairs(b0, x_pairs, k * LANES, row1, k)
+        a1 = madd_pairs(a1, x_pairs, (k + 2) * LANES, row0, k + 2)
+        b1 = madd_pairs(b1, x_pairs, (k + 2) * LANES, row1, k + 2)
+        a2 = madd_pairs(a2, x_pairs, (k + 4) * LANES, row0, k + 4)
+        b2 = madd_pairs(b2, x_pairs, (k + 4) * LANES, row1, k + 4)
+        a3 = madd_pairs(a3, x_pairs, (k + 6) * LANES, row0, k + 6)
+        b3 = madd_pairs(b3, x_pairs, (k + 6) * LANES, row1, k + 6)
+    sum0 = add_int32x16(add_int32x16(a0, a1), add_int32x16(a2, a3))
+    sum1 = add_int32x16(add_int32x16(b0, b1), add_int32x16(b2, b3))
+    return sum0, sum1
+
+
+@parallel_kernel
+def _matmul_quads(out, quads, biases, lane_scales, w):
+    """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes, four columns each (AVX-512
+    VNNI): a task's rows unpacked in one sweep (which the prefetchers follow) into values + 128
+    and float32 scales, then rows_times_quads."""
+    d, n, groups = out.shape[1], quads.shape[1] // LANES, lane_scales.shape[1] // LANES
+    a, b = int8_arrays(w)
+    for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        first = task * ROWS_PER_TASK
+        rows = np.empty((ROWS_PER_TASK, n), np.uint8)
+        scales = np.empty((ROWS_PER_TASK, groups), np.float32)
+        for r in range(ROWS_PER_TASK):
+            row = min(first + r, d - 1)  # past the last row, the last again (not stored)
+            unpack_row(rows[r], scales[r], w, a, b, row, flip_into)
+        rows_times_quads(out, quads, biases, lane_scales, rows, scales, first)
+
+
+@njit(inline="always")
+def flip_into(out, values):
+    """out (uint8) = int8 values + 128: each byte's top bit flipped."""
+    for k in range(values.shape[0]):
+        out[k] = np.uint8(values[k]) ^ np.uint8(0x80)
+
+
+@njit(inline="always")
+def widen_into(out, values):
+    """out = values (a whole row: a loop from 0 over a 1-d slice vectorizes, a 2-d index not)."""
+    for k in range(values.shape[0]):
+        out[k] = values[k]
+
+
+@njit(inline="always")
+def scale_into(out, values, scale):
+    """out = values * scale, as float32. (Slices indexed from 0, so that the loop vectorizes: Numba
+    checks every index for negative wraparound unless it can tell it is not negative.)"""
+    for j in range(values.shape[0]):
+        out[j] = F32(values[j]) * scale
+
+
+@njit(inline="always")
+def _sum_int8(values):
+    """The int32 sum of int8 values (a slice indexed from 0, so that the loop vectorizes)."""
+    total = I32(0)
+    for k in range(values.shape[0]):
+        total += I32(values[k])
+    return total
+
+
+@njit(inline="always")
+def rows_times_quads(out, quads, biases, lane_scales, rows, scales, first):
+    """out[:, first..first + R] for R weight rows (R, n) as uint8 (w + 128), R a multiple of 4,
+    with their group scales (R, groups), four rows at a time. Outputs past out's last column
+    are not stored."""
+    lanes = np.empty(LANES, np.float32)
+    for r in range(0, min(rows.shape[0], out.shape[1] - first), 4):
+        _four_rows_times_quads(out, quads, biases, lane_scales, rows[r : r + 4],
+                               scales[r : r + 4], first + r, lanes)  # fmt: skip
+
+
+@njit(inline="always")
+def _four_rows_times_quads(out, quads, biases, lane_scales, rows, scales, i, lanes):
+    """out[:, i..i + 3] for four rows: each lane (input) sums a group's int32 products four
+    columns at a time (two partial sums per row), then adds the group's float32 term, groups in
+    order; the same bits as rows_times_lanes and a row at a time."""
+    w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
+    groups = scales.shape[1]
+    group_size = w0.shape[0] // groups
+    for block in range(quads.shape[0]):
+        x_quads, x_biases, x_scales = quads[block], biases[block], lane_scales[block]
+        v0 = v1 = v2 = v3 = float32x16_zeros()
+        for g in range(groups):
+            at = g * LANES
+            a0 = a1 = a2 = a3 = load_lanes(x_biases, at)
+            b0 = b1 = b2 = b3 = int32x16_zeros()
+            for k in range(g * group_size, (g + 1) * group_size, 8):
+                x = k * LANES
+                a0, a1 = madd_quads(a0, x_quads, x, w0, k), madd_quads(a1, x_quads, x, w1, k)
+                a2, a3 = madd_quads(a2, x_quads, x, w2, k), madd_quads(a3, x_quads, x, w3, k)
+                x = (k + 4) * LANES
+                b0, b1 = (
+                    madd_quads(b0, x_quads, x, w0, k + 4),
+                    madd_quads(b1, x_quads, x, w1, k + 4),
+                )
+                b2, b3 = (
+                    madd_quads(b2, x_quads, x, w2, k + 4),
+                    madd_quads(b3, x_quads, x, w3, k + 4),
+                )
+            v0 = add_group_terms(v0, add_int32x16(a0, b0), scales[0, g], x_scales, at)
+            v1 = add_group_terms(v1, add_int32x16(a1, b1), scales[1, g], x_scales, at)
+            v2 = add_group_terms(v2, add_int32x16(a2, b2), scales[2, g], x_scales, at)
+            v3 = add_group_terms(v3, add_int32x16(a3, b3), scales[3, g], x_scales, at)
+        for r, v in ((0, v0), (1, v1), (2, v2), (3, v3)):
+            if i + r < out.shape[1]:
+                _store_column(out, i + r, block * LANES, v, lanes)

@@ -1,0 +1,88 @@
+"""The steps of a transformer block over a batch of rows (token b at positions[b] of the sequence
+in KV-cache slot slots[b]), each in the flavour asked for: `exact`, run.c's arithmetic to the
+bit, row by row; otherwise the fast kernels. A decode step is a batch of one.
+
+The products with weights (and the embedding lookup) are the weight types' own: see
+kernels.dispatch and llamette.weight_types.
+"""
+
+from typing import NamedTuple
+
+import numpy as np
+
+from llamette.kernels import kernel, parallel_kernel, reference
+from llamette.kernels.attention import attention as attention_one
+from llamette.kernels.attention import attention_rows
+from llamette.kernels.dispatch import decode_row
+from llamette.kernels.elementwise import (
+    add_rows,
+    rmsnorm_rows,
+    rope_angles_rows,
+    rope_rows,
+    swiglu_rows,
+)
+
+# The steps whose arithmetic is the reference's in both flavours.
+rmsnorm, rope, rope_angles, add = rmsnorm_rows, rope_rows, rope_angles_rows, add_rows
+
+
+class KVCache(NamedTuple):
+    """Every layer's keys and values for every position so far, per sequence (slot): (n_slots,
+    n_layers, n_kv_heads, seq_len, head_size) each, a kv head's positions in one run of memory."""
+
+    keys: np.ndarray
+    values: np.ndarray
+
+
+@kernel
+def embed(out, table, tokens):
+    """out (B, dim) = rows tokens[b] of the embedding table, as float32."""
+    for b in range(tokens.shape[0]):
+        decode_row(out[b], table, tokens[b])
+
+
+@kernel
+def store_kv(kv, layer, slots, positions, k, v):
+    """The batch's keys and values k, v (B, kv_dim) into the cache at their sequences' positions."""
+    n_kv_heads, head_size = kv.keys.shape[2], kv.keys.shape[4]
+    for b in range(k.shape[0]):
+        slot, pos = slots[b], positions[b]
+        for h in range(n_kv_heads):
+            keys, values = kv.keys[slot, layer, h, pos], kv.values[slot, layer, h, pos]
+            for i in range(head_size):  # (a loop: a slice assignment compiles shape checks)
+                keys[i] = k[b, h * head_size + i]
+                values[i] = v[b, h * head_size + i]
+
+
+@kernel
+def gather_rows(out, x, rows):
+    """out (m, n) = x[rows] (x: (B, n))."""
+    for r in range(rows.shape[0]):
+        for j in range(x.shape[1]):
+            out[r, j] = x[rows[r], j]
+
+
+@parallel_kernel
+def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
+    """Causal grouped-query attention: row b of out (B, dim) from its query q[b] and keys and
+    values 0..positions[b] of its sequence (the batch's own already stored). scores (n_heads,
+    seq_len): scratch for one row at a time."""
+    if exact:
+        for b in range(q.shape[0]):
+            keys, values = kv.keys[slots[b], layer], kv.values[slots[b], layer]
+            reference.attention(out[b], q[b], keys, values, positions[b], n_heads, scores)
+    elif q.shape[0] == 1:
+        keys, values = kv.keys[slots[0], layer], kv.values[slots[0], layer]
+        attention_one(out[0], q[0], keys, values, positions[0], n_heads, scores)
+    else:
+        attention_rows(out, q, kv.keys, kv.values, layer, slots, positions, n_heads)
+
+
+@parallel_kernel
+def swiglu(gate, up, exact):
+    """gate = silu(gate) * up, (B, hidden_dim): the feed-forward's gated activation."""
+    if exact:
+        for b in range(gate.shape[0]):
+            reference.swiglu(gate[b], up[b])
+    else:
+        swiglu_rows(gate, up)

@@ -1,0 +1,79 @@
+"""Weight types: one module per type, one row of the table `TYPES` each.
+
+A type's module holds everything about it: its layout (a NamedTuple of the file's arrays, or a
+plain float32 matrix), `dequantize` in NumPy (the reference its tests compare with), its GGUF
+type number and block size, and the compiled functions the forward pass calls: `decode_row` (an
+embedding lookup) and `product` (x @ w^T for a batch of inputs, in the flavour asked for), plus
+those of the kernel family it belongs to (kernels.int8, kernels.decoded). Compiled code reaches a
+type's functions through kernels.dispatch, which finds them here.
+
+Adding a type is writing its module and adding it to TYPES.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import ModuleType
+
+import numpy as np
+from numba import types
+from numba.core.errors import TypingError
+
+from llamette.weight_types import bf16, f16, f32, q4_0, q8, q8_0
+
+TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0)
+
+Tensor = np.ndarray | q8.Q8Tensor | f16.F16Tensor | bf16.BF16Tensor | q8_0.Q8_0Tensor | \
+    q4_0.Q4_0Tensor  # fmt: skip
+Q8Tensor, Q8_0Tensor = q8.Q8Tensor, q8_0.Q8_0Tensor
+quantize_q8 = q8.quantize_q8
+
+# GGUF types llamette runs, by GGUF type number
+BY_GGUF_TYPE = {t.GGUF_TYPE: t for t in TYPES if t.GGUF_TYPE is not None}
+
+
+def weight_type(tensor: Tensor) -> ModuleType:
+    """The module of a tensor's type."""
+    for kind in TYPES:
+        if isinstance(tensor, kind.Tensor):
+            return kind
+    raise TypeError(f"{type(tensor).__name__} is not a weight type of llamette's")
+
+
+def type_of(numba_type: types.Type) -> ModuleType:
+    """The module of the weight type a compiled-code type stands for."""
+    if isinstance(numba_type, types.Array) and numba_type.dtype == types.float32:
+        return f32
+    if isinstance(numba_type, types.BaseNamedTuple):
+        for kind in TYPES:
+            if numba_type.instance_class is kind.Tensor:
+                return kind
+    raise TypingError(f"{numba_type} is not a weight type of llamette's")
+
+
+def nbytes(tensor: Tensor) -> int:
+    """Bytes a tensor of any type occupies (what a product with it reads)."""
+    if isinstance(tensor, np.ndarray):
+        return tensor.nbytes
+    return sum(part.nbytes for part in tensor if isinstance(part, np.ndarray))
+
+
+def to_float32(tensor: Tensor) -> np.ndarray:
+    """Any tensor's values as a float32 array (a float32 array itself is returned as it is)."""
+    return tensor if isinstance(tensor, np.ndarray) else tensor.dequantize()
+
+
+def smallest_input_group(tensors: Iterable[Tensor]) -> int:
+    """The smallest group that an int8-family weight quantizes its input in (it sizes the
+    memory for the input's scales); 32 where there is no such weight."""
+    sizes = []
+    for tensor in tensors:
+        kind = weight_type(tensor)
+        if hasattr(kind, "input_group_size"):  # the int8 family's
+            sizes.append(kind.input_group_size(tensor))
+    return min(sizes, default=32)
+
+
+def gguf_names() -> tuple[str, ...]:
+    """The GGUF types llamette runs, by name."""
+    return tuple(kind.NAME for kind in BY_GGUF_TYPE.values())

@@ -1,0 +1,301 @@
+"""Each weight type against its references: gguf-py's dequantize (the GGUF types), runq.c's
+arithmetic in NumPy (llama2.c's Q8 and GGUF's Q8_0) and float64 products of the dequantized
+values; and what the server relies on, a row of a batch computed as it is alone."""
+
+import gguf
+import numpy as np
+import pytest
+
+from conftest import randn, rounded_to_8_bits, runq_matmul, runq_quantize
+from llamette.kernels import SMALL_BATCH, reference
+from llamette.kernels.int8 import Int8Inputs, new_input
+from llamette.kernels.layers import embed
+from llamette.weight_types import (
+    BY_GGUF_TYPE,
+    TYPES,
+    Q8_0Tensor,
+    Q8Tensor,
+    quantize_q8,
+    to_float32,
+    weight_type,
+)
+
+GGUF_KINDS = [kind.NAME for kind in BY_GGUF_TYPE.values() if kind.NAME != "f32"]
+
+
+def gguf_tensor(kind: str, w: np.ndarray):
+    """w in a GGUF type, encoded by gguf-py, as llamette holds it (a view of the bytes)."""
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    return BY_GGUF_TYPE[int(qtype)].from_gguf(gguf.quants.quantize(w, qtype), w.shape)
+
+
+def tensors(w: np.ndarray) -> dict:
+    """w in every weight type: f32, llama2.c's Q8 in three group sizes, each GGUF type."""
+    made = {"f32": w} | {f"q8 groups of {g}": quantize_q8(w, g) for g in (64, 32, 16)}
+    return made | {kind: gguf_tensor(kind, w) for kind in GGUF_KINDS}
+
+
+KINDS = list(tensors(randn(4, 64)))
+
+
+def product(w, x, exact=False, weights_in_cache=False, inputs=None):
+    """x (B, n) @ w^T through the weight type's own product; and the Int8Inputs it used."""
+    out = np.full((x.shape[0], w.shape[0]), np.nan, np.float32)
+    if inputs is None:
+        inputs = Int8Inputs.sized(x.shape[0], x.shape[1], 8, weights_in_cache)
+        new_input(inputs)
+    weight_type(w).product(out, x, w, inputs, exact)
+    return out, inputs
+
+
+def quantized_inputs(inputs, x, group_size):
+    """The int8 values and scales (B, n), (B, groups) that a product quantized x into."""
+    n_inputs, n = x.shape
+    groups = -(-n // group_size)
+    return (inputs.values[: n_inputs * n].reshape(n_inputs, n),
+            inputs.scales[: n_inputs * groups].reshape(n_inputs, groups))  # fmt: skip
+
+
+def test_the_table_holds_one_module_per_type():
+    names = [kind.NAME for kind in TYPES]
+    assert len(set(names)) == len(names) and {"f32", "q4_0", "q8_0"} <= set(names)
+    for kind in TYPES:
+        assert callable(kind.product) and callable(kind.decode_row)
+
+
+@pytest.mark.parametrize("kind", GGUF_KINDS)
+def test_dequantize_is_gguf_py_to_the_bit(kind):
+    w = randn(6, 256)
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    encoded = gguf.quants.quantize(w, qtype)
+    expected = gguf.quants.dequantize(encoded, qtype).reshape(w.shape)
+    ours = BY_GGUF_TYPE[int(qtype)].from_gguf(encoded, w.shape)
+    assert ours.shape == w.shape
+    np.testing.assert_array_equal(ours.dequantize().view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_row_decodes_to_its_dequantized_values(kind):
+    """The embedding lookup (decode_row) is the NumPy reference's row, bit for bit."""
+    w = tensors(randn(10, 96))[kind]
+    tokens = np.array([3, 0, 9, 3])
+    out = np.empty((4, 96), np.float32)
+    embed(out, w, tokens)
+    expected = to_float32(w)[tokens]
+    np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 5])  # row by row; rows decoded once
+@pytest.mark.parametrize("kind", KINDS)
+def test_products_are_the_float64_products_of_the_values(kind, inputs):
+    """The int8 family (Q8, Q8_0, Q4_0) quantizes its input too (runq.c's error: about
+    1%; its bits: below)."""
+    w = tensors(randn(40, 256))[kind]
+    x = randn(inputs, 256)
+    expected = x.astype(np.float64) @ to_float32(w).astype(np.float64).T
+    tolerance = 2e-2 if hasattr(weight_type(w), "input_group_size") else 1e-5
+    out, _ = product(w, x)
+    assert np.abs(out - expected).max() < tolerance * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH + 5])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
+    """Q8_0 and Q4_0 products: the input rounded to 8 bits in groups of 32, times the
+    weights' values; float32 sums aside, no other error."""
+    w = gguf_tensor(kind, randn(40, 256))
+    x = randn(inputs, 256)
+    expected = rounded_to_8_bits(x) @ to_float32(w).astype(np.float64).T
+    out, _ = product(w, x)
+    assert np.abs(out - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("batch", [SMALL_BATCH, 20])  # int8: 16 inputs in SIMD lanes, 4 not
+@pytest.mark.parametrize("kind", KINDS)
+def test_small_batches_compute_each_row_as_it_is_computed_alone(kind, batch):
+    """What the server relies on: a sequence's numbers do not depend on its batch."""
+    w = tensors(randn(41, 256))[kind]  # 41 rows: kernels that take rows in pairs end on one alone
+    x = randn(batch, 256)
+    together, _ = product(w, x)
+    for b in (0, 1, 5, 17, batch - 1):
+        np.testing.assert_array_equal(product(w, x[b : b + 1])[0][0], together[b])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_exact_batches_compute_each_row_as_it_is_computed_alone(kind):
+    """With exact, any batch (a long prompt's too) gives each row the bits it gets alone."""
+    w = tensors(randn(41, 256))[kind]
+    x = randn(2 * SMALL_BATCH + 3, 256)
+    together, _ = product(w, x, exact=True)
+    for b in range(0, len(x), 5):
+        np.testing.assert_array_equal(product(w, x[b : b + 1], exact=True)[0][0], together[b])
+
+
+# llama2.c's Q8 (runq.c) and GGUF's Q8_0: runq.c's arithmetic, to the bit
+
+
+@pytest.mark.parametrize("weights_in_cache", [False, True])  # rows one at a time, 16 in lanes
+@pytest.mark.parametrize("inputs", [1, 3, 25, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # 25: padded lanes
+@pytest.mark.parametrize("group_size, columns", [(64, 256), (32, 256), (32, 288)])  # 288: 9 groups
+def test_q8_with_groups_of_64_and_32_is_runq_to_the_bit(
+    group_size, columns, inputs, weights_in_cache
+):
+    """40 rows: two blocks of 16 in lanes and 8 rows left over."""
+    w, x = quantize_q8(randn(40, columns), group_size), randn(inputs, columns)
+    out, used = product(w, x, weights_in_cache=weights_in_cache)
+    xq, xs = quantized_inputs(used, x, group_size)
+    for b in range(inputs):
+        expected_q, expected_s = runq_quantize(x[b], group_size)
+        np.testing.assert_array_equal(xq[b], expected_q)
+        np.testing.assert_array_equal(xs[b], expected_s)
+        np.testing.assert_array_equal(
+            out[b], runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        )
+
+
+@pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 7])  # register blocks of 4, then leftovers
+@pytest.mark.parametrize("group_size", [16, 8])
+def test_q8_in_other_groups_is_runq_within_float_tolerance(group_size, inputs):
+    """Other group sizes: the same quantized values multiplied in float."""
+    w, x = quantize_q8(randn(42, 256), group_size), randn(inputs, 256)
+    out, used = product(w, x)
+    xq, xs = quantized_inputs(used, x, group_size)
+    for b in range(inputs):
+        expected = runq_matmul(xq[b], xs[b], w.values, w.scales, group_size)
+        np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("group_size", [64, 32, 16])
+def test_q8_reference_is_runq_to_the_bit(group_size):
+    w, x = quantize_q8(randn(40, 256), group_size), randn(256)
+    xq, xs = np.zeros(256, np.int8), np.zeros(256 // group_size, np.float32)
+    reference.q8_quantize(xq, xs, x, group_size)
+    out = np.empty(40, np.float32)
+    reference.q8_matmul(out, xq, xs, w.values, w.scales, group_size)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, group_size))
+
+
+@pytest.mark.parametrize("group_size", [64, 8])
+def test_q8_exact_is_runq_row_by_row(group_size):
+    w, x = quantize_q8(randn(16, 172), group_size), randn(3, 172)  # groups straddle rows
+    out, _ = product(w, x, exact=True)
+    for b in range(3):
+        xq, xs = np.zeros(172, np.int8), np.zeros(172 // group_size, np.float32)
+        reference.q8_quantize(xq, xs, x[b], group_size)
+        np.testing.assert_array_equal(out[b], runq_matmul(xq, xs, w.values, w.scales, group_size))
+
+
+def test_products_that_share_an_input_compute_what_they_compute_alone():
+    """q, k and v (or w1 and w3) take one input, quantized once for the int8 family; the next
+    input (after new_input) is quantized anew."""
+    w1, w2 = quantize_q8(randn(24, 128), 64), random_q8_0(40, 128)[0]
+    x, y = randn(2, 128), randn(2, 128)
+    out1, shared = product(w1, x)
+    out2, _ = product(w2, x, inputs=shared)
+    np.testing.assert_array_equal(out1, product(w1, x)[0])
+    np.testing.assert_array_equal(out2, product(w2, x)[0])
+    new_input(shared)
+    np.testing.assert_array_equal(product(w2, y, inputs=shared)[0], product(w2, y)[0])
+
+
+def test_q8_reference_keeps_runq_quirk_on_partial_groups():
+    w = quantize_q8(randn(16, 172), 8)  # 172 = 21 groups of 8 + 4: groups straddle rows
+    x = randn(172)
+    xq, xs = np.zeros(172, np.int8), np.zeros(22, np.float32)
+    reference.q8_quantize(xq, xs, x, 8)
+    out = np.empty(16, np.float32)
+    reference.q8_matmul(out, xq, xs, w.values, w.scales, 8)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, w.values, w.scales, 8))
+
+
+def test_q8_computes_partial_groups_in_full():
+    w = quantize_q8(randn(16, 172), 8)  # 172 = 21 groups of 8 + 4: groups straddle rows
+    x = randn(1, 172)
+    out, used = product(w, x)
+    xq, xs = quantized_inputs(used, x, 8)
+    x_dequantized = xq[0] * np.repeat(xs[0], 8)[:172]
+    np.testing.assert_allclose(
+        out[0], w.dequantize().astype(np.float64) @ x_dequantized, rtol=1e-4, atol=1e-4
+    )
+    # and that is close to the float product: the quantization error only
+    exact = w.dequantize().astype(np.float64) @ x[0]
+    assert np.abs(out[0] - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def test_q8_dequantize_row_reads_scales_over_the_flattened_matrix():
+    w = quantize_q8(randn(6, 20), 8)  # 120 values, 15 groups; rows start mid-group
+    out = np.empty(20, np.float32)
+    reference.q8_dequantize_row(out, w.values, w.scales, 3, 8)
+    np.testing.assert_array_equal(out, w.dequantize()[3])
+
+
+_rng = np.random.default_rng(1)
+
+
+def q8_0_blocks(values, scales):
+    """GGUF Q8_0 rows (d, n / 32 * 34), built by hand: per block the fp16 scale's two bytes
+    (little-endian), then the 32 int8 values."""
+    d, n = values.shape
+    blocks = np.empty((d, n // 32, 34), np.uint8)
+    blocks[:, :, :2] = scales.astype("<f2").reshape(d, n // 32, 1).view(np.uint8)
+    blocks[:, :, 2:] = values.reshape(d, n // 32, 32).view(np.uint8)
+    return blocks.reshape(d, -1)
+
+
+def random_q8_0(d, n):
+    """(Q8_0Tensor, the same values as a Q8Tensor of group size 32): int8 values over their
+    whole range (-128 too, which gguf's quantizer never writes) and fp16 scales of all sizes,
+    subnormal ones included."""
+    values = _rng.integers(-128, 128, (d, n), dtype=np.int8)
+    scales = _rng.uniform(0.5, 2, (d, n // 32)) * 2.0 ** _rng.integers(-24, 2, (d, n // 32))
+    scales = (scales * _rng.choice([-1, 1], scales.shape)).astype(np.float16)
+    regrouped = Q8Tensor(values, scales.astype(np.float32).ravel(), 32)
+    return Q8_0Tensor(q8_0_blocks(values, scales)), regrouped
+
+
+def test_q8_0_tensor_reads_its_blocks():
+    w, regrouped = random_q8_0(6, 96)
+    assert w.shape == (6, 96)
+    np.testing.assert_array_equal(w.dequantize(), regrouped.dequantize())
+    np.testing.assert_array_equal(
+        w.dequantize(), gguf.quants.dequantize(w.blocks, gguf.GGMLQuantizationType.Q8_0)
+    )
+
+
+@pytest.mark.parametrize("weights_in_cache", [False, True])  # rows one at a time, 16 in lanes
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, 3 * SMALL_BATCH + 7])  # decode to prompts
+@pytest.mark.parametrize("columns", [256, 288])  # 288: 9 blocks
+def test_q8_0_products_are_runq_to_the_bit(columns, inputs, weights_in_cache):
+    """40 rows: two blocks of 16 in lanes and 8 rows left over."""
+    w, regrouped = random_q8_0(40, columns)
+    x = randn(inputs, columns)
+    out, used = product(w, x, weights_in_cache=weights_in_cache)
+    xq, xs = quantized_inputs(used, x, 32)
+    for b in range(inputs):
+        expected_q, expected_s = runq_quantize(x[b], 32)
+        np.testing.assert_array_equal(xq[b], expected_q)
+        np.testing.assert_array_equal(xs[b], expected_s)
+        expected = runq_matmul(xq[b], xs[b], regrouped.values, regrouped.scales, 32)
+        np.testing.assert_array_equal(out[b], expected)
+
+
+@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH, SMALL_BATCH + 7])
+@pytest.mark.parametrize("rows, columns", [(40, 256), (42, 288)])  # 42: 4-row blocks and a rest
+def test_q8_0_products_equal_q8_products_of_the_same_values(rows, columns, inputs):
+    """What keeps a Q8_0 GGUF's tokens those of its llama2.c twin."""
+    w, regrouped = random_q8_0(rows, columns)
+    x = randn(inputs, columns)
+    np.testing.assert_array_equal(product(w, x)[0], product(regrouped, x)[0])
+    np.testing.assert_array_equal(
+        product(w, x, exact=True)[0], product(regrouped, x, exact=True)[0]
+    )
+
+
+def test_q8_0_reference_is_runq_to_the_bit():
+    w, regrouped = random_q8_0(40, 288)
+    x = randn(288)
+    xq, xs = np.zeros(288, np.int8), np.zeros(9, np.float32)
+    reference.q8_quantize(xq, xs, x, 32)
+    out = np.empty(40, np.float32)
+    reference.q8_0_matmul(out, xq, xs, w.blocks)
+    np.testing.assert_array_equal(out, runq_matmul(xq, xs, regrouped.values, regrouped.scales, 32))
