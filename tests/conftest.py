@@ -154,7 +154,7 @@ def numpy_forward(config, tensors: dict, tokens: list[int], quantized_inputs=fro
     SwiGLU) over float tensors by Meta's names: an independent reference for llamette's forward.
 
     Inputs to the matrices named in quantized_inputs are rounded first (rounded_to_8_bits), as
-    for Q8_0 and Q4_0 weights.
+    for Q8_0, Q4_0 and Q4_1 weights.
     """
     c, t = config, {name: np.asarray(value, np.float64) for name, value in tensors.items()}
     n, hs = len(tokens), config.head_size

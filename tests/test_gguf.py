@@ -18,7 +18,7 @@ from llamette.weight_types import Q8_0Tensor, Q8Tensor, nbytes
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 # types whose products take their input rounded to 8 bits in groups of 32, as llama.cpp does
-ROUNDED_INPUTS = {gguf.GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0")}
+ROUNDED_INPUTS = {gguf.GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q4_1")}
 
 
 def recorded_greedy_stories260K(row):
@@ -53,7 +53,7 @@ def test_metadata_is_used(models):
     assert (config.seq_len, config.n_kv_heads, config.norm_eps) == (2048, 4, pytest.approx(1e-5))
 
 
-@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("weight_type", ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1"])
 def test_written_tensors_read_back_through_gguf_py(tmp_path, models, weight_type):
     out = tmp_path / "rand-gqa.gguf"
     status = main(["convert", str(models / "rand-gqa.v1.bin"), str(out), "--type", weight_type,
@@ -67,7 +67,7 @@ def test_written_tensors_read_back_through_gguf_py(tmp_path, models, weight_type
     if weight_type != "f32":
         assert gguf.GGMLQuantizationType(wq.tensor_type).name == weight_type.upper()
     values = gguf.quants.dequantize(wq.data, wq.tensor_type)
-    tolerance = {"f32": 0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.2}[
+    tolerance = {"f32": 0, "f16": 1e-3, "bf16": 1e-2, "q8_0": 1e-2, "q4_0": 0.2, "q4_1": 0.2}[
         weight_type
     ]
     assert np.abs(values - expected).max() <= tolerance * np.abs(expected).max()
@@ -163,9 +163,9 @@ def test_q8_0_gguf_converts_to_the_same_bytes_from_its_blocks(tmp_path, q8_0_ggu
     assert (from_blocks / "model.v2.bin").read_bytes() == v2.read_bytes()
 
 
-@pytest.mark.parametrize("weight_type", ["f16", "bf16", "q4_0"])
+@pytest.mark.parametrize("weight_type", ["f16", "bf16", "q4_0", "q4_1"])
 def test_each_type_runs_in_its_own_layout_close_to_its_values(tmp_path, models, weight_type):
-    """Logits of F16, BF16 and Q4_0 GGUF files against a float64 NumPy forward over the
+    """Logits of F16, BF16, Q4_0 and Q4_1 GGUF files against a float64 NumPy forward over the
     weights dequantized by gguf-py. Inputs to 4-bit matrices are rounded to 8 bits as llama.cpp
     rounds them: where a value lies within float32 error of a rounding boundary, the two forwards
     may round it apart, which moves this random model's logits by up to about 0.5% (the products
@@ -238,7 +238,7 @@ def test_written_gguf_gives_llama_cpp_the_same_greedy_tokens(tmp_path, models, w
     assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 100
 
 
-@pytest.mark.parametrize("weight_type", ["q4_0"])
+@pytest.mark.parametrize("weight_type", ["q4_0", "q4_1"])
 @pytest.mark.parametrize("model_name", ["stories260K", "bundled"])
 def test_q4_ggufs_give_llama_cpp_s_greedy_tokens_up_to_a_near_tie(tmp_path, models, weight_type,
                                                                   model_name):  # fmt: skip
@@ -267,12 +267,12 @@ def test_q4_ggufs_give_llama_cpp_s_greedy_tokens_up_to_a_near_tie(tmp_path, mode
     assert parted >= 50 and best - second < 0.01 * best, (parted, best, second)
 
 
-MIX = ("f32", "f16", "bf16", "q8_0", "q4_0")  # seven matrices a layer: each layer shifts
+MIX = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1")  # seven matrices a layer: each layer shifts
 
 
 @pytest.fixture(scope="module")
 def mixed_gguf(tmp_path_factory):
-    """The bundled (trained) model as a GGUF whose matrices take the five types in turn, so that
+    """The bundled (trained) model as a GGUF whose matrices take the six types in turn, so that
     types differ across layers and within them (q, k and v of three types), written with
     gguf-py's quantizers."""
     weights = read_model(BUNDLED / "model.bin")
@@ -306,7 +306,7 @@ def test_a_file_of_mixed_types_runs_memory_mapped_in_its_own_types(mixed_gguf):
 @pytest.mark.parametrize("exact", [False, True])
 def test_a_file_of_mixed_types_gives_the_logits_of_its_values(mixed_gguf, exact):
     """Logits against a float64 NumPy forward over gguf-py's dequantized weights (inputs to the
-    Q8_0 and Q4_0 matrices rounded as llama.cpp rounds them), token by token and in one
+    Q8_0, Q4_0 and Q4_1 matrices rounded as llama.cpp rounds them), token by token and in one
     batch."""
     model = Transformer.load(mixed_gguf, exact=exact)
     reader = {t.name: t for t in gguf.GGUFReader(mixed_gguf).tensors}

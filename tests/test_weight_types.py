@@ -58,7 +58,7 @@ def quantized_inputs(inputs, x, group_size):
 
 def test_the_table_holds_one_module_per_type():
     names = [kind.NAME for kind in TYPES]
-    assert len(set(names)) == len(names) and {"f32", "q4_0", "q8_0"} <= set(names)
+    assert len(set(names)) == len(names) and {"f32", "q4_1", "q8_0"} <= set(names)
     for kind in TYPES:
         assert callable(kind.product) and callable(kind.decode_row)
 
@@ -88,7 +88,7 @@ def test_each_row_decodes_to_its_dequantized_values(kind):
 @pytest.mark.parametrize("inputs", [1, SMALL_BATCH + 5])  # row by row; rows decoded once
 @pytest.mark.parametrize("kind", KINDS)
 def test_products_are_the_float64_products_of_the_values(kind, inputs):
-    """The int8 family (Q8, Q8_0, Q4_0) quantizes its input too (runq.c's error: about
+    """The int8 family (Q8, Q8_0, Q4_0, Q4_1) quantizes its input too (runq.c's error: about
     1%; its bits: below)."""
     w = tensors(randn(40, 256))[kind]
     x = randn(inputs, 256)
@@ -99,9 +99,9 @@ def test_products_are_the_float64_products_of_the_values(kind, inputs):
 
 
 @pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH + 5])
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
 def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
-    """Q8_0 and Q4_0 products: the input rounded to 8 bits in groups of 32, times the
+    """Q8_0, Q4_0 and Q4_1 products: the input rounded to 8 bits in groups of 32, times the
     weights' values; float32 sums aside, no other error."""
     w = gguf_tensor(kind, randn(40, 256))
     x = randn(inputs, 256)

@@ -1,6 +1,6 @@
 """The int8 family: products with an input quantized to int8 values and a scale per group, and
 integer dot products with the weights' values: llama2.c's v2 groups of 32 or 64 and GGUF's Q8_0,
-with runq.c's arithmetic to the bit; GGUF's Q4_0, with llama.cpp's.
+with runq.c's arithmetic to the bit; GGUF's Q4_0 and Q4_1, with llama.cpp's.
 
 An input is quantized as runq.c quantizes activations (per group, scale = max|x| / 127 and
 q = round(x / scale)), once for every product that shares it (`Int8Inputs`). Each output is then

@@ -19,12 +19,12 @@ import numpy as np
 from numba import types
 from numba.core.errors import TypingError
 
-from llamette.weight_types import bf16, f16, f32, q4_0, q8, q8_0
+from llamette.weight_types import bf16, f16, f32, q4_0, q4_1, q8, q8_0
 
-TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0)
+TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0, q4_1)
 
 Tensor = np.ndarray | q8.Q8Tensor | f16.F16Tensor | bf16.BF16Tensor | q8_0.Q8_0Tensor | \
-    q4_0.Q4_0Tensor  # fmt: skip
+    q4_0.Q4_0Tensor | q4_1.Q4_1Tensor  # fmt: skip
 Q8Tensor, Q8_0Tensor = q8.Q8Tensor, q8_0.Q8_0Tensor
 quantize_q8 = q8.quantize_q8
 
