@@ -5,7 +5,8 @@ prompt), time to first token (process start to the first sampled token of a 16-t
 warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
 a token reads, divided by the read bandwidth measured just before each pair of runs: the machine
 is shared, and its bandwidth drifts). Engines alternate run by run, each run in a fresh process;
-figures are medians.
+figures are medians. Cold start: llamette's process start to its second sampled token (a prompt's
+pass and a decode step, all that a run compiles) on an empty kernel cache, once.
 
 With --baseline SRC (the src folder of another llamette checkout, e.g. a git worktree of an
 earlier commit), that build runs too, alternating with the others, for a side-by-side comparison
@@ -157,7 +158,7 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
         command, env = engines[engine]
         with tempfile.TemporaryDirectory() as empty_cache:  # llamette compiling everything
             cold[engine] = time_to_first_token(
-                command + ["--ttft"], {**env, "LLAMETTE_CACHE_DIR": empty_cache}
+                command + ["--cold"], {**env, "LLAMETTE_CACHE_DIR": empty_cache}
             )
     read_bandwidth = round(statistics.median(read_bandwidths), 1)
 

@@ -2,6 +2,9 @@
 
 Usage: python run_llamette.py MODEL          prefill, decode and peak memory
        python run_llamette.py MODEL --ttft   a line as soon as the first token is sampled
+       python run_llamette.py MODEL --cold   a line as soon as the second token is sampled (a
+                                             prompt's pass and a decode step: on an empty
+                                             kernel cache, all a run compiles)
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ def main() -> None:
     model = Transformer.load(sys.argv[1])
     prompt = np.random.default_rng(0).integers(3, model.config.vocab_size, PROMPT_TOKENS).tolist()
     prompt[0] = 1
-    if "--ttft" in sys.argv:
-        argmax(model.prefill(prompt[:TTFT_PROMPT_TOKENS], 0))
+    if "--ttft" in sys.argv or "--cold" in sys.argv:
+        token = int(argmax(model.prefill(prompt[:TTFT_PROMPT_TOKENS], 0)))
+        if "--cold" in sys.argv:
+            argmax(model.forward(token, TTFT_PROMPT_TOKENS))
         print("first token", flush=True)
         return
 
