@@ -33,7 +33,7 @@ she saw the dog, she smiled and ran to it. She said thank you to Tom and Sue, an
 together in the park.
 """
 
-TYPES = ("q8_0", "q8_0.gguf", "q4_0.gguf", "bf16.gguf", "f16.gguf")
+TYPES = ("q8_0", "q8_0.gguf", "q4_0.gguf", "q4_1.gguf", "bf16.gguf", "f16.gguf")
 
 
 def llamette(*args: str) -> str:
