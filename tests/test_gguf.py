@@ -21,6 +21,19 @@ BUNDLED = Path(llamette.__file__).parent / "bundled"
 ROUNDED_INPUTS = {gguf.GGMLQuantizationType[name] for name in ("Q8_0", "Q4_0", "Q4_1")}
 
 
+def values_by_gguf_py(path, config) -> tuple[dict, set]:
+    """A GGUF's tensors dequantized by gguf-py, by Meta's names, and the names of the matrices
+    whose products round their input to 8 bits."""
+    reader = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    dequantized, rounded = {}, set()
+    for name in config.tensor_shapes():
+        tensor = reader[gguf_name(name)]
+        dequantized[name] = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        if tensor.tensor_type in ROUNDED_INPUTS:
+            rounded.add(name)
+    return dequantized, rounded
+
+
 def recorded_greedy_stories260K(row):
     return (
         row["argv"][0] == "stories260K.bin"
@@ -176,13 +189,7 @@ def test_each_type_runs_in_its_own_layout_close_to_its_values(tmp_path, models, 
     model = Transformer.load(out)
     kind = type(model.weights["layers.0.attention.wq.weight"]).__name__
     assert kind == f"{weight_type.upper()}Tensor"
-    reader = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    dequantized, rounded = {}, set()
-    for name in model.config.tensor_shapes():
-        tensor = reader[gguf_name(name)]
-        dequantized[name] = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if tensor.tensor_type in ROUNDED_INPUTS:
-            rounded.add(name)
+    dequantized, rounded = values_by_gguf_py(out, model.config)
     tokens = [1, 450, 4996, 17354, 1701, 29916]
     expected = numpy_forward(model.config, dequantized, tokens, rounded)
     tolerance = 1e-2 if rounded else 1e-4
@@ -309,13 +316,7 @@ def test_a_file_of_mixed_types_gives_the_logits_of_its_values(mixed_gguf, exact)
     Q8_0, Q4_0 and Q4_1 matrices rounded as llama.cpp rounds them), token by token and in one
     batch."""
     model = Transformer.load(mixed_gguf, exact=exact)
-    reader = {t.name: t for t in gguf.GGUFReader(mixed_gguf).tensors}
-    dequantized, rounded = {}, set()
-    for name in model.config.tensor_shapes():
-        tensor = reader[gguf_name(name)]
-        dequantized[name] = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        if tensor.tensor_type in ROUNDED_INPUTS:
-            rounded.add(name)
+    dequantized, rounded = values_by_gguf_py(mixed_gguf, model.config)
     tokens = Tokenizer.load(BUNDLED / "tokenizer.bin").encode("Once upon a time, a little fox")
     expected = numpy_forward(model.config, dequantized, tokens, rounded)
     scale = np.abs(expected).max()

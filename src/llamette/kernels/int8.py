@@ -290,30 +290,12 @@ def biased_dot_32(typingctx, row, start, x, first):
     64-step windows over blocks of 34 bytes do twice the work): LLVM compiles it to AVX-512 VNNI's
     unsigned-by-signed byte dot product (vpdpbusd), hence the bias, and a sum of 8 lanes.
     """
-    if not (row.dtype == types.uint8 and x.dtype == types.int8):
-        return None
 
-    def codegen(context, builder, signature, args):
-        row_array = context.make_array(signature.args[0])(context, builder, args[0])
-        x_array = context.make_array(signature.args[2])(context, builder, args[2])
-        bytes32, ints32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 32)
+    def biased(builder, load):
+        bytes32 = ir.VectorType(ir.IntType(8), 32)
+        return builder.xor(load(bytes32), ir.Constant(bytes32, [0x80] * 32))
 
-        def load_32(array, index):
-            address = builder.bitcast(builder.gep(array.data, [index]), bytes32.as_pointer())
-            return builder.load(address, align=1)
-
-        biased = builder.xor(load_32(row_array, args[1]), ir.Constant(bytes32, [0x80] * 32))
-        products = builder.mul(
-            builder.zext(biased, ints32), builder.sext(load_32(x_array, args[3]), ints32)
-        )
-        vector_sum = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.IntType(32), [ints32]),
-            "llvm.vector.reduce.add.v32i32",
-        )
-        return builder.call(vector_sum, [products])
-
-    return types.int32(row, start, x, first), codegen
+    return _unsigned_dot_32(row, start, x, first, biased)
 
 
 @intrinsic
@@ -325,26 +307,37 @@ def nibble_dot_32(typingctx, row, start, x, first):
     One vector expression, like biased_dot_32: unsigned nibbles times signed bytes is what
     AVX-512 VNNI's vpdpbusd multiplies, with no bias to take off.
     """
+
+    def nibbles(builder, load):
+        bytes16 = ir.VectorType(ir.IntType(8), 16)
+        packed = load(bytes16)
+        low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
+        high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
+        in_order = ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32)))
+        return builder.shuffle_vector(low, high, in_order)
+
+    return _unsigned_dot_32(row, start, x, first, nibbles)
+
+
+def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
+    """The signature and code of an intrinsic that sums 32 unsigned bytes times 32 int8 values
+    x[first..]: unsigned_bytes(builder, load) makes the 32 bytes from the row's bytes at start
+    (load(vector type) reads them), as one vector."""
     if not (row.dtype == types.uint8 and x.dtype == types.int8):
         return None
 
     def codegen(context, builder, signature, args):
         row_array = context.make_array(signature.args[0])(context, builder, args[0])
         x_array = context.make_array(signature.args[2])(context, builder, args[2])
-        bytes16, bytes32 = ir.VectorType(ir.IntType(8), 16), ir.VectorType(ir.IntType(8), 32)
-        ints32 = ir.VectorType(ir.IntType(32), 32)
+        bytes32, ints32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 32)
 
         def load(array, index, vector):
             address = builder.bitcast(builder.gep(array.data, [index]), vector.as_pointer())
             return builder.load(address, align=1)
 
-        packed = load(row_array, args[1], bytes16)
-        low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
-        high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
-        nibbles = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(ir.IntType(32), 32),
-                                                                list(range(32))))  # fmt: skip
+        weights = unsigned_bytes(builder, lambda vector: load(row_array, args[1], vector))
         products = builder.mul(
-            builder.zext(nibbles, ints32), builder.sext(load(x_array, args[3], bytes32), ints32)
+            builder.zext(weights, ints32), builder.sext(load(x_array, args[3], bytes32), ints32)
         )
         vector_sum = cgutils.get_or_insert_function(
             builder.module,
