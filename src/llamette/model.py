@@ -14,7 +14,12 @@ import numpy as np
 from numba import literal_unroll
 
 from llamette.formats import load_weights
-from llamette.kernels import inlined_kernel, last_level_cache_bytes, parallel_kernel
+from llamette.kernels import (
+    aligned_empty,
+    inlined_kernel,
+    last_level_cache_bytes,
+    parallel_kernel,
+)
 from llamette.kernels import timing as t
 from llamette.kernels.dispatch import product
 from llamette.kernels.int8 import Int8Inputs, new_input
@@ -93,13 +98,13 @@ class Buffers(NamedTuple):
     def for_config(cls, c: ModelConfig, capacity: int, smallest_group: int,
                    weights_in_cache: bool) -> Buffers:  # fmt: skip
         def empty(*shape):
-            return np.empty((capacity, *shape), np.float32)
+            return aligned_empty((capacity, *shape), np.float32)
 
         return cls(
             empty(c.dim), empty(c.dim), empty(c.dim), empty(c.kv_dim), empty(c.kv_dim),
             empty(c.dim), empty(c.dim), empty(c.hidden_dim), empty(c.hidden_dim),
             empty(c.head_size // 2), empty(c.head_size // 2),
-            np.empty((c.n_heads, c.seq_len), np.float32),
+            aligned_empty((c.n_heads, c.seq_len), np.float32),
             Int8Inputs.sized(capacity, max(c.dim, c.hidden_dim), smallest_group, weights_in_cache),
         )  # fmt: skip
 

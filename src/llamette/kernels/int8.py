@@ -31,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from llamette.kernels import kernel, parallel_kernel
+from llamette.kernels import aligned_empty, kernel, parallel_kernel
 from llamette.kernels.dispatch import (
     group_size,
     int8_arrays,
@@ -82,9 +82,7 @@ class Int8Inputs(NamedTuple):
         groups = -(-width // smallest_group)
         in_lanes = blocks * width * LANES
 
-        def empty(size, dtype):
-            return np.empty(size, dtype)
-
+        empty = aligned_empty  # inputs in lanes are read 64 bytes at a time
         return cls(
             empty(capacity * width, np.int8), empty(capacity * groups, np.float32),
             empty(capacity * -(-width // 32), np.int32),
