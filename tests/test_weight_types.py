@@ -23,10 +23,31 @@ from llamette.weight_types import (
 GGUF_KINDS = [kind.NAME for kind in BY_GGUF_TYPE.values() if kind.NAME != "f32"]
 
 
-def gguf_tensor(kind: str, w: np.ndarray):
-    """w in a GGUF type, encoded by gguf-py, as llamette holds it (a view of the bytes)."""
+# where each type that gguf-py does not quantize keeps its fp16 fields, by byte offset in a block
+HALVES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def encoded(kind: str, w: np.ndarray) -> np.ndarray:
+    """w's blocks in a GGUF type, by gguf-py's quantizer; for the K-quants, which it does not
+    quantize, random blocks of w's shape instead (any bytes are valid values), their fp16
+    scales drawn from w's scale."""
     qtype = gguf.GGMLQuantizationType[kind.upper()]
-    return BY_GGUF_TYPE[int(qtype)].from_gguf(gguf.quants.quantize(w, qtype), w.shape)
+    if kind.upper() not in HALVES:
+        return gguf.quants.quantize(w, qtype)
+    rng = np.random.default_rng(w.size)
+    blocks = rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape(w.shape, qtype), np.uint8)
+    _, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    per_block = blocks.reshape(-1, block_bytes)
+    for offset in HALVES[kind.upper()]:
+        scales = (rng.uniform(0.2, 1.0, len(per_block)) * np.abs(w).max() / 64).astype(np.float16)
+        per_block[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks
+
+
+def gguf_tensor(kind: str, w: np.ndarray):
+    """w in a GGUF type (see encoded), as llamette holds it (a view of the bytes)."""
+    qtype = gguf.GGMLQuantizationType[kind.upper()]
+    return BY_GGUF_TYPE[int(qtype)].from_gguf(encoded(kind, w), w.shape)
 
 
 def tensors(w: np.ndarray) -> dict:
@@ -35,7 +56,7 @@ def tensors(w: np.ndarray) -> dict:
     return made | {kind: gguf_tensor(kind, w) for kind in GGUF_KINDS}
 
 
-KINDS = list(tensors(randn(4, 64)))
+KINDS = list(tensors(randn(4, 256)))
 
 
 def product(w, x, exact=False, weights_in_cache=False, inputs=None):
@@ -65,11 +86,11 @@ def test_the_table_holds_one_module_per_type():
 
 @pytest.mark.parametrize("kind", GGUF_KINDS)
 def test_dequantize_is_gguf_py_to_the_bit(kind):
-    w = randn(6, 256)
+    w = randn(6, 512)
     qtype = gguf.GGMLQuantizationType[kind.upper()]
-    encoded = gguf.quants.quantize(w, qtype)
-    expected = gguf.quants.dequantize(encoded, qtype).reshape(w.shape)
-    ours = BY_GGUF_TYPE[int(qtype)].from_gguf(encoded, w.shape)
+    blocks = encoded(kind, w)
+    expected = gguf.quants.dequantize(blocks, qtype).reshape(w.shape)
+    ours = BY_GGUF_TYPE[int(qtype)].from_gguf(blocks, w.shape)
     assert ours.shape == w.shape
     np.testing.assert_array_equal(ours.dequantize().view(np.uint32), expected.view(np.uint32))
 
@@ -77,9 +98,9 @@ def test_dequantize_is_gguf_py_to_the_bit(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_each_row_decodes_to_its_dequantized_values(kind):
     """The embedding lookup (decode_row) is the NumPy reference's row, bit for bit."""
-    w = tensors(randn(10, 96))[kind]
+    w = tensors(randn(10, 512))[kind]
     tokens = np.array([3, 0, 9, 3])
-    out = np.empty((4, 96), np.float32)
+    out = np.empty((4, 512), np.float32)
     embed(out, w, tokens)
     expected = to_float32(w)[tokens]
     np.testing.assert_array_equal(out.view(np.uint32), expected.view(np.uint32))
@@ -98,13 +119,13 @@ def test_products_are_the_float64_products_of_the_values(kind, inputs):
     assert np.abs(out - expected).max() < tolerance * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("inputs", [1, 3, SMALL_BATCH + 5])
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1"])
+@pytest.mark.parametrize("inputs", [1, 3, 16, 40])
+@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"])
 def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
-    """Q8_0, Q4_0 and Q4_1 products: the input rounded to 8 bits in groups of 32, times the
-    weights' values; float32 sums aside, no other error."""
-    w = gguf_tensor(kind, randn(40, 256))
-    x = randn(inputs, 256)
+    """Products of the quantized GGUF types: the input rounded to 8 bits in groups of 32, times
+    the weights' values; float32 sums aside, no other error."""
+    w = gguf_tensor(kind, randn(40, 512))
+    x = randn(inputs, 512)
     expected = rounded_to_8_bits(x) @ to_float32(w).astype(np.float64).T
     out, _ = product(w, x)
     assert np.abs(out - expected).max() < 1e-5 * np.abs(expected).max()

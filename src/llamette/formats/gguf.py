@@ -35,7 +35,8 @@ GGUF_NAMES = {
     "output.weight": "output.weight",
 }
 
-GGUF_TYPES = gguf_names()  # what write_gguf stores matrices as: what llamette runs
+GGUF_TYPES = gguf_names(written=True)  # what write_gguf stores matrices as
+RUN_TYPES = gguf_names()  # what llamette runs
 
 # GGUF token types (SentencePiece's piece kinds)
 NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
@@ -158,7 +159,7 @@ class GGUFModel:
             else:
                 raise LlametteError(
                     f"{self.path}: {tensor.name} is {kind.name}; llamette runs "
-                    f"{', '.join(name.upper() for name in GGUF_TYPES)} GGUF weights (convert it: "
+                    f"{', '.join(name.upper() for name in RUN_TYPES)} GGUF weights (convert it: "
                     f"llamette convert {self.path} out.gguf)"
                 )
             if tuple(data.shape) != shape:

@@ -1,6 +1,6 @@
 """The int8 family: products with an input quantized to int8 values and a scale per group, and
 integer dot products with the weights' values: llama2.c's v2 groups of 32 or 64 and GGUF's Q8_0,
-with runq.c's arithmetic to the bit; GGUF's Q4_0 and Q4_1, with llama.cpp's.
+with runq.c's arithmetic to the bit; GGUF's Q4_0, Q4_1, Q5_0 and Q5_1, with llama.cpp's.
 
 An input is quantized as runq.c quantizes activations (per group, scale = max|x| / 127 and
 q = round(x / scale)), once for every product that shares it (`Int8Inputs`). Each output is then
@@ -306,21 +306,48 @@ def nibble_dot_32(typingctx, row, start, x, first):
     AVX-512 VNNI's vpdpbusd multiplies, with no bias to take off.
     """
 
-    def nibbles(builder, load):
-        bytes16 = ir.VectorType(ir.IntType(8), 16)
-        packed = load(bytes16)
-        low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
-        high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
-        in_order = ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32)))
-        return builder.shuffle_vector(low, high, in_order)
+    return _unsigned_dot_32(row, start, x, first, _nibbles)
 
-    return _unsigned_dot_32(row, start, x, first, nibbles)
+
+@intrinsic
+def fivebit_dot_32(typingctx, row, start, x, first):
+    """The int32 sum of q_j * x[first + j] over the 32 5-bit values q_j (0..31) at bytes start..
+    of a uint8 row, GGML's way (Q5_0, Q5_1): bit j of the little-endian uint32 at start is value
+    j's fifth bit, and the 16 bytes after it hold the low four bits as nibble_dot_32 reads them."""
+
+    def five_bits(builder, load):
+        ints32 = ir.VectorType(ir.IntType(32), 32)
+        high_bits = builder.bitcast(load(ir.VectorType(ir.IntType(8), 4)), ir.IntType(32))
+        spread = builder.shuffle_vector(
+            builder.insert_element(
+                ir.Constant(ints32, None), high_bits, ir.Constant(ir.IntType(32), 0)
+            ),
+            ir.Constant(ints32, None),
+            ir.Constant(ints32, [0] * 32),
+        )
+        bit_j = builder.and_(builder.lshr(spread, ir.Constant(ints32, list(range(32)))),
+                             ir.Constant(ints32, [1] * 32))  # fmt: skip
+        fifth = builder.shl(builder.trunc(bit_j, ir.VectorType(ir.IntType(8), 32)),
+                            ir.Constant(ir.VectorType(ir.IntType(8), 32), [4] * 32))  # fmt: skip
+        return builder.or_(fifth, _nibbles(builder, lambda vector: load(vector, 4)))
+
+    return _unsigned_dot_32(row, start, x, first, five_bits)
+
+
+def _nibbles(builder, load):
+    """The 32 4-bit values in 16 bytes, GGML's order: the low nibbles, then the high ones."""
+    bytes16 = ir.VectorType(ir.IntType(8), 16)
+    packed = load(bytes16)
+    low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
+    high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
+    in_order = ir.Constant(ir.VectorType(ir.IntType(32), 32), list(range(32)))
+    return builder.shuffle_vector(low, high, in_order)
 
 
 def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
     """The signature and code of an intrinsic that sums 32 unsigned bytes times 32 int8 values
     x[first..]: unsigned_bytes(builder, load) makes the 32 bytes from the row's bytes at start
-    (load(vector type) reads them), as one vector."""
+    (load(vector type, offset=0) reads them from start + offset), as one vector."""
     if not (row.dtype == types.uint8 and x.dtype == types.int8):
         return None
 
@@ -333,7 +360,10 @@ def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
             address = builder.bitcast(builder.gep(array.data, [index]), vector.as_pointer())
             return builder.load(address, align=1)
 
-        weights = unsigned_bytes(builder, lambda vector: load(row_array, args[1], vector))
+        def load_row(vector, offset=0):
+            return load(row_array, builder.add(args[1], ir.Constant(args[1].type, offset)), vector)
+
+        weights = unsigned_bytes(builder, load_row)
         products = builder.mul(
             builder.zext(weights, ints32), builder.sext(load(x_array, args[3], bytes32), ints32)
         )
@@ -345,6 +375,103 @@ def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
         return builder.call(vector_sum, [products])
 
     return types.int32(row, start, x, first), codegen
+
+
+# K-quants: 256-value blocks whose 32-value runs come from bytes shared with other runs.
+
+
+@intrinsic
+def nibbles_dot_32(typingctx, row, start, shift, x, first):
+    """The int32 sum of q_j * x[first + j] over 32 4-bit values q_j = (row[start + j] >> shift)
+    & 15 (shift 0 or 4: Q4_K's runs, the low or the high nibbles of 32 bytes)."""
+    if not (row.dtype == types.uint8 and x.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, 3)
+        values = _bits(builder, row_bytes(args[1]), args[2], 0x0F)
+        return _sum_products(builder, values, x_bytes(args[4]), signed=False)
+
+    return types.int32(row, start, shift, x, first), codegen
+
+
+@intrinsic
+def six_bit_dot_2x16(typingctx, row, low_start, low_shift, high_start, high_shift, x, first):
+    """The two int32 sums, of j = 0..15 and of j = 16..31, of (q_j - 32) * x[first + j] over 32
+    6-bit values q_j: four bits (row[low_start + j] >> low_shift) & 15 and two more
+    (row[high_start + j] >> high_shift) & 3 above them (Q6_K's runs, two sub-blocks each)."""
+    if not (row.dtype == types.uint8 and x.dtype == types.int8):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, 5)
+        bytes32 = ir.VectorType(ir.IntType(8), 32)
+        low = _bits(builder, row_bytes(args[1]), args[2], 0x0F)
+        high = _bits(builder, row_bytes(args[3]), args[4], 0x03)
+        values = builder.sub(
+            builder.or_(low, builder.shl(high, ir.Constant(bytes32, [4] * 32))),
+            ir.Constant(bytes32, [32] * 32),
+        )
+        first_half, second_half = _sum_products(builder, values, x_bytes(args[6]), signed=True,
+                                                halves=True)  # fmt: skip
+        return context.make_tuple(builder, signature.return_type, (first_half, second_half))
+
+    return types.UniTuple(types.int32, 2)(row, low_start, low_shift, high_start, high_shift, x,
+                                          first), codegen  # fmt: skip
+
+
+def _byte_loader(context, builder, signature, args, row_arg, x_arg):
+    """Loaders of 32 bytes of the row (argument row_arg) and of x (x_arg) at an index."""
+    bytes32 = ir.VectorType(ir.IntType(8), 32)
+
+    def loader(arg):
+        array = context.make_array(signature.args[arg])(context, builder, args[arg])
+
+        def load(index):
+            address = builder.bitcast(builder.gep(array.data, [index]), bytes32.as_pointer())
+            return builder.load(address, align=1)
+
+        return load
+
+    return loader(row_arg), loader(x_arg)
+
+
+def _bits(builder, packed, shift, mask):
+    """(packed >> shift) & mask, per byte of 32, shift a run-time integer."""
+    bytes32 = ir.VectorType(ir.IntType(8), 32)
+    amount = builder.trunc(shift, ir.IntType(8))
+    splat = builder.shuffle_vector(
+        builder.insert_element(ir.Constant(bytes32, None), amount, ir.Constant(ir.IntType(32), 0)),
+        ir.Constant(bytes32, None),
+        ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32),
+    )
+    return builder.and_(builder.lshr(packed, splat), ir.Constant(bytes32, [mask] * 32))
+
+
+def _sum_products(builder, values, x, signed, halves=False):
+    """The int32 sum of values (32 bytes, unsigned or signed) times x (32 int8); with halves, the
+    sums of the first and of the second 16 products."""
+    ints32 = ir.VectorType(ir.IntType(32), 32)
+    widened = builder.sext(values, ints32) if signed else builder.zext(values, ints32)
+    products = builder.mul(widened, builder.sext(x, ints32))
+    if not halves:
+        return _reduce(builder, products, 32)
+    sixteens = [
+        builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(ir.IntType(32), 16),
+                                                               list(range(k, k + 16))))
+        for k in (0, 16)
+    ]  # fmt: skip
+    return tuple(_reduce(builder, half, 16) for half in sixteens)
+
+
+def _reduce(builder, vector, lanes):
+    """The int32 sum of an int32 vector of `lanes` lanes."""
+    vector_sum = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.IntType(32), [ir.VectorType(ir.IntType(32), lanes)]),
+        f"llvm.vector.reduce.add.v{lanes}i32",
+    )
+    return builder.call(vector_sum, [vector])
 
 
 # Inputs in SIMD lanes: each lane one input, 16 inputs a block.

@@ -19,12 +19,13 @@ import numpy as np
 from numba import types
 from numba.core.errors import TypingError
 
-from llamette.weight_types import bf16, f16, f32, q4_0, q4_1, q8, q8_0
+from llamette.weight_types import bf16, f16, f32, q4_0, q4_1, q4_k, q5_0, q5_1, q6_k, q8, q8_0
 
-TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0, q4_1)
+TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k)
 
 Tensor = np.ndarray | q8.Q8Tensor | f16.F16Tensor | bf16.BF16Tensor | q8_0.Q8_0Tensor | \
-    q4_0.Q4_0Tensor | q4_1.Q4_1Tensor  # fmt: skip
+    q4_0.Q4_0Tensor | q4_1.Q4_1Tensor | q5_0.Q5_0Tensor | q5_1.Q5_1Tensor | q4_k.Q4_KTensor | \
+    q6_k.Q6_KTensor  # fmt: skip
 Q8Tensor, Q8_0Tensor = q8.Q8Tensor, q8_0.Q8_0Tensor
 quantize_q8 = q8.quantize_q8
 
@@ -74,6 +75,9 @@ def smallest_input_group(tensors: Iterable[Tensor]) -> int:
     return min(sizes, default=32)
 
 
-def gguf_names() -> tuple[str, ...]:
-    """The GGUF types llamette runs, by name."""
-    return tuple(kind.NAME for kind in BY_GGUF_TYPE.values())
+def gguf_names(written: bool = False) -> tuple[str, ...]:
+    """The GGUF types llamette runs, by name; with `written`, only those it also writes (gguf-py
+    quantizes them; a type's module sets WRITTEN = False where no quantizer is at hand yet)."""
+    return tuple(
+        kind.NAME for kind in BY_GGUF_TYPE.values() if not written or getattr(kind, "WRITTEN", True)
+    )

@@ -1,0 +1,102 @@
+"""GGUF's Q5_1: each row is blocks of 32 values, each block an fp16 scale d, an fp16 minimum m,
+the values' fifth bits and low four bits as in Q5_0, q standing for d * q + m.
+
+Products take llama.cpp's arithmetic: the input quantized in groups of 32 (as for Q8_0), per
+block an int32 dot product times the two scales, plus the minimum times the input's block sum
+(the int8 family, a row at a time)."""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from llamette.kernels import int8, parallel_kernel
+from llamette.kernels.halves import block_scale
+from llamette.kernels.int8 import fivebit_dot_32
+from llamette.weight_types.q5_0 import fifth_bit, five_bit_values
+
+NAME = "q5_1"
+GGUF_TYPE = 7  # gguf.GGMLQuantizationType.Q5_1
+BLOCK, BLOCK_BYTES = 32, 24  # values per block; fp16 scale and minimum, 4 + 16 bytes of values
+F32 = np.float32
+
+
+class Q5_1Tensor(NamedTuple):
+    """A matrix in Q5_1 blocks, kept as the file's bytes."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 32 * 24)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // BLOCK_BYTES * BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // BLOCK, BLOCK_BYTES)
+        halves = blocks[:, :, :4].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 2)
+        scales, minimums = halves[:, :, :1], halves[:, :, 1:]
+        values = five_bit_values(blocks[:, :, 4:8], blocks[:, :, 8:]).astype(np.float32)
+        return (scales * values + minimums).reshape(rows, cols)
+
+
+Tensor = Q5_1Tensor
+
+
+def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q5_1Tensor:
+    return Q5_1Tensor(data.reshape(shape[0], -1))
+
+
+@njit(inline="always")
+def decode_row(out, w, i):
+    """out (cols,) = d * q + m, rounded after the product and after the sum (as ggml does)."""
+    row = w.blocks[i]
+    for block in range(out.shape[0] // BLOCK):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        scale, minimum = block_scale(row, start), block_scale(row, start + 2)
+        for j in range(16):
+            byte = np.int32(row[start + 8 + j])
+            low = (byte & 15) | fifth_bit(row, start + 4, j)
+            high = (byte >> 4) | fifth_bit(row, start + 4, j + 16)
+            out[first + j] = F32(low) * scale + minimum
+            out[first + 16 + j] = F32(high) * scale + minimum
+
+
+@parallel_kernel
+def product(out, x, w, inputs, exact):
+    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 (the same bits either
+    flavour: there is no run.c counterpart)."""
+    int8.row_product(out, x, w, inputs)
+
+
+# The int8 family's functions (see kernels.int8): a row dot product only.
+
+
+def input_group_size(tensor: Q5_1Tensor) -> int:
+    """The groups a product quantizes its input in."""
+    return BLOCK
+
+
+@njit(inline="always")
+def group_size(w):
+    return BLOCK
+
+
+@njit(inline="always")
+def int8_arrays(w):
+    return w.blocks, w.blocks
+
+
+@njit(inline="always")
+def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+    """Per block (dot * scale) * input scale + minimum * (input scale * sum(x)), as Q4_1."""
+    row = blocks[i]
+    val = F32(0.0)
+    for g in range(row.shape[0] // BLOCK_BYTES):
+        start = g * BLOCK_BYTES
+        dot = fivebit_dot_32(row, start + 4, x, g * BLOCK)
+        x_scale = x_scales[g]
+        val += (F32(dot) * block_scale(row, start)) * x_scale + block_scale(row, start + 2) * (
+            x_scale * F32(x_sums[g])
+        )
+    return val

@@ -1,0 +1,122 @@
+"""GGUF's Q6_K: each row is blocks of 256 values, each block 128 bytes of the values' low four
+bits, 64 bytes of their top two bits, sixteen int8 scales (one per 16 values) and an fp16 scale
+d, q standing for (d * sc) * (q - 32). In each half (128 values) of a block, run k (32 values)
+takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the half's first
+32, odd: its next 32) and its top bits from bits 2k, 2k + 1 of the half's 32 high-bit bytes.
+
+Products quantize the input in groups of 32, one per run: per run two int32 dot products (one
+per 16 values, int8.six_bit_dot_2x16), each times its int8 scale, summed as integers, then times
+d and the input's scale (the int8 family, a row at a time)."""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from llamette.kernels import int8, parallel_kernel
+from llamette.kernels.halves import block_scale
+from llamette.kernels.int8 import six_bit_dot_2x16
+
+NAME = "q6_k"
+GGUF_TYPE = 14  # gguf.GGMLQuantizationType.Q6_K
+BLOCK, BLOCK_BYTES = 256, 210  # values per block; 128 + 64 bytes of values, 16 scales, d
+RUN = 32  # values per input group
+HIGH_BITS, SCALES, D = 128, 192, 208  # where a block's parts start
+F32 = np.float32
+WRITTEN = False  # llamette runs it but does not write it: gguf-py has no K-quant quantizer
+
+
+class Q6_KTensor(NamedTuple):
+    """A matrix in Q6_K blocks, kept as the file's bytes."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 256 * 210)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // BLOCK_BYTES * BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // BLOCK, BLOCK_BYTES)
+        d = blocks[:, :, D:].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+        scales = d * blocks[:, :, SCALES:D].view(np.int8).astype(np.float32)  # (.., 16)
+        low = blocks[:, :, :HIGH_BITS].reshape(rows, -1, 2, 1, 2, 32)  # half, nibble, k & 1
+        low = (low >> np.array([0, 4], np.uint8).reshape(2, 1, 1)) & 15  # (.., 2, 2, 2, 32)
+        high = blocks[:, :, HIGH_BITS:SCALES].reshape(rows, -1, 2, 1, 32)
+        high = (high >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3  # (.., 2, 4, 32)
+        values = (low.reshape(high.shape) | high << 4).astype(np.float32) - 32
+        values = values.reshape(rows, -1, 16, 16)
+        return (scales[..., None] * values).reshape(rows, cols)
+
+
+Tensor = Q6_KTensor
+
+
+def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q6_KTensor:
+    return Q6_KTensor(data.reshape(shape[0], -1))
+
+
+@njit(inline="always")
+def decode_row(out, w, i):
+    row = w.blocks[i]
+    for block in range(out.shape[0] // BLOCK):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start + D)
+        for run in range(8):
+            half, k = run >> 2, run & 3
+            low = start + 64 * half + 32 * (k & 1)
+            high = start + HIGH_BITS + 32 * half
+            for j in range(RUN):
+                q = (np.int32(row[low + j]) >> (4 * (k >> 1))) & 15
+                q |= ((np.int32(row[high + j]) >> (2 * k)) & 3) << 4
+                scale = d * F32(np.int8(row[start + SCALES + 2 * run + (j >> 4)]))
+                out[first + RUN * run + j] = scale * F32(q - 32)
+
+
+@parallel_kernel
+def product(out, x, w, inputs, exact):
+    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 (the same bits either
+    flavour: there is no run.c counterpart)."""
+    int8.row_product(out, x, w, inputs)
+
+
+# The int8 family's functions (see kernels.int8): a row dot product only.
+
+
+def input_group_size(tensor: Q6_KTensor) -> int:
+    """The groups a product quantizes its input in."""
+    return RUN
+
+
+@njit(inline="always")
+def group_size(w):
+    return RUN
+
+
+@njit(inline="always")
+def int8_arrays(w):
+    return w.blocks, w.blocks
+
+
+@njit(inline="always")
+def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+    """Per run the two 16-value dot products times their scales, summed as integers (exact),
+    then (sum * d) * input scale, runs summed in order."""
+    row = blocks[i]
+    val = F32(0.0)
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        d = block_scale(row, start + D)
+        for run in range(8):
+            half, k = run >> 2, run & 3
+            first, second = six_bit_dot_2x16(
+                row, start + 64 * half + 32 * (k & 1), 4 * (k >> 1),
+                start + HIGH_BITS + 32 * half, 2 * k, x, RUN * (8 * block + run),
+            )  # fmt: skip
+            scales = start + SCALES + 2 * run
+            total = first * np.int32(np.int8(row[scales])) + second * np.int32(
+                np.int8(row[scales + 1])
+            )
+            val += (F32(total) * d) * x_scales[8 * block + run]
+    return val
