@@ -1,6 +1,7 @@
 """The int8 family: products with an input quantized to int8 values and a scale per group, and
 integer dot products with the weights' values: llama2.c's v2 groups of 32 or 64 and GGUF's Q8_0,
-with runq.c's arithmetic to the bit; GGUF's Q4_0, Q4_1, Q5_0 and Q5_1, with llama.cpp's.
+with runq.c's arithmetic to the bit; GGUF's 4-, 5- and 6-bit types (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
+Q6_K), with llama.cpp's block arithmetic over inputs in groups of 32.
 
 An input is quantized as runq.c quantizes activations (per group, scale = max|x| / 127 and
 q = round(x / scale)), once for every product that shares it (`Int8Inputs`). Each output is then
@@ -19,7 +20,7 @@ A weight type joins the family with functions of its own, found through kernels.
 (a row's values, copied as the kernel asks, and scales), `int8_row_dot` (a row times one
 quantized input) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
 `product`; or the first two and `int8_row_dot` alone, for `row_product` (a row at a time at any
-batch size: the 4-bit types, whose values are not int8 and have their own block terms).
+batch size: the 4-, 5- and 6-bit types, whose values are not int8 and have their own block terms).
 """
 
 import math
@@ -98,7 +99,7 @@ class Quantized(NamedTuple):
 
     values: np.ndarray  # int8 (B, n)
     scales: np.ndarray  # float32 (B, groups)
-    sums: np.ndarray  # int32 (B, n / 32): the biased and the 4-bit row dot products use these
+    sums: np.ndarray  # int32 (B, n / 32): each group's sum, for the row dot products' block terms
     quads: np.ndarray  # int8 (blocks, n * 16): inputs 0..in_lanes - 1 (VNNI)
     pairs: np.ndarray  # int16 (blocks, n * 16): the same, elsewhere
     biases: np.ndarray  # int32 (blocks, groups * 16)
