@@ -319,14 +319,8 @@ def fivebit_dot_32(typingctx, row, start, x, first):
     def five_bits(builder, load):
         ints32 = ir.VectorType(ir.IntType(32), 32)
         high_bits = builder.bitcast(load(ir.VectorType(ir.IntType(8), 4)), ir.IntType(32))
-        spread = builder.shuffle_vector(
-            builder.insert_element(
-                ir.Constant(ints32, None), high_bits, ir.Constant(ir.IntType(32), 0)
-            ),
-            ir.Constant(ints32, None),
-            ir.Constant(ints32, [0] * 32),
-        )
-        bit_j = builder.and_(builder.lshr(spread, ir.Constant(ints32, list(range(32)))),
+        bit_j = builder.and_(builder.lshr(_splat(builder, high_bits, ints32),
+                                          ir.Constant(ints32, list(range(32)))),
                              ir.Constant(ints32, [1] * 32))  # fmt: skip
         fifth = builder.shl(builder.trunc(bit_j, ir.VectorType(ir.IntType(8), 32)),
                             ir.Constant(ir.VectorType(ir.IntType(8), 32), [4] * 32))  # fmt: skip
@@ -355,7 +349,7 @@ def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
     def codegen(context, builder, signature, args):
         row_array = context.make_array(signature.args[0])(context, builder, args[0])
         x_array = context.make_array(signature.args[2])(context, builder, args[2])
-        bytes32, ints32 = ir.VectorType(ir.IntType(8), 32), ir.VectorType(ir.IntType(32), 32)
+        bytes32 = ir.VectorType(ir.IntType(8), 32)
 
         def load(array, index, vector):
             address = builder.bitcast(builder.gep(array.data, [index]), vector.as_pointer())
@@ -365,15 +359,7 @@ def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
             return load(row_array, builder.add(args[1], ir.Constant(args[1].type, offset)), vector)
 
         weights = unsigned_bytes(builder, load_row)
-        products = builder.mul(
-            builder.zext(weights, ints32), builder.sext(load(x_array, args[3], bytes32), ints32)
-        )
-        vector_sum = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.IntType(32), [ints32]),
-            "llvm.vector.reduce.add.v32i32",
-        )
-        return builder.call(vector_sum, [products])
+        return _sum_products(builder, weights, load(x_array, args[3], bytes32), signed=False)
 
     return types.int32(row, start, x, first), codegen
 
@@ -440,13 +426,15 @@ def _byte_loader(context, builder, signature, args, row_arg, x_arg):
 def _bits(builder, packed, shift, mask):
     """(packed >> shift) & mask, per byte of 32, shift a run-time integer."""
     bytes32 = ir.VectorType(ir.IntType(8), 32)
-    amount = builder.trunc(shift, ir.IntType(8))
-    splat = builder.shuffle_vector(
-        builder.insert_element(ir.Constant(bytes32, None), amount, ir.Constant(ir.IntType(32), 0)),
-        ir.Constant(bytes32, None),
-        ir.Constant(ir.VectorType(ir.IntType(32), 32), [0] * 32),
-    )
-    return builder.and_(builder.lshr(packed, splat), ir.Constant(bytes32, [mask] * 32))
+    amount = _splat(builder, builder.trunc(shift, ir.IntType(8)), bytes32)
+    return builder.and_(builder.lshr(packed, amount), ir.Constant(bytes32, [mask] * 32))
+
+
+def _splat(builder, value, vector):
+    """A vector of type `vector` with value in every lane."""
+    first = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
+    everywhere = ir.Constant(ir.VectorType(ir.IntType(32), vector.count), [0] * vector.count)
+    return builder.shuffle_vector(first, ir.Constant(vector, None), everywhere)
 
 
 def _sum_products(builder, values, x, signed, halves=False):
