@@ -11,9 +11,14 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llamette.kernels import int8, parallel_kernel
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import nibble_dot_32
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
 
 NAME = "q4_1"
 GGUF_TYPE = 3  # gguf.GGMLQuantizationType.Q4_1
@@ -60,29 +65,7 @@ def decode_row(out, w, i):
             out[first + 16 + j] = F32(byte >> 4) * scale + minimum
 
 
-@parallel_kernel
-def product(out, x, w, inputs, exact):
-    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 (the same bits either
-    flavour: there is no run.c counterpart)."""
-    int8.row_product(out, x, w, inputs)
-
-
-# The int8 family's functions (see kernels.int8): a row dot product only.
-
-
-def input_group_size(tensor: Q4_1Tensor) -> int:
-    """The groups a product quantizes its input in."""
-    return BLOCK
-
-
-@njit(inline="always")
-def group_size(w):
-    return BLOCK
-
-
-@njit(inline="always")
-def int8_arrays(w):
-    return w.blocks, w.blocks
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
 @njit(inline="always")

@@ -10,10 +10,15 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llamette.kernels import int8, parallel_kernel
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import fivebit_dot_32
 from llamette.weight_types.q5_0 import fifth_bit, five_bit_values
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
 
 NAME = "q5_1"
 GGUF_TYPE = 7  # gguf.GGMLQuantizationType.Q5_1
@@ -62,29 +67,7 @@ def decode_row(out, w, i):
             out[first + 16 + j] = F32(high) * scale + minimum
 
 
-@parallel_kernel
-def product(out, x, w, inputs, exact):
-    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 (the same bits either
-    flavour: there is no run.c counterpart)."""
-    int8.row_product(out, x, w, inputs)
-
-
-# The int8 family's functions (see kernels.int8): a row dot product only.
-
-
-def input_group_size(tensor: Q5_1Tensor) -> int:
-    """The groups a product quantizes its input in."""
-    return BLOCK
-
-
-@njit(inline="always")
-def group_size(w):
-    return BLOCK
-
-
-@njit(inline="always")
-def int8_arrays(w):
-    return w.blocks, w.blocks
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
 @njit(inline="always")

@@ -13,9 +13,14 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llamette.kernels import int8, parallel_kernel
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import six_bit_dot_2x16
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
 
 NAME = "q6_k"
 GGUF_TYPE = 14  # gguf.GGMLQuantizationType.Q6_K
@@ -74,29 +79,7 @@ def decode_row(out, w, i):
                 out[first + RUN * run + j] = scale * F32(q - 32)
 
 
-@parallel_kernel
-def product(out, x, w, inputs, exact):
-    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 (the same bits either
-    flavour: there is no run.c counterpart)."""
-    int8.row_product(out, x, w, inputs)
-
-
-# The int8 family's functions (see kernels.int8): a row dot product only.
-
-
-def input_group_size(tensor: Q6_KTensor) -> int:
-    """The groups a product quantizes its input in."""
-    return RUN
-
-
-@njit(inline="always")
-def group_size(w):
-    return RUN
-
-
-@njit(inline="always")
-def int8_arrays(w):
-    return w.blocks, w.blocks
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
 @njit(inline="always")
