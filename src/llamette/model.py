@@ -11,11 +11,13 @@ from dataclasses import replace
 from typing import NamedTuple
 
 import numpy as np
-from numba import literal_unroll
+from numba import literal_unroll, typeof, types
+from numba.typed import List
 
 from llamette.formats import load_weights
 from llamette.kernels import (
     aligned_empty,
+    entry_point,
     inlined_kernel,
     last_level_cache_bytes,
     parallel_kernel,
@@ -58,21 +60,40 @@ class Layer(NamedTuple):
 
 
 class Tensors(NamedTuple):
-    """The weights as compiled code takes them."""
+    """The weights as compiled code takes them. Blocks whose weights have the same types form a
+    group, so that compiled code holds one block of each kind, whatever the number of blocks:
+    block i is layer_groups[layer_group[i]][layer_index[i]]."""
 
     tok_embeddings: Tensor  # (vocab_size, dim)
-    layers: tuple  # of Layer, one per block
+    layer_groups: tuple  # of typed Lists of Layer, each group's layers of one set of types
+    layer_group: np.ndarray  # int64 (n_layers,): each layer's group
+    layer_index: np.ndarray  # int64 (n_layers,): its place in the group
     norm: np.ndarray  # (dim,)
     output: Tensor  # (vocab_size, dim), the classifier
 
     @classmethod
     def of(cls, weights: Weights) -> Tensors:
-        layers = tuple(
-            Layer(*(weights.layer(i, name) for name in LAYER_TENSORS))  # in Layer's order
-            for i in range(weights.config.n_layers)
-        )
-        return cls(weights["tok_embeddings.weight"], layers, weights["norm.weight"],
-                   weights.classifier)  # fmt: skip
+        groups: dict[types.Type, list[Layer]] = {}  # by the numba type of the layer
+        layer_group, layer_index = [], []
+        for i in range(weights.config.n_layers):
+            layer = Layer(*(weights.layer(i, name) for name in LAYER_TENSORS))  # Layer's order
+            group = groups.setdefault(typeof(layer), [])
+            layer_group.append(list(groups).index(typeof(layer)))
+            layer_index.append(len(group))
+            group.append(layer)
+        # Typed lists, not tuples: a tuple of every layer's arrays is one struct, whose size (and
+        # compile time) grows with the number of layers. A list's type does not depend on its
+        # length, so models that differ only in depth share their compiled code.
+        return cls(weights["tok_embeddings.weight"], tuple(List(g) for g in groups.values()),
+                   np.array(layer_group, np.int64), np.array(layer_index, np.int64),
+                   weights["norm.weight"], weights.classifier)  # fmt: skip
+
+    @property
+    def layers(self) -> list[Layer]:
+        """The blocks' weights in order."""
+        return [
+            self.layer_groups[g][i] for g, i in zip(self.layer_group, self.layer_index, strict=True)
+        ]
 
 
 class Buffers(NamedTuple):
@@ -152,13 +173,16 @@ def forward(w, kv, buffers, rows, logit_rows, logits, n_heads, norm_eps, rope_th
     t.tick(profile, t.EMBEDDING)
     rope_angles(a.cos, a.sin, positions, 2 * a.cos.shape[1], rope_theta)  # every layer's
     t.tick(profile, t.ROPE)
-    # literal_unroll compiles the block once per type of layer (and takes no enumerate); the
-    # count starts as an int64, not the literal 0, which would compile the block once more
-    layer = np.int64(0)
-    for block in literal_unroll(w.layers):
-        transformer_block(block, layer, a, kv, positions, slots, n_heads, norm_eps, exact,
-                          profile)  # fmt: skip
-        layer += 1  # noqa: SIM113
+    for layer in range(w.layer_group.shape[0]):
+        # literal_unroll compiles the block once per group (kind of layer); the group count
+        # starts as an int64, not the literal 0, which would compile the block once more
+        group, index = w.layer_group[layer], w.layer_index[layer]
+        g = np.int64(0)
+        for blocks in literal_unroll(w.layer_groups):
+            if g == group:
+                transformer_block(blocks[index], layer, a, kv, positions, slots, n_heads,
+                                  norm_eps, exact, profile)  # fmt: skip
+            g += 1  # noqa: SIM113
     if logit_rows.shape[0] == 0:  # a pass through part of a prompt
         return
     # the classifier, for the rows asked for
@@ -269,6 +293,7 @@ class Transformer:
         self._step_logits = np.zeros((1, c.vocab_size), np.float32)
         self.profile = self._no_profile = np.zeros(0, np.int64)  # cycles per part of a decode step
         self.profiled_steps = 0
+        self._forward = None  # the compiled forward, once it is loaded
         if not exact:
             self._note_misaligned_groups()
 
@@ -326,10 +351,11 @@ class Transformer:
 
     def _run(self, rows, logit_rows, logits, profile) -> None:
         c = self.config
-        forward(
-            self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
-            c.norm_eps, c.rope_theta, self.exact, profile,
-        )  # fmt: skip
+        args = (self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
+                c.norm_eps, c.rope_theta, self.exact, profile)  # fmt: skip
+        if self._forward is None:  # every call passes arguments of the same types
+            self._forward = entry_point(forward, args)
+        self._forward(*args)
 
     def _buffers(self, capacity: int) -> Buffers:
         smallest_group = smallest_input_group(self.weights.tensors.values())
