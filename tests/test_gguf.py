@@ -387,7 +387,8 @@ def model_of_whole_k_blocks(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K"])
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K",
+                                       "IQ4_XS"])  # fmt: skip
 def test_k_quant_files_give_llama_cpp_s_next_token_distributions(tmp_path, model_of_whole_k_blocks,
                                                                  file_type):  # fmt: skip
     """llama.cpp's K-quant file types on rows of whole K blocks: the mean KL between its
@@ -398,7 +399,7 @@ def test_k_quant_files_give_llama_cpp_s_next_token_distributions(tmp_path, model
     for Q4_K_M)."""
     out = quantized_by_llama_cpp(model_of_whole_k_blocks, tmp_path / f"{file_type}.gguf", file_type)
     stored = {gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(out).tensors}
-    assert stored & {"Q4_K", "Q5_K", "Q6_K"}  # the K-quants themselves, not fallbacks
+    assert stored & {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_XS"}  # not only fallbacks
     not_run = stored - {name.upper() for name in weight_types.gguf_names()}
     if not_run:
         pytest.skip(f"llamette does not run {', '.join(sorted(not_run))} yet")

@@ -5,9 +5,10 @@ values; and what the server relies on, a row of a batch computed as it is alone.
 import gguf
 import numpy as np
 import pytest
+from numba import njit
 
 from conftest import randn, rounded_to_8_bits, runq_matmul, runq_quantize
-from llamette.kernels import SMALL_BATCH, reference
+from llamette.kernels import SMALL_BATCH, int8, reference
 from llamette.kernels.int8 import Int8Inputs, new_input
 from llamette.kernels.layers import embed
 from llamette.weight_types import (
@@ -24,12 +25,13 @@ GGUF_KINDS = [kind.NAME for kind in BY_GGUF_TYPE.values() if kind.NAME != "f32"]
 
 
 # where each type that gguf-py does not quantize keeps its fp16 fields, by byte offset in a block
-HALVES = {"Q4_K": (0, 2), "Q6_K": (208,)}
+HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
+          "IQ4_NL": (0,), "IQ4_XS": (0,)}  # fmt: skip
 
 
 def encoded(kind: str, w: np.ndarray) -> np.ndarray:
-    """w's blocks in a GGUF type, by gguf-py's quantizer; for the K-quants, which it does not
-    quantize, random blocks of w's shape instead (any bytes are valid values), their fp16
+    """w's blocks in a GGUF type, by gguf-py's quantizer; for the K-quants and IQ4 types, which it
+    does not quantize, random blocks of w's shape instead (any bytes are valid values), their fp16
     scales drawn from w's scale."""
     qtype = gguf.GGMLQuantizationType[kind.upper()]
     if kind.upper() not in HALVES:
@@ -120,7 +122,7 @@ def test_products_are_the_float64_products_of_the_values(kind, inputs):
 
 
 @pytest.mark.parametrize("inputs", [1, 3, 16, 40])
-@pytest.mark.parametrize("kind", ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k"])
+@pytest.mark.parametrize("kind", [k for k in GGUF_KINDS if k not in ("f16", "bf16")])
 def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
     """Products of the quantized GGUF types: the input rounded to 8 bits in groups of 32, times
     the weights' values; float32 sums aside, no other error."""
@@ -320,3 +322,22 @@ def test_q8_0_reference_is_runq_to_the_bit():
     out = np.empty(40, np.float32)
     reference.q8_0_matmul(out, xq, xs, w.blocks)
     np.testing.assert_array_equal(out, runq_matmul(xq, xs, regrouped.values, regrouped.scales, 32))
+
+
+def test_iq4_values_are_looked_up_alike_by_shuffle_and_by_select():
+    """The byte-shuffle lookup (x86) and the portable one give the same dot products."""
+    shuffled, selected = int8.table_dot(byte_shuffle=True), int8.table_dot(byte_shuffle=False)
+
+    @njit
+    def dots(row, x):
+        return [(shuffled(row, 16 * i, x, 32 * i), selected(row, 16 * i, x, 32 * i))
+                for i in range(row.shape[0] // 16)]  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    row = rng.integers(0, 256, 16 * 8, np.uint8)
+    x = rng.integers(-127, 128, 32 * 8, np.int8)
+    table = np.array(int8.IQ4_VALUES, np.int64)
+    values = table[np.concatenate([row.reshape(8, 16) & 15, row.reshape(8, 16) >> 4], axis=1)]
+    expected = (values * x.reshape(8, 32)).sum(axis=1)
+    for (by_shuffle, by_select), want in zip(dots(row, x), expected, strict=True):
+        assert by_shuffle == by_select == want

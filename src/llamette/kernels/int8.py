@@ -1,7 +1,7 @@
 """The int8 family: products with an input quantized to int8 values and a scale per group, and
 integer dot products with the weights' values: llama2.c's v2 groups of 32 or 64 and GGUF's Q8_0,
-with runq.c's arithmetic to the bit; GGUF's 4-, 5- and 6-bit types (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K,
-Q6_K), with llama.cpp's block arithmetic over inputs in groups of 32.
+with runq.c's arithmetic to the bit; GGUF's 2- to 6-bit types (Q4_0, Q4_1, Q5_0, Q5_1, the
+K-quants, IQ4_NL, IQ4_XS), with llama.cpp's block arithmetic over inputs in groups of 32.
 
 An input is quantized as runq.c quantizes activations (per group, scale = max|x| / 127 and
 q = round(x / scale)), once for every product that shares it (`Int8Inputs`). Each output is then
@@ -20,7 +20,7 @@ A weight type joins the family with functions of its own, found through kernels.
 (a row's values, copied as the kernel asks, and scales), `int8_row_dot` (a row times one
 quantized input) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
 `product`; or the first two and `int8_row_dot` alone, for `row_product` (a row at a time at any
-batch size: the 4-, 5- and 6-bit types, whose values are not int8 and have their own block terms).
+batch size: the 2- to 6-bit types, whose values are not int8 and have their own block terms).
 """
 
 import math
@@ -53,6 +53,7 @@ from llamette.kernels.simd import (
     madd_pairs,
     madd_quads,
     store_lanes,
+    target_features,
 )
 
 F32 = np.float32
@@ -367,55 +368,150 @@ def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
 # K-quants: 256-value blocks whose 32-value runs come from bytes shared with other runs.
 
 
+def split_bits_dot(name: str, low_mask: int, high_mask: int = 0, high_at: int = 0,
+                   offset: int = 0, halves: bool = False):  # fmt: skip
+    """An intrinsic that sums q_j * x[first + j] (int32) over 32 values q_j taken from bits of
+    32 bytes of a uint8 row: q_j = (row[low_start + j] >> low_shift) & low_mask, or'ed with
+    ((row[high_start + j] >> high_shift) & high_mask) << high_at where the type has a high part,
+    minus offset. Its arguments: (row, low_start, low_shift, [high_start, high_shift,] x, first);
+    with halves it returns the two sums of j < 16 and of j >= 16 (for types with a scale per 16
+    values). Values are unsigned bytes (vpdpbusd's multiplicand) unless an offset makes them
+    signed."""
+
+    def typed(row, x, *positions):
+        if not (row.dtype == types.uint8 and x.dtype == types.int8):
+            return None
+        returns = types.UniTuple(types.int32, 2) if halves else types.int32
+
+        def codegen(context, builder, signature, args):
+            row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, len(args) - 2)
+            bytes32 = ir.VectorType(ir.IntType(8), 32)
+            values = _bits(builder, row_bytes(args[1]), args[2], low_mask)
+            if high_mask:
+                high = _bits(builder, row_bytes(args[3]), args[4], high_mask)
+                values = builder.or_(
+                    values, builder.shl(high, ir.Constant(bytes32, [high_at] * 32))
+                )
+            if offset:
+                values = builder.sub(values, ir.Constant(bytes32, [offset] * 32))
+            sums = _sum_products(builder, values, x_bytes(args[-1]), signed=offset > 0,
+                                 halves=halves)  # fmt: skip
+            return context.make_tuple(builder, returns, sums) if halves else sums
+
+        return returns(row, *positions[:-1], x, positions[-1]), codegen
+
+    # Numba's intrinsics take no *args: one signature with the high part's arguments, one without
+    if high_mask:
+
+        def dot(typingctx, row, low_start, low_shift, high_start, high_shift, x, first):
+            return typed(row, x, low_start, low_shift, high_start, high_shift, first)
+    else:
+
+        def dot(typingctx, row, low_start, low_shift, x, first):
+            return typed(row, x, low_start, low_shift, first)
+
+    dot.__name__ = dot.__qualname__ = name
+    return intrinsic(dot)
+
+
+# (row, start, shift, x, first): Q4_K's runs, the low or high nibbles of 32 bytes
+nibbles_dot_32 = split_bits_dot("nibbles_dot_32", 0x0F)
+# (row, low_start, low_shift, high_start, high_shift, x, first): Q5_K's runs, a nibble and a fifth
+# bit from another byte
+five_bits_dot_32 = split_bits_dot("five_bits_dot_32", 0x0F, high_mask=0x01, high_at=4)
+# ... Q6_K's runs: a nibble and two bits more, minus 32; a sum per 16 values (sub-block)
+six_bits_dot_2x16 = split_bits_dot(
+    "six_bits_dot_2x16", 0x0F, high_mask=0x03, high_at=4, offset=32, halves=True
+)
+# ... Q3_K's runs: two bits and a third, minus 4; a sum per 16
+three_bits_dot_2x16 = split_bits_dot(
+    "three_bits_dot_2x16", 0x03, high_mask=0x01, high_at=2, offset=4, halves=True
+)
+# (row, start, shift, x, first): Q2_K's runs: two bits, a sum per 16
+two_bits_dot_2x16 = split_bits_dot("two_bits_dot_2x16", 0x03, halves=True)
+
+
 @intrinsic
-def nibbles_dot_32(typingctx, row, start, shift, x, first):
-    """The int32 sum of q_j * x[first + j] over 32 4-bit values q_j = (row[start + j] >> shift)
-    & 15 (shift 0 or 4: Q4_K's runs, the low or the high nibbles of 32 bytes)."""
-    if not (row.dtype == types.uint8 and x.dtype == types.int8):
+def byte_sums_2x16(typingctx, x, first):
+    """The two int32 sums of the int8 values x[first..first + 15] and x[first + 16..first + 31]
+    (what Q2_K's minimums multiply)."""
+    if x.dtype != types.int8:
         return None
+    returns = types.UniTuple(types.int32, 2)
 
     def codegen(context, builder, signature, args):
-        row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, 3)
-        values = _bits(builder, row_bytes(args[1]), args[2], 0x0F)
-        return _sum_products(builder, values, x_bytes(args[4]), signed=False)
+        _, x_bytes = _byte_loader(context, builder, signature, args, 0, 0)
+        ones = ir.Constant(ir.VectorType(ir.IntType(8), 32), [1] * 32)
+        sums = _sum_products(builder, ones, x_bytes(args[1]), signed=False, halves=True)
+        return context.make_tuple(builder, returns, sums)
 
-    return types.int32(row, start, shift, x, first), codegen
+    return returns(x, first), codegen
 
 
-@intrinsic
-def six_bit_dot_2x16(typingctx, row, low_start, low_shift, high_start, high_shift, x, first):
-    """The two int32 sums, of j = 0..15 and of j = 16..31, of (q_j - 32) * x[first + j] over 32
-    6-bit values q_j: four bits (row[low_start + j] >> low_shift) & 15 and two more
-    (row[high_start + j] >> high_shift) & 3 above them (Q6_K's runs, two sub-blocks each)."""
-    if not (row.dtype == types.uint8 and x.dtype == types.int8):
-        return None
+# IQ4: 4-bit indices into a table of 16 int8 values.
 
-    def codegen(context, builder, signature, args):
-        row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, 5)
-        bytes32 = ir.VectorType(ir.IntType(8), 32)
-        low = _bits(builder, row_bytes(args[1]), args[2], 0x0F)
-        high = _bits(builder, row_bytes(args[3]), args[4], 0x03)
-        values = builder.sub(
-            builder.or_(low, builder.shl(high, ir.Constant(bytes32, [4] * 32))),
-            ir.Constant(bytes32, [32] * 32),
-        )
-        first_half, second_half = _sum_products(builder, values, x_bytes(args[6]), signed=True,
-                                                halves=True)  # fmt: skip
-        return context.make_tuple(builder, signature.return_type, (first_half, second_half))
+IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
-    return types.UniTuple(types.int32, 2)(row, low_start, low_shift, high_start, high_shift, x,
-                                          first), codegen  # fmt: skip
+
+def table_dot(byte_shuffle: bool):
+    """An intrinsic (row, start, x, first) summing IQ4_VALUES[q_j] * x[first + j] (int32) over the
+    32 4-bit indices q_j of the 16 bytes at start, in nibble_dot_32's order. byte_shuffle: look
+    the values up with SSSE3's byte shuffle (pshufb, a 16-entry table lookup per instruction);
+    otherwise with a compare and select per table entry."""
+
+    def dot(typingctx, row, start, x, first):
+        if not (row.dtype == types.uint8 and x.dtype == types.int8):
+            return None
+
+        def codegen(context, builder, signature, args):
+            row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, 2)
+            bytes16 = ir.VectorType(ir.IntType(8), 16)
+            packed = row_bytes(args[1], bytes16)
+            low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
+            high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
+            lookup = _shuffle_lookup if byte_shuffle else _select_lookup
+            values = builder.shuffle_vector(lookup(builder, low), lookup(builder, high),
+                                            ir.Constant(ir.VectorType(ir.IntType(32), 32),
+                                                        list(range(32))))  # fmt: skip
+            return _sum_products(builder, values, x_bytes(args[3]), signed=True)
+
+        return types.int32(row, start, x, first), codegen
+
+    dot.__name__ = dot.__qualname__ = "table_dot_32" if byte_shuffle else "table_dot_32_selected"
+    return intrinsic(dot)
+
+
+def _shuffle_lookup(builder, indices):
+    bytes16 = ir.VectorType(ir.IntType(8), 16)
+    shuffle = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(bytes16, [bytes16, bytes16]), "llvm.x86.ssse3.pshuf.b.128"
+    )
+    table = ir.Constant(bytes16, [v & 0xFF for v in IQ4_VALUES])
+    return builder.call(shuffle, [table, indices])
+
+
+def _select_lookup(builder, indices):
+    bytes16 = ir.VectorType(ir.IntType(8), 16)
+    values = ir.Constant(bytes16, [0] * 16)
+    for index, value in enumerate(IQ4_VALUES):
+        chosen = builder.icmp_unsigned("==", indices, ir.Constant(bytes16, [index] * 16))
+        values = builder.select(chosen, ir.Constant(bytes16, [value & 0xFF] * 16), values)
+    return values
+
+
+table_dot_32 = table_dot(byte_shuffle="+ssse3" in target_features())
 
 
 def _byte_loader(context, builder, signature, args, row_arg, x_arg):
-    """Loaders of 32 bytes of the row (argument row_arg) and of x (x_arg) at an index."""
+    """Loaders of bytes (32 unless another vector type is asked for) of the row (argument
+    row_arg) and of x (x_arg) at an index."""
     bytes32 = ir.VectorType(ir.IntType(8), 32)
 
     def loader(arg):
         array = context.make_array(signature.args[arg])(context, builder, args[arg])
 
-        def load(index):
-            address = builder.bitcast(builder.gep(array.data, [index]), bytes32.as_pointer())
+        def load(index, vector=bytes32):
+            address = builder.bitcast(builder.gep(array.data, [index]), vector.as_pointer())
             return builder.load(address, align=1)
 
         return load

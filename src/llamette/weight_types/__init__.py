@@ -19,13 +19,32 @@ import numpy as np
 from numba import types
 from numba.core.errors import TypingError
 
-from llamette.weight_types import bf16, f16, f32, q4_0, q4_1, q4_k, q5_0, q5_1, q6_k, q8, q8_0
+from llamette.weight_types import (
+    bf16,
+    f16,
+    f32,
+    iq4_nl,
+    iq4_xs,
+    q2_k,
+    q3_k,
+    q4_0,
+    q4_1,
+    q4_k,
+    q5_0,
+    q5_1,
+    q5_k,
+    q6_k,
+    q8,
+    q8_0,
+)
 
-TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q6_k)
+TYPES: tuple[ModuleType, ...] = (f32, q8, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k, q4_k,
+                                 q5_k, q6_k, iq4_nl, iq4_xs)  # fmt: skip
 
 Tensor = np.ndarray | q8.Q8Tensor | f16.F16Tensor | bf16.BF16Tensor | q8_0.Q8_0Tensor | \
-    q4_0.Q4_0Tensor | q4_1.Q4_1Tensor | q5_0.Q5_0Tensor | q5_1.Q5_1Tensor | q4_k.Q4_KTensor | \
-    q6_k.Q6_KTensor  # fmt: skip
+    q4_0.Q4_0Tensor | q4_1.Q4_1Tensor | q5_0.Q5_0Tensor | q5_1.Q5_1Tensor | q2_k.Q2_KTensor | \
+    q3_k.Q3_KTensor | q4_k.Q4_KTensor | q5_k.Q5_KTensor | q6_k.Q6_KTensor | iq4_nl.IQ4_NLTensor | \
+    iq4_xs.IQ4_XSTensor  # fmt: skip
 Q8Tensor, Q8_0Tensor = q8.Q8Tensor, q8_0.Q8_0Tensor
 quantize_q8 = q8.quantize_q8
 

@@ -5,7 +5,7 @@ takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the
 32, odd: its next 32) and its top bits from bits 2k, 2k + 1 of the half's 32 high-bit bytes.
 
 Products quantize the input in groups of 32, one per run: per run two int32 dot products (one
-per 16 values, int8.six_bit_dot_2x16), each times its int8 scale, summed as integers, then times
+per 16 values, int8.six_bits_dot_2x16), each times its int8 scale, summed as integers, then times
 d and the input's scale (the int8 family, a row at a time)."""
 
 from typing import NamedTuple
@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import six_bit_dot_2x16
+from llamette.kernels.int8 import six_bits_dot_2x16
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -93,7 +93,7 @@ def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
         d = block_scale(row, start + D)
         for run in range(8):
             half, k = run >> 2, run & 3
-            first, second = six_bit_dot_2x16(
+            first, second = six_bits_dot_2x16(
                 row, start + 64 * half + 32 * (k & 1), 4 * (k >> 1),
                 start + HIGH_BITS + 32 * half, 2 * k, x, RUN * (8 * block + run),
             )  # fmt: skip

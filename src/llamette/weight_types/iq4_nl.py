@@ -1,0 +1,85 @@
+"""GGUF's IQ4_NL: each row is blocks of 32 values, each block an fp16 scale d and 16 bytes of 4-bit
+indices q (value j in the low nibble of byte j, value 16 + j in its high nibble) into a fixed
+table of 16 non-uniformly spaced int8 values, standing for d * table[q].
+
+Products quantize the input in groups of 32, one per block: per block an int32 dot product of the
+table's values (int8.table_dot_32, a byte shuffle looks them up), times the block's scale and the
+input's (the int8 family, a row at a time)."""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from llamette.kernels.halves import block_scale
+from llamette.kernels.int8 import IQ4_VALUES, table_dot_32
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
+
+NAME = "iq4_nl"
+GGUF_TYPE = 20  # gguf.GGMLQuantizationType.IQ4_NL
+BLOCK, BLOCK_BYTES = 32, 18  # values per block; d, 16 bytes of indices
+TABLE = np.array(IQ4_VALUES, np.int8)
+F32 = np.float32
+WRITTEN = False  # llamette runs it but does not write it: gguf-py has no IQ4 quantizer
+
+
+class IQ4_NLTensor(NamedTuple):
+    """A matrix in IQ4_NL blocks, kept as the file's bytes."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 32 * 18)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // BLOCK_BYTES * BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // BLOCK, BLOCK_BYTES)
+        d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+        return (d * table_values(blocks[:, :, 2:])).reshape(rows, cols)
+
+
+Tensor = IQ4_NLTensor
+
+
+def table_values(packed: np.ndarray) -> np.ndarray:
+    """The 32 float32 table values (..., 32) that 16 bytes of indices (..., 16) stand for."""
+    indices = np.concatenate([packed & 15, packed >> 4], axis=-1)
+    return TABLE[indices].astype(np.float32)
+
+
+def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> IQ4_NLTensor:
+    return IQ4_NLTensor(data.reshape(shape[0], -1))
+
+
+@njit(inline="always")
+def decode_row(out, w, i):
+    row = w.blocks[i]
+    for block in range(out.shape[0] // BLOCK):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start)
+        for j in range(16):
+            byte = np.int32(row[start + 2 + j])
+            out[first + j] = d * F32(TABLE[byte & 15])
+            out[first + 16 + j] = d * F32(TABLE[byte >> 4])
+
+
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+
+
+@njit(inline="always")
+def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+    """Per block (dot * d) * input scale, blocks summed in order (as Q4_0)."""
+    row = blocks[i]
+    val = F32(0.0)
+    for g in range(row.shape[0] // BLOCK_BYTES):
+        start = g * BLOCK_BYTES
+        dot = table_dot_32(row, start + 2, x, g * BLOCK)
+        val += (F32(dot) * block_scale(row, start)) * x_scales[g]
+    return val

@@ -1,0 +1,102 @@
+"""GGUF's IQ4_XS: each row is blocks of 256 values, each block an fp16 scale d, eight 6-bit scales
+(one per 32 values, stored plus 32: low four bits in the nibbles of four bytes, top two in a
+uint16) and 128 bytes of 4-bit indices into IQ4_NL's table, 16 bytes per run of 32 in IQ4_NL's
+order, standing for (d * sc) * table[q].
+
+Products quantize the input in groups of 32, one per run: per run an int32 dot product of the
+table's values (int8.table_dot_32) times the run's scale, then times d and the input's scale (the
+int8 family, a row at a time)."""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from llamette.kernels.halves import block_scale
+from llamette.kernels.int8 import table_dot_32
+from llamette.weight_types.iq4_nl import TABLE, table_values
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
+
+NAME = "iq4_xs"
+GGUF_TYPE = 23  # gguf.GGMLQuantizationType.IQ4_XS
+BLOCK, BLOCK_BYTES = 256, 136  # values per block; d, 2 + 4 bytes of scales, 128 of indices
+RUN = 32  # values per scale
+HIGH_SCALES, LOW_SCALES, INDICES = 2, 4, 8  # where a block's parts start
+F32 = np.float32
+WRITTEN = False  # llamette runs it but does not write it: gguf-py has no IQ4 quantizer
+
+
+class IQ4_XSTensor(NamedTuple):
+    """A matrix in IQ4_XS blocks, kept as the file's bytes."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 256 * 136)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // BLOCK_BYTES * BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // BLOCK, BLOCK_BYTES)
+        d = blocks[:, :, :2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+        high = blocks[:, :, HIGH_SCALES:LOW_SCALES].copy().view(np.uint16)  # (.., 1)
+        high = (high >> np.arange(0, 16, 2, dtype=np.uint16)) & 3  # (.., 8)
+        low = blocks[:, :, LOW_SCALES:INDICES, None] >> np.array([0, 4], np.uint8) & 15
+        scales = (low.reshape(high.shape) | high << 4).astype(np.int8) - 32  # (.., 8)
+        run_scales = (d * scales.astype(np.float32))[..., None]
+        values = table_values(blocks[:, :, INDICES:].reshape(rows, -1, 8, 16))  # (.., 8, 32)
+        return (run_scales * values).reshape(rows, cols)
+
+
+Tensor = IQ4_XSTensor
+
+
+def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> IQ4_XSTensor:
+    return IQ4_XSTensor(data.reshape(shape[0], -1))
+
+
+@njit(inline="always")
+def run_scale(row, start, j):
+    """Run j's scale, -32..31, from the block at start."""
+    low = (np.int32(row[start + LOW_SCALES + (j >> 1)]) >> (4 * (j & 1))) & 15
+    high = (np.int32(row[start + HIGH_SCALES + (j >> 2)]) >> (2 * (j & 3))) & 3
+    return (low | (high << 4)) - 32
+
+
+@njit(inline="always")
+def decode_row(out, w, i):
+    row = w.blocks[i]
+    for block in range(out.shape[0] // BLOCK):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start)
+        for j in range(8):
+            scale = d * F32(run_scale(row, start, j))
+            indices, run = start + INDICES + 16 * j, first + RUN * j
+            for k in range(16):
+                byte = np.int32(row[indices + k])
+                out[run + k] = scale * F32(TABLE[byte & 15])
+                out[run + 16 + k] = scale * F32(TABLE[byte >> 4])
+
+
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+
+
+@njit(inline="always")
+def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+    """Per run (dot * sc, an integer) * d * input scale, runs summed in order."""
+    row = blocks[i]
+    val = F32(0.0)
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        d = block_scale(row, start)
+        for j in range(8):
+            g = 8 * block + j
+            dot = table_dot_32(row, start + INDICES + 16 * j, x, RUN * g)
+            val += (F32(dot * run_scale(row, start, j)) * d) * x_scales[g]
+    return val

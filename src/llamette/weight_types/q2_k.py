@@ -1,0 +1,102 @@
+"""GGUF's Q2_K: each row is blocks of 256 values, each block sixteen bytes of 4-bit scales sc (low
+nibble) and minimums m (high nibble), one pair per 16 values, 64 bytes of 2-bit values q, an fp16
+scale d and minimum scale dmin, q standing for (d * sc) * q - dmin * m. Run r (values 32r..32r +
+31, two sub-blocks of 16) takes bits 2 (r % 4) of the block's first (r < 4) or second 32 value
+bytes.
+
+Products quantize the input in groups of 32, one per run: per run two int32 dot products (one per
+16 values, int8.two_bits_dot_2x16), each times its scale, and the input's two sums, each times
+its minimum, summed as integers; then times d or dmin and the input's scale (the int8 family, a
+row at a time)."""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from llamette.kernels.halves import block_scale
+from llamette.kernels.int8 import byte_sums_2x16, two_bits_dot_2x16
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
+
+NAME = "q2_k"
+GGUF_TYPE = 10  # gguf.GGMLQuantizationType.Q2_K
+BLOCK, BLOCK_BYTES = 256, 84  # values per block; 16 bytes of scales, 64 of values, d, dmin
+RUN = 32  # values per input group
+VALUES, D, DMIN = 16, 80, 82  # where a block's parts start
+F32 = np.float32
+WRITTEN = False  # llamette runs it but does not write it: gguf-py has no K-quant quantizer
+
+
+class Q2_KTensor(NamedTuple):
+    """A matrix in Q2_K blocks, kept as the file's bytes."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 256 * 84)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // BLOCK_BYTES * BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // BLOCK, BLOCK_BYTES)
+        halves = blocks[:, :, D:].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 2)
+        packed = blocks[:, :, :VALUES]  # (.., 16)
+        scales = (halves[:, :, :1] * (packed & 15).astype(np.float32))[..., None]
+        minimums = (halves[:, :, 1:] * (packed >> 4).astype(np.float32))[..., None]
+        values = blocks[:, :, VALUES:D].reshape(rows, -1, 2, 1, 32)
+        values = (values >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3  # (.., 2, 4, 32)
+        values = values.reshape(rows, -1, 16, 16).astype(np.float32)
+        return (scales * values - minimums).reshape(rows, cols)
+
+
+Tensor = Q2_KTensor
+
+
+def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q2_KTensor:
+    return Q2_KTensor(data.reshape(shape[0], -1))
+
+
+@njit(inline="always")
+def decode_row(out, w, i):
+    row = w.blocks[i]
+    for block in range(out.shape[0] // BLOCK):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d, dmin = block_scale(row, start + D), block_scale(row, start + DMIN)
+        for run in range(8):
+            values, shift = start + VALUES + 32 * (run >> 2), 2 * (run & 3)
+            for j in range(RUN):
+                packed = np.int32(row[start + 2 * run + (j >> 4)])
+                scale, minimum = d * F32(packed & 15), dmin * F32(packed >> 4)
+                q = (np.int32(row[values + j]) >> shift) & 3
+                out[first + RUN * run + j] = scale * F32(q) - minimum
+
+
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+
+
+@njit(inline="always")
+def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+    """Per run (sum of dot * sc) * d * input scale - (sum of x sum * m) * dmin * input scale, the
+    sums over its two sub-blocks in integers, runs summed in order."""
+    row = blocks[i]
+    val = F32(0.0)
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        d, dmin = block_scale(row, start + D), block_scale(row, start + DMIN)
+        for run in range(8):
+            first = RUN * (8 * block + run)
+            dot0, dot1 = two_bits_dot_2x16(row, start + VALUES + 32 * (run >> 2), 2 * (run & 3),
+                                           x, first)  # fmt: skip
+            sum0, sum1 = byte_sums_2x16(x, first)
+            packed0, packed1 = np.int32(row[start + 2 * run]), np.int32(row[start + 2 * run + 1])
+            scaled = dot0 * (packed0 & 15) + dot1 * (packed1 & 15)
+            minimums = sum0 * (packed0 >> 4) + sum1 * (packed1 >> 4)
+            x_scale = x_scales[8 * block + run]
+            val += (F32(scaled) * d) * x_scale - (F32(minimums) * dmin) * x_scale
+    return val

@@ -1,0 +1,102 @@
+"""GGUF's Q5_K: Q4_K's blocks of 256 values (an fp16 scale d and minimum scale dmin, eight 6-bit
+scales sc and minimums m packed in twelve bytes) with a fifth bit per value: run j (values
+32j..32j + 31) takes its low four bits as Q4_K's run j does, from the 128 bytes at the end of the
+block, and its fifth from bit j of the 32 bytes before them, standing for (d * sc_j) * q -
+dmin * m_j.
+
+Products quantize the input in groups of 32, one per run: per run an int32 dot product of the
+5-bit values (int8.five_bits_dot_32), times the run's scale and the input's, minus the run's
+minimum times the input's sum (the int8 family, a row at a time)."""
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit
+
+from llamette.kernels.halves import block_scale
+from llamette.kernels.int8 import five_bits_dot_32
+from llamette.weight_types.q4_k import scale_and_minimum, six_bit_scales_and_minimums
+from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
+    group_size,
+    input_group_size,
+    int8_arrays,
+    product,
+)
+
+NAME = "q5_k"
+GGUF_TYPE = 13  # gguf.GGMLQuantizationType.Q5_K
+BLOCK, BLOCK_BYTES = 256, 176  # values per block; d, dmin, 12 bytes of scales, 32 + 128 of values
+RUN = 32  # values per scale
+SCALES, HIGH_BITS, LOW_BITS = 4, 16, 48  # where a block's parts start
+F32 = np.float32
+WRITTEN = False  # llamette runs it but does not write it: gguf-py has no K-quant quantizer
+
+
+class Q5_KTensor(NamedTuple):
+    """A matrix in Q5_K blocks, kept as the file's bytes."""
+
+    blocks: np.ndarray  # uint8 (rows, cols / 256 * 176)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, nbytes = self.blocks.shape
+        return rows, nbytes // BLOCK_BYTES * BLOCK
+
+    def dequantize(self) -> np.ndarray:
+        rows, cols = self.shape
+        blocks = self.blocks.reshape(rows, cols // BLOCK, BLOCK_BYTES)
+        halves = blocks[:, :, :4].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 2)
+        scales, minimums = six_bit_scales_and_minimums(blocks[:, :, SCALES:HIGH_BITS])  # (.., 8)
+        run_scales = (halves[:, :, :1] * scales.astype(np.float32))[..., None]
+        run_minimums = (halves[:, :, 1:] * minimums.astype(np.float32))[..., None]
+        packed = blocks[:, :, LOW_BITS:].reshape(rows, cols // BLOCK, 4, 1, 32)
+        low = (packed >> np.array([0, 4], np.uint8).reshape(2, 1)) & 0x0F  # (.., 4, 2, 32)
+        high = blocks[:, :, None, HIGH_BITS:LOW_BITS] >> np.arange(8, dtype=np.uint8)[:, None] & 1
+        values = (low.reshape(high.shape) | high << 4).astype(np.float32)  # (.., 8, 32)
+        return (run_scales * values - run_minimums).reshape(rows, cols)
+
+
+Tensor = Q5_KTensor
+
+
+def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q5_KTensor:
+    return Q5_KTensor(data.reshape(shape[0], -1))
+
+
+@njit(inline="always")
+def decode_row(out, w, i):
+    row = w.blocks[i]
+    for block in range(out.shape[0] // BLOCK):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d, dmin = block_scale(row, start), block_scale(row, start + 2)
+        for j in range(8):
+            scale, minimum = scale_and_minimum(row, start + SCALES, j)
+            run_scale, run_minimum = d * F32(scale), dmin * F32(minimum)
+            low, shift = start + LOW_BITS + 32 * (j >> 1), 4 * (j & 1)
+            for k in range(RUN):
+                q = (np.int32(row[low + k]) >> shift) & 15
+                q |= ((np.int32(row[start + HIGH_BITS + k]) >> j) & 1) << 4
+                out[first + RUN * j + k] = run_scale * F32(q) - run_minimum
+
+
+# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+
+
+@njit(inline="always")
+def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+    """Per run (dot * (d * sc)) * input scale - (dmin * m) * (input scale * sum(x)), as Q4_K."""
+    row = blocks[i]
+    val = F32(0.0)
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        d, dmin = block_scale(row, start), block_scale(row, start + 2)
+        for j in range(8):
+            g = 8 * block + j
+            scale, minimum = scale_and_minimum(row, start + SCALES, j)
+            dot = five_bits_dot_32(row, start + LOW_BITS + 32 * (j >> 1), 4 * (j & 1),
+                                   start + HIGH_BITS, j, x, RUN * g)  # fmt: skip
+            x_scale = x_scales[g]
+            val += (F32(dot) * (d * F32(scale))) * x_scale - (dmin * F32(minimum)) * (
+                x_scale * F32(x_sums[g])
+            )
+    return val
