@@ -12,8 +12,8 @@ With --baseline SRC (the src folder of another llamette checkout, e.g. a git wor
 earlier commit), that build runs too, alternating with the others, for a side-by-side comparison
 of two builds; with --formats bin,gguf llamette also runs the GGUF files llama.cpp runs.
 
-Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--runs 6]
-                                  [--formats bin,gguf] [--baseline SRC]
+Usage: python benchmarks/bench.py [--models stories15M,stories110M,llama2-7b] [--types q4_k_m,...]
+                                  [--runs 6] [--formats bin,gguf] [--baseline SRC]
 Writes benchmarks/results/results.{md,json,png} (with --baseline: builds.{md,json} instead).
 Models and llama.cpp's venv are made once and kept in ~/.cache/llamette-bench (or
 $LLAMETTE_BENCH_DIR).
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from models import cache_dir, ensure_model
 
-from llamette.formats.llama2c import read_llama2c
+from llamette.formats import load_weights
 from llamette.weight_types import nbytes
 
 HERE = Path(__file__).resolve().parent
@@ -44,9 +44,10 @@ PEER_BUILD = {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}  # built for this CPU
 DEFAULT_TOKENIZER = HERE.parent.parent / "shared" / "models" / "tokenizer.bin"
 CONFIGS = {  # model: weight types measured
     "stories15M": ("f32", "q8_0"),
-    "stories110M": ("f32", "q8_0"),
-    "llama2-7b": ("q8_0",),
+    "stories110M": ("f32", "q8_0", "q4_k_m"),
+    "llama2-7b": ("q8_0", "q4_k_m", "q6_k"),
 }
+GGUF_ONLY = ("q4_k_m", "q6_k")  # llama.cpp's own files: no llama2.c file of these types
 
 
 def main() -> None:
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument(
         "--models", default=",".join(CONFIGS), help="comma-separated, of: " + ", ".join(CONFIGS)
     )
+    parser.add_argument("--types", help="comma-separated weight types (default: each model's: "
+                        + "; ".join(f"{m} {', '.join(t)}" for m, t in CONFIGS.items()) + ")")  # fmt: skip
     parser.add_argument(
         "--runs", type=int, default=6, help="runs per engine (7B: half, at least 3)"
     )
@@ -82,8 +85,10 @@ def main() -> None:
     for name in args.models.split(","):
         runs = max(3, args.runs // 2) if name == "llama2-7b" else args.runs
         for weight_type in CONFIGS[name]:
-            paths = ensure_model(name, weight_type, args.tokenizer)
-            for file_format in formats:
+            if args.types and weight_type not in args.types.split(","):
+                continue
+            paths = ensure_model(name, weight_type, args.tokenizer, peer_python)
+            for file_format in ["gguf"] if weight_type in GGUF_ONLY else formats:
                 config = measure(name, weight_type, paths, peer_python, runs, file_format,
                                  args.baseline)  # fmt: skip
                 results["configs"].append(config)
@@ -162,7 +167,7 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
             )
     read_bandwidth = round(statistics.median(read_bandwidths), 1)
 
-    bytes_per_token = weight_bytes_per_token(paths["llamette"])
+    bytes_per_token = weight_bytes_per_token(ours_file)
     ceiling = read_bandwidth * 1e9 / bytes_per_token
     config = {"model": name, "weight_type": weight_type, "file": file_format, "runs": runs,
               "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1), "bandwidth_gb_s": read_bandwidth,
@@ -204,7 +209,7 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
 
 def weight_bytes_per_token(path: Path) -> int:
     """Bytes of weights a decode step reads: every tensor, but one row of an unshared embedding."""
-    weights = read_llama2c(path)
+    weights = load_weights(path)
     total = 0
     for name, tensor in weights.tensors.items():
         size = nbytes(tensor)

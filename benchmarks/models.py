@@ -3,12 +3,15 @@
 Each model exists as llama2.c files (v0 fp32, v2 Q8_0 with groups of 64) for llamette and GGUF
 files (F32, Q8_0) of the same weights for llama.cpp. Weights are drawn tensor by tensor from a
 seed per tensor name, so files of any size are written in bounded memory and are identical on
-every machine.
+every machine. The K-quant files (Q4_K_M, Q6_K) are llama.cpp's own: its quantizer applied to the
+F32 GGUF (for Llama-2-7B, whose F32 file would take 27 GB, to the Q8_0 GGUF), and both engines run
+that same file.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +36,19 @@ SHAPES = {
 FORMATS = {
     "f32": {"llamette": ".f32.bin", "llama.cpp": ".f32.gguf"},
     "q8_0": {"llamette": ".q80.bin", "llama.cpp": ".q8_0.gguf"},
+    "q4_k_m": {"llamette": ".q4_k_m.gguf", "llama.cpp": ".q4_k_m.gguf"},
+    "q6_k": {"llamette": ".q6_k.gguf", "llama.cpp": ".q6_k.gguf"},
 }
+QUANTIZED_BY_LLAMA_CPP = {"q4_k_m": "Q4_K_M", "q6_k": "Q6_K"}  # weight type: llama.cpp file type
+
+# llama.cpp's quantizer, run in the peer's venv: python -c QUANTIZE SOURCE OUT FILE_TYPE
+QUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3])
+params.allow_requantize = True
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
 
 
 class RandomTensors(Mapping):
@@ -66,8 +81,20 @@ def model_path(name: str, weight_type: str, runner: str) -> Path:
     return cache_dir() / "models" / f"{name}{FORMATS[weight_type][runner]}"
 
 
-def ensure_model(name: str, weight_type: str, tokenizer_path: Path, log=print) -> dict[str, Path]:
+def ensure_model(name: str, weight_type: str, tokenizer_path: Path, peer_python: Path,
+                 log=print) -> dict[str, Path]:  # fmt: skip
     """Both runners' files for one model and weight type, written if missing."""
+    if weight_type in QUANTIZED_BY_LLAMA_CPP:
+        out = model_path(name, weight_type, "llama.cpp")
+        if not out.exists():
+            source = ensure_model(name, "q8_0" if name == "llama2-7b" else "f32", tokenizer_path,
+                                  peer_python, log)["llama.cpp"]  # fmt: skip
+            log(f"writing {out} with llama.cpp's quantizer")
+            partial = out.with_suffix(".partial")
+            subprocess.run([str(peer_python), "-c", QUANTIZE, str(source), str(partial),
+                            QUANTIZED_BY_LLAMA_CPP[weight_type]], check=True)  # fmt: skip
+            partial.rename(out)
+        return {"llamette": out, "llama.cpp": out}
     config = SHAPES[name]
     weights = Weights(config, RandomTensors(config), source=f"random {name}")
     paths = {runner: model_path(name, weight_type, runner) for runner in FORMATS[weight_type]}

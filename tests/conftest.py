@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "llamette" / "bundled"  # the packaged model
 SHARED = Path(
     os.environ.get("LLAMETTE_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
 )
@@ -195,3 +196,65 @@ def numpy_forward(config, tensors: dict, tokens: list[int], quantized_inputs=fro
         x = x + linear(p + "feed_forward.w2.weight", gate / (1 + np.exp(-gate)) * up)
     classifier = "output.weight" if "output.weight" in t else "tok_embeddings.weight"
     return linear(classifier, rmsnorm(x, t["norm.weight"]))
+
+
+def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's logits (len(tokens), vocab) for one sequence."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    llama = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llama.eval(tokens)
+    return np.array(llama.scores[: len(tokens)], np.float64)
+
+
+def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    """Mean over positions of KL(softmax(reference) || softmax(logits)), in nats."""
+
+    def log_softmax(z):
+        z = np.asarray(z, np.float64)
+        z = z - z.max(axis=-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+    p, q = log_softmax(reference_logits), log_softmax(logits)
+    return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
+
+
+def quantized_by_llama_cpp(source: Path, out: Path, file_type: str, pure: bool = False) -> Path:
+    """source (an F32 GGUF) quantized by llama.cpp's own quantizer into llama.cpp's file type
+    (its mix of types per tensor, and its fallbacks for rows that are not whole blocks); with
+    `pure`, every matrix in the file type's main type."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
+    params.pure = pure
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) == 0
+    return out
+
+
+def random_model_of_whole_k_blocks(path: Path, n_layers: int = 3) -> Path:
+    """An F32 GGUF of random weights whose rows are multiples of 256 values, so that llama.cpp's
+    K-quant file types hold K-quant matrices (the trained test models fall back to other types)."""
+    from llamette import Tokenizer
+    from llamette.formats.gguf import write_gguf
+    from llamette.weights import ModelConfig, Weights
+
+    config = ModelConfig(dim=256, hidden_dim=768, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                         vocab_size=1024, seq_len=512, shared_classifier=False)  # fmt: skip
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for name, shape in config.tensor_shapes().items():
+        if len(shape) == 1:  # norms away from 1
+            tensors[name] = (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+        else:  # a stable residual stream: rounding errors do not grow through the layers
+            tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
+    tensors["tok_embeddings.weight"] *= np.sqrt(config.dim)
+    tensors["output.weight"] *= 1.5  # peaked next-token distributions
+    write_gguf(Weights(config, tensors), path, Tokenizer.load(BUNDLED / "tokenizer.bin"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_of_whole_k_blocks(tmp_path_factory) -> Path:
+    """random_model_of_whole_k_blocks, three layers."""
+    return random_model_of_whole_k_blocks(
+        tmp_path_factory.mktemp("k_blocks") / "random256.f32.gguf"
+    )

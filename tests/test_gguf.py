@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 import llamette
-from conftest import expected_rows, numpy_forward, shared_path
+from conftest import (
+    expected_rows,
+    llama_cpp_logits,
+    mean_kl,
+    numpy_forward,
+    quantized_by_llama_cpp,
+    shared_path,
+)
 from llamette import Sampler, Tokenizer, Transformer, generate, weight_types
 from llamette.cli import main
 from llamette.formats import gguf as gguf_format
@@ -15,7 +22,6 @@ from llamette.formats import load_weights, read_model
 from llamette.formats.gguf import GGUFModel, gguf_name, write_gguf
 from llamette.formats.llama2c import read_llama2c, write_llama2c
 from llamette.weight_types import Q8_0Tensor, Q8Tensor, nbytes
-from llamette.weights import ModelConfig, Weights
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 # types whose products take their input rounded to 8 bits in groups of 32, as llama.cpp does
@@ -273,38 +279,8 @@ def test_written_gguf_gives_llama_cpp_the_same_greedy_tokens(tmp_path, models, w
     assert theirs == ours.tokens[: len(theirs)] and len(theirs) >= 100
 
 
-def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
-    """llama.cpp's logits (len(tokens), vocab) for one sequence."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
-    llama = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
-    llama.eval(tokens)
-    return np.array(llama.scores[: len(tokens)], np.float64)
-
-
-def mean_kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
-    """Mean over positions of KL(softmax(reference) || softmax(logits)), in nats."""
-
-    def log_softmax(z):
-        z = np.asarray(z, np.float64)
-        z = z - z.max(axis=-1, keepdims=True)
-        return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
-
-    p, q = log_softmax(reference_logits), log_softmax(logits)
-    return float((np.exp(p) * (p - q)).sum(axis=-1).mean())
-
-
 LLAMA_CPP_FILE_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q5_K_M",
                         "Q6_K", "Q3_K_M", "Q2_K", "IQ4_XS"]  # fmt: skip
-
-
-def quantized_by_llama_cpp(source: Path, out: Path, file_type: str) -> Path:
-    """source (an F32 GGUF) quantized by llama.cpp's own quantizer into llama.cpp's file type
-    (its mix of types per tensor, and its fallbacks for rows that are not whole blocks)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{file_type}")
-    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) == 0
-    return out
 
 
 def small_model(models: Path, name: str) -> tuple[Path, Path]:
@@ -365,26 +341,6 @@ def test_files_quantized_by_llama_cpp_pick_its_greedy_tokens(tmp_path, models, f
     if not_run:
         pytest.skip(f"llamette does not run {', '.join(sorted(not_run))} yet")
     assert_picks_llama_cpp_s_greedy_tokens(out)
-
-
-@pytest.fixture(scope="module")
-def model_of_whole_k_blocks(tmp_path_factory) -> Path:
-    """An F32 GGUF of random weights whose rows are multiples of 256 values, so that llama.cpp's
-    K-quant file types hold K-quant matrices (the trained test models fall back to other types)."""
-    config = ModelConfig(dim=256, hidden_dim=768, n_layers=3, n_heads=4, n_kv_heads=2,
-                         vocab_size=1024, seq_len=512, shared_classifier=False)  # fmt: skip
-    rng = np.random.default_rng(7)
-    tensors = {}
-    for name, shape in config.tensor_shapes().items():
-        if len(shape) == 1:  # norms away from 1
-            tensors[name] = (1 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
-        else:  # a stable residual stream: rounding errors do not grow through the layers
-            tensors[name] = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
-    tensors["tok_embeddings.weight"] *= np.sqrt(config.dim)
-    tensors["output.weight"] *= 1.5  # peaked next-token distributions
-    path = tmp_path_factory.mktemp("k_blocks") / "random256.f32.gguf"
-    write_gguf(Weights(config, tensors), path, Tokenizer.load(BUNDLED / "tokenizer.bin"))
-    return path
 
 
 @pytest.mark.parametrize("file_type", ["Q4_K_M", "Q4_K_S", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K",

@@ -17,7 +17,7 @@ from llamette.chat_template import own_template
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, load_weights
-from llamette.formats.gguf import GGUF_TYPES
+from llamette.formats.gguf import WRITTEN_TYPES
 from llamette.generate import Generation, chat, generate
 from llamette.kernels import set_threads
 from llamette.kernels.timing import MATMUL_PARTS
@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--type",
         dest="weight_type",
-        choices=GGUF_TYPES,
+        choices=WRITTEN_TYPES,
         metavar="TYPE",
-        help=f"weight type: {', '.join(GGUF_TYPES)} (GGUF; llama2c v0/v1 are f32, v2 q8_0)",
+        help=f"weight type: {', '.join(WRITTEN_TYPES)} (GGUF; q4_k_m and the like are llama.cpp's "
+        "mixes of types; llama2c v0/v1 are f32, v2 q8_0)",
     )
     convert.add_argument(
         "--group-size",
@@ -357,7 +358,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-QUANTIZED_TYPES = tuple(kind for kind in GGUF_TYPES if kind != "f32")
+QUANTIZED_TYPES = tuple(kind for kind in WRITTEN_TYPES if kind != "f32")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

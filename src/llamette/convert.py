@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 
 from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, read_model
-from llamette.formats.gguf import GGUF_TYPES, chat_template_of, write_gguf
+from llamette.formats.gguf import WRITTEN_TYPES, chat_template_of, write_gguf
 from llamette.formats.llama2c import write_llama2c
 from llamette.weights import Tensor, Weights
 
@@ -40,8 +40,8 @@ def convert(
     c = weights.config
     if out_format == "gguf":
         weight_type = weight_type or "f32"
-        if weight_type not in GGUF_TYPES:
-            raise LlametteError(f"--type: GGUF takes {', '.join(GGUF_TYPES)}, not {weight_type}")
+        if weight_type not in WRITTEN_TYPES:
+            raise LlametteError(f"--type: GGUF takes {', '.join(WRITTEN_TYPES)}, not {weight_type}")
         tokenizer = find_tokenizer(source, tokenizer_path, c.vocab_size, "--tokenizer")
         template = chat_template_of(source)
         write_gguf(_streamed(weights, progress, out), out, tokenizer, weight_type, template)

@@ -15,7 +15,7 @@ from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.output import atomic_output
 from llamette.tokenizer import Tokenizer
-from llamette.weight_types import BY_GGUF_TYPE, gguf_names, to_float32
+from llamette.weight_types import BY_GGUF_TYPE, file_types, gguf_names, quantize, to_float32
 from llamette.weights import LazyTensors, ModelConfig, Tensor, Weights
 
 GGUF_LAYER_NAMES = {
@@ -36,6 +36,8 @@ GGUF_NAMES = {
 }
 
 GGUF_TYPES = gguf_names(written=True)  # what write_gguf stores matrices as
+# ...and what it takes as a type: those, and llama.cpp's file types (mixes of them)
+WRITTEN_TYPES = GGUF_TYPES + tuple(t for t in file_types.MAIN_TYPE if t not in GGUF_TYPES)
 RUN_TYPES = gguf_names()  # what llamette runs
 
 # GGUF token types (SentencePiece's piece kinds)
@@ -225,17 +227,21 @@ def write_gguf(
 ) -> None:
     """Write weights and tokenizer (and a Jinja chat template) as a GGUF file; matrices in
     `weight_type`, or in their own type where `tensor_types` names one (files may mix types),
-    norms always F32."""
+    norms always F32. A llama.cpp file type (file_types: q4_k_m, ...) as `weight_type` gives each
+    matrix the type llama.cpp's quantizer gives it."""
     import gguf
 
     tensor_types = tensor_types or {}
+    gguf_file_type = f"MOSTLY_{weight_type.upper()}"
+    if weight_type in file_types.MAIN_TYPE:
+        tensor_types = file_types.tensor_types(weight_type, weights.config) | dict(tensor_types)
+        gguf_file_type = file_types.GGUF_FILE_TYPE[weight_type]
+        weight_type = file_types.MAIN_TYPE[weight_type]
     for kind in (weight_type, *tensor_types.values()):
         if kind not in GGUF_TYPES:
             raise LlametteError(f"GGUF weight type {kind!r} is not one of {', '.join(GGUF_TYPES)}")
     types = {name: gguf.GGMLQuantizationType[name.upper()] for name in GGUF_TYPES}
-    file_type = gguf.LlamaFileType[
-        "ALL_F32" if weight_type == "f32" else f"MOSTLY_{weight_type.upper()}"
-    ]
+    file_type = gguf.LlamaFileType["ALL_F32" if weight_type == "f32" else gguf_file_type]
     c = weights.config
     tokenizer.check_vocab_size(c.vocab_size, "the model")
     with atomic_output(path) as temporary:
@@ -276,7 +282,7 @@ def write_gguf(
             tensor = weights[name]
             dense = to_float32(tensor)
             writer.write_tensor_data(
-                gguf.quants.quantize(np.asarray(dense, np.float32), stored_type(name))
+                quantize(np.asarray(dense, np.float32), stored_type(name).name.lower())
             )
         writer.close()
 

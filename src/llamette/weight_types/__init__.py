@@ -50,6 +50,7 @@ quantize_q8 = q8.quantize_q8
 
 # GGUF types llamette runs, by GGUF type number
 BY_GGUF_TYPE = {t.GGUF_TYPE: t for t in TYPES if t.GGUF_TYPE is not None}
+BY_NAME = {t.NAME: t for t in TYPES}
 
 
 def weight_type(tensor: Tensor) -> ModuleType:
@@ -94,9 +95,20 @@ def smallest_input_group(tensors: Iterable[Tensor]) -> int:
     return min(sizes, default=32)
 
 
+def quantize(w: np.ndarray, name: str) -> np.ndarray:
+    """w (rows, cols) float32 in the GGUF type `name` as a GGUF file stores it: by the type's
+    module where it has a quantizer of its own (the K-quants), else by gguf-py's."""
+    import gguf
+
+    kind = BY_NAME.get(name)
+    if hasattr(kind, "quantize"):
+        return kind.quantize(w)
+    return gguf.quants.quantize(w, gguf.GGMLQuantizationType[name.upper()])
+
+
 def gguf_names(written: bool = False) -> tuple[str, ...]:
-    """The GGUF types llamette runs, by name; with `written`, only those it also writes (gguf-py
-    quantizes them; a type's module sets WRITTEN = False where no quantizer is at hand yet)."""
+    """The GGUF types llamette runs, by name; with `written`, only those it also writes (a type's
+    module sets WRITTEN = False where neither it nor gguf-py has a quantizer)."""
     return tuple(
         kind.NAME for kind in BY_GGUF_TYPE.values() if not written or getattr(kind, "WRITTEN", True)
     )

@@ -14,6 +14,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import nibbles_dot_32
+from llamette.weight_types import k_quants
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -26,7 +27,7 @@ GGUF_TYPE = 12  # gguf.GGMLQuantizationType.Q4_K
 BLOCK, BLOCK_BYTES = 256, 144  # values per block; d, dmin, 12 bytes of scales, 128 of values
 RUN = 32  # values per scale
 F32 = np.float32
-WRITTEN = False  # llamette runs it but does not write it: gguf-py has no K-quant quantizer
+WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)
 
 
 class Q4_KTensor(NamedTuple):
@@ -63,6 +64,17 @@ def six_bit_scales_and_minimums(packed: np.ndarray) -> tuple[np.ndarray, np.ndar
     scales = np.concatenate([first & 63, (last & 15) | (first >> 6 << 4)], axis=-1)
     minimums = np.concatenate([second & 63, (last >> 4) | (second >> 6 << 4)], axis=-1)
     return scales, minimums
+
+
+def quantize(w: np.ndarray) -> np.ndarray:
+    """w (rows, cols) as Q4_K blocks (rows, cols / 256 * 144), as llama.cpp's reference quantizer
+    makes them: per run a scale and a minimum fitted to its values, weighted by their size."""
+
+    def blocks_of(rows):
+        terms, q = k_quants.terms_and_levels_with_minimums(rows, 15, -1.0, 0.1, 20)
+        return np.concatenate([terms, k_quants.nibbles(q)], axis=1).reshape(rows.shape[0], -1)
+
+    return k_quants.in_row_chunks(w, blocks_of)
 
 
 def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q4_KTensor:

@@ -15,6 +15,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import five_bits_dot_32
+from llamette.weight_types import k_quants
 from llamette.weight_types.q4_k import scale_and_minimum, six_bit_scales_and_minimums
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
@@ -29,7 +30,7 @@ BLOCK, BLOCK_BYTES = 256, 176  # values per block; d, dmin, 12 bytes of scales, 
 RUN = 32  # values per scale
 SCALES, HIGH_BITS, LOW_BITS = 4, 16, 48  # where a block's parts start
 F32 = np.float32
-WRITTEN = False  # llamette runs it but does not write it: gguf-py has no K-quant quantizer
+WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)
 
 
 class Q5_KTensor(NamedTuple):
@@ -57,6 +58,20 @@ class Q5_KTensor(NamedTuple):
 
 
 Tensor = Q5_KTensor
+
+
+def quantize(w: np.ndarray) -> np.ndarray:
+    """w (rows, cols) as Q5_K blocks (rows, cols / 256 * 176), as llama.cpp's reference quantizer
+    makes them (Q4_K's fit, with 32 levels)."""
+
+    def blocks_of(rows):
+        terms, q = k_quants.terms_and_levels_with_minimums(rows, 31, -0.5, 0.1, 15)
+        fifth_bits = (q.reshape(-1, 8, RUN) >> 4) << np.arange(8, dtype=np.uint8)[:, None]
+        high = np.bitwise_or.reduce(fifth_bits, axis=1)  # (blocks, 32): bit j from run j
+        blocks = np.concatenate([terms, high, k_quants.nibbles(q)], axis=1)
+        return blocks.reshape(rows.shape[0], -1)
+
+    return k_quants.in_row_chunks(w, blocks_of)
 
 
 def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q5_KTensor:

@@ -15,6 +15,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import six_bits_dot_2x16
+from llamette.weight_types import k_quants
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -28,7 +29,7 @@ BLOCK, BLOCK_BYTES = 256, 210  # values per block; 128 + 64 bytes of values, 16 
 RUN = 32  # values per input group
 HIGH_BITS, SCALES, D = 128, 192, 208  # where a block's parts start
 F32 = np.float32
-WRITTEN = False  # llamette runs it but does not write it: gguf-py has no K-quant quantizer
+WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)
 
 
 class Q6_KTensor(NamedTuple):
@@ -56,6 +57,34 @@ class Q6_KTensor(NamedTuple):
 
 
 Tensor = Q6_KTensor
+
+
+def quantize(w: np.ndarray) -> np.ndarray:
+    """w (rows, cols) as Q6_K blocks (rows, cols / 256 * 210), as llama.cpp's reference quantizer
+    makes them: per 16 values the scale that fits them best, weighted by their squares; the
+    scales in int8 steps of d, the largest at -128."""
+    return k_quants.in_row_chunks(w, _blocks_of)
+
+
+def _blocks_of(rows: np.ndarray) -> np.ndarray:
+    sixteens = rows.reshape(-1, 16)
+    scales = k_quants.symmetric_scale_search(sixteens, 32).reshape(-1, 16)  # (blocks, 16)
+    largest = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)
+    zero = np.abs(largest[:, 0]) < k_quants.TINY
+    largest[zero] = 1
+    inverse = F32(-128) / largest
+    d = k_quants.fp16(F32(1) / inverse)  # (blocks, 1)
+    levels = np.minimum(np.rint(inverse * scales), 127).astype(np.int8)
+    d[zero], levels[zero] = 0, 0
+    step = (d * levels.astype(F32))[..., None]  # (blocks, 16, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.clip(np.rint(sixteens.reshape(step.shape[0], 16, 16) / step), -32, 31) + 32
+    q = np.where(step == 0, 32, q).astype(np.uint8).reshape(-1, 2, 4, 32)  # half, run, value
+    low = (q[:, :, :2] & 15) | ((q[:, :, 2:] & 15) << 4)  # runs 0, 1 low nibbles; 2, 3 high
+    high = np.bitwise_or.reduce((q >> 4) << (2 * np.arange(4, dtype=np.uint8))[:, None], axis=2)
+    blocks = np.concatenate([low.reshape(-1, 128), high.reshape(-1, 64), levels.view(np.uint8),
+                             d.astype(np.float16).view(np.uint8)], axis=1)  # fmt: skip
+    return blocks.reshape(rows.shape[0], -1)
 
 
 def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> Q6_KTensor:
