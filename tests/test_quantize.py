@@ -18,9 +18,9 @@ from conftest import (
 )
 from llamette import Transformer
 from llamette.cli import main
-from llamette.weight_types import file_types, q4_k, q5_k, q6_k
+from llamette.weight_types import file_types, iq4_nl, iq4_xs, q4_k, q5_k, q6_k
 
-FILE_TYPES = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k"]
+FILE_TYPES = ["q4_k_m", "q4_k_s", "q5_k_m", "q5_k_s", "q6_k", "iq4_xs", "iq4_nl"]
 TOKENS = [1, *np.random.default_rng(3).integers(3, 1024, 255).tolist()]
 
 
@@ -72,11 +72,13 @@ def test_uses_more_bits_in_the_first_and_last_eighths_and_every_third_layer():
     assert chosen == [0, 1, 4, 7, 10, 13, 14, 15]
 
 
-@pytest.mark.parametrize("kind", [q4_k, q5_k, q6_k])
+@pytest.mark.parametrize("kind", [q4_k, q5_k, q6_k, iq4_nl, iq4_xs])
 def test_blocks_are_those_of_llama_cpp_s_quantizer(tmp_path, deep_model, kind):
     """The same search for scales and minimums as llama.cpp's reference quantizer: the same
     blocks but where float sums in another order round a trial's error the other way."""
-    file_type = {q4_k: "Q4_K_S", q5_k: "Q5_K_S", q6_k: "Q6_K"}[kind]
+    file_type = {q4_k: "Q4_K_S", q5_k: "Q5_K_S", q6_k: "Q6_K", iq4_nl: "IQ4_NL", iq4_xs: "IQ4_XS"}[
+        kind
+    ]
     theirs = quantized_by_llama_cpp(deep_model, tmp_path / "theirs.gguf", file_type, pure=True)
     source = {t.name: t for t in gguf.GGUFReader(deep_model).tensors}
     for tensor in gguf.GGUFReader(theirs).tensors[:12]:

@@ -13,6 +13,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import IQ4_VALUES, table_dot_32
+from llamette.weight_types import k_quants
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -25,7 +26,7 @@ GGUF_TYPE = 20  # gguf.GGMLQuantizationType.IQ4_NL
 BLOCK, BLOCK_BYTES = 32, 18  # values per block; d, 16 bytes of indices
 TABLE = np.array(IQ4_VALUES, np.int8)
 F32 = np.float32
-WRITTEN = False  # llamette runs it but does not write it: gguf-py has no IQ4 quantizer
+WRITTEN = True  # by quantize (gguf-py has no IQ4 quantizer)
 
 
 class IQ4_NLTensor(NamedTuple):
@@ -52,6 +53,24 @@ def table_values(packed: np.ndarray) -> np.ndarray:
     """The 32 float32 table values (..., 32) that 16 bytes of indices (..., 16) stand for."""
     indices = np.concatenate([packed & 15, packed >> 4], axis=-1)
     return TABLE[indices].astype(np.float32)
+
+
+def quantize(w: np.ndarray) -> np.ndarray:
+    """w (rows, cols) as IQ4_NL blocks (rows, cols / 32 * 18), as llama.cpp's quantizer makes
+    them: per block the scale whose nearest table values fit it best, weighted by their squares."""
+
+    def blocks_of(rows):
+        x = rows.reshape(-1, BLOCK)
+        scale = k_quants.table_scale_search(x, TABLE)
+        with np.errstate(divide="ignore"):
+            inverse = np.where(scale != 0, F32(1) / scale, 0).astype(F32)[:, None]
+        indices = k_quants.nearest_in_table(TABLE, inverse * x)
+        d = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return np.concatenate([d, k_quants.table_nibbles(indices)], axis=1).reshape(
+            rows.shape[0], -1
+        )
+
+    return k_quants.in_row_chunks(w, blocks_of)
 
 
 def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> IQ4_NLTensor:

@@ -14,6 +14,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import table_dot_32
+from llamette.weight_types import k_quants
 from llamette.weight_types.iq4_nl import TABLE, table_values
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
@@ -28,7 +29,7 @@ BLOCK, BLOCK_BYTES = 256, 136  # values per block; d, 2 + 4 bytes of scales, 128
 RUN = 32  # values per scale
 HIGH_SCALES, LOW_SCALES, INDICES = 2, 4, 8  # where a block's parts start
 F32 = np.float32
-WRITTEN = False  # llamette runs it but does not write it: gguf-py has no IQ4 quantizer
+WRITTEN = True  # by quantize (gguf-py has no IQ4 quantizer)
 
 
 class IQ4_XSTensor(NamedTuple):
@@ -55,6 +56,34 @@ class IQ4_XSTensor(NamedTuple):
 
 
 Tensor = IQ4_XSTensor
+
+
+def quantize(w: np.ndarray) -> np.ndarray:
+    """w (rows, cols) as IQ4_XS blocks (rows, cols / 256 * 136), as llama.cpp's quantizer makes
+    them: IQ4_NL's search per run, the runs' scales in 6-bit steps of d (the largest at -32), then
+    each value's nearest table value under its rounded run scale."""
+
+    def blocks_of(rows):
+        runs = rows.reshape(-1, RUN)
+        scales = k_quants.table_scale_search(runs, TABLE).reshape(-1, 8)  # (blocks, 8)
+        largest = np.take_along_axis(scales, np.abs(scales).argmax(axis=1)[:, None], axis=1)
+        d = -largest / F32(32)  # (blocks, 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inverse = np.where(d != 0, F32(1) / d, 0).astype(F32)
+            levels = np.clip(np.rint(inverse * scales), -32, 31)
+            run_scale = (d * levels).reshape(-1, 1)
+            run_inverse = np.where(run_scale != 0, F32(1) / run_scale, 0).astype(F32)
+        indices = k_quants.nearest_in_table(TABLE, run_inverse * runs)
+        stored = (levels + 32).astype(np.uint16)  # (blocks, 8), 0..63
+        low = (stored[:, 0::2] & 15) | ((stored[:, 1::2] & 15) << 4)  # (blocks, 4)
+        high = np.bitwise_or.reduce((stored >> 4) << (2 * np.arange(8, dtype=np.uint16)), axis=1)
+        blocks = np.concatenate([
+            d.astype(np.float16).view(np.uint8), high.astype("<u2").view(np.uint8).reshape(-1, 2),
+            low.astype(np.uint8), k_quants.table_nibbles(indices).reshape(-1, 128),
+        ], axis=1)  # fmt: skip
+        return blocks.reshape(rows.shape[0], -1)
+
+    return k_quants.in_row_chunks(w, blocks_of)
 
 
 def from_gguf(data: np.ndarray, shape: tuple[int, int]) -> IQ4_XSTensor:

@@ -1,7 +1,8 @@
-"""Quantizing to the K-quants as llama.cpp's reference quantizer does (without an importance
+"""Quantizing to the K-quants and IQ4 types as llama.cpp's quantizer does (without an importance
 matrix), in NumPy, over all the sub-blocks of a matrix at once: the search for each sub-block's
 scale (and minimum), then the block's scales of those scales, then each value's level under the
-rounded scales. The K-quant modules (q4_k, q5_k, q6_k) pack the levels into their layouts."""
+rounded scales. The types' modules (q4_k, q5_k, q6_k, iq4_nl, iq4_xs) pack the levels into their
+layouts."""
 
 from __future__ import annotations
 
@@ -149,3 +150,44 @@ def nibbles(q: np.ndarray) -> np.ndarray:
     bytes, value j in the low nibble of byte j and value 32 + j in its high nibble."""
     pairs = (q & 15).reshape(q.shape[0], 4, 2, 32)
     return (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(q.shape[0], 128)
+
+
+def nearest_in_table(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The index of the table value (ascending int8) nearest to each x; halfway: the higher."""
+    values = table.astype(F32)
+    upper = np.clip(np.searchsorted(values, x, side="right"), 1, len(values) - 1)
+    lower_is_nearer = x - values[upper - 1] < values[upper] - x
+    return np.where(lower_is_nearer, upper - 1, upper).astype(np.uint8)
+
+
+def table_scale_search(x: np.ndarray, table: np.ndarray, trials: int = 7) -> np.ndarray:
+    """For each sub-block (row of x), the scale d of x ~ d * table[i]: the least-squares fit
+    weighted by x^2 for the table indices nearest x / d at 2 trials + 2 trial scales, the best
+    by that fit; 0 for an all-zero sub-block (llama.cpp's IQ4 search)."""
+    at_max = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)  # signed (n, 1)
+    zero = np.abs(at_max[:, 0]) < TINY
+    at_max[zero] = 1
+    weights = x * x
+    values = table.astype(F32)
+
+    def fit(inverse_scale):
+        q = values[nearest_in_table(table, inverse_scale * x)]
+        return (weights * q * x).sum(axis=1), (weights * q * q).sum(axis=1)
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sum_qx, sum_q2 = fit(F32(1) / (-at_max / values[0]))
+        scale = np.where(sum_q2 > 0, sum_qx / sum_q2, 0).astype(F32)
+        best = scale * sum_qx
+        for trial in range(-trials, trials + 1):
+            sum_qx, sum_q2 = fit((F32(trial) + values[0]) / at_max)
+            better = (sum_q2 > 0) & (sum_qx * sum_qx > best * sum_q2)
+            scale[better] = (sum_qx / sum_q2)[better]
+            best[better] = (scale * sum_qx)[better]
+    scale[zero] = 0
+    return scale
+
+
+def table_nibbles(indices: np.ndarray) -> np.ndarray:
+    """(n, 32) 4-bit indices as IQ4 packs them: value j in the low nibble of byte j, 16 + j in
+    its high nibble (n, 16)."""
+    return indices[:, :16] | (indices[:, 16:] << 4)
