@@ -71,6 +71,15 @@ class RandomTensors(Mapping):
         return len(self.shapes)
 
 
+def quantize_with_llama_cpp(peer_python: Path, source: Path, out: Path, file_type: str) -> Path:
+    """source (a GGUF) quantized by llama.cpp's quantizer into its file type (e.g. "Q4_K_M")."""
+    partial = out.with_suffix(".partial")
+    subprocess.run([str(peer_python), "-c", QUANTIZE, str(source), str(partial), file_type],
+                   check=True, capture_output=True)  # fmt: skip
+    partial.rename(out)
+    return out
+
+
 def cache_dir() -> Path:
     path = Path(os.environ.get("LLAMETTE_BENCH_DIR", Path.home() / ".cache" / "llamette-bench"))
     (path / "models").mkdir(parents=True, exist_ok=True)
@@ -81,19 +90,17 @@ def model_path(name: str, weight_type: str, runner: str) -> Path:
     return cache_dir() / "models" / f"{name}{FORMATS[weight_type][runner]}"
 
 
-def ensure_model(name: str, weight_type: str, tokenizer_path: Path, peer_python: Path,
-                 log=print) -> dict[str, Path]:  # fmt: skip
-    """Both runners' files for one model and weight type, written if missing."""
+def ensure_model(name: str, weight_type: str, tokenizer_path: Path,
+                 peer_python: Path | None = None, log=print) -> dict[str, Path]:  # fmt: skip
+    """Both runners' files for one model and weight type, written if missing (the K-quant files
+    by llama.cpp's quantizer, in the venv of peer_python)."""
     if weight_type in QUANTIZED_BY_LLAMA_CPP:
         out = model_path(name, weight_type, "llama.cpp")
         if not out.exists():
             source = ensure_model(name, "q8_0" if name == "llama2-7b" else "f32", tokenizer_path,
                                   peer_python, log)["llama.cpp"]  # fmt: skip
             log(f"writing {out} with llama.cpp's quantizer")
-            partial = out.with_suffix(".partial")
-            subprocess.run([str(peer_python), "-c", QUANTIZE, str(source), str(partial),
-                            QUANTIZED_BY_LLAMA_CPP[weight_type]], check=True)  # fmt: skip
-            partial.rename(out)
+            quantize_with_llama_cpp(peer_python, source, out, QUANTIZED_BY_LLAMA_CPP[weight_type])
         return {"llamette": out, "llama.cpp": out}
     config = SHAPES[name]
     weights = Weights(config, RandomTensors(config), source=f"random {name}")
