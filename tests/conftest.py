@@ -198,10 +198,29 @@ def numpy_forward(config, tensors: dict, tokens: list[int], quantized_inputs=fro
     return linear(classifier, rmsnorm(x, t["norm.weight"]))
 
 
+def llama_cpp_model(path: Path, **options):
+    """llama.cpp's Llama (llama-cpp-python) for a model file, on its plain CPU path: without its
+    extra weight buffers (AMX tiles, repacked layouts), whose AMX kernels crash on CPUs with
+    AMX-INT8 (a segfault in decode; ggml-org/llama.cpp#20824)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    library = llama_cpp.llama_cpp
+    default_params = library.llama_model_default_params
+
+    def without_extra_buffers():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    library.llama_model_default_params = without_extra_buffers  # Llama() has no option for it
+    try:
+        return llama_cpp.Llama(str(path), verbose=False, **options)
+    finally:
+        library.llama_model_default_params = default_params
+
+
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
     """llama.cpp's logits (len(tokens), vocab) for one sequence."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
-    llama = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    llama = llama_cpp_model(path, n_ctx=512, n_threads=2, logits_all=True)
     llama.eval(tokens)
     return np.array(llama.scores[: len(tokens)], np.float64)
 

@@ -6,7 +6,7 @@ import pytest
 import sentencepiece
 
 import llamette
-from conftest import serving
+from conftest import llama_cpp_model, serving
 from llamette import Sampler, Transformer, chat
 from llamette.chat_template import (
     JinjaTemplate,
@@ -75,7 +75,7 @@ def test_a_gguf_template_renders_and_tokenizes_as_llama_cpp_does(gguf_with_templ
     llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_NEEDED)
     template = chat_template_for(gguf_with_template)
     assert isinstance(template, JinjaTemplate)
-    llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
+    llm = llama_cpp_model(gguf_with_template, n_ctx=256)
     formatter = llama_cpp.llama_chat_format.Jinja2ChatFormatter(TEMPLATE, "</s>", "<s>")
     messages = [{"role": m.role, "content": m.content} for m in CONVERSATION]
     text = formatter(messages=messages).prompt
@@ -87,8 +87,7 @@ def test_a_gguf_template_renders_and_tokenizes_as_llama_cpp_does(gguf_with_templ
 
 def test_a_gguf_served_with_its_template_answers_as_llama_cpp(gguf_with_template):
     """Greedy chat through llamette's server code and through llama.cpp's own chat handler."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_NEEDED)
-    llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
+    llm = llama_cpp_model(gguf_with_template, n_ctx=256)
     messages = [{"role": m.role, "content": m.content} for m in CONVERSATION]
     theirs = llm.create_chat_completion(messages, temperature=0, max_tokens=40)
     openai = pytest.importorskip("openai", reason="openai is a test dependency")
@@ -108,8 +107,7 @@ def test_a_gguf_served_with_its_template_answers_as_llama_cpp(gguf_with_template
 
 def test_run_chat_uses_a_ggufs_template_and_answers_as_llama_cpp(gguf_with_template, tokenizer):
     """`llamette run -m chat` on a GGUF with a template: the greedy answer llama.cpp gives."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason=LLAMA_CPP_NEEDED)
-    llm = llama_cpp.Llama(str(gguf_with_template), n_ctx=256, verbose=False)
+    llm = llama_cpp_model(gguf_with_template, n_ctx=256)
     messages = [{"role": "system", "content": "You tell stories."},
                 {"role": "user", "content": "Tell me about a dog."}]  # fmt: skip
     theirs = llm.create_chat_completion(messages, temperature=0)["choices"][0]["message"]

@@ -10,6 +10,7 @@ import llamette
 from conftest import (
     expected_rows,
     llama_cpp_logits,
+    llama_cpp_model,
     mean_kl,
     numpy_forward,
     quantized_by_llama_cpp,
@@ -255,8 +256,7 @@ def test_truncated_gguf_is_one_line(tmp_path, models, capsys, keep):
 
 def greedy_llama_cpp(path, prompt_tokens: list[int], steps: int) -> list[int]:
     """llama.cpp's greedy tokens after prompt_tokens, up to `steps` positions or its EOS."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
-    llama = llama_cpp.Llama(str(path), n_ctx=512, n_threads=2, verbose=False)
+    llama = llama_cpp_model(path, n_ctx=512, n_threads=2)
     tokens = []
     for token in llama.generate(prompt_tokens, temp=0.0, repeat_penalty=1.0):
         tokens.append(token)
@@ -423,13 +423,13 @@ def test_a_file_of_mixed_types_gives_the_logits_of_its_values(mixed_gguf, exact)
 
 
 def test_a_file_of_mixed_types_gives_llama_cpp_the_same_greedy_tokens(mixed_gguf):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
     model = Transformer.load(mixed_gguf)
     tokenizer = GGUFModel(mixed_gguf).tokenizer()
     prompt = "Once upon a time, there was a"
     ours = generate(model, tokenizer, Sampler(model.config.vocab_size, 0.0), prompt, 200)
 
-    llama = llama_cpp.Llama(str(mixed_gguf), n_ctx=256, n_threads=2, verbose=False)
+    llama = llama_cpp_model(mixed_gguf, n_ctx=256, n_threads=2)
     assert llama.tokenize(prompt.encode()) == ours.prompt_tokens
     theirs = []
     for token in llama.generate(ours.prompt_tokens, temp=0.0, repeat_penalty=1.0):
