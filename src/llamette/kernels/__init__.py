@@ -3,7 +3,8 @@ bit (`--exact`), and the fast kernels of the default path, tested against it.
 
 `layers`: the steps of a transformer block over a batch of rows, in either flavour.
 `gemm`: fp32 matrix products; `int8`: the family of products over inputs quantized to int8
-(llama2.c's Q8, GGUF's Q8_0 and 4-bit types); `decoded`: products of weights decoded to float32
+(llama2.c's Q8, GGUF's Q8_0 and 2- to 6-bit types), with `block_dots` for the K-quants' row dot
+products; `decoded`: products of weights decoded to float32
 (F16, BF16); `attention`, `elementwise`: the fast flavour's other steps; `dispatch`: where
 compiled code picks a weight type's own function (the types: llamette.weight_types). See
 docs/kernels.md for which kernel runs for which type, batch and CPU.

@@ -1,7 +1,8 @@
 """The int8 family: products with an input quantized to int8 values and a scale per group, and
 integer dot products with the weights' values: llama2.c's v2 groups of 32 or 64 and GGUF's Q8_0,
-with runq.c's arithmetic to the bit; GGUF's 2- to 6-bit types (Q4_0, Q4_1, Q5_0, Q5_1, the
-K-quants, IQ4_NL, IQ4_XS), with llama.cpp's block arithmetic over inputs in groups of 32.
+with runq.c's arithmetic to the bit; GGUF's 4- and 5-bit types of 32-value blocks (Q4_0, Q4_1,
+Q5_0, Q5_1, IQ4_NL), with llama.cpp's block arithmetic over inputs in groups of 32, and the
+K-quants and IQ4_XS, whose row dot products go block by block in SIMD lanes (kernels.block_dots).
 
 An input is quantized as runq.c quantizes activations (per group, scale = max|x| / 127 and
 q = round(x / scale)), once for every product that shares it (`Int8Inputs`). Each output is then
@@ -33,6 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from llamette.kernels import aligned_empty, kernel, parallel_kernel
+from llamette.kernels.block_dots import lookup
 from llamette.kernels.dispatch import (
     group_size,
     int8_arrays,
@@ -365,89 +367,6 @@ def _unsigned_dot_32(row, start, x, first, unsigned_bytes):
     return types.int32(row, start, x, first), codegen
 
 
-# K-quants: 256-value blocks whose 32-value runs come from bytes shared with other runs.
-
-
-def split_bits_dot(name: str, low_mask: int, high_mask: int = 0, high_at: int = 0,
-                   offset: int = 0, halves: bool = False):  # fmt: skip
-    """An intrinsic that sums q_j * x[first + j] (int32) over 32 values q_j taken from bits of
-    32 bytes of a uint8 row: q_j = (row[low_start + j] >> low_shift) & low_mask, or'ed with
-    ((row[high_start + j] >> high_shift) & high_mask) << high_at where the type has a high part,
-    minus offset. Its arguments: (row, low_start, low_shift, [high_start, high_shift,] x, first);
-    with halves it returns the two sums of j < 16 and of j >= 16 (for types with a scale per 16
-    values). Values are unsigned bytes (vpdpbusd's multiplicand) unless an offset makes them
-    signed."""
-
-    def typed(row, x, *positions):
-        if not (row.dtype == types.uint8 and x.dtype == types.int8):
-            return None
-        returns = types.UniTuple(types.int32, 2) if halves else types.int32
-
-        def codegen(context, builder, signature, args):
-            row_bytes, x_bytes = _byte_loader(context, builder, signature, args, 0, len(args) - 2)
-            bytes32 = ir.VectorType(ir.IntType(8), 32)
-            values = _bits(builder, row_bytes(args[1]), args[2], low_mask)
-            if high_mask:
-                high = _bits(builder, row_bytes(args[3]), args[4], high_mask)
-                values = builder.or_(
-                    values, builder.shl(high, ir.Constant(bytes32, [high_at] * 32))
-                )
-            if offset:
-                values = builder.sub(values, ir.Constant(bytes32, [offset] * 32))
-            sums = _sum_products(builder, values, x_bytes(args[-1]), signed=offset > 0,
-                                 halves=halves)  # fmt: skip
-            return context.make_tuple(builder, returns, sums) if halves else sums
-
-        return returns(row, *positions[:-1], x, positions[-1]), codegen
-
-    # Numba's intrinsics take no *args: one signature with the high part's arguments, one without
-    if high_mask:
-
-        def dot(typingctx, row, low_start, low_shift, high_start, high_shift, x, first):
-            return typed(row, x, low_start, low_shift, high_start, high_shift, first)
-    else:
-
-        def dot(typingctx, row, low_start, low_shift, x, first):
-            return typed(row, x, low_start, low_shift, first)
-
-    dot.__name__ = dot.__qualname__ = name
-    return intrinsic(dot)
-
-
-# (row, start, shift, x, first): Q4_K's runs, the low or high nibbles of 32 bytes
-nibbles_dot_32 = split_bits_dot("nibbles_dot_32", 0x0F)
-# (row, low_start, low_shift, high_start, high_shift, x, first): Q5_K's runs, a nibble and a fifth
-# bit from another byte
-five_bits_dot_32 = split_bits_dot("five_bits_dot_32", 0x0F, high_mask=0x01, high_at=4)
-# ... Q6_K's runs: a nibble and two bits more, minus 32; a sum per 16 values (sub-block)
-six_bits_dot_2x16 = split_bits_dot(
-    "six_bits_dot_2x16", 0x0F, high_mask=0x03, high_at=4, offset=32, halves=True
-)
-# ... Q3_K's runs: two bits and a third, minus 4; a sum per 16
-three_bits_dot_2x16 = split_bits_dot(
-    "three_bits_dot_2x16", 0x03, high_mask=0x01, high_at=2, offset=4, halves=True
-)
-# (row, start, shift, x, first): Q2_K's runs: two bits, a sum per 16
-two_bits_dot_2x16 = split_bits_dot("two_bits_dot_2x16", 0x03, halves=True)
-
-
-@intrinsic
-def byte_sums_2x16(typingctx, x, first):
-    """The two int32 sums of the int8 values x[first..first + 15] and x[first + 16..first + 31]
-    (what Q2_K's minimums multiply)."""
-    if x.dtype != types.int8:
-        return None
-    returns = types.UniTuple(types.int32, 2)
-
-    def codegen(context, builder, signature, args):
-        _, x_bytes = _byte_loader(context, builder, signature, args, 0, 0)
-        ones = ir.Constant(ir.VectorType(ir.IntType(8), 32), [1] * 32)
-        sums = _sum_products(builder, ones, x_bytes(args[1]), signed=False, halves=True)
-        return context.make_tuple(builder, returns, sums)
-
-    return returns(x, first), codegen
-
-
 # IQ4: 4-bit indices into a table of 16 int8 values.
 
 IQ4_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
@@ -469,8 +388,8 @@ def table_dot(byte_shuffle: bool):
             packed = row_bytes(args[1], bytes16)
             low = builder.and_(packed, ir.Constant(bytes16, [0x0F] * 16))
             high = builder.lshr(packed, ir.Constant(bytes16, [4] * 16))
-            lookup = _shuffle_lookup if byte_shuffle else _select_lookup
-            values = builder.shuffle_vector(lookup(builder, low), lookup(builder, high),
+            values = builder.shuffle_vector(lookup(builder, low, IQ4_VALUES, byte_shuffle),
+                                            lookup(builder, high, IQ4_VALUES, byte_shuffle),
                                             ir.Constant(ir.VectorType(ir.IntType(32), 32),
                                                         list(range(32))))  # fmt: skip
             return _sum_products(builder, values, x_bytes(args[3]), signed=True)
@@ -479,24 +398,6 @@ def table_dot(byte_shuffle: bool):
 
     dot.__name__ = dot.__qualname__ = "table_dot_32" if byte_shuffle else "table_dot_32_selected"
     return intrinsic(dot)
-
-
-def _shuffle_lookup(builder, indices):
-    bytes16 = ir.VectorType(ir.IntType(8), 16)
-    shuffle = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(bytes16, [bytes16, bytes16]), "llvm.x86.ssse3.pshuf.b.128"
-    )
-    table = ir.Constant(bytes16, [v & 0xFF for v in IQ4_VALUES])
-    return builder.call(shuffle, [table, indices])
-
-
-def _select_lookup(builder, indices):
-    bytes16 = ir.VectorType(ir.IntType(8), 16)
-    values = ir.Constant(bytes16, [0] * 16)
-    for index, value in enumerate(IQ4_VALUES):
-        chosen = builder.icmp_unsigned("==", indices, ir.Constant(bytes16, [index] * 16))
-        values = builder.select(chosen, ir.Constant(bytes16, [value & 0xFF] * 16), values)
-    return values
 
 
 table_dot_32 = table_dot(byte_shuffle="+ssse3" in target_features())
@@ -519,13 +420,6 @@ def _byte_loader(context, builder, signature, args, row_arg, x_arg):
     return loader(row_arg), loader(x_arg)
 
 
-def _bits(builder, packed, shift, mask):
-    """(packed >> shift) & mask, per byte of 32, shift a run-time integer."""
-    bytes32 = ir.VectorType(ir.IntType(8), 32)
-    amount = _splat(builder, builder.trunc(shift, ir.IntType(8)), bytes32)
-    return builder.and_(builder.lshr(packed, amount), ir.Constant(bytes32, [mask] * 32))
-
-
 def _splat(builder, value, vector):
     """A vector of type `vector` with value in every lane."""
     first = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
@@ -533,20 +427,11 @@ def _splat(builder, value, vector):
     return builder.shuffle_vector(first, ir.Constant(vector, None), everywhere)
 
 
-def _sum_products(builder, values, x, signed, halves=False):
-    """The int32 sum of values (32 bytes, unsigned or signed) times x (32 int8); with halves, the
-    sums of the first and of the second 16 products."""
+def _sum_products(builder, values, x, signed):
+    """The int32 sum of values (32 bytes, unsigned or signed) times x (32 int8)."""
     ints32 = ir.VectorType(ir.IntType(32), 32)
     widened = builder.sext(values, ints32) if signed else builder.zext(values, ints32)
-    products = builder.mul(widened, builder.sext(x, ints32))
-    if not halves:
-        return _reduce(builder, products, 32)
-    sixteens = [
-        builder.shuffle_vector(products, products, ir.Constant(ir.VectorType(ir.IntType(32), 16),
-                                                               list(range(k, k + 16))))
-        for k in (0, 16)
-    ]  # fmt: skip
-    return tuple(_reduce(builder, half, 16) for half in sixteens)
+    return _reduce(builder, builder.mul(widened, builder.sext(x, ints32)), 32)
 
 
 def _reduce(builder, vector, lanes):

@@ -3,17 +3,19 @@
 uint16) and 128 bytes of 4-bit indices into IQ4_NL's table, 16 bytes per run of 32 in IQ4_NL's
 order, standing for (d * sc) * table[q].
 
-Products quantize the input in groups of 32, one per run: per run an int32 dot product of the
-table's values (int8.table_dot_32) times the run's scale, then times d and the input's scale (the
-int8 family, a row at a time)."""
+Products quantize the input in groups of 32, one per run, and go a row at a time, block by block
+in SIMD lanes (kernels.block_dots): the indices looked up in the table plus 128 (a byte shuffle),
+each lane's int32 dot product of four values with the input's, times its run's scale (d * sc) and
+the input's, less 128 times each run's input sum times the same (the int8 family, a row at a
+time)."""
 
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from llamette.kernels.block_dots import BlockIR, block_step, row_dot
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import table_dot_32
 from llamette.weight_types import k_quants
 from llamette.weight_types.iq4_nl import TABLE, table_values
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
@@ -116,16 +118,35 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@njit(inline="always")
-def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
-    """Per run (dot * sc, an integer) * d * input scale, runs summed in order."""
-    row = blocks[i]
-    val = F32(0.0)
-    for block in range(row.shape[0] // BLOCK_BYTES):
-        start = block * BLOCK_BYTES
-        d = block_scale(row, start)
-        for j in range(8):
-            g = 8 * block + j
-            dot = table_dot_32(row, start + INDICES + 16 * j, x, RUN * g)
-            val += (F32(dot * run_scale(row, start, j)) * d) * x_scales[g]
-    return val
+BIASED_TABLE = [int(value) + 128 for value in TABLE]  # unsigned bytes, for vpdpbusd
+
+
+@block_step(BLOCK)
+def block_terms(block: BlockIR):
+    """acc + a block's terms: per pair of runs (the nibbles of 32 bytes, looked up in the table
+    plus 128), each lane's dot product of four values times (d * sc) * input scale, less 128
+    times each run's input sum times the same."""
+    packed = block.widened(block.bytes(HIGH_SCALES, 8))  # 2 bytes of top bits, 4 of low nibbles
+    high = block.b.or_(block.pick(packed, [0] * 8), block.b.shl(block.pick(packed, [1] * 8),
+                                                                block.constant(packed, 8)))  # fmt: skip
+    high = block.b.shl(block.bits(high, [2 * j for j in range(8)], 3), block.constant(high, 4))
+    low = block.bits(block.pick(packed, [2 + j // 2 for j in range(8)]), [0, 4] * 4, 15)
+    scales = block.b.sub(block.b.or_(low, high), block.constant(low, 32))  # (8,) -32..31
+    terms = block.times(block.times(block.to_float(scales), block.splat(block.half(0), 8)),
+                        block.x_scales(8))  # fmt: skip
+    acc = block.acc
+    for pair in range(4):
+        packed = block.bytes(INDICES + 32 * pair, 32)
+        indices = block.pick(block.nibbles(packed), [*range(16), *range(32, 48), *range(16, 32),
+                                                     *range(48, 64)])  # fmt: skip
+        values = block.lookup(indices, BIASED_TABLE)
+        dots = block.dots(values, block.x(64 * pair, 64), below_128=False)
+        scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
+        acc = block.multiply_add(acc, block.to_float(dots), scales)
+    sums = block.x_sums(8)
+    unbiased = block.times(sums, block.constant(sums, -128.0))
+    zeros = block.constant(sums, 0.0)
+    return block.multiply_add(acc, block.join(terms, zeros), block.join(unbiased, zeros))
+
+
+int8_row_dot = row_dot(block_terms, BLOCK_BYTES)

@@ -4,18 +4,18 @@ scale d and minimum scale dmin, q standing for (d * sc) * q - dmin * m. Run r (v
 31, two sub-blocks of 16) takes bits 2 (r % 4) of the block's first (r < 4) or second 32 value
 bytes.
 
-Products quantize the input in groups of 32, one per run: per run two int32 dot products (one per
-16 values, int8.two_bits_dot_2x16), each times its scale, and the input's two sums, each times
-its minimum, summed as integers; then times d or dmin and the input's scale (the int8 family, a
-row at a time)."""
+Products quantize the input in groups of 32 and go a row at a time, block by block in SIMD lanes
+(kernels.block_dots): each lane's int32 dot product of four 2-bit values with the input's times
+its 16 values' scale (d * sc) and the input's scale, less the sum of its four input values times
+their minimum (dmin * m) and the input's scale (the int8 family, a row at a time)."""
 
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from llamette.kernels.block_dots import BlockIR, block_step, row_dot
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import byte_sums_2x16, two_bits_dot_2x16
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -80,23 +80,30 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@njit(inline="always")
-def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
-    """Per run (sum of dot * sc) * d * input scale - (sum of x sum * m) * dmin * input scale, the
-    sums over its two sub-blocks in integers, runs summed in order."""
-    row = blocks[i]
-    val = F32(0.0)
-    for block in range(row.shape[0] // BLOCK_BYTES):
-        start = block * BLOCK_BYTES
-        d, dmin = block_scale(row, start + D), block_scale(row, start + DMIN)
-        for run in range(8):
-            first = RUN * (8 * block + run)
-            dot0, dot1 = two_bits_dot_2x16(row, start + VALUES + 32 * (run >> 2), 2 * (run & 3),
-                                           x, first)  # fmt: skip
-            sum0, sum1 = byte_sums_2x16(x, first)
-            packed0, packed1 = np.int32(row[start + 2 * run]), np.int32(row[start + 2 * run + 1])
-            scaled = dot0 * (packed0 & 15) + dot1 * (packed1 & 15)
-            minimums = sum0 * (packed0 >> 4) + sum1 * (packed1 >> 4)
-            x_scale = x_scales[8 * block + run]
-            val += (F32(scaled) * d) * x_scale - (F32(minimums) * dmin) * x_scale
-    return val
+@block_step(BLOCK)
+def block_terms(block: BlockIR):
+    """acc + a block's terms: per pair of runs (two bit pairs of 32 bytes), each lane's dot
+    product of four values times (d * sc) * input scale, less its four input values' sum times
+    (dmin * m) * input scale, the scale and minimum of its 16 values."""
+    packed = block.widened(block.bytes(0, 16))
+    x_scales = block.pick(block.x_scales(8), [k // 2 for k in range(16)])
+    scales = block.times(block.times(block.to_float(block.bits(packed, 0, 15)),
+                                     block.splat(block.half(D), 16)), x_scales)  # fmt: skip
+    minimums = block.times(block.times(block.to_float(block.bits(packed, 4, 15)),
+                                       block.splat(block.half(DMIN), 16)), x_scales)  # fmt: skip
+    minimums = block.times(minimums, block.constant(minimums, -1.0))
+    acc = block.acc
+    for pair in range(4):
+        packed = block.bytes(VALUES + 32 * (pair // 2), 32)
+        shift = 4 * (pair % 2)
+        values = block.join(block.bits(packed, shift, 3), block.bits(packed, shift + 2, 3))
+        x = block.x(64 * pair, 64)
+        lanes = [4 * pair + k // 4 for k in range(16)]  # each lane's 16 values
+        dots = block.to_float(block.dots(values, x))
+        acc = block.multiply_add(acc, dots, block.pick(scales, lanes))
+        sums = block.to_float(block.dots(block.constant(values, 1), x))
+        acc = block.multiply_add(acc, sums, block.pick(minimums, lanes))
+    return acc
+
+
+int8_row_dot = row_dot(block_terms, BLOCK_BYTES)

@@ -4,17 +4,16 @@ an fp16 scale d. Run r (values 32r..32r + 31) takes its low bits as Q2_K's run r
 high bit from bit r of the 32 high-bit bytes; q = low - 4 where the high bit is clear, else low,
 standing for (d * sc) * q.
 
-Products quantize the input in groups of 32, one per run: per run two int32 dot products (one per
-16 values, int8.three_bits_dot_2x16), each times its scale, summed as integers, then times d and
-the input's scale (the int8 family, a row at a time)."""
+Products quantize the input in groups of 32 and go as Q6_K's (kernels.block_dots), with values
+q + 4 less 4 times the input's (the int8 family, a row at a time)."""
 
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from llamette.kernels.block_dots import BlockIR, block_step, row_dot
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import three_bits_dot_2x16
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -95,22 +94,42 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@njit(inline="always")
-def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
-    """Per run the two 16-value dot products times their scales, summed as integers (exact),
-    then (sum * d) * input scale, runs summed in order (as Q6_K)."""
-    row = blocks[i]
-    val = F32(0.0)
-    for block in range(row.shape[0] // BLOCK_BYTES):
-        start = block * BLOCK_BYTES
-        d = block_scale(row, start + D)
-        for run in range(8):
-            first, second = three_bits_dot_2x16(
-                row, start + LOW_BITS + 32 * (run >> 2), 2 * (run & 3), start, run, x,
-                RUN * (8 * block + run),
-            )  # fmt: skip
-            total = first * scale(row, start + SCALES, 2 * run) + second * scale(
-                row, start + SCALES, 2 * run + 1
-            )
-            val += (F32(total) * d) * x_scales[8 * block + run]
-    return val
+def sixteen_scales_in_lanes(block: BlockIR):
+    """The sixteen scales (see sixteen_scales) as int32 lanes, -32..31."""
+    packed = block.widened(block.bytes(D - 14, 16))  # ends at D: the scales are lanes 2..13
+    sub_blocks = range(16)
+    low = block.bits(block.pick(packed, [2 + s % 8 for s in sub_blocks]),
+                     [4 * (s // 8) for s in sub_blocks], 15)  # fmt: skip
+    high = block.bits(block.pick(packed, [10 + s % 4 for s in sub_blocks]),
+                      [2 * (s // 4) for s in sub_blocks], 3)  # fmt: skip
+    scales = block.b.or_(low, block.b.shl(high, block.constant(high, 4)))
+    return block.b.sub(scales, block.constant(scales, 32))
+
+
+@block_step(BLOCK)
+def block_terms(block: BlockIR):
+    """acc + a block's terms: per pair of runs (two bit pairs of 32 bytes and two high bits of
+    the block's first 32), each lane's dot product of four values (q + 4, less 4 times the
+    input's dot product) times (d * sc) * input scale, the scale of its 16 values."""
+    scales = block.to_float(sixteen_scales_in_lanes(block))
+    x_scales = block.x_scales(8)
+    terms = block.times(block.times(scales, block.splat(block.half(D), 16)),
+                        block.pick(x_scales, [k // 2 for k in range(16)]))  # fmt: skip
+    high_bits = block.bytes(0, 32)
+    acc = block.acc
+    for pair in range(4):
+        low_bits = block.bytes(LOW_BITS + 32 * (pair // 2), 32)
+        shift = 4 * (pair % 2)
+        low = block.join(block.bits(low_bits, shift, 3), block.bits(low_bits, shift + 2, 3))
+        high = block.join(
+            block.bits(high_bits, 2 * pair, 1), block.bits(high_bits, 2 * pair + 1, 1)
+        )
+        values = block.b.or_(low, block.b.shl(high, block.constant(high, 2)))  # q + 4
+        x = block.x(64 * pair, 64)
+        dots = block.b.sub(block.dots(values, x), block.dots(block.constant(values, 4), x))
+        lanes = [4 * pair + k // 4 for k in range(16)]  # each lane's 16 values
+        acc = block.multiply_add(acc, block.to_float(dots), block.pick(terms, lanes))
+    return acc
+
+
+int8_row_dot = row_dot(block_terms, BLOCK_BYTES)

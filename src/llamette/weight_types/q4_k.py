@@ -3,17 +3,18 @@ dmin, twelve bytes packing eight 6-bit scales sc and eight 6-bit minimums m, and
 4-bit values q; run j (values 32j..32j + 31) is the low (j even) or high (j odd) nibbles of bytes
 32 (j // 2).., standing for (d * sc_j) * q - dmin * m_j.
 
-Products quantize the input in groups of 32, one per run: per run an int32 dot product of the
-4-bit values (int8.nibbles_dot_32), times the run's scale and the input's, minus the run's
-minimum times the input's sum (the int8 family, a row at a time)."""
+Products quantize the input in groups of 32, one per run, and go a row at a time, block by block
+in SIMD lanes (kernels.block_dots): each lane's int32 dot product of four 4-bit values with the
+input's, times its run's scale (d * sc) and the input's, less each run's minimum (dmin * m) times
+the input's scale and sum (the int8 family, a row at a time)."""
 
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from llamette.kernels.block_dots import BlockIR, block_step, row_dot
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import nibbles_dot_32
 from llamette.weight_types import k_quants
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
@@ -111,21 +112,48 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@njit(inline="always")
-def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
-    """Per run (dot * (d * sc)) * input scale - (dmin * m) * (input scale * sum(x)), runs summed
-    in order."""
-    row = blocks[i]
-    val = F32(0.0)
-    for block in range(row.shape[0] // BLOCK_BYTES):
-        start = block * BLOCK_BYTES
-        d, dmin = block_scale(row, start), block_scale(row, start + 2)
-        for j in range(8):
-            g = 8 * block + j
-            scale, minimum = scale_and_minimum(row, start + 4, j)
-            dot = nibbles_dot_32(row, start + 16 + 32 * (j >> 1), 4 * (j & 1), x, RUN * g)
-            x_scale = x_scales[g]
-            val += (F32(dot) * (d * F32(scale))) * x_scale - (dmin * F32(minimum)) * (
-                x_scale * F32(x_sums[g])
-            )
-    return val
+def scales_and_minimums_in_lanes(block: BlockIR, offset: int):
+    """The eight 6-bit scales (lanes 0-7) and minimums (lanes 8-15) packed in the twelve bytes
+    at `offset` of a block (see six_bit_scales_and_minimums), as int32 lanes."""
+    packed = block.bytes(offset, 16)  # the last four bytes are not scales: unused
+    low = block.widened(block.pick(packed, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]))
+    low = block.bits(low, [0] * 12 + [4] * 4, [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4)
+    top = block.widened(block.pick(packed, [0] * 4 + [0, 1, 2, 3] + [0] * 4 + [4, 5, 6, 7]))
+    top = block.b.shl(
+        block.bits(top, 6, 3), block.constant(top, [0] * 4 + [4] * 4 + [0] * 4 + [4] * 4)
+    )
+    return block.b.or_(low, block.b.and_(top, block.constant(top, ([0] * 4 + [48] * 4) * 2)))
+
+
+def run_terms(block: BlockIR, scales_and_minimums):
+    """(d * sc_j) * input scale_j in lanes 0-7 and (dmin * m_j) * input scale_j in lanes 8-15,
+    for the block's eight runs j (d, dmin: the block's first two fp16)."""
+    d_dmin = block.join(block.splat(block.half(0), 8), block.splat(block.half(2), 8))
+    x_scales = block.x_scales(8)
+    return block.times(block.times(block.to_float(scales_and_minimums), d_dmin),
+                       block.join(x_scales, x_scales))  # fmt: skip
+
+
+def minus_minimums(block: BlockIR, acc, terms):
+    """acc - (dmin * m_j) * input scale_j * sum(x over run j), lane by lane (lanes 8-15 of
+    terms hold the minimums' terms; lanes 0-7 add zeros)."""
+    sums = block.x_sums(8)
+    negated = block.times(sums, block.constant(sums, -1.0))
+    return block.multiply_add(acc, terms, block.join(block.constant(sums, 0.0), negated))
+
+
+@block_step(BLOCK)
+def block_terms(block: BlockIR):
+    """acc + a block's terms: per pair of runs (the nibbles of 32 bytes), each lane's dot product
+    of four values times (d * sc) * input scale, then the minimums' terms."""
+    terms = run_terms(block, scales_and_minimums_in_lanes(block, 4))
+    acc = block.acc
+    for pair in range(4):
+        values = block.nibbles(block.bytes(16 + 32 * pair, 32))  # runs 2 pair, 2 pair + 1
+        dots = block.dots(values, block.x(64 * pair, 64))
+        scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
+        acc = block.multiply_add(acc, block.to_float(dots), scales)
+    return minus_minimums(block, acc, terms)
+
+
+int8_row_dot = row_dot(block_terms, BLOCK_BYTES)

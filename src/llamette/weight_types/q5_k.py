@@ -4,19 +4,24 @@ scales sc and minimums m packed in twelve bytes) with a fifth bit per value: run
 block, and its fifth from bit j of the 32 bytes before them, standing for (d * sc_j) * q -
 dmin * m_j.
 
-Products quantize the input in groups of 32, one per run: per run an int32 dot product of the
-5-bit values (int8.five_bits_dot_32), times the run's scale and the input's, minus the run's
-minimum times the input's sum (the int8 family, a row at a time)."""
+Products quantize the input in groups of 32, one per run, and go as Q4_K's (kernels.block_dots),
+with 5-bit values (the int8 family, a row at a time)."""
 
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from llamette.kernels.block_dots import BlockIR, block_step, row_dot
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import five_bits_dot_32
 from llamette.weight_types import k_quants
-from llamette.weight_types.q4_k import scale_and_minimum, six_bit_scales_and_minimums
+from llamette.weight_types.q4_k import (
+    minus_minimums,
+    run_terms,
+    scale_and_minimum,
+    scales_and_minimums_in_lanes,
+    six_bit_scales_and_minimums,
+)
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -97,21 +102,22 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@njit(inline="always")
-def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
-    """Per run (dot * (d * sc)) * input scale - (dmin * m) * (input scale * sum(x)), as Q4_K."""
-    row = blocks[i]
-    val = F32(0.0)
-    for block in range(row.shape[0] // BLOCK_BYTES):
-        start = block * BLOCK_BYTES
-        d, dmin = block_scale(row, start), block_scale(row, start + 2)
-        for j in range(8):
-            g = 8 * block + j
-            scale, minimum = scale_and_minimum(row, start + SCALES, j)
-            dot = five_bits_dot_32(row, start + LOW_BITS + 32 * (j >> 1), 4 * (j & 1),
-                                   start + HIGH_BITS, j, x, RUN * g)  # fmt: skip
-            x_scale = x_scales[g]
-            val += (F32(dot) * (d * F32(scale))) * x_scale - (dmin * F32(minimum)) * (
-                x_scale * F32(x_sums[g])
-            )
-    return val
+@block_step(BLOCK)
+def block_terms(block: BlockIR):
+    """acc + a block's terms, as Q4_K's (q4_k.block_terms) with each value's fifth bit."""
+    terms = run_terms(block, scales_and_minimums_in_lanes(block, SCALES))
+    fifth_bits = block.bytes(HIGH_BITS, 32)
+    acc = block.acc
+    for pair in range(4):
+        low = block.nibbles(block.bytes(LOW_BITS + 32 * pair, 32))  # runs 2 pair, 2 pair + 1
+        top = block.join(
+            block.bits(fifth_bits, 2 * pair, 1), block.bits(fifth_bits, 2 * pair + 1, 1)
+        )
+        values = block.b.or_(low, block.b.shl(top, block.constant(top, 4)))
+        dots = block.dots(values, block.x(64 * pair, 64))
+        scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
+        acc = block.multiply_add(acc, block.to_float(dots), scales)
+    return minus_minimums(block, acc, terms)
+
+
+int8_row_dot = row_dot(block_terms, BLOCK_BYTES)

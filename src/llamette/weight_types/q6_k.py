@@ -4,17 +4,18 @@ d, q standing for (d * sc) * (q - 32). In each half (128 values) of a block, run
 takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the half's first
 32, odd: its next 32) and its top bits from bits 2k, 2k + 1 of the half's 32 high-bit bytes.
 
-Products quantize the input in groups of 32, one per run: per run two int32 dot products (one
-per 16 values, int8.six_bits_dot_2x16), each times its int8 scale, summed as integers, then times
-d and the input's scale (the int8 family, a row at a time)."""
+Products quantize the input in groups of 32 and go a row at a time, block by block in SIMD lanes
+(kernels.block_dots): each lane's int32 dot product of four values q - 32 with the input's (q's
+less 32 times the input's), times its 16 values' scale (d * sc) and the input's (the int8 family,
+a row at a time)."""
 
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
+from llamette.kernels.block_dots import BlockIR, block_step, row_dot
 from llamette.kernels.halves import block_scale
-from llamette.kernels.int8 import six_bits_dot_2x16
 from llamette.weight_types import k_quants
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
@@ -111,24 +112,29 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@njit(inline="always")
-def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
-    """Per run the two 16-value dot products times their scales, summed as integers (exact),
-    then (sum * d) * input scale, runs summed in order."""
-    row = blocks[i]
-    val = F32(0.0)
-    for block in range(row.shape[0] // BLOCK_BYTES):
-        start = block * BLOCK_BYTES
-        d = block_scale(row, start + D)
-        for run in range(8):
-            half, k = run >> 2, run & 3
-            first, second = six_bits_dot_2x16(
-                row, start + 64 * half + 32 * (k & 1), 4 * (k >> 1),
-                start + HIGH_BITS + 32 * half, 2 * k, x, RUN * (8 * block + run),
-            )  # fmt: skip
-            scales = start + SCALES + 2 * run
-            total = first * np.int32(np.int8(row[scales])) + second * np.int32(
-                np.int8(row[scales + 1])
-            )
-            val += (F32(total) * d) * x_scales[8 * block + run]
-    return val
+@block_step(BLOCK)
+def block_terms(block: BlockIR):
+    """acc + a block's terms: per pair of runs (64 values: a half's low or high nibbles and two
+    of its top-bit pairs), each lane's dot product of four values (q - 32, as q's dot product
+    less 32 times the input's) times (d * sc) * input scale, the scale of its 16 values."""
+    scales = block.to_float(block.widened(block.bytes(SCALES, 16), signed=True))  # (16,)
+    x_scales = block.x_scales(8)
+    terms = block.times(block.times(scales, block.splat(block.half(D), 16)),
+                        block.pick(x_scales, [k // 2 for k in range(16)]))  # fmt: skip
+    acc = block.acc
+    for pair in range(4):
+        half, nibble = divmod(pair, 2)
+        low = block.bits(block.bytes(64 * half, 64), 4 * nibble, 0x0F)
+        top_bits = block.bytes(HIGH_BITS + 32 * half, 32)
+        top = block.join(
+            block.bits(top_bits, 4 * nibble, 3), block.bits(top_bits, 4 * nibble + 2, 3)
+        )
+        values = block.b.or_(low, block.b.shl(top, block.constant(top, 4)))
+        x = block.x(64 * pair, 64)
+        dots = block.b.sub(block.dots(values, x), block.dots(block.constant(values, 32), x))
+        lanes = [4 * pair + k // 4 for k in range(16)]  # each lane's 16 values
+        acc = block.multiply_add(acc, block.to_float(dots), block.pick(terms, lanes))
+    return acc
+
+
+int8_row_dot = row_dot(block_terms, BLOCK_BYTES)

@@ -1,0 +1,238 @@
+"""A row's dot product with a quantized input, block by block, with the work in SIMD lanes: for
+the GGUF types whose values are packed in bit fields and scaled per run of 16 or 32 (the
+K-quants, IQ4_XS).
+
+Each type writes one block's step in LLVM IR through `BlockIR`: it unpacks the block's values
+into bytes, multiplies them with the input's int8 values four at a time into int32 lanes (one
+`vpdpbusd` per 64 values with AVX-512 VNNI), and adds each lane's partial sum times its run's
+float scale into a float32x16 of running sums, which the row dot adds up once at its end. No
+lane is summed across a run boundary before it is scaled, so no per-run horizontal sum is
+needed (the cost of a run at a time); a row's bits depend on the row and the input alone, not on
+the batch around it.
+
+The input is quantized in groups of 32 (one per run, as for the other int8-family types) with
+each group's int32 sum (`x_sums`), which the types with minimums or offsets multiply.
+"""
+
+from collections.abc import Callable
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from llamette.kernels.simd import float32x16, float32x16_zeros, sum_float32x16, target_features
+
+_FEATURES = target_features()
+_VNNI = "+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES
+_AVX512BW = "+avx512bw" in _FEATURES
+_AVX2 = "+avx2" in _FEATURES
+_SSSE3 = "+ssse3" in _FEATURES
+
+I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+F32 = ir.FloatType()
+
+
+def vector(element: ir.Type, count: int) -> ir.VectorType:
+    return ir.VectorType(element, count)
+
+
+class BlockIR:
+    """The IR of one block's step of a row dot product: loads from the row at the block's first
+    byte and from the input at the block's first value (its scales and sums at its first group of
+    32), and the lane arithmetic the types need. Offsets are Python integers, in bytes of the
+    block or values of the input block."""
+
+    def __init__(self, context, builder, signature, args, block_values: int):
+        _, row, start, x, x_scales, x_sums, block = args
+        self.b = builder
+        self.acc = args[0]
+
+        def pointer(arg: int, index) -> ir.Value:
+            array = context.make_array(signature.args[arg])(context, builder, args[arg])
+            return builder.gep(array.data, [index])
+
+        first = builder.mul(block, ir.Constant(block.type, block_values))
+        group = builder.mul(block, ir.Constant(block.type, block_values // 32))
+        self._row, self._x = pointer(1, start), pointer(3, first)
+        self._x_scales, self._x_sums = pointer(4, group), pointer(5, group)
+
+    # Loads.
+
+    def _load(self, base, offset: int, vector_type: ir.VectorType):
+        address = self.b.gep(base, [ir.Constant(I32, offset)])
+        return self.b.load(self.b.bitcast(address, vector_type.as_pointer()), align=1)
+
+    def bytes(self, offset: int, count: int) -> ir.Value:
+        """count bytes of the block from `offset`, <count x i8>."""
+        return self._load(self._row, offset, vector(I8, count))
+
+    def half(self, offset: int) -> ir.Value:
+        """The fp16 at bytes offset, offset + 1 of the block, as a float."""
+        address = self.b.gep(self._row, [ir.Constant(I32, offset)])
+        bits = self.b.load(self.b.bitcast(address, I16.as_pointer()), align=1)
+        return self.b.fpext(self.b.bitcast(bits, ir.HalfType()), F32)
+
+    def x(self, offset: int, count: int) -> ir.Value:
+        """count int8 values of the input from value `offset` of the block."""
+        return self._load(self._x, offset, vector(I8, count))
+
+    def x_scales(self, count: int) -> ir.Value:
+        """The scales of the block's first `count` input groups of 32, <count x float>."""
+        return self._load(self._x_scales, 0, vector(F32, count))
+
+    def x_sums(self, count: int) -> ir.Value:
+        """The int32 sums of the block's first `count` input groups of 32, as floats."""
+        return self.b.sitofp(self._load(self._x_sums, 0, vector(I32, count)), vector(F32, count))
+
+    # Lanes.
+
+    def constant(self, like: ir.Value, values) -> ir.Value:
+        """A constant vector of like's type: values, or one value in every lane."""
+        count = like.type.count
+        values = list(values) if hasattr(values, "__len__") else [values] * count
+        return ir.Constant(like.type, values)
+
+    def pick(self, v: ir.Value, lanes, other: ir.Value | None = None) -> ir.Value:
+        """The lanes of v (then of other, numbered on) at the given indices."""
+        return self.b.shuffle_vector(v, v if other is None else other,
+                                     ir.Constant(vector(I32, len(lanes)), list(lanes)))  # fmt: skip
+
+    def join(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        """a's lanes, then b's (vectors of one type)."""
+        return self.pick(a, range(2 * a.type.count), b)
+
+    def splat(self, value: ir.Value, count: int) -> ir.Value:
+        one = self.b.insert_element(ir.Constant(vector(value.type, 1), None), value, I32(0))
+        return self.pick(one, [0] * count)
+
+    def bits(self, v: ir.Value, shift: int, mask: int) -> ir.Value:
+        """(v >> shift) & mask, lane by lane, for bytes."""
+        if shift:
+            v = self.b.lshr(v, self.constant(v, shift))
+        return self.b.and_(v, self.constant(v, mask))
+
+    def nibbles(self, packed: ir.Value) -> ir.Value:
+        """The low nibbles of the bytes, then their high nibbles (twice as many lanes)."""
+        return self.join(self.bits(packed, 0, 0x0F), self.bits(packed, 4, 0x0F))
+
+    def lookup(self, indices: ir.Value, table) -> ir.Value:
+        """table[i] for each byte i of indices (all below 16; table: 16 byte values), 16 bytes
+        at a time (see lookup)."""
+        parts = [lookup(self.b, self.pick(indices, range(k, k + 16)), table, _SSSE3)
+                 for k in range(0, indices.type.count, 16)]  # fmt: skip
+        while len(parts) > 1:
+            parts = [self.join(a, b) for a, b in zip(parts[::2], parts[1::2], strict=True)]
+        return parts[0]
+
+    def widened(self, v: ir.Value, signed: bool = False) -> ir.Value:
+        """Bytes (unsigned unless `signed`) as int32 lanes."""
+        return (self.b.sext if signed else self.b.zext)(v, vector(I32, v.type.count))
+
+    def to_float(self, v: ir.Value) -> ir.Value:
+        return self.b.sitofp(v, vector(F32, v.type.count))
+
+    def times(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        return self.b.fmul(a, b)
+
+    def multiply_add(self, acc: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+        """acc + a * b, lane by lane, rounded once."""
+        fma = cgutils.get_or_insert_function(
+            self.b.module,
+            ir.FunctionType(acc.type, [acc.type] * 3),
+            f"llvm.fma.v{acc.type.count}f32",
+        )
+        return self.b.call(fma, [a, b, acc])
+
+    def dots(self, unsigned: ir.Value, x: ir.Value, below_128: bool = True) -> ir.Value:
+        """Lane l: the int32 sum of unsigned[4l + j] * x[4l + j], j < 4, for 64 unsigned bytes and
+        64 int8 input values: AVX-512 VNNI's vpdpbusd; elsewhere pmaddubsw then pmaddwd, which
+        is exact where the unsigned bytes are below 128 (two products then stay in int16), or,
+        for larger ones, the products widened."""
+        b, lanes = self.b, vector(I32, 16)
+        zeros = ir.Constant(lanes, None)
+        if _VNNI:
+            return self._call("llvm.x86.avx512.vpdpbusd.512", lanes, [zeros, unsigned, x])
+        if below_128 and (_AVX512BW or _AVX2):
+            width = 64 if _AVX512BW else 32  # bytes an instruction multiplies
+            pairs_type, quads_type = vector(I16, width // 2), vector(I32, width // 4)
+            ones = ir.Constant(pairs_type, [1] * (width // 2))
+            names = (
+                ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx512.pmaddw.d.512")
+                if _AVX512BW
+                else ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")
+            )
+            quads = []
+            for k in range(0, 64, width):
+                u, s = self.pick(unsigned, range(k, k + width)), self.pick(x, range(k, k + width))
+                pairs = self._call(names[0], pairs_type, [u, s])
+                quads.append(self._call(names[1], quads_type, [pairs, ones]))
+            return quads[0] if len(quads) == 1 else self.join(*quads)
+        wide = vector(I32, 64)
+        products = b.mul(b.zext(unsigned, wide), b.sext(x, wide))
+        total = zeros
+        for j in range(4):
+            total = b.add(total, self.pick(products, range(j, 64, 4)))
+        return total
+
+    def _call(self, name: str, returns: ir.Type, args: list) -> ir.Value:
+        function = cgutils.get_or_insert_function(
+            self.b.module, ir.FunctionType(returns, [a.type for a in args]), name
+        )
+        return self.b.call(function, args)
+
+
+def lookup(builder: ir.IRBuilder, indices: ir.Value, table, byte_shuffle: bool) -> ir.Value:
+    """table[i] for each byte i of 16 indices (all below 16; table: 16 byte values): with
+    byte_shuffle, SSSE3's byte shuffle (pshufb, one instruction); otherwise a compare and select
+    per table entry."""
+    bytes16 = vector(I8, 16)
+    if byte_shuffle:
+        shuffle = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(bytes16, [bytes16, bytes16]),
+            "llvm.x86.ssse3.pshuf.b.128",
+        )
+        return builder.call(shuffle, [ir.Constant(bytes16, [v & 0xFF for v in table]), indices])
+    looked_up = ir.Constant(bytes16, [0] * 16)
+    for index, value in enumerate(table):
+        chosen = builder.icmp_unsigned("==", indices, ir.Constant(bytes16, [index] * 16))
+        looked_up = builder.select(chosen, ir.Constant(bytes16, [value & 0xFF] * 16), looked_up)
+    return looked_up
+
+
+def block_step(block_values: int) -> Callable:
+    """Decorator: an intrinsic step(acc, row, start, x, x_scales, x_sums, block) -> acc from a
+    function of a BlockIR that returns the new running sums (float32x16): block `block` of the
+    row, which starts at byte `start` of the uint8 row, times the input's values of that block
+    (int8 x, their group scales and int32 group sums)."""
+
+    def decorate(emit: Callable[[BlockIR], ir.Value]):
+        def step(typingctx, acc, row, start, x, x_scales, x_sums, block):
+            if not (acc == float32x16 and row.dtype == types.uint8 and x.dtype == types.int8):
+                return None
+
+            def codegen(context, builder, signature, args):
+                return emit(BlockIR(context, builder, signature, args, block_values))
+
+            return float32x16(acc, row, start, x, x_scales, x_sums, block), codegen
+
+        step.__name__ = step.__qualname__ = emit.__name__
+        return intrinsic(step)
+
+    return decorate
+
+
+def row_dot(block_terms, block_bytes: int):
+    """The int8 family's int8_row_dot for a type whose block step (see block_step) is
+    block_terms: the blocks' terms in lanes, summed once at the end."""
+
+    @njit(inline="always")
+    def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+        row = blocks[i]
+        acc = float32x16_zeros()
+        for block in range(row.shape[0] // block_bytes):
+            acc = block_terms(acc, row, block * block_bytes, x, x_scales, x_sums, block)
+        return sum_float32x16(acc)
+
+    return int8_row_dot
