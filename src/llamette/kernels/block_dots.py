@@ -38,24 +38,15 @@ def vector(element: ir.Type, count: int) -> ir.VectorType:
 
 
 class BlockIR:
-    """The IR of one block's step of a row dot product: loads from the row at the block's first
-    byte and from the input at the block's first value (its scales and sums at its first group of
-    32), and the lane arithmetic the types need. Offsets are Python integers, in bytes of the
-    block or values of the input block."""
+    """The IR of one block's step of a row dot product with one input: loads from the row at the
+    block's first byte and from the input at the block's first value (its scales and sums at its
+    first group of 32), and the lane arithmetic the types need. Offsets are Python integers, in
+    bytes of the block or values of the input block."""
 
-    def __init__(self, context, builder, signature, args, block_values: int):
-        _, row, start, x, x_scales, x_sums, block = args
+    def __init__(self, builder, acc, row, x, x_scales, x_sums):
         self.b = builder
-        self.acc = args[0]
-
-        def pointer(arg: int, index) -> ir.Value:
-            array = context.make_array(signature.args[arg])(context, builder, args[arg])
-            return builder.gep(array.data, [index])
-
-        first = builder.mul(block, ir.Constant(block.type, block_values))
-        group = builder.mul(block, ir.Constant(block.type, block_values // 32))
-        self._row, self._x = pointer(1, start), pointer(3, first)
-        self._x_scales, self._x_sums = pointer(4, group), pointer(5, group)
+        self.acc = acc  # the input's running sums, float32x16
+        self._row, self._x, self._x_scales, self._x_sums = row, x, x_scales, x_sums
 
     # Loads.
 
@@ -202,20 +193,45 @@ def lookup(builder: ir.IRBuilder, indices: ir.Value, table, byte_shuffle: bool) 
 
 
 def block_step(block_values: int) -> Callable:
-    """Decorator: an intrinsic step(acc, row, start, x, x_scales, x_sums, block) -> acc from a
-    function of a BlockIR that returns the new running sums (float32x16): block `block` of the
-    row, which starts at byte `start` of the uint8 row, times the input's values of that block
-    (int8 x, their group scales and int32 group sums)."""
+    """Decorator: an intrinsic step(sums, row, start, x, x_scales, x_sums, block, first) -> sums
+    from a function of a BlockIR that returns an input's new running sums: block `block` of a
+    uint8 row, which starts at its byte `start`, times the values of that block of inputs
+    first, first + 1, ... (rows of the int8 x (B, n), with their group scales (B, groups) and
+    int32 group sums (B, n / 32)), one input for each float32x16 of the tuple `sums`. The row's
+    side is emitted once per input, alike, and LLVM computes it once."""
 
     def decorate(emit: Callable[[BlockIR], ir.Value]):
-        def step(typingctx, acc, row, start, x, x_scales, x_sums, block):
-            if not (acc == float32x16 and row.dtype == types.uint8 and x.dtype == types.int8):
+        def step(typingctx, sums, row, start, x, x_scales, x_sums, block, first):
+            if not (isinstance(sums, types.UniTuple) and sums.dtype == float32x16
+                    and row.dtype == types.uint8 and x.dtype == types.int8):  # fmt: skip
                 return None
 
             def codegen(context, builder, signature, args):
-                return emit(BlockIR(context, builder, signature, args, block_values))
+                sums, row, start, _, _, _, block, first = args
 
-            return float32x16(acc, row, start, x, x_scales, x_sums, block), codegen
+                def pointer(arg: int, k: int, index) -> ir.Value:
+                    """&array[first + k, index] of the 2-d array argument `arg`."""
+                    array = context.make_array(signature.args[arg])(context, builder, args[arg])
+                    row_length = builder.extract_value(array.shape, 1)
+                    at = builder.add(first, ir.Constant(first.type, k))
+                    return builder.gep(
+                        array.data, [builder.add(builder.mul(at, row_length), index)]
+                    )
+
+                first_value = builder.mul(block, ir.Constant(block.type, block_values))
+                group = builder.mul(block, ir.Constant(block.type, block_values // 32))
+                row_bytes = builder.gep(
+                    context.make_array(signature.args[1])(context, builder, row).data, [start]
+                )
+                new_sums = []
+                for k in range(signature.args[0].count):
+                    block_ir = BlockIR(builder, builder.extract_value(sums, k), row_bytes,
+                                       pointer(3, k, first_value), pointer(4, k, group),
+                                       pointer(5, k, group))  # fmt: skip
+                    new_sums.append(emit(block_ir))
+                return context.make_tuple(builder, signature.return_type, new_sums)
+
+            return sums(sums, row, start, x, x_scales, x_sums, block, first), codegen
 
         step.__name__ = step.__qualname__ = emit.__name__
         return intrinsic(step)
@@ -223,16 +239,41 @@ def block_step(block_values: int) -> Callable:
     return decorate
 
 
-def row_dot(block_terms, block_bytes: int):
-    """The int8 family's int8_row_dot for a type whose block step (see block_step) is
-    block_terms: the blocks' terms in lanes, summed once at the end."""
+INPUTS_AT_ONCE = 4  # inputs whose dot products with a row go through its blocks together
+
+
+def row_dots(block_terms, block_bytes: int):
+    """The int8 family's `int8_row_dot` and `int8_row_dots` for a type whose block step (see
+    block_step) is block_terms: each input's blocks' terms in lanes, summed once at the end;
+    several inputs at once share the row's unpacking, and each gets the bits it gets alone."""
+
+    @njit(inline="always")
+    def int8_row_dots(out, w, blocks, _, i, xq, xs, x_sums):
+        """out[k, i] = row i times input k, for each input of xq (B, n)."""
+        row = blocks[i]
+        n_blocks = row.shape[0] // block_bytes
+        n_inputs = xq.shape[0]
+        for first in range(0, n_inputs - n_inputs % INPUTS_AT_ONCE, INPUTS_AT_ONCE):
+            zeros = float32x16_zeros()
+            sums = (zeros, zeros, zeros, zeros)  # INPUTS_AT_ONCE
+            for block in range(n_blocks):
+                sums = block_terms(sums, row, block * block_bytes, xq, xs, x_sums, block, first)
+            for k in range(INPUTS_AT_ONCE):
+                out[first + k, i] = sum_float32x16(sums[k])
+        for first in range(n_inputs - n_inputs % INPUTS_AT_ONCE, n_inputs):
+            one = (float32x16_zeros(),)
+            for block in range(n_blocks):
+                one = block_terms(one, row, block * block_bytes, xq, xs, x_sums, block, first)
+            out[first, i] = sum_float32x16(one[0])
 
     @njit(inline="always")
     def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
+        """Row i times one input (x (n,), its group scales and sums)."""
         row = blocks[i]
-        acc = float32x16_zeros()
+        one = (float32x16_zeros(),)
+        xq, xs, sums = x.reshape(1, -1), x_scales.reshape(1, -1), x_sums.reshape(1, -1)
         for block in range(row.shape[0] // block_bytes):
-            acc = block_terms(acc, row, block * block_bytes, x, x_scales, x_sums, block)
-        return sum_float32x16(acc)
+            one = block_terms(one, row, block * block_bytes, xq, xs, sums, block, 0)
+        return sum_float32x16(one[0])
 
-    return int8_row_dot
+    return int8_row_dot, int8_row_dots

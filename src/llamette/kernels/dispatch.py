@@ -2,7 +2,8 @@
 kernel, runs the function of the same name in the module of its `w` argument's weight type
 (llamette.weight_types' table), chosen when the kernel is compiled. A type module defines those
 it takes part in: every type `decode_row` and `product`, the decoded family `row_dot`, the int8
-family `group_size`, `int8_arrays`, `unpack_row`, `int8_row_dot` and `sixteen_rows`.
+family `group_size`, `int8_arrays`, `unpack_row`, `int8_row_dot` (and, where it computes several
+inputs at once, `int8_row_dots`) and `sixteen_rows`.
 """
 
 from numba.extending import overload
@@ -57,6 +58,13 @@ def int8_row_dot(w, a, b, i, x, x_scales, x_sums):
     raise NotImplementedError(COMPILED_ONLY)
 
 
+def int8_row_dots(out, w, a, b, i, xq, xs, x_sums):
+    """out[k, i] = row i of int8-family weights w (arrays a, b) times each quantized input k
+    (xq (B, n), its group scales and sums), each as int8_row_dot computes it alone: the type's
+    own where it has one (several inputs at once), else int8_row_dot input by input."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
 def sixteen_rows(w, a, b, first, g, groups, x):
     """Rows first..first + 15 of int8-family weights w (arrays a, b; `groups` a row) at group g:
     their int32 dot products with the group of the int8 input x (an int32x16) and their scales
@@ -104,6 +112,23 @@ def _unpack_row(values, scales, w, a, b, i, copy_into):
 def _int8_row_dot(w, a, b, i, x, x_scales, x_sums):
     impl = _own(w, "int8_row_dot")
     return lambda w, a, b, i, x, x_scales, x_sums: impl(w, a, b, i, x, x_scales, x_sums)
+
+
+@overload(int8_row_dots, inline="always")
+def _int8_row_dots(out, w, a, b, i, xq, xs, x_sums):
+    from llamette.weight_types import type_of
+
+    kind = type_of(w)
+    if hasattr(kind, "int8_row_dots"):
+        impl = kind.int8_row_dots
+        return lambda out, w, a, b, i, xq, xs, x_sums: impl(out, w, a, b, i, xq, xs, x_sums)
+    row_dot = kind.int8_row_dot
+
+    def each_input(out, w, a, b, i, xq, xs, x_sums):
+        for k in range(xq.shape[0]):
+            out[k, i] = row_dot(w, a, b, i, xq[k], xs[k], x_sums[k])
+
+    return each_input
 
 
 @overload(sixteen_rows, inline="always")

@@ -39,6 +39,7 @@ from llamette.kernels.dispatch import (
     group_size,
     int8_arrays,
     int8_row_dot,
+    int8_row_dots,
     sixteen_rows,
     unpack_row,
 )
@@ -252,8 +253,7 @@ def _matmul_rows(out, xq, xs, x_sums, w):
     once for all inputs."""
     a, b = int8_arrays(w)
     for i in prange(out.shape[1]):
-        for k in range(xq.shape[0]):
-            out[k, i] = int8_row_dot(w, a, b, i, xq[k], xs[k], x_sums[k])
+        int8_row_dots(out, w, a, b, i, xq, xs, x_sums)
 
 
 @parallel_kernel

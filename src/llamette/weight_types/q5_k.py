@@ -12,7 +12,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llamette.kernels.block_dots import BlockIR, block_step, row_dot
+from llamette.kernels.block_dots import BlockIR, block_step, row_dots
 from llamette.kernels.halves import block_scale
 from llamette.weight_types import k_quants
 from llamette.weight_types.q4_k import (
@@ -120,4 +120,4 @@ def block_terms(block: BlockIR):
     return minus_minimums(block, acc, terms)
 
 
-int8_row_dot = row_dot(block_terms, BLOCK_BYTES)
+int8_row_dot, int8_row_dots = row_dots(block_terms, BLOCK_BYTES)
