@@ -40,7 +40,11 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 THREADS = os.cpu_count() or 1
 PEER_PACKAGE = "llama-cpp-python[server]==0.3.36"
-PEER_BUILD = {"CMAKE_ARGS": "-DGGML_NATIVE=ON"}  # built for this CPU
+# Built from source for this CPU, without AMX: llama.cpp's AMX kernels crash on CPUs that have it
+# (a segfault in decode; ggml-org/llama.cpp#20824). So it runs as on the CPUs most users have,
+# with AVX-512 or AVX2 and its repacked weight layouts.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+PEER_BUILD = {"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CFLAGS": NO_AMX, "CXXFLAGS": NO_AMX}
 DEFAULT_TOKENIZER = HERE.parent.parent / "shared" / "models" / "tokenizer.bin"
 CONFIGS = {  # model: weight types measured
     "stories15M": ("f32", "q8_0"),
@@ -112,7 +116,8 @@ def ensure_peer() -> Path:
     if not python.exists():
         print(f"building {PEER_PACKAGE} in {venv} (several minutes, once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", PEER_PACKAGE, "numpy"],
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-cache-dir",
+                        "--no-binary", "llama-cpp-python", PEER_PACKAGE, "numpy"],
                        check=True, env={**os.environ, **PEER_BUILD})  # fmt: skip
     return python
 
