@@ -38,6 +38,11 @@ WIDE_REGISTERS = "+avx512f" in _FEATURES
 # a sum of madd_pairs waits for its previous value; elsewhere the products (pmaddwd) do not.
 FUSED_MADD = "+avx512vnni" in _FEATURES
 _INT32 = ir.IntType(32)
+# Row dot products ask for the row's bytes this far ahead as they go: the hardware prefetchers
+# alone keep too few reads in flight for them, and they then stream a model from memory at a
+# third of its read bandwidth (a Xeon with AMX, 2 cores: Q4_K 11 GB/s without, 28 with, of 36.5;
+# Q8_0 8 GB/s without).
+PREFETCH_DISTANCE = 2048  # bytes; 1024 to 8192 measured alike
 _INT32_LANES = ir.VectorType(_INT32, LANES)
 _FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
 _INT16_PAIRS = ir.VectorType(ir.IntType(16), 2 * LANES)
@@ -78,6 +83,34 @@ def _pointer(context, builder, array_type, array, index, element_type):
 def _broadcast(builder, value, vector_type):
     vector = builder.insert_element(ir.Constant(vector_type, None), value, _INT32(0))
     return builder.shuffle_vector(vector, vector, ir.Constant(_INT32_LANES, None))
+
+
+def prefetch_line(builder: ir.IRBuilder, address: ir.Value) -> None:
+    """Ask for the cache line PREFETCH_DISTANCE bytes past address (an i8 pointer): a hint,
+    which never faults, past the end of an array included."""
+    function = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()] + [_INT32] * 3),
+        "llvm.prefetch.p0i8",
+    )
+    ahead = builder.gep(address, [_INT32(PREFETCH_DISTANCE)])
+    builder.call(function, [ahead, _INT32(0), _INT32(3), _INT32(1)])  # a read, for all caches
+
+
+@intrinsic
+def prefetch_ahead(typingctx, array, index):
+    """Ask for the cache line PREFETCH_DISTANCE bytes past array[index] (see prefetch_line)."""
+    if not isinstance(array, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        bytes_pointer = ir.IntType(8).as_pointer()
+        element = context.get_data_type(signature.args[0].dtype)
+        address = _pointer(context, builder, signature.args[0], args[0], args[1], element)
+        prefetch_line(builder, builder.bitcast(address, bytes_pointer))
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
 
 
 @intrinsic

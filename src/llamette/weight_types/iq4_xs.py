@@ -121,7 +121,7 @@ def decode_row(out, w, i):
 BIASED_TABLE = [int(value) + 128 for value in TABLE]  # unsigned bytes, for vpdpbusd
 
 
-@block_step(BLOCK)
+@block_step(BLOCK, BLOCK_BYTES)
 def block_terms(block: BlockIR):
     """acc + a block's terms: per pair of runs (the nibbles of 32 bytes, looked up in the table
     plus 128), each lane's dot product of four values times (d * sc) * input scale, less 128

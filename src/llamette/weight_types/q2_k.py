@@ -80,7 +80,7 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@block_step(BLOCK)
+@block_step(BLOCK, BLOCK_BYTES)
 def block_terms(block: BlockIR):
     """acc + a block's terms: per pair of runs (two bit pairs of 32 bytes), each lane's dot
     product of four values times (d * sc) * input scale, less its four input values' sum times

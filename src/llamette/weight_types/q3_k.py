@@ -106,7 +106,7 @@ def sixteen_scales_in_lanes(block: BlockIR):
     return block.b.sub(scales, block.constant(scales, 32))
 
 
-@block_step(BLOCK)
+@block_step(BLOCK, BLOCK_BYTES)
 def block_terms(block: BlockIR):
     """acc + a block's terms: per pair of runs (two bit pairs of 32 bytes and two high bits of
     the block's first 32), each lane's dot product of four values (q + 4, less 4 times the

@@ -142,7 +142,7 @@ def minus_minimums(block: BlockIR, acc, terms):
     return block.multiply_add(acc, terms, block.join(block.constant(sums, 0.0), negated))
 
 
-@block_step(BLOCK)
+@block_step(BLOCK, BLOCK_BYTES)
 def block_terms(block: BlockIR):
     """acc + a block's terms: per pair of runs (the nibbles of 32 bytes), each lane's dot product
     of four values times (d * sc) * input scale, then the minimums' terms."""

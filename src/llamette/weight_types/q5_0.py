@@ -12,6 +12,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import fivebit_dot_32
+from llamette.kernels.simd import prefetch_ahead
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
@@ -89,6 +90,7 @@ def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
     val = F32(0.0)
     for g in range(row.shape[0] // BLOCK_BYTES):
         start = g * BLOCK_BYTES
+        prefetch_ahead(row, start)
         dot = fivebit_dot_32(row, start + 2, x, g * BLOCK) - (x_sums[g] << 4)
         val += (F32(dot) * block_scale(row, start)) * x_scales[g]
     return val

@@ -12,6 +12,7 @@ from numba import njit
 
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import fivebit_dot_32
+from llamette.kernels.simd import prefetch_ahead
 from llamette.weight_types.q5_0 import fifth_bit, five_bit_values
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
@@ -77,6 +78,7 @@ def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
     val = F32(0.0)
     for g in range(row.shape[0] // BLOCK_BYTES):
         start = g * BLOCK_BYTES
+        prefetch_ahead(row, start)
         dot = fivebit_dot_32(row, start + 4, x, g * BLOCK)
         x_scale = x_scales[g]
         val += (F32(dot) * block_scale(row, start)) * x_scale + block_scale(row, start + 2) * (

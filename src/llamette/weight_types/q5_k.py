@@ -102,7 +102,7 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@block_step(BLOCK)
+@block_step(BLOCK, BLOCK_BYTES)
 def block_terms(block: BlockIR):
     """acc + a block's terms, as Q4_K's (q4_k.block_terms) with each value's fifth bit."""
     terms = run_terms(block, scales_and_minimums_in_lanes(block, SCALES))

@@ -112,7 +112,7 @@ def decode_row(out, w, i):
 # The int8 family's functions: a row dot product, and the rest shared (row_blocks).
 
 
-@block_step(BLOCK)
+@block_step(BLOCK, BLOCK_BYTES)
 def block_terms(block: BlockIR):
     """acc + a block's terms: per pair of runs (64 values: a half's low or high nibbles and two
     of its top-bit pairs), each lane's dot product of four values (q - 32, as q's dot product

@@ -16,7 +16,13 @@ from numba import njit, prange
 
 from llamette.kernels import SMALL_BATCH, int8, parallel_kernel, reference
 from llamette.kernels.gemm import GEMM_ROWS, dot, row_stride, rows_times_inputs
-from llamette.kernels.simd import dot_int8x32, dot_int8x64, gather_lanes, row_group_dots
+from llamette.kernels.simd import (
+    dot_int8x32,
+    dot_int8x64,
+    gather_lanes,
+    prefetch_ahead,
+    row_group_dots,
+)
 
 NAME = "llama2c-q8"
 GGUF_TYPE = None  # llama2.c's own layout
@@ -123,9 +129,11 @@ def int8_row_dot(w, wq, ws, i, x, x_scales, x_sums):
     val = np.float32(0.0)
     if w.group_size == 64:
         for g in range(groups):
+            prefetch_ahead(row, g * 64)
             val += (np.float32(dot_int8x64(row, g * 64, x, g * 64)) * row_scales[g]) * x_scales[g]
     else:
         for g in range(groups):
+            prefetch_ahead(row, g * 32)
             val += (np.float32(dot_int8x32(row, g * 32, x, g * 32)) * row_scales[g]) * x_scales[g]
     return val
 

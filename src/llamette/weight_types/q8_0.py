@@ -11,7 +11,13 @@ from llamette.kernels import int8, parallel_kernel, reference
 from llamette.kernels.gemm import row_stride
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import biased_dot_32
-from llamette.kernels.simd import FUSED_MADD, dot_int8x32, gather_half_lanes, row_group_dots
+from llamette.kernels.simd import (
+    FUSED_MADD,
+    dot_int8x32,
+    gather_half_lanes,
+    prefetch_ahead,
+    row_group_dots,
+)
 
 NAME = "q8_0"
 GGUF_TYPE = 8  # gguf.GGMLQuantizationType.Q8_0
@@ -108,6 +114,7 @@ def int8_row_dot(w, blocks, _, i, x, x_scales, x_sums):
     val = np.float32(0.0)
     for g in range(row.shape[0] // BLOCK_BYTES):
         start = g * BLOCK_BYTES
+        prefetch_ahead(row, start)
         if FUSED_MADD:
             dot = biased_dot_32(row, start + 2, x, g * BLOCK) - (x_sums[g] << 7)
         else:
