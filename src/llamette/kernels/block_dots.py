@@ -30,7 +30,7 @@ from llamette.kernels.simd import (
 )
 
 _FEATURES = target_features()
-_VNNI = "+avx512vnni" in _FEATURES and "+avx512vl" in _FEATURES
+_VNNI = "+avx512vnni" in _FEATURES
 _AVX512BW = "+avx512bw" in _FEATURES
 _AVX2 = "+avx2" in _FEATURES
 _SSSE3 = "+ssse3" in _FEATURES
