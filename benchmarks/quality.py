@@ -1,23 +1,29 @@
-"""Perplexity and KL divergence from f32 of each weight type, for the README.
+"""Size, perplexity and KL divergence from F32 of every weight type, quantized by llamette and by
+llama.cpp, for the README.
 
-For stories260K (../shared/models) and a random-weight stories15M-shaped model (the benchmark's,
-in ~/.cache/llamette-bench): quantize to each type with `llamette quantize`, then score a short
-story with `llamette perplexity --reference` the f32 model. Prints a Markdown table.
+For stories260K (../shared/models: rows of 64 and 172 values, which are not whole 256-value
+blocks, so the K-quant file types fall back to other types) and a random-weight stories110M-shaped
+model (the benchmark's, in ~/.cache/llamette-bench: rows of whole blocks): each type written from
+the F32 GGUF by `llamette quantize` and by llama.cpp's quantizer (llama-cpp-python's
+llama_model_quantize, a test dependency), then a short story scored by `llamette perplexity
+--reference` the F32 model. Prints a Markdown table and writes it to results/quality.md.
 
-Usage: python benchmarks/quality.py
+Usage: python benchmarks/quality.py [--models stories260K,stories110M]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from models import ensure_model
+from models import ensure_model, quantize_with_llama_cpp
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "models"
+HERE = Path(__file__).resolve().parent
+SHARED = HERE.parent.parent / "shared" / "models"
 
 # written for this benchmark, in the style of the TinyStories models' training text
 STORY = """Once upon a time, there was a little boy named Tom. He had a red ball that he loved very
@@ -33,7 +39,25 @@ she saw the dog, she smiled and ran to it. She said thank you to Tom and Sue, an
 together in the park.
 """
 
-TYPES = ("q8_0", "q8_0.gguf", "q4_0.gguf", "q4_1.gguf", "bf16.gguf", "f16.gguf")
+# (type, llamette's --type or None, llama.cpp's file type or None), by size
+TYPES = [
+    ("Q2_K", None, "Q2_K"),
+    ("Q3_K_M", None, "Q3_K_M"),
+    ("IQ4_XS", "iq4_xs", "IQ4_XS"),
+    ("IQ4_NL", "iq4_nl", "IQ4_NL"),
+    ("Q4_0", "q4_0", "Q4_0"),
+    ("Q4_K_S", "q4_k_s", "Q4_K_S"),
+    ("Q4_K_M", "q4_k_m", "Q4_K_M"),
+    ("Q4_1", "q4_1", "Q4_1"),
+    ("Q5_0", "q5_0", "Q5_0"),
+    ("Q5_K_S", "q5_k_s", "Q5_K_S"),
+    ("Q5_K_M", "q5_k_m", "Q5_K_M"),
+    ("Q5_1", "q5_1", "Q5_1"),
+    ("Q6_K", "q6_k", "Q6_K"),
+    ("Q8_0", "q8_0", "Q8_0"),
+    ("BF16", "bf16", None),
+    ("F16", "f16", None),
+]
 
 
 def llamette(*args: str) -> str:
@@ -43,46 +67,50 @@ def llamette(*args: str) -> str:
     return done.stdout
 
 
+def f32_gguf(name: str) -> Path:
+    if name == "stories260K":
+        return SHARED / "stories260K.gguf"
+    return ensure_model(name, "f32", SHARED / "tokenizer.bin")["llama.cpp"]
+
+
+def quantized(f32: Path, scratch: Path, kind: str, ours: str | None, theirs: str | None) -> dict:
+    """The files of one type: {quantizer: path}."""
+    files = {}
+    if ours:
+        files["llamette"] = scratch / f"{f32.stem}.{kind}.llamette.gguf"
+        llamette("quantize", str(f32), str(files["llamette"]), "--type", ours)
+    if theirs:
+        files["llama.cpp"] = scratch / f"{f32.stem}.{kind}.llama-cpp.gguf"
+        quantize_with_llama_cpp(Path(sys.executable), f32, files["llama.cpp"], theirs)
+    return files
+
+
 def main() -> None:
-    models = {
-        "stories260K": (SHARED / "stories260K.bin", SHARED / "tok512.bin"),
-        "stories15M (random)": (ensure_model("stories15M", "f32", SHARED / "tokenizer.bin")["llamette"],
-                                SHARED / "tokenizer.bin"),
-    }  # fmt: skip
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="stories260K,stories110M")
+    args = parser.parse_args()
     lines = [
-        "| model | weights | size MB | perplexity | mean KL from f32 (nats) |",
-        "|---|---|---|---|---|",
+        "| model | type | quantized by | size MB | perplexity | mean KL from F32 (nats) |",
+        "|---|---|---|---|---|---|",
     ]
     with tempfile.TemporaryDirectory() as scratch:
         text = Path(scratch) / "story.txt"
         text.write_text(STORY)
-        for name, (f32, tokenizer) in models.items():
-            variants = {"f32": f32}
-            for kind in TYPES:
-                out = (
-                    Path(scratch) / f"{f32.stem}.{kind}"
-                    if kind.endswith("gguf")
-                    else Path(scratch) / f"{f32.stem}.q80.bin"
-                )
-                llamette(
-                    "quantize",
-                    str(f32),
-                    str(out),
-                    "--type",
-                    kind.split(".")[0],
-                    "--tokenizer",
-                    str(tokenizer),
-                )
-                variants[
-                    kind.replace(".gguf", " (GGUF)") if kind != "q8_0" else "q8_0 (llama2.c v2)"
-                ] = out
-            for label, path in variants.items():
-                scores = json.loads(llamette("perplexity", str(path), "--text", str(text), "-z", str(tokenizer),
+        for name in args.models.split(","):
+            f32 = f32_gguf(name)
+            rows = [("F32", "", f32)]
+            for kind, ours, theirs in TYPES:
+                files = quantized(f32, Path(scratch), kind, ours, theirs)
+                rows += [(kind, who, path) for who, path in files.items()]
+            for kind, who, path in rows:
+                scores = json.loads(llamette("perplexity", str(path), "--text", str(text),
                                              "--reference", str(f32), "--json"))  # fmt: skip
-                lines.append(f"| {name} | {label} | {path.stat().st_size / 1e6:.1f} | {scores['perplexity']:.4f} "
-                             f"| {scores['mean_kl']:.6f} |")  # fmt: skip
+                lines.append(f"| {name} | {kind} | {who} | {path.stat().st_size / 1e6:.1f} "
+                             f"| {scores['perplexity']:.4f} | {scores['mean_kl']:.6f} |")  # fmt: skip
                 print(lines[-1], flush=True)
-    print("\n".join(lines))
+    table = "\n".join(lines) + "\n"
+    (HERE / "results" / "quality.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
