@@ -290,7 +290,7 @@ def markdown(results: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; read bandwidth at the start {m['bandwidth_gb_s']['1']} GB/s "
         f"(1 thread), {m['bandwidth_gb_s'][str(m['cores'])]} GB/s ({m['cores']} threads); {m['date']}. "
         f"Medians of alternating runs; llama.cpp is llama-cpp-python {PEER_PACKAGE.split('==')[1]} "
-        "built with -DGGML_NATIVE=ON, timed by its own counters (no Python in them); llamette's "
+        "built from source with -DGGML_NATIVE=ON and without AMX, timed by its own counters (no Python in them); llamette's "
         "figures include its Python loop and sampling. Ceiling: weight bytes per token over the "
         "read bandwidth measured before each pair of runs; the share is the median of each run's "
         "against its own measurement, the ceiling shown uses their median (this run: "
