@@ -172,6 +172,17 @@ class BlockIR:
             total = b.add(total, self.pick(products, range(j, 64, 4)))
         return total
 
+    def add_per_sixteen(self, acc, values, pair: int, terms, offset: int = 0) -> ir.Value:
+        """acc + each lane's dot product of four of the 64 values (each less offset) with the
+        input's values of runs 2 pair and 2 pair + 1, times the lane of terms (16) for its 16
+        values (the types with a scale per 16 values)."""
+        x = self.x(64 * pair, 64)
+        dots = self.dots(values, x)
+        if offset:  # offsets make the values signed: taken off as offset times the input's
+            dots = self.b.sub(dots, self.dots(self.constant(values, offset), x))
+        lanes = [4 * pair + k // 4 for k in range(16)]
+        return self.multiply_add(acc, self.to_float(dots), self.pick(terms, lanes))
+
     def _call(self, name: str, returns: ir.Type, args: list) -> ir.Value:
         function = cgutils.get_or_insert_function(
             self.b.module, ir.FunctionType(returns, [a.type for a in args]), name

@@ -97,12 +97,8 @@ def block_terms(block: BlockIR):
         packed = block.bytes(VALUES + 32 * (pair // 2), 32)
         shift = 4 * (pair % 2)
         values = block.join(block.bits(packed, shift, 3), block.bits(packed, shift + 2, 3))
-        x = block.x(64 * pair, 64)
-        lanes = [4 * pair + k // 4 for k in range(16)]  # each lane's 16 values
-        dots = block.to_float(block.dots(values, x))
-        acc = block.multiply_add(acc, dots, block.pick(scales, lanes))
-        sums = block.to_float(block.dots(block.constant(values, 1), x))
-        acc = block.multiply_add(acc, sums, block.pick(minimums, lanes))
+        acc = block.add_per_sixteen(acc, values, pair, scales)
+        acc = block.add_per_sixteen(acc, block.constant(values, 1), pair, minimums)  # sums
     return acc
 
 

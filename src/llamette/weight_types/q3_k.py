@@ -125,10 +125,7 @@ def block_terms(block: BlockIR):
             block.bits(high_bits, 2 * pair, 1), block.bits(high_bits, 2 * pair + 1, 1)
         )
         values = block.b.or_(low, block.b.shl(high, block.constant(high, 2)))  # q + 4
-        x = block.x(64 * pair, 64)
-        dots = block.b.sub(block.dots(values, x), block.dots(block.constant(values, 4), x))
-        lanes = [4 * pair + k // 4 for k in range(16)]  # each lane's 16 values
-        acc = block.multiply_add(acc, block.to_float(dots), block.pick(terms, lanes))
+        acc = block.add_per_sixteen(acc, values, pair, terms, offset=4)
     return acc
 
 

@@ -130,10 +130,7 @@ def block_terms(block: BlockIR):
             block.bits(top_bits, 4 * nibble, 3), block.bits(top_bits, 4 * nibble + 2, 3)
         )
         values = block.b.or_(low, block.b.shl(top, block.constant(top, 4)))
-        x = block.x(64 * pair, 64)
-        dots = block.b.sub(block.dots(values, x), block.dots(block.constant(values, 32), x))
-        lanes = [4 * pair + k // 4 for k in range(16)]  # each lane's 16 values
-        acc = block.multiply_add(acc, block.to_float(dots), block.pick(terms, lanes))
+        acc = block.add_per_sixteen(acc, values, pair, terms, offset=32)
     return acc
 
 
