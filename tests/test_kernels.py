@@ -161,15 +161,15 @@ def in_lanes(per_input, per_lane):
 
 
 def lanes_int16_pairs(out, xq, xs, w):
+    no_minimums = in_lanes(np.zeros((len(xq), xq.shape[1] // 16), np.float32), 1)
     pairs = in_lanes(xq.astype(np.int16), 2)
-    int8._matmul_across_inputs(out, pairs, in_lanes(xs, 1), w)
+    int8._matmul_across_inputs(out, pairs, in_lanes(xs, 1), no_minimums, w)
 
 
 def lanes_uint8_quads(out, xq, xs, w):
-    biases = (-128 * xq.reshape(len(xq), -1, w.group_size).astype(np.int32).sum(axis=2)).astype(
-        np.int32
-    )
-    int8._matmul_quads(out, in_lanes(xq, 4), in_lanes(biases, 1), in_lanes(xs, 1), w)
+    no_minimums = in_lanes(np.zeros((len(xq), xq.shape[1] // 16), np.float32), 1)
+    quads = in_lanes((xq.astype(np.int16) + 128).astype(np.uint8), 4)
+    int8._matmul_quads(out, quads, in_lanes(xs, 1), no_minimums, w)
 
 
 @pytest.mark.parametrize("layout", [lanes_int16_pairs, lanes_uint8_quads])
@@ -215,18 +215,35 @@ def test_madd_quads_multiplies_unsigned_by_signed_bytes(vnni, monkeypatch):
     monkeypatch.setattr(simd, "FUSED_MADD", vnni)
 
     @njit  # compiled now, uncached
-    def madd(acc, quads, u, k):
+    def madd(acc, quads, w, k):
         lanes = np.empty(16, np.int32)
-        total = simd.madd_quads(simd.load_lanes(acc, 0), quads, 0, u, k)
+        total = simd.madd_quads(simd.load_lanes(acc, 0), quads, 0, w, k)
         simd.store_lanes(lanes, 0, total)
         return lanes
 
     rng = np.random.default_rng(0)
     acc = rng.integers(-(2**20), 2**20, 16).astype(np.int32)
-    quads = rng.integers(-128, 128, 64).astype(np.int8)
-    u = rng.integers(0, 256, 10).astype(np.uint8)
-    expected = acc + quads.reshape(16, 4).astype(np.int32) @ u[3:7].astype(np.int32)
-    np.testing.assert_array_equal(madd(acc, quads, u, 3), expected)
+    quads = rng.integers(0, 256, 64).astype(np.uint8)  # each lane's four
+    w = rng.integers(-128, 128, 10).astype(np.int8)  # four of them, the same for every lane
+    expected = acc + quads.reshape(16, 4).astype(np.int32) @ w[3:7].astype(np.int32)
+    np.testing.assert_array_equal(madd(acc, quads, w, 3), expected)
+
+
+def test_the_small_vector_helpers_are_numpy_s_arithmetic():
+    @njit  # compiled now, uncached
+    def helpers(bytes_in, out8, out16):
+        simd.copy_32(out8, 0, bytes_in, 5)
+        simd.nibbles_64(out16, 0, bytes_in.view(np.uint8), 1)
+        return simd.sum_16(bytes_in, 7)
+
+    rng = np.random.default_rng(0)
+    bytes_in = rng.integers(-128, 128, 40).astype(np.int8)
+    out8, out16 = np.zeros(32, np.int8), np.zeros(64, np.int16)
+    total = helpers(bytes_in, out8, out16)
+    packed = bytes_in.view(np.uint8)[1:33]
+    np.testing.assert_array_equal(out8, bytes_in[5:37])
+    np.testing.assert_array_equal(out16, np.concatenate([packed & 15, packed >> 4]))
+    assert total == bytes_in[7:23].astype(np.int32).sum()
 
 
 def test_the_last_level_cache_is_the_highest_level_linux_lists(tmp_path):

@@ -2,8 +2,9 @@
 kernel, runs the function of the same name in the module of its `w` argument's weight type
 (llamette.weight_types' table), chosen when the kernel is compiled. A type module defines those
 it takes part in: every type `decode_row` and `product`, the decoded family `row_dot`, the int8
-family `group_size`, `int8_arrays`, `unpack_row`, `int8_row_dot` (and, where it computes several
-inputs at once, `int8_row_dots`) and `sixteen_rows`.
+family `group_size`, `int8_arrays`, `unpack_row` (with `scale_group_size` and `unpack_minimums`
+where its scales are not one per input group or it has minimums), `int8_row_dot` (and, where it
+computes several inputs at once, `int8_row_dots`) and `sixteen_rows`.
 """
 
 from numba.extending import overload
@@ -46,9 +47,21 @@ def int8_arrays(w):
     raise NotImplementedError(COMPILED_ONLY)
 
 
-def unpack_row(values, scales, w, a, b, i, copy_into):
-    """Row i of int8-family weights w (arrays a, b): its int8 values written into `values` by
-    copy_into(out, int8 values), its group scales into `scales` (float32)."""
+def unpack_row(values, scales, w, a, b, i):
+    """Row i of int8-family weights w (arrays a, b): its values, each in -128..127, into the
+    integer array `values`, its scales into `scales` (float32, one per scale_group_size)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def scale_group_size(w):
+    """Values per scale of the rows unpack_row unpacks: the type's own, else group_size(w)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def unpack_minimums(minimums, w, a, b, i):
+    """Whether the int8-family weights w have minimums (a value stands for its int8 value times
+    its scale, less its minimum); if so, row i's minimums into `minimums` (float32, one per
+    scale)."""
     raise NotImplementedError(COMPILED_ONLY)
 
 
@@ -103,9 +116,27 @@ def _int8_arrays(w):
 
 
 @overload(unpack_row, inline="always")
-def _unpack_row(values, scales, w, a, b, i, copy_into):
+def _unpack_row(values, scales, w, a, b, i):
     impl = _own(w, "unpack_row")
-    return lambda values, scales, w, a, b, i, copy_into: impl(values, scales, w, a, b, i, copy_into)
+    return lambda values, scales, w, a, b, i: impl(values, scales, w, a, b, i)
+
+
+@overload(scale_group_size, inline="always")
+def _scale_group_size(w):
+    from llamette.weight_types import type_of
+
+    impl = getattr(type_of(w), "scale_group_size", None) or type_of(w).group_size
+    return lambda w: impl(w)
+
+
+@overload(unpack_minimums, inline="always")
+def _unpack_minimums(minimums, w, a, b, i):
+    from llamette.weight_types import type_of
+
+    impl = getattr(type_of(w), "unpack_minimums", None)
+    if impl is None:
+        return lambda minimums, w, a, b, i: False
+    return lambda minimums, w, a, b, i: impl(minimums, w, a, b, i)
 
 
 @overload(int8_row_dot, inline="always")

@@ -18,10 +18,15 @@ work is laid out, so the layout is chosen for speed alone:
 
 A weight type joins the family with functions of its own, found through kernels.dispatch:
 `group_size(w)`, `int8_arrays(w)` (its arrays, taken out of w before the loops), `unpack_row`
-(a row's values, copied as the kernel asks, and scales), `int8_row_dot` (a row times one
+(a row's values as integers in -128..127 and their scales, with `scale_group_size` and
+`unpack_minimums` where it has 16-value scales or minimums), `int8_row_dot` (a row times one
 quantized input) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
-`product`; or the first two and `int8_row_dot` alone, for `row_product` (a row at a time at any
-batch size: the 2- to 6-bit types, whose values are not int8 and have their own block terms).
+`product`; the 2- to 6-bit types, whose row dot products have block terms of their own, take
+`lanes_and_rows_product` (lanes and row dot products, without sixteen_rows) or, without
+unpack_row, `row_product` (a row at a time at any batch size). Where a type's row dot product
+sums its terms in another order than the lanes (minimums, several runs in SIMD lanes), its
+outputs' bits depend on whether they come from lanes; weight_types.row_blocks takes the lanes
+for those only above SMALL_BATCH inputs.
 """
 
 import math
@@ -40,23 +45,31 @@ from llamette.kernels.dispatch import (
     int8_arrays,
     int8_row_dot,
     int8_row_dots,
+    scale_group_size,
     sixteen_rows,
+    unpack_minimums,
     unpack_row,
 )
 from llamette.kernels.reference import round_half_away
 from llamette.kernels.simd import (
     FUSED_MADD,
     LANES,
+    add_float32x16,
     add_group_terms,
     add_int32x16,
     add_row_group_terms,
+    float32x16_of,
     float32x16_zeros,
+    int32x16_of,
     int32x16_zeros,
     load_lanes,
     madd_pairs,
     madd_quads,
+    multiply_add,
     store_lanes,
+    sum_16,
     target_features,
+    two_terms,
 )
 
 F32 = np.float32
@@ -72,10 +85,10 @@ class Int8Inputs(NamedTuple):
     values: np.ndarray  # int8 (capacity * width,): the inputs' values
     scales: np.ndarray  # float32 (capacity * groups,): their groups' scales
     sums: np.ndarray  # int32 (capacity * width / 32,): each group of 32 values summed
-    quads: np.ndarray  # int8 (blocks * width * 16,): inputs in lanes, 4 columns each (VNNI)
+    quads: np.ndarray  # uint8 (blocks * width * 16,): inputs + 128 in lanes, 4 columns each
     pairs: np.ndarray  # int16 (blocks * width * 16,): inputs in lanes, 2 columns each
-    biases: np.ndarray  # int32 (blocks * groups * 16,): the quads' lane sums start from these
     lane_scales: np.ndarray  # float32 (blocks * groups * 16,): the lanes' group scales
+    lane_sums: np.ndarray  # float32 (blocks * width,): per 16 values, their sum times its scale
     held: np.ndarray  # int64 (1,)
     weights_in_cache: bool  # the weights stay in cache between steps: rows go 16 in lanes
 
@@ -91,10 +104,10 @@ class Int8Inputs(NamedTuple):
         return cls(
             empty(capacity * width, np.int8), empty(capacity * groups, np.float32),
             empty(capacity * -(-width // 32), np.int32),
-            empty(in_lanes if FUSED_MADD else 0, np.int8),
+            empty(in_lanes if FUSED_MADD else 0, np.uint8),
             empty(0 if FUSED_MADD else in_lanes, np.int16),
-            empty(blocks * groups * LANES, np.int32), empty(blocks * groups * LANES, np.float32),
-            np.zeros(1, np.int64), weights_in_cache,
+            empty(blocks * groups * LANES, np.float32),
+            empty(blocks * width, np.float32), np.zeros(1, np.int64), weights_in_cache,
         )  # fmt: skip
 
 
@@ -104,10 +117,10 @@ class Quantized(NamedTuple):
     values: np.ndarray  # int8 (B, n)
     scales: np.ndarray  # float32 (B, groups)
     sums: np.ndarray  # int32 (B, n / 32): each group's sum, for the row dot products' block terms
-    quads: np.ndarray  # int8 (blocks, n * 16): inputs 0..in_lanes - 1 (VNNI)
-    pairs: np.ndarray  # int16 (blocks, n * 16): the same, elsewhere
-    biases: np.ndarray  # int32 (blocks, groups * 16)
+    quads: np.ndarray  # uint8 (blocks, n * 16): inputs 0..in_lanes - 1, plus 128 (VNNI)
+    pairs: np.ndarray  # int16 (blocks, n * 16): the same, as they are, elsewhere
     lane_scales: np.ndarray  # float32 (blocks, groups * 16)
+    lane_sums: np.ndarray  # float32 (blocks, n / 16 * 16)
     in_lanes: int  # inputs taken in SIMD lanes (the first ones)
 
 
@@ -134,8 +147,8 @@ def quantized(x, inputs, group_size):
         inputs.sums[: n_inputs * sums].reshape(n_inputs, sums),
         inputs.quads[: quad_blocks * n * LANES].reshape(quad_blocks, n * LANES),
         inputs.pairs[: pair_blocks * n * LANES].reshape(pair_blocks, n * LANES),
-        inputs.biases[: blocks * groups * LANES].reshape(blocks, groups * LANES),
         inputs.lane_scales[: blocks * groups * LANES].reshape(blocks, groups * LANES),
+        inputs.lane_sums[: blocks * n].reshape(blocks, n),
         in_lanes,
     )
     if inputs.held[0] == group_size:
@@ -155,18 +168,31 @@ def product(out, x, w, inputs):
     32 or 64: runq.c's arithmetic to the bit, for any number of inputs (a prompt's rows get the
     bits that decoding them one at a time gives)."""
     q = quantized(x, inputs, group_size(w))
-    n_inputs, in_lanes = x.shape[0], q.in_lanes
-    if in_lanes and FUSED_MADD:
-        _matmul_quads(out[:in_lanes], q.quads, q.biases, q.lane_scales, w)
-    elif in_lanes:
-        _matmul_across_inputs(out[:in_lanes], q.pairs, q.lane_scales, w)
-    if in_lanes == n_inputs:
+    in_lanes = q.in_lanes
+    if in_lanes:
+        _matmul_in_lanes(out[:in_lanes], q, w)
+    if in_lanes == x.shape[0]:
         return
     values, scales, sums = q.values[in_lanes:], q.scales[in_lanes:], q.sums[in_lanes:]
     if inputs.weights_in_cache:
         _matmul_rows_in_lanes(out[in_lanes:], values, scales, sums, w)
     else:
         _matmul_rows(out[in_lanes:], values, scales, sums, w)
+
+
+@parallel_kernel
+def lanes_and_rows_product(out, x, w, inputs):
+    """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights with an unpack_row and a row
+    dot product of their own (int8_row_dot): inputs 16 at a time in SIMD lanes where they fill
+    at least half of 16, the rest a row at a time (whether the two give the same bits is the
+    type's matter: weight_types.row_blocks)."""
+    q = quantized(x, inputs, group_size(w))
+    in_lanes = q.in_lanes
+    if in_lanes:
+        _matmul_in_lanes(out[:in_lanes], q, w)
+    if in_lanes < x.shape[0]:
+        rest = slice(in_lanes, x.shape[0])
+        _matmul_rows(out[rest], q.values[rest], q.scales[rest], q.sums[rest], w)
 
 
 @parallel_kernel
@@ -450,22 +476,32 @@ def _reduce(builder, vector, lanes):
 @parallel_kernel
 def _into_lanes(q, group_size):
     """q's first in_lanes inputs in the layout of the lane kernels: with VNNI, quads (each four
-    columns of 16 inputs side by side) and each group's biases; elsewhere pairs; and each group's
-    16 scales side by side."""
+    columns of 16 inputs side by side, plus 128); elsewhere pairs; and each group's 16 scales and
+    each 16 values' sums times their scale, side by side."""
     values = q.values[: q.in_lanes]
     if FUSED_MADD:
-        _interleave(q.quads, values, 4)
-        _biases_into(q.biases, values, group_size)
+        _interleave(q.quads, values, 4, 128)
     else:
-        _interleave(q.pairs, values, 2)
+        _interleave(q.pairs, values, 2, 0)
     _lanes_of_groups(q.lane_scales, q.scales[: q.in_lanes])
+    _lane_sums_into(q.lane_sums, values, q.scales[: q.in_lanes], group_size)
 
 
 @parallel_kernel
-def _interleave(out, xq, per_lane):
-    """out (blocks, n * 16) = xq (B, n) in blocks of 16 inputs, runs of per_lane columns
+def _matmul_in_lanes(out, q, w):
+    """out (B, d) = x @ w^T for the B = q.in_lanes inputs in lanes: quads with VNNI, else
+    pairs."""
+    if FUSED_MADD:
+        _matmul_quads(out, q.quads, q.lane_scales, q.lane_sums, w)
+    else:
+        _matmul_across_inputs(out, q.pairs, q.lane_scales, q.lane_sums, w)
+
+
+@parallel_kernel
+def _interleave(out, xq, per_lane, offset):
+    """out (blocks, n * 16) = xq (B, n) + offset in blocks of 16 inputs, runs of per_lane columns
     (k..k + per_lane - 1) of the 16 inputs side by side (n is a multiple of per_lane: whole
-    groups of 32 or 64); a last block's missing inputs are zeros."""
+    groups of 32 or 64); a last block's missing inputs are zeros (their outputs are not kept)."""
     n = xq.shape[1]
     out[out.shape[0] - 1, :] = 0
     for run in prange(n // per_lane):
@@ -473,7 +509,7 @@ def _interleave(out, xq, per_lane):
         for b in range(xq.shape[0]):
             block, lane = b // LANES, b % LANES
             for j in range(per_lane):
-                out[block, k * LANES + per_lane * lane + j] = xq[b, k + j]
+                out[block, k * LANES + per_lane * lane + j] = I32(xq[b, k + j]) + offset
 
 
 @njit(inline="always")
@@ -487,61 +523,84 @@ def _lanes_of_groups(lanes, per_group):
             lanes[b // LANES, g * LANES + b % LANES] = per_group[b, g]
 
 
-# With AVX-512 VNNI, lanes take inputs four columns each: one vpdpbusd multiplies 64 bytes,
-# where int16 pairs multiply 32 values. It multiplies unsigned bytes by signed ones, so the
-# weights go in as w + 128 (their top bit flipped) and a lane's sum over a group exceeds the
-# true one by 128 times its input's values in the group summed: the lane's sum starts from minus
-# that (its bias, computed once per input), and ends exact.
-
-
 @njit(inline="always")
-def _biases_into(lanes, xq, group_size):
-    """lanes (blocks, groups * 16) = -128 * each group of each input summed, 16 inputs side by
-    side."""
+def _lane_sums_into(lanes, xq, xs, group_size):
+    """lanes (blocks, n / 16 * 16) = each 16 values of each input summed, times their group's
+    scale (the input's part of a minimum's term), 16 inputs side by side."""
     lanes[lanes.shape[0] - 1, :] = 0
     for b in range(xq.shape[0]):
-        for g in range(xq.shape[1] // group_size):
-            total = _sum_int8(xq[b, g * group_size : (g + 1) * group_size])
-            lanes[b // LANES, g * LANES + b % LANES] = -128 * total
+        for s in range(xq.shape[1] // 16):
+            total = F32(_sum_int8(xq[b, 16 * s : 16 * (s + 1)]))
+            lanes[b // LANES, s * LANES + b % LANES] = total * xs[b, 16 * s // group_size]
 
 
 ROWS_PER_TASK = 64
 
 
 @parallel_kernel
-def _matmul_across_inputs(out, pairs, lane_scales, w):
+def _matmul_across_inputs(out, pairs, lane_scales, lane_sums, w):
     """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes (one lane per input): each pair of
-    rows unpacked once into int16 values and float32 scales, then rows_times_lanes."""
-    d, n, groups = out.shape[1], pairs.shape[1] // LANES, lane_scales.shape[1] // LANES
+    rows unpacked once into int16 values, float32 scales (and minimums), then rows_times_lanes."""
+    d, n = out.shape[1], pairs.shape[1] // LANES
+    size = scale_group_size(w)
     a, b = int8_arrays(w)
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        row0, row1 = np.empty(n, np.int16), np.empty(n, np.int16)
-        scales0, scales1 = np.empty(groups, np.float32), np.empty(groups, np.float32)
+        rows = np.empty((2, n), np.int16)
+        scales = np.empty((2, n // size), np.float32)
+        minimums = np.empty((2, n // size), np.float32)
         lanes = np.empty(LANES, np.float32)
         for i0 in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK), 2):
             i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
-            unpack_row(row0, scales0, w, a, b, i0, widen_into)
-            unpack_row(row1, scales1, w, a, b, i1, widen_into)
-            rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes)
+            unpack_row(rows[0], scales[0], w, a, b, i0)
+            unpack_row(rows[1], scales[1], w, a, b, i1)
+            has_minimums = unpack_minimums(minimums[0], w, a, b, i0)
+            unpack_minimums(minimums[1], w, a, b, i1)
+            rows_times_lanes(out, pairs, lane_scales, lane_sums, rows, scales, minimums,
+                             has_minimums, size, i0, i1, lanes)  # fmt: skip
 
 
 @njit(inline="always")
-def rows_times_lanes(out, pairs, lane_scales, row0, row1, scales0, scales1, i0, i1, lanes):
-    """out[:, i0] and out[:, i1] for two weight rows, widened to int16, with their group scales:
-    each lane (input) sums a group's int32 products over pairs of columns, then adds the group's
-    float32 term, groups in order. The same operations per output as a row at a time, so the
-    same bits, without their per-group horizontal sums; each input load serves both rows."""
-    groups = scales0.shape[0]
-    group_size = row0.shape[0] // groups
+def rows_times_lanes(out, pairs, lane_scales, lane_sums, rows, scales, minimums, has_minimums,
+                     size, i0, i1, lanes):  # fmt: skip
+    """out[:, i0] and out[:, i1] for two weight rows (2, n) widened to int16, with their scales
+    (2, n / size) and, if has_minimums, minimums: each lane (input) sums a group's int32 products
+    over pairs of columns, then adds the group's float32 term (less the minimum's), groups in
+    order. The same operations per output as a row at a time, so the same bits, without their
+    per-group horizontal sums; each input load serves both rows."""
+    row0, row1 = rows[0], rows[1]
+    groups = scales.shape[1]
+    halves = groups // (lane_scales.shape[1] // LANES) - 1  # 1: two scales per input group
     for block in range(pairs.shape[0]):
-        x_pairs, x_scales = pairs[block], lane_scales[block]
+        x_pairs, x_scales, x_sums = pairs[block], lane_scales[block], lane_sums[block]
         val0, val1 = float32x16_zeros(), float32x16_zeros()
         for g in range(groups):
-            sum0, sum1 = _group_sums(x_pairs, row0, row1, g * group_size, group_size)
-            val0 = add_group_terms(val0, sum0, scales0[g], x_scales, g * LANES)
-            val1 = add_group_terms(val1, sum1, scales1[g], x_scales, g * LANES)
+            start = g * size
+            sum0, sum1 = _group_sums(x_pairs, row0, row1, start, size)
+            at = (g >> halves) * LANES  # the input group's scales
+            val0 = add_group_terms(val0, sum0, scales[0, g], x_scales, at)
+            val1 = add_group_terms(val1, sum1, scales[1, g], x_scales, at)
+            if has_minimums:
+                sums = _scaled_sums(x_sums, start, size)
+                val0 = _less_minimum(val0, sums, minimums[0, g])
+                val1 = _less_minimum(val1, sums, minimums[1, g])
         _store_column(out, i0, block * LANES, val0, lanes)
         _store_column(out, i1, block * LANES, val1, lanes)
+
+
+@njit(inline="always")
+def _scaled_sums(x_sums, start, size):
+    """Each lane's input's values start..start + size summed, times their scale, from the sums
+    per 16 values (lane_sums): what a minimum multiplies."""
+    total = load_lanes(x_sums, start // 16 * LANES)
+    for sixteen in range(start // 16 + 1, (start + size) // 16):
+        total = add_float32x16(total, load_lanes(x_sums, sixteen * LANES))
+    return total
+
+
+@njit(inline="always")
+def _less_minimum(val, scaled_sums, minimum):
+    """val - minimum * scaled_sums, lane by lane, rounded once."""
+    return multiply_add(val, scaled_sums, float32x16_of(-minimum))
 
 
 @njit(inline="always")
@@ -580,28 +639,46 @@ def _group_sums(x_pairs, row0, row1, start, group_size):
     return sum0, sum1
 
 
+# With AVX-512 VNNI, lanes take inputs four columns each: one vpdpbusd multiplies 64 bytes,
+# where int16 pairs multiply 32 values. It multiplies unsigned bytes by signed ones, four of a
+# lane's with the same four of all lanes (a weight row's, read with the instruction), so the
+# inputs go in as x + 128 and a lane's sum over a group exceeds the true one by 128 times the
+# row's values in the group summed: the sum starts from minus that (the row's bias, computed
+# once per row), and ends exact.
+
+
 @parallel_kernel
-def _matmul_quads(out, quads, biases, lane_scales, w):
+def _matmul_quads(out, quads, lane_scales, lane_sums, w):
     """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes, four columns each (AVX-512
-    VNNI): a task's rows unpacked in one sweep (which the prefetchers follow) into values + 128
-    and float32 scales, then rows_times_quads."""
-    d, n, groups = out.shape[1], quads.shape[1] // LANES, lane_scales.shape[1] // LANES
+    VNNI): a task's rows unpacked in one sweep (which the prefetchers follow) into int8 values,
+    float32 scales (and minimums) and biases, then rows_times_quads."""
+    d, n = out.shape[1], quads.shape[1] // LANES
+    size = scale_group_size(w)
     a, b = int8_arrays(w)
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         first = task * ROWS_PER_TASK
-        rows = np.empty((ROWS_PER_TASK, n), np.uint8)
-        scales = np.empty((ROWS_PER_TASK, groups), np.float32)
+        rows = np.empty((ROWS_PER_TASK, n), np.int8)
+        scales = np.empty((ROWS_PER_TASK, n // size), np.float32)
+        minimums = np.empty((ROWS_PER_TASK, n // size), np.float32)
+        biases = np.empty((ROWS_PER_TASK, n // size), np.int32)
+        has_minimums = False
         for r in range(ROWS_PER_TASK):
             row = min(first + r, d - 1)  # past the last row, the last again (not stored)
-            unpack_row(rows[r], scales[r], w, a, b, row, flip_into)
-        rows_times_quads(out, quads, biases, lane_scales, rows, scales, first)
+            unpack_row(rows[r], scales[r], w, a, b, row)
+            has_minimums = unpack_minimums(minimums[r], w, a, b, row)
+            _biases_into(biases[r], rows[r], size)
+        rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
+                         has_minimums, size, first)  # fmt: skip
 
 
 @njit(inline="always")
-def flip_into(out, values):
-    """out (uint8) = int8 values + 128: each byte's top bit flipped."""
-    for k in range(values.shape[0]):
-        out[k] = np.uint8(values[k]) ^ np.uint8(0x80)
+def _biases_into(biases, row, size):
+    """biases (groups,) = -128 * each group of size (a multiple of 16) values of row summed."""
+    for g in range(biases.shape[0]):
+        total = I32(0)
+        for start in range(g * size, (g + 1) * size, 16):
+            total += sum_16(row, start)
+        biases[g] = -128 * total
 
 
 @njit(inline="always")
@@ -629,48 +706,114 @@ def _sum_int8(values):
 
 
 @njit(inline="always")
-def rows_times_quads(out, quads, biases, lane_scales, rows, scales, first):
-    """out[:, first..first + R] for R weight rows (R, n) as uint8 (w + 128), R a multiple of 4,
-    with their group scales (R, groups), four rows at a time. Outputs past out's last column
-    are not stored."""
+def rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
+                     has_minimums, size, first):  # fmt: skip
+    """out[:, first..first + R] for R int8 weight rows (R, n), R a multiple of 8, with their
+    scales, biases (R, n / size) and, if has_minimums, minimums, eight rows at a time. Outputs
+    past out's last column are not stored. (size, the values per weight scale, is a constant
+    where the caller's is: the loops over a group then unroll.)"""
     lanes = np.empty(LANES, np.float32)
-    for r in range(0, min(rows.shape[0], out.shape[1] - first), 4):
-        _four_rows_times_quads(out, quads, biases, lane_scales, rows[r : r + 4],
-                               scales[r : r + 4], first + r, lanes)  # fmt: skip
+    for r in range(0, min(rows.shape[0], out.shape[1] - first), 8):
+        _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows[r : r + 8],
+                                scales[r : r + 8], minimums[r : r + 8], biases[r : r + 8],
+                                has_minimums, size, first + r, lanes)  # fmt: skip
 
 
 @njit(inline="always")
-def _four_rows_times_quads(out, quads, biases, lane_scales, rows, scales, i, lanes):
-    """out[:, i..i + 3] for four rows: each lane (input) sums a group's int32 products four
-    columns at a time (two partial sums per row), then adds the group's float32 term, groups in
-    order; the same bits as rows_times_lanes and a row at a time."""
-    w0, w1, w2, w3 = rows[0], rows[1], rows[2], rows[3]
-    groups = scales.shape[1]
-    group_size = w0.shape[0] // groups
+def _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
+                            has_minimums, size, i, lanes):  # fmt: skip
+    """out[:, i..i + 7] for eight rows: each lane (input) sums a group's int32 products four
+    columns at a time (from the row's bias), then adds the group's float32 term (less the
+    minimum's), groups in order; the same bits as rows_times_lanes and a row at a time. Each
+    load of four columns of 16 inputs serves eight rows. Where two weight scales (of 16 values)
+    share an input group, their terms are added before the input's scale multiplies them."""
+    w = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
+    input_groups = lane_scales.shape[1] // LANES
+    two_scales = scales.shape[1] == 2 * input_groups
     for block in range(quads.shape[0]):
-        x_quads, x_biases, x_scales = quads[block], biases[block], lane_scales[block]
-        v0 = v1 = v2 = v3 = float32x16_zeros()
-        for g in range(groups):
-            at = g * LANES
-            a0 = a1 = a2 = a3 = load_lanes(x_biases, at)
-            b0 = b1 = b2 = b3 = int32x16_zeros()
-            for k in range(g * group_size, (g + 1) * group_size, 8):
-                x = k * LANES
-                a0, a1 = madd_quads(a0, x_quads, x, w0, k), madd_quads(a1, x_quads, x, w1, k)
-                a2, a3 = madd_quads(a2, x_quads, x, w2, k), madd_quads(a3, x_quads, x, w3, k)
-                x = (k + 4) * LANES
-                b0, b1 = (
-                    madd_quads(b0, x_quads, x, w0, k + 4),
-                    madd_quads(b1, x_quads, x, w1, k + 4),
-                )
-                b2, b3 = (
-                    madd_quads(b2, x_quads, x, w2, k + 4),
-                    madd_quads(b3, x_quads, x, w3, k + 4),
-                )
-            v0 = add_group_terms(v0, add_int32x16(a0, b0), scales[0, g], x_scales, at)
-            v1 = add_group_terms(v1, add_int32x16(a1, b1), scales[1, g], x_scales, at)
-            v2 = add_group_terms(v2, add_int32x16(a2, b2), scales[2, g], x_scales, at)
-            v3 = add_group_terms(v3, add_int32x16(a3, b3), scales[3, g], x_scales, at)
-        for r, v in ((0, v0), (1, v1), (2, v2), (3, v3)):
+        x_quads, x_scales, x_sums = quads[block], lane_scales[block], lane_sums[block]
+        zeros = float32x16_zeros()
+        v = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
+        for group in range(input_groups):
+            at = group * LANES
+            if two_scales:
+                g = 2 * group
+                dots = _eight_dots(x_quads, w, biases, g, size)
+                more = _eight_dots(x_quads, w, biases, g + 1, size)
+                v = _add_two_scales_terms(v, dots, more, scales, g, load_lanes(x_scales, at))
+                if has_minimums:
+                    v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+                    g += 1
+                    v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+            else:
+                g = group
+                v = _add_terms(v, _eight_dots(x_quads, w, biases, g, size), scales, g, x_scales,
+                               at)  # fmt: skip
+                if has_minimums:
+                    v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+        for r in range(8):
             if i + r < out.shape[1]:
-                _store_column(out, i + r, block * LANES, v, lanes)
+                _store_column(out, i + r, block * LANES, v[r], lanes)
+
+
+@njit(inline="always")
+def _eight_dots(x_quads, w, biases, g, size):
+    """Eight rows' int32 sums over weight group g (size values), each lane's input's, from the
+    rows' biases."""
+    w0, w1, w2, w3, w4, w5, w6, w7 = w
+    a0, a1 = int32x16_of(biases[0, g]), int32x16_of(biases[1, g])
+    a2, a3 = int32x16_of(biases[2, g]), int32x16_of(biases[3, g])
+    a4, a5 = int32x16_of(biases[4, g]), int32x16_of(biases[5, g])
+    a6, a7 = int32x16_of(biases[6, g]), int32x16_of(biases[7, g])
+    for k in range(g * size, (g + 1) * size, 4):
+        x = k * LANES
+        a0, a1 = madd_quads(a0, x_quads, x, w0, k), madd_quads(a1, x_quads, x, w1, k)
+        a2, a3 = madd_quads(a2, x_quads, x, w2, k), madd_quads(a3, x_quads, x, w3, k)
+        a4, a5 = madd_quads(a4, x_quads, x, w4, k), madd_quads(a5, x_quads, x, w5, k)
+        a6, a7 = madd_quads(a6, x_quads, x, w6, k), madd_quads(a7, x_quads, x, w7, k)
+    return a0, a1, a2, a3, a4, a5, a6, a7
+
+
+@njit(inline="always")
+def _add_terms(v, dots, scales, g, x_scales, at):
+    """Each row's v + (float32(dots) * its scale g) * the lanes' input scales (runq.c's order)."""
+    return (
+        add_group_terms(v[0], dots[0], scales[0, g], x_scales, at),
+        add_group_terms(v[1], dots[1], scales[1, g], x_scales, at),
+        add_group_terms(v[2], dots[2], scales[2, g], x_scales, at),
+        add_group_terms(v[3], dots[3], scales[3, g], x_scales, at),
+        add_group_terms(v[4], dots[4], scales[4, g], x_scales, at),
+        add_group_terms(v[5], dots[5], scales[5, g], x_scales, at),
+        add_group_terms(v[6], dots[6], scales[6, g], x_scales, at),
+        add_group_terms(v[7], dots[7], scales[7, g], x_scales, at),
+    )
+
+
+@njit(inline="always")
+def _add_two_scales_terms(v, dots, more, scales, g, x_scale):
+    """Each row's v + (float32(dots) * its scale g + float32(more) * its scale g + 1) * x_scale."""
+    return (
+        multiply_add(v[0], two_terms(dots[0], scales[0, g], more[0], scales[0, g + 1]), x_scale),
+        multiply_add(v[1], two_terms(dots[1], scales[1, g], more[1], scales[1, g + 1]), x_scale),
+        multiply_add(v[2], two_terms(dots[2], scales[2, g], more[2], scales[2, g + 1]), x_scale),
+        multiply_add(v[3], two_terms(dots[3], scales[3, g], more[3], scales[3, g + 1]), x_scale),
+        multiply_add(v[4], two_terms(dots[4], scales[4, g], more[4], scales[4, g + 1]), x_scale),
+        multiply_add(v[5], two_terms(dots[5], scales[5, g], more[5], scales[5, g + 1]), x_scale),
+        multiply_add(v[6], two_terms(dots[6], scales[6, g], more[6], scales[6, g + 1]), x_scale),
+        multiply_add(v[7], two_terms(dots[7], scales[7, g], more[7], scales[7, g + 1]), x_scale),
+    )
+
+
+@njit(inline="always")
+def _less_minimums(v, scaled_sums, minimums, g):
+    """Each row's v - its minimum g * scaled_sums."""
+    return (
+        _less_minimum(v[0], scaled_sums, minimums[0, g]),
+        _less_minimum(v[1], scaled_sums, minimums[1, g]),
+        _less_minimum(v[2], scaled_sums, minimums[2, g]),
+        _less_minimum(v[3], scaled_sums, minimums[3, g]),
+        _less_minimum(v[4], scaled_sums, minimums[4, g]),
+        _less_minimum(v[5], scaled_sums, minimums[5, g]),
+        _less_minimum(v[6], scaled_sums, minimums[6, g]),
+        _less_minimum(v[7], scaled_sums, minimums[7, g]),
+    )

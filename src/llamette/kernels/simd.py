@@ -38,10 +38,10 @@ WIDE_REGISTERS = "+avx512f" in _FEATURES
 # a sum of madd_pairs waits for its previous value; elsewhere the products (pmaddwd) do not.
 FUSED_MADD = "+avx512vnni" in _FEATURES
 _INT32 = ir.IntType(32)
+_INT8 = ir.IntType(8)
 # Row dot products ask for the row's bytes this far ahead as they go: the hardware prefetchers
 # alone keep too few reads in flight for them, and they then stream a model from memory at a
-# third of its read bandwidth (a Xeon with AMX, 2 cores: Q4_K 11 GB/s without, 28 with, of 36.5;
-# Q8_0 8 GB/s without).
+# fraction of its read bandwidth.
 PREFETCH_DISTANCE = 2048  # bytes; 1024 to 8192 measured alike
 _INT32_LANES = ir.VectorType(_INT32, LANES)
 _FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
@@ -136,8 +136,118 @@ def float32x16_of(typingctx, value):
 
 
 @intrinsic
+def int32x16_of(typingctx, value):
+    """An int32 in all 16 lanes."""
+    if value != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _broadcast(builder, args[0], _INT32_LANES)
+
+    return int32x16(value), codegen
+
+
+@intrinsic
 def add_int32x16(typingctx, a, b):
     return int32x16(a, b), lambda context, builder, signature, args: builder.add(*args)
+
+
+def _store_bytes(context, builder, out_type, out, index, values):
+    """Store the <n x i8> values at out[index:index + n], widened to out's integer type."""
+    element = context.get_value_type(out_type.dtype)
+    wide = ir.VectorType(element, values.type.count)
+    if element.width > 8:
+        values = builder.sext(values, wide)
+    builder.store(values, _pointer(context, builder, out_type, out, index, wide), align=1)
+
+
+def _loaded_bytes(context, builder, array_type, array, index, count):
+    return builder.load(
+        _pointer(context, builder, array_type, array, index, ir.VectorType(_INT8, count)), align=1
+    )
+
+
+@intrinsic
+def copy_32(typingctx, out, out_index, values, index):
+    """out[out_index:out_index + 32] = the 32 bytes values[index:], as int8 (out: int8 or
+    int16): one vector load and store, where a loop over 32 values runs element by element."""
+    if not isinstance(out.dtype, types.Integer) or values.dtype.bitwidth != 8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        out, out_index, values, index = args
+        loaded = _loaded_bytes(context, builder, signature.args[2], values, index, 32)
+        _store_bytes(context, builder, signature.args[0], out, out_index, loaded)
+        return context.get_dummy_value()
+
+    return types.none(out, out_index, values, index), codegen
+
+
+@intrinsic
+def sum_16(typingctx, values, index):
+    """The int32 sum of the 16 int8 values[index:index + 16]: as unsigned bytes (each plus 128)
+    summed by psadbw, less 16 * 128."""
+    if values.dtype != types.int8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        values, index = args
+        loaded = _loaded_bytes(context, builder, signature.args[0], values, index, 16)
+        unsigned = builder.xor(loaded, ir.Constant(loaded.type, [0x80] * 16))
+        psadbw = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VectorType(ir.IntType(64), 2), [loaded.type, loaded.type]),
+            "llvm.x86.sse2.psad.bw",
+        )
+        halves = builder.call(psadbw, [unsigned, ir.Constant(loaded.type, [0] * 16)])
+        total = builder.add(builder.extract_element(halves, _INT32(0)),
+                            builder.extract_element(halves, _INT32(1)))  # fmt: skip
+        return builder.sub(builder.trunc(total, _INT32), _INT32(16 * 128))
+
+    return types.int32(values, index), codegen
+
+
+@intrinsic
+def nibbles_64(typingctx, out, out_index, packed, index):
+    """out[out_index:out_index + 64] = the low nibbles of the 32 bytes packed[index:], then
+    their high nibbles (out: int8 or int16)."""
+    if not isinstance(out.dtype, types.Integer) or packed.dtype.bitwidth != 8:
+        return None
+
+    def codegen(context, builder, signature, args):
+        out, out_index, packed, index = args
+        loaded = _loaded_bytes(context, builder, signature.args[2], packed, index, 32)
+        bytes32 = loaded.type
+        low = builder.and_(loaded, ir.Constant(bytes32, [15] * 32))
+        high = builder.lshr(loaded, ir.Constant(bytes32, [4] * 32))
+        both = builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_INT32, 64),
+                                                             list(range(64))))  # fmt: skip
+        _store_bytes(context, builder, signature.args[0], out, out_index, both)
+        return context.get_dummy_value()
+
+    return types.none(out, out_index, packed, index), codegen
+
+
+@intrinsic
+def two_terms(typingctx, a, a_scale, b, b_scale):
+    """float32(a) * a_scale + float32(b) * b_scale for int32x16 a and b, lane by lane (the
+    second product fused with the sum)."""
+
+    def codegen(context, builder, signature, args):
+        a, a_scale, b, b_scale = args
+        a_term = builder.fmul(builder.sitofp(a, _FLOAT32_LANES),
+                              _broadcast(builder, a_scale, _FLOAT32_LANES))  # fmt: skip
+        fma = ir.FunctionType(_FLOAT32_LANES, [_FLOAT32_LANES] * 3)
+        fma = cgutils.get_or_insert_function(builder.module, fma, "llvm.fma.v16f32")
+        b_scales = _broadcast(builder, b_scale, _FLOAT32_LANES)
+        return builder.call(fma, [builder.sitofp(b, _FLOAT32_LANES), b_scales, a_term])
+
+    return float32x16(a, types.float32, b, types.float32), codegen
+
+
+@intrinsic
+def add_float32x16(typingctx, a, b):
+    return float32x16(a, b), lambda context, builder, signature, args: builder.fadd(*args)
 
 
 @intrinsic
@@ -161,32 +271,33 @@ def madd_pairs(typingctx, acc, pairs, offset, w, k):
 
 
 @intrinsic
-def madd_quads(typingctx, acc, quads, offset, u, k):
-    """acc + (x[4l] * u[k] + ... + x[4l + 3] * u[k + 3] for each lane l), where x is the 64
-    int8 values of `quads` from `offset` (lane l's four) and u a uint8 array: exact int32 sums.
-    One AVX-512 VNNI vpdpbusd (FUSED_MADD), elsewhere generic vector code."""
+def madd_quads(typingctx, acc, quads, offset, w, k):
+    """acc + (u[4l] * w[k] + ... + u[4l + 3] * w[k + 3] for each lane l), where u is the 64
+    uint8 values of `quads` from `offset` (lane l's four) and w an int8 array: exact int32 sums.
+    One AVX-512 VNNI vpdpbusd (FUSED_MADD), w's four read with it, elsewhere generic vector
+    code."""
 
     def codegen(context, builder, signature, args):
-        acc, quads, offset, u, k = args
-        x = builder.load(_pointer(context, builder, signature.args[1], quads, offset, _BYTES),
+        acc, quads, offset, w, k = args
+        u = builder.load(_pointer(context, builder, signature.args[1], quads, offset, _BYTES),
                          align=1)  # fmt: skip
-        u_quad = builder.load(_pointer(context, builder, signature.args[3], u, k, _INT32), align=1)
-        u_quads = builder.bitcast(_broadcast(builder, u_quad, _INT32_LANES), _BYTES)
+        w_quad = builder.load(_pointer(context, builder, signature.args[3], w, k, _INT32), align=1)
+        w_quads = builder.bitcast(_broadcast(builder, w_quad, _INT32_LANES), _BYTES)
         if FUSED_MADD:  # unsigned bytes first, signed second
             vpdpbusd = cgutils.get_or_insert_function(
                 builder.module,
                 ir.FunctionType(_INT32_LANES, [_INT32_LANES, _BYTES, _BYTES]),
                 "llvm.x86.avx512.vpdpbusd.512",
             )
-            return builder.call(vpdpbusd, [acc, u_quads, x])
+            return builder.call(vpdpbusd, [acc, u, w_quads])
         wide = ir.VectorType(_INT32, 4 * LANES)
-        products = builder.mul(builder.zext(u_quads, wide), builder.sext(x, wide))
+        products = builder.mul(builder.zext(u, wide), builder.sext(w_quads, wide))
         for j in range(4):
             lane_terms = ir.Constant(_INT32_LANES, list(range(j, 4 * LANES, 4)))
             acc = builder.add(acc, builder.shuffle_vector(products, products, lane_terms))
         return acc
 
-    return int32x16(acc, quads, offset, u, k), codegen
+    return int32x16(acc, quads, offset, w, k), codegen
 
 
 @intrinsic

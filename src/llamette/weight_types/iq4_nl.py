@@ -4,7 +4,8 @@ table of 16 non-uniformly spaced int8 values, standing for d * table[q].
 
 Products quantize the input in groups of 32, one per block: per block an int32 dot product of the
 table's values (int8.table_dot_32, a byte shuffle looks them up), times the block's scale and the
-input's (the int8 family, a row at a time)."""
+input's (the int8 family, a row at a time, or 16 inputs at a time in SIMD lanes, which add
+the blocks' terms in the same order)."""
 
 from typing import NamedTuple
 
@@ -19,8 +20,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import same_bits_lanes_product as product  # noqa: F401
 
 NAME = "iq4_nl"
 GGUF_TYPE = 20  # gguf.GGMLQuantizationType.IQ4_NL
@@ -90,7 +91,20 @@ def decode_row(out, w, i):
             out[first + 16 + j] = d * F32(TABLE[byte >> 4])
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's table values, and its blocks' scales."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        scales[block] = block_scale(row, start)
+        for j in range(16):
+            byte = row[start + 2 + j]
+            values[first + j], values[first + 16 + j] = TABLE[byte & 15], TABLE[byte >> 4]
 
 
 @njit(inline="always")

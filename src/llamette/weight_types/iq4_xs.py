@@ -7,7 +7,8 @@ Products quantize the input in groups of 32, one per run, and go a row at a time
 in SIMD lanes (kernels.block_dots): the indices looked up in the table plus 128 (a byte shuffle),
 each lane's int32 dot product of four values with the input's, times its run's scale (d * sc) and
 the input's, less 128 times each run's input sum times the same (the int8 family, a row at a
-time)."""
+time). Above SMALL_BATCH inputs, rows unpacked to their table values go through the int8
+family's lanes, 16 inputs at a time."""
 
 from typing import NamedTuple
 
@@ -22,8 +23,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F401
 
 NAME = "iq4_xs"
 GGUF_TYPE = 23  # gguf.GGMLQuantizationType.IQ4_XS
@@ -115,7 +116,23 @@ def decode_row(out, w, i):
                 out[run + 16 + k] = scale * F32(TABLE[byte >> 4])
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's table values, and its runs' scales d * sc."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start)
+        for j in range(8):
+            scales[8 * block + j] = d * F32(run_scale(row, start, j))
+            indices, run = start + INDICES + 16 * j, first + RUN * j
+            for k in range(16):
+                byte = row[indices + k]
+                values[run + k], values[run + 16 + k] = TABLE[byte & 15], TABLE[byte >> 4]
 
 
 BIASED_TABLE = [int(value) + 128 for value in TABLE]  # unsigned bytes, for vpdpbusd

@@ -7,7 +7,9 @@ bytes.
 Products quantize the input in groups of 32 and go a row at a time, block by block in SIMD lanes
 (kernels.block_dots): each lane's int32 dot product of four 2-bit values with the input's times
 its 16 values' scale (d * sc) and the input's scale, less the sum of its four input values times
-their minimum (dmin * m) and the input's scale (the int8 family, a row at a time)."""
+their minimum (dmin * m) and the input's scale (the int8 family, a row at a time). Above
+SMALL_BATCH inputs, rows unpacked to bytes go through the int8 family's lanes, 16 inputs at a
+time."""
 
 from typing import NamedTuple
 
@@ -20,8 +22,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F401
 
 NAME = "q2_k"
 GGUF_TYPE = 10  # gguf.GGMLQuantizationType.Q2_K
@@ -77,7 +79,40 @@ def decode_row(out, w, i):
                 out[first + RUN * run + j] = scale * F32(q) - minimum
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def scale_group_size(w):
+    return 16
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's 2-bit values q, and the scales d * sc of its 16 values."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start + D)
+        for s in range(16):
+            scales[16 * block + s] = d * F32(np.int32(row[start + s]) & 15)
+        for run in range(8):
+            packed, shift = start + VALUES + 32 * (run >> 2), 2 * (run & 3)
+            for j in range(RUN):  # (a constant count: the loop vectorizes)
+                values[first + RUN * run + j] = (np.int32(row[packed + j]) >> shift) & 3
+
+
+@njit(inline="always")
+def unpack_minimums(minimums, w, blocks, _, i):
+    """Row i's minimums dmin * m, one per 16 values."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        dmin = block_scale(row, start + DMIN)
+        for s in range(16):
+            minimums[16 * block + s] = dmin * F32(np.int32(row[start + s]) >> 4)
+    return True
 
 
 @block_step(BLOCK, BLOCK_BYTES)

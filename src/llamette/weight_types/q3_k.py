@@ -5,7 +5,8 @@ high bit from bit r of the 32 high-bit bytes; q = low - 4 where the high bit is 
 standing for (d * sc) * q.
 
 Products quantize the input in groups of 32 and go as Q6_K's (kernels.block_dots), with values
-q + 4 less 4 times the input's (the int8 family, a row at a time)."""
+q + 4 less 4 times the input's (the int8 family, a row at a time; above SMALL_BATCH inputs, as
+Q6_K's, in the int8 family's lanes)."""
 
 from typing import NamedTuple
 
@@ -18,8 +19,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F401
 
 NAME = "q3_k"
 GGUF_TYPE = 11  # gguf.GGMLQuantizationType.Q3_K
@@ -91,7 +92,30 @@ def decode_row(out, w, i):
                 out[first + RUN * run + j] = sub_block_scale * F32(q)
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def scale_group_size(w):
+    return 16
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's values (-4..3), and the scales d * sc of its 16 values."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start + D)
+        for s in range(16):
+            scales[16 * block + s] = d * F32(scale(row, start + SCALES, s))
+        for run in range(8):
+            low, shift = start + LOW_BITS + 32 * (run >> 2), 2 * (run & 3)
+            for j in range(RUN):  # (a constant count: the loop vectorizes)
+                q = (np.int32(row[low + j]) >> shift) & 3
+                q -= 4 * (1 - ((np.int32(row[start + j]) >> run) & 1))
+                values[first + RUN * run + j] = q
 
 
 def sixteen_scales_in_lanes(block: BlockIR):

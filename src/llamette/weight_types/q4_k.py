@@ -6,7 +6,8 @@ dmin, twelve bytes packing eight 6-bit scales sc and eight 6-bit minimums m, and
 Products quantize the input in groups of 32, one per run, and go a row at a time, block by block
 in SIMD lanes (kernels.block_dots): each lane's int32 dot product of four 4-bit values with the
 input's, times its run's scale (d * sc) and the input's, less each run's minimum (dmin * m) times
-the input's scale and sum (the int8 family, a row at a time)."""
+the input's scale and sum (the int8 family, a row at a time). Above SMALL_BATCH inputs, rows
+unpacked to bytes go through the int8 family's lanes, 16 inputs at a time."""
 
 from typing import NamedTuple
 
@@ -15,13 +16,14 @@ from numba import njit
 
 from llamette.kernels.block_dots import BlockIR, block_step, row_dots
 from llamette.kernels.halves import block_scale
+from llamette.kernels.simd import nibbles_64
 from llamette.weight_types import k_quants
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F401
 
 NAME = "q4_k"
 GGUF_TYPE = 12  # gguf.GGMLQuantizationType.Q4_K
@@ -109,7 +111,33 @@ def decode_row(out, w, i):
                 out[first + RUN * j + k] = run_scale * F32(q) - run_minimum
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's 4-bit values q, and its runs' scales d * sc."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start)
+        for j in range(8):
+            scales[8 * block + j] = d * F32(scale_and_minimum(row, start + 4, j)[0])
+        for pair in range(4):  # runs 2 pair, 2 pair + 1
+            nibbles_64(values, first + 64 * pair, row, start + 16 + 32 * pair)
+
+
+@njit(inline="always")
+def unpack_minimums(minimums, w, blocks, _, i):
+    """Row i's runs' minimums dmin * m."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        dmin = block_scale(row, start + 2)
+        for j in range(8):
+            minimums[8 * block + j] = dmin * F32(scale_and_minimum(row, start + 4, j)[1])
+    return True
 
 
 def scales_and_minimums_in_lanes(block: BlockIR, offset: int):

@@ -3,7 +3,8 @@ uint32 whose bit j is value j's fifth bit, and 16 bytes of low four bits (value 
 nibble of byte j, value 16 + j in its high nibble), q standing for (q - 16) * d.
 
 Products take llama.cpp's arithmetic: the input quantized in groups of 32 (as for Q8_0), per
-block an int32 dot product, times the two scales (the int8 family, a row at a time)."""
+block an int32 dot product, times the two scales (the int8 family, a row at a time, or 16
+inputs at a time in SIMD lanes, which add the blocks' terms in the same order)."""
 
 from typing import NamedTuple
 
@@ -17,8 +18,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import same_bits_lanes_product as product  # noqa: F401
 
 NAME = "q5_0"
 GGUF_TYPE = 6  # gguf.GGMLQuantizationType.Q5_0
@@ -79,7 +80,21 @@ def decode_row(out, w, i):
             out[first + 16 + j] = F32(high - 16) * scale
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's values q - 16, and its blocks' scales."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        scales[block] = block_scale(row, start)
+        for j in range(16):
+            byte = np.int32(row[start + 6 + j])
+            values[first + j] = ((byte & 15) | fifth_bit(row, start + 2, j)) - 16
+            values[first + 16 + j] = ((byte >> 4) | fifth_bit(row, start + 2, j + 16)) - 16
 
 
 @njit(inline="always")

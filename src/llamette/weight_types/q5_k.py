@@ -5,7 +5,8 @@ block, and its fifth from bit j of the 32 bytes before them, standing for (d * s
 dmin * m_j.
 
 Products quantize the input in groups of 32, one per run, and go as Q4_K's (kernels.block_dots),
-with 5-bit values (the int8 family, a row at a time)."""
+with 5-bit values (the int8 family, a row at a time; above SMALL_BATCH inputs, as Q4_K's, in
+the int8 family's lanes)."""
 
 from typing import NamedTuple
 
@@ -26,8 +27,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F401
 
 NAME = "q5_k"
 GGUF_TYPE = 13  # gguf.GGMLQuantizationType.Q5_K
@@ -99,7 +100,36 @@ def decode_row(out, w, i):
                 out[first + RUN * j + k] = run_scale * F32(q) - run_minimum
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's 5-bit values q, and its runs' scales d * sc."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start)
+        for j in range(8):
+            scales[8 * block + j] = d * F32(scale_and_minimum(row, start + SCALES, j)[0])
+            low, shift = start + LOW_BITS + 32 * (j >> 1), 4 * (j & 1)
+            run = values[first + RUN * j : first + RUN * (j + 1)]
+            fifth_bits = row[start + HIGH_BITS : start + LOW_BITS]
+            for k in range(RUN):
+                run[k] = ((row[low + k] >> shift) & 15) | (((fifth_bits[k] >> j) & 1) << 4)
+
+
+@njit(inline="always")
+def unpack_minimums(minimums, w, blocks, _, i):
+    """Row i's runs' minimums dmin * m."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start = block * BLOCK_BYTES
+        dmin = block_scale(row, start + 2)
+        for j in range(8):
+            minimums[8 * block + j] = dmin * F32(scale_and_minimum(row, start + SCALES, j)[1])
+    return True
 
 
 @block_step(BLOCK, BLOCK_BYTES)

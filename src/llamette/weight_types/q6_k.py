@@ -7,7 +7,8 @@ takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the
 Products quantize the input in groups of 32 and go a row at a time, block by block in SIMD lanes
 (kernels.block_dots): each lane's int32 dot product of four values q - 32 with the input's (q's
 less 32 times the input's), times its 16 values' scale (d * sc) and the input's (the int8 family,
-a row at a time)."""
+a row at a time). Above SMALL_BATCH inputs, rows unpacked to q - 32 go through the int8
+family's lanes, 16 inputs at a time, two 16-value scales to each input group."""
 
 from typing import NamedTuple
 
@@ -21,8 +22,8 @@ from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functi
     group_size,
     input_group_size,
     int8_arrays,
-    product,
 )
+from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F401
 
 NAME = "q6_k"
 GGUF_TYPE = 14  # gguf.GGMLQuantizationType.Q6_K
@@ -109,7 +110,40 @@ def decode_row(out, w, i):
                 out[first + RUN * run + j] = scale * F32(q - 32)
 
 
-# The int8 family's functions: a row dot product, and the rest shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
+# shared (row_blocks).
+
+
+@njit(inline="always")
+def scale_group_size(w):
+    return 16
+
+
+@njit(inline="always")
+def unpack_row(values, scales, w, blocks, _, i):
+    """Row i's values q - 32, and the scales d * sc of its 16 values."""
+    row = blocks[i]
+    for block in range(row.shape[0] // BLOCK_BYTES):
+        start, first = block * BLOCK_BYTES, block * BLOCK
+        d = block_scale(row, start + D)
+        for k in range(16):
+            scales[16 * block + k] = d * F32(np.int8(row[start + SCALES + k]))
+        for half in range(2):
+            low, high = start + 64 * half, start + HIGH_BITS + 32 * half
+            _six_bits_into(values[first + 128 * half : first + 128 * (half + 1)],
+                           row[low : low + 64], row[high : high + 32])  # fmt: skip
+
+
+@njit(inline="always")
+def _six_bits_into(out, low, high):
+    """out (128,) = a half block's values less 32: runs 0-3 from the low nibbles of low's first
+    and next 32 bytes, then their high nibbles, each with two bits of high (32 bytes) on top."""
+    for j in range(32):
+        top = np.int32(high[j])
+        out[j] = np.int8(((np.int32(low[j]) & 15) | ((top & 3) << 4)) - 32)
+        out[32 + j] = np.int8(((np.int32(low[32 + j]) & 15) | (((top >> 2) & 3) << 4)) - 32)
+        out[64 + j] = np.int8(((np.int32(low[j]) >> 4) | (((top >> 4) & 3) << 4)) - 32)
+        out[96 + j] = np.int8(((np.int32(low[32 + j]) >> 4) | (((top >> 6) & 3) << 4)) - 32)
 
 
 @block_step(BLOCK, BLOCK_BYTES)

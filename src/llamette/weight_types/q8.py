@@ -113,8 +113,8 @@ def int8_arrays(w):
 
 
 @njit(inline="always")
-def unpack_row(values, scales, w, wq, ws, i, copy_into):
-    copy_into(values, wq[i])
+def unpack_row(values, scales, w, wq, ws, i):
+    int8.widen_into(values, wq[i])
     groups = scales.shape[0]
     for g in range(groups):
         scales[g] = ws[i * groups + g]

@@ -13,6 +13,7 @@ from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import biased_dot_32
 from llamette.kernels.simd import (
     FUSED_MADD,
+    copy_32,
     dot_int8x32,
     gather_half_lanes,
     prefetch_ahead,
@@ -93,15 +94,13 @@ def int8_arrays(w):
 
 
 @njit(inline="always")
-def unpack_row(values, scales, w, blocks, _, i, copy_into):
+def unpack_row(values, scales, w, blocks, _, i):
     row = blocks[i]
     signed = row.view(np.int8)
     for block in range(scales.shape[0]):
         start = block * BLOCK_BYTES
         scales[block] = block_scale(row, start)
-        copy_into(
-            values[block * BLOCK : (block + 1) * BLOCK], signed[start + 2 : start + BLOCK_BYTES]
-        )
+        copy_32(values, block * BLOCK, signed, start + 2)
 
 
 @njit(inline="always")
