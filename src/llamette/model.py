@@ -19,6 +19,7 @@ from llamette.kernels import (
     aligned_empty,
     entry_point,
     inlined_kernel,
+    kernel,
     last_level_cache_bytes,
     parallel_kernel,
 )
@@ -75,8 +76,7 @@ class Tensors(NamedTuple):
     def of(cls, weights: Weights) -> Tensors:
         groups: dict[types.Type, list[Layer]] = {}  # by the numba type of the layer
         layer_group, layer_index = [], []
-        for i in range(weights.config.n_layers):
-            layer = Layer(*(weights.layer(i, name) for name in LAYER_TENSORS))  # Layer's order
+        for layer in layers_of(weights):
             group = groups.setdefault(typeof(layer), [])
             layer_group.append(list(groups).index(typeof(layer)))
             layer_index.append(len(group))
@@ -84,16 +84,29 @@ class Tensors(NamedTuple):
         # Typed lists, not tuples: a tuple of every layer's arrays is one struct, whose size (and
         # compile time) grows with the number of layers. A list's type does not depend on its
         # length, so models that differ only in depth share their compiled code.
-        return cls(weights["tok_embeddings.weight"], tuple(List(g) for g in groups.values()),
+        return cls(weights["tok_embeddings.weight"],
+                   tuple(typed_list(tuple(g)) for g in groups.values()),
                    np.array(layer_group, np.int64), np.array(layer_index, np.int64),
                    weights["norm.weight"], weights.classifier)  # fmt: skip
 
-    @property
-    def layers(self) -> list[Layer]:
-        """The blocks' weights in order."""
-        return [
-            self.layer_groups[g][i] for g, i in zip(self.layer_group, self.layer_index, strict=True)
-        ]
+
+
+def layers_of(weights: Weights) -> list[Layer]:
+    """The blocks' weights in order."""
+    return [
+        Layer(*(weights.layer(i, name) for name in LAYER_TENSORS))  # Layer's order
+        for i in range(weights.config.n_layers)
+    ]
+
+
+@kernel
+def typed_list(items):
+    """A typed List of the items of a tuple. (Built by the typed List's own methods from Python,
+    it compiles them anew in each process, for seconds; this is compiled once and cached.)"""
+    out = List()
+    for item in items:
+        out.append(item)
+    return out
 
 
 class Buffers(NamedTuple):
@@ -378,7 +391,7 @@ class Transformer:
         return report
 
     def _weight_bytes_per_part(self) -> dict[str, int]:
-        layers = self.tensors.layers
+        layers = layers_of(self.weights)
 
         def total(*names: str) -> int:
             return sum(nbytes(getattr(layer, name)) for layer in layers for name in names)
