@@ -275,10 +275,15 @@ def _advise(memory: mmap.mmap, advice: str) -> None:
             memory.madvise(getattr(mmap, advice))
 
 
+# At most this much of the last-level cache is counted on: a virtual machine reports its host's
+# whole cache (480 MB for 2 cores of a Xeon), of which its own share is a small part.
+TRUSTED_CACHE_BYTES = 64 << 20
+
+
 def fits_in_cache(weight_bytes: int) -> bool:
     """Whether a decode step's weights stay in the last-level cache from one step to the next,
     with a quarter of it left for the rest (the KV cache, activations, other programs)."""
-    return weight_bytes <= last_level_cache_bytes() * 3 // 4
+    return weight_bytes <= min(last_level_cache_bytes(), TRUSTED_CACHE_BYTES) * 3 // 4
 
 
 class Transformer:
