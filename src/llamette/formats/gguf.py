@@ -1,4 +1,5 @@
-"""GGUF files (llama architecture), read and written through the `gguf` package.
+"""GGUF files (llama architecture): read by a parser of their own layout, written through the
+`gguf` package.
 
 llama.cpp names tensors `blk.N.attn_q.weight` and so on, stores Q and K in Meta's (rotary pairs
 adjacent) order, as llama2.c does, and keeps the tokenizer inside the file.
@@ -6,8 +7,11 @@ adjacent) order, as llama2.c does, and keeps the tokenizer inside the file.
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -73,17 +77,185 @@ def llamette_name(name: str) -> str | None:
     return LLAMETTE_NAMES.get(name)
 
 
-class GGUFModel:
-    """A GGUF file opened with the gguf package: its metadata and its tensors, memory-mapped."""
+# GGUF metadata value types: the scalars' formats (little-endian, as struct and NumPy spell
+# them), strings and arrays
+SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                  10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+STRING, ARRAY = 8, 9
+DEFAULT_ALIGNMENT = 32  # of the tensor data, unless general.alignment says otherwise
+VERSIONS = (2, 3)  # version 1 counted in 32 bits
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of a GGUF file's tensor table."""
+
+    name: str
+    shape: tuple[int, ...]  # outermost first: (rows, cols) for a matrix (GGUF lists cols first)
+    gguf_type: int
+    offset: int  # of its data, from the start of the file
+    nbytes: int | None  # None for types llamette has no layout of
+
+
+class GGUFFile:
+    """A GGUF file's metadata and tensor table, read in one pass; its data memory-mapped."""
 
     def __init__(self, path: str | os.PathLike):
-        import gguf
-
         self.path = os.fspath(path)
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:
+                raise LlametteError(f"{self.path}: not a GGUF file ({size} bytes)")
+            self._buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.data = np.frombuffer(self._buffer, np.uint8)  # the whole file, read-only
+        self._position = 4
+        if self._buffer[:4] != b"GGUF":
+            raise LlametteError(
+                f"{self.path}: not a GGUF file (it starts with {self._buffer[:4]!r})"
+            )
+        version = self._scalar("<I", "the version")
+        if version not in VERSIONS:
+            swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+            raise LlametteError(
+                f"{self.path}: big-endian GGUF files are not supported" if swapped in VERSIONS
+                else f"{self.path}: GGUF version {version} is not supported (2 or 3)"
+            )  # fmt: skip
+        n_tensors = self._scalar("<Q", "the tensor count")
+        n_values = self._scalar("<Q", "the metadata count")
+        self.metadata: dict[str, object] = {}
+        for _ in range(n_values):
+            key = self._string("a metadata key")
+            self.metadata[key] = self._value(self._scalar("<I", key), key)
+        infos = [self._tensor_info() for _ in range(n_tensors)]
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise LlametteError(f"{self.path}: general.alignment is {alignment!r}")
+        start = -(-self._position // alignment) * alignment
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, shape, gguf_type, offset in infos:
+            info = TensorInfo(
+                name, shape, gguf_type, start + offset, _tensor_bytes(shape, gguf_type)
+            )
+            if info.nbytes is not None and info.offset + info.nbytes > size:
+                raise LlametteError(
+                    f"{self.path}: truncated: tensor {name} takes bytes {info.offset} to "
+                    f"{info.offset + info.nbytes}, the file has {size}"
+                )
+            self.tensors[name] = info
+
+    def tensor_data(self, info: TensorInfo) -> np.ndarray:
+        """A tensor's bytes as a flat view of the file: float32 for F32, else uint8."""
+        if info.nbytes is None:
+            raise LlametteError(f"{self.path}: {info.name} is {type_name(info.gguf_type)}")
+        data = self.data[info.offset : info.offset + info.nbytes]
+        return data.view(np.float32) if info.gguf_type == F32 else data
+
+    def _take(self, nbytes: int, what: str) -> int:
+        """The position of the next nbytes, after moving past them."""
+        start = self._position
+        if nbytes < 0 or start + nbytes > len(self._buffer):
+            raise LlametteError(
+                f"{self.path}: truncated: {what} needs {nbytes} bytes at byte {start}, the file "
+                f"has {len(self._buffer)}"
+            )
+        self._position = start + nbytes
+        return start
+
+    def _scalar(self, fmt: str, what: str):
+        return struct.unpack_from(fmt, self._buffer, self._take(struct.calcsize(fmt), what))[0]
+
+    def _string(self, what: str) -> str:
+        length = self._scalar("<Q", what)
+        start = self._take(length, what)
         try:
-            self.reader = gguf.GGUFReader(self.path, "r")
-        except (ValueError, IndexError, KeyError, OSError, AssertionError) as error:
-            raise LlametteError(f"{self.path}: truncated or not a GGUF file ({error})") from None
+            return self._buffer[start : start + length].decode("utf-8")
+        except UnicodeDecodeError:
+            raise LlametteError(f"{self.path}: {what} is not UTF-8 text") from None
+
+    def _value(self, value_type: int, key: str):
+        if value_type in SCALAR_FORMATS:
+            return self._scalar(SCALAR_FORMATS[value_type], key)
+        if value_type == STRING:
+            return self._string(key)
+        if value_type != ARRAY:
+            raise LlametteError(f"{self.path}: {key} has value type {value_type}, not a GGUF one")
+        item_type, count = self._scalar("<I", key), self._scalar("<Q", key)
+        if item_type in SCALAR_FORMATS:  # numbers: one read
+            kind = np.dtype(SCALAR_FORMATS[item_type])
+            start = self._take(count * kind.itemsize, key)
+            return np.frombuffer(self._buffer, kind, count, start).tolist()
+        if item_type == STRING:
+            return self._strings(count, key)
+        return [self._value(item_type, key) for _ in range(count)]
+
+    def _strings(self, count: int, key: str) -> list[str]:
+        """An array of strings (a vocabulary's tokens, merges), read in one tight loop."""
+        buffer, position, size = self._buffer, self._position, len(self._buffer)
+        length_at = struct.Struct("<Q").unpack_from
+        strings = []
+        try:
+            for _ in range(count):
+                (length,) = length_at(buffer, position)
+                start, position = position + 8, position + 8 + length
+                if position > size:
+                    break
+                strings.append(buffer[start:position].decode("utf-8"))
+            else:
+                self._position = position
+                return strings
+        except struct.error:
+            pass
+        except UnicodeDecodeError:
+            raise LlametteError(f"{self.path}: {key}[{len(strings)}] is not UTF-8 text") from None
+        raise LlametteError(
+            f"{self.path}: truncated: the file ends (at byte {size}) in {key}, after "
+            f"{len(strings)} of its {count} strings"
+        )
+
+    def _tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
+        name = self._string("a tensor name")
+        n_dims = self._scalar("<I", name)
+        if not 1 <= n_dims <= 4:
+            raise LlametteError(f"{self.path}: tensor {name} has {n_dims} dimensions")
+        start = self._take(8 * n_dims, name)
+        dims = struct.unpack_from(f"<{n_dims}Q", self._buffer, start)
+        gguf_type, offset = self._scalar("<I", name), self._scalar("<Q", name)
+        kind = BY_GGUF_TYPE.get(gguf_type)
+        if kind is not None and dims[0] % kind.BLOCK:
+            raise LlametteError(
+                f"{self.path}: tensor {name} has rows of {dims[0]} values, not whole blocks of "
+                f"{kind.BLOCK} ({kind.NAME.upper()})"
+            )
+        return name, tuple(reversed(dims)), gguf_type, offset
+
+
+F32 = 0  # GGUF type number
+
+
+def _tensor_bytes(shape: tuple[int, ...], gguf_type: int) -> int | None:
+    """Bytes of a tensor of GGUF type `gguf_type`; None if llamette has no layout for it."""
+    kind = BY_GGUF_TYPE.get(gguf_type)
+    if kind is None:
+        return None
+    return int(np.prod(shape, dtype=np.int64)) // kind.BLOCK * kind.BLOCK_BYTES
+
+
+def type_name(gguf_type: int) -> str:
+    """A GGUF type's name (Q4_K, IQ2_XXS, ...)."""
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(gguf_type).name
+    except ValueError:
+        return f"type {gguf_type}"
+
+
+class GGUFModel:
+    """A llama GGUF file: its metadata and its tensors, memory-mapped."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.file = GGUFFile(path)
+        self.path = self.file.path
         architecture = self.value("general.architecture")
         if architecture != "llama":
             raise LlametteError(
@@ -92,22 +264,21 @@ class GGUFModel:
         scaling = self.value("llama.rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise LlametteError(f"{self.path}: rope scaling {scaling!r} is not supported")
-        self.tensors = {}
-        for tensor in self.reader.tensors:
-            name = llamette_name(tensor.name)
+        self.tensors: dict[str, TensorInfo] = {}  # by llamette's names
+        for info in self.file.tensors.values():
+            name = llamette_name(info.name)
             if name is not None:
-                self.tensors[name] = tensor
+                self.tensors[name] = info
 
     def value(self, key: str, default=None):
-        field = self.reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self.file.metadata.get(key, default)
 
     def config(self) -> ModelConfig:
         def number(key: str) -> int:
             value = self.value(key)
-            if value is None:
+            if not isinstance(value, int):
                 raise LlametteError(f"{self.path}: no {key} in its metadata")
-            return int(value)
+            return value
 
         dim, n_heads = number("llama.embedding_length"), number("llama.attention.head_count")
         if "tok_embeddings.weight" not in self.tensors:
@@ -118,7 +289,7 @@ class GGUFModel:
             n_layers=number("llama.block_count"),
             n_heads=n_heads,
             n_kv_heads=int(self.value("llama.attention.head_count_kv", n_heads)),
-            vocab_size=int(self.tensors["tok_embeddings.weight"].shape[-1]),
+            vocab_size=self.tensors["tok_embeddings.weight"].shape[0],
             seq_len=number("llama.context_length"),
             shared_classifier="output.weight" not in self.tensors,
             rope_theta=float(self.value("llama.rope.freq_base", 10000.0)),
@@ -127,14 +298,13 @@ class GGUFModel:
 
     def float32(self, name: str) -> np.ndarray:
         """A tensor as float32: a view of the file when stored as F32, else dequantized."""
-        import gguf
-
-        tensor = self.tensors.get(name)
-        if tensor is None:
-            raise LlametteError(f"{self.path}: no tensor {gguf_name(name)}")
-        if tensor.tensor_type == gguf.GGMLQuantizationType.F32:
-            return tensor.data
-        return gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        info = self._info(name)
+        if info.gguf_type == F32:
+            return self.file.tensor_data(info).reshape(info.shape)
+        kind = BY_GGUF_TYPE.get(info.gguf_type)
+        if kind is not None and len(info.shape) == 2:
+            return kind.from_gguf(self.file.tensor_data(info), info.shape).dequantize()
+        return self._dequantized_by_gguf(info)
 
     def runnable_weights(self, dequantize: bool = False) -> Weights:
         """Weights the model runs: matrices of the types llamette runs (weight_types) as views of
@@ -142,45 +312,56 @@ class GGUFModel:
 
         Other types are refused, or with `dequantize` expanded to float32 in memory.
         """
-        import gguf
-
         config = self.config()
         tensors: dict[str, Tensor] = {}
         for name, shape in config.tensor_shapes().items():
-            tensor = self.tensors.get(name)
-            if tensor is None:
-                raise LlametteError(f"{self.path}: no tensor {gguf_name(name)}")
-            kind = gguf.GGMLQuantizationType(tensor.tensor_type)
-            weight_type = BY_GGUF_TYPE.get(int(kind))
-            if kind == gguf.GGMLQuantizationType.F32 or len(shape) == 1:
-                data = self.float32(name)
+            info = self._info(name)
+            if info.shape != shape:
+                raise LlametteError(
+                    f"{self.path}: {info.name} has shape {info.shape}, expected {shape}"
+                )
+            weight_type = BY_GGUF_TYPE.get(info.gguf_type)
+            if info.gguf_type == F32 or len(shape) == 1:
+                tensors[name] = self.float32(name)
             elif weight_type is not None:
-                data = weight_type.from_gguf(self._matrix_bytes(tensor, shape, weight_type), shape)
+                tensors[name] = weight_type.from_gguf(self.file.tensor_data(info), shape)
             elif dequantize:
-                data = self.float32(name)
+                tensors[name] = self.float32(name)
             else:
                 raise LlametteError(
-                    f"{self.path}: {tensor.name} is {kind.name}; llamette runs "
+                    f"{self.path}: {info.name} is {type_name(info.gguf_type)}; llamette runs "
                     f"{', '.join(name.upper() for name in RUN_TYPES)} GGUF weights (convert it: "
                     f"llamette convert {self.path} out.gguf)"
                 )
-            if tuple(data.shape) != shape:
-                raise LlametteError(
-                    f"{self.path}: {tensor.name} has shape {tuple(data.shape)}, expected {shape}"
-                )
-            tensors[name] = data
         return Weights(config, tensors, source=self.path)
 
-    def _matrix_bytes(self, tensor, shape: tuple[int, int], weight_type) -> np.ndarray:
-        """A matrix's data as the file holds it (a view), checked against its type's layout."""
-        rows, cols = shape
-        block, block_bytes = weight_type.BLOCK, weight_type.BLOCK_BYTES
-        if cols % block or tensor.data.nbytes != rows * cols // block * block_bytes:
+    def _info(self, name: str) -> TensorInfo:
+        info = self.tensors.get(name)
+        if info is None:
+            raise LlametteError(f"{self.path}: no tensor {gguf_name(name)}")
+        return info
+
+    def _dequantized_by_gguf(self, info: TensorInfo) -> np.ndarray:
+        """A tensor of a type llamette does not run, decoded by gguf-py."""
+        import gguf
+
+        try:
+            kind = gguf.GGMLQuantizationType(info.gguf_type)
+            block, block_bytes = gguf.GGML_QUANT_SIZES[kind]
+        except (ValueError, KeyError):
             raise LlametteError(
-                f"{self.path}: {tensor.name} holds {tensor.data.nbytes} bytes, not {rows}x{cols} "
-                f"{weight_type.NAME} values in blocks of {block}"
+                f"{self.path}: {info.name} has unknown type {info.gguf_type}"
+            ) from None
+        count = int(np.prod(info.shape, dtype=np.int64))
+        nbytes = count // block * block_bytes
+        if info.offset + nbytes > len(self.file.data):
+            raise LlametteError(
+                f"{self.path}: truncated: tensor {info.name} takes bytes {info.offset} to "
+                f"{info.offset + nbytes}, the file has {len(self.file.data)}"
             )
-        return tensor.data
+        data = self.file.data[info.offset : info.offset + nbytes]
+        rows = data.reshape(count // info.shape[-1], -1)
+        return gguf.quants.dequantize(rows, kind).reshape(info.shape).astype(np.float32)
 
     def tokenizer(self) -> Tokenizer:
         """The embedded SentencePiece vocabulary, spelled as in a llama2.c tokenizer.bin."""
