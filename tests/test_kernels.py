@@ -291,14 +291,16 @@ def test_matmul_f32_bits_do_not_depend_on_the_batch(columns):
 @pytest.mark.parametrize("head_size", [8, 16, 64, 80])  # in scalar loops; SIMD vectors: 1, 4, 4 + 1
 def test_fast_attention_agrees_with_the_reference(head_size):
     n_heads, seq_len = 4, 40
-    keys, values = randn(2, seq_len, head_size), randn(2, seq_len, head_size)  # 2 kv heads
-    q = randn(n_heads * head_size)
+    key_cache = randn(1, 1, 2, seq_len, head_size)  # (slots, layers, kv heads, ...)
+    value_cache = randn(1, 1, 2, seq_len, head_size)
+    q = randn(1, n_heads * head_size)  # one token, decoding
     att = np.zeros((n_heads, seq_len), np.float32)
     for pos in (0, 14, 15, 16, 33):  # keys: a few; whole blocks of 16; blocks and the rest
-        expected, out = np.empty_like(q), np.empty_like(q)
-        reference.attention(expected, q, keys, values, pos, n_heads, att)
-        attention.attention(out, q, keys, values, pos, n_heads, att)
-        np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+        expected, out = np.empty_like(q[0]), np.empty_like(q)
+        reference.attention(expected, q[0], key_cache[0, 0], value_cache[0, 0], pos, n_heads, att)
+        attention.attention_rows(out, q, key_cache, value_cache, 0, np.zeros(1, np.int64),
+                                 np.array([pos]), n_heads)  # fmt: skip
+        np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("positions", [np.arange(99, 200), np.array([0, 15, 16, 17, 39])])
@@ -312,11 +314,11 @@ def test_a_row_of_a_batch_attends_as_one_token_decoding_alone(positions):
     batched = np.empty_like(q)
     slots = np.zeros(len(positions), np.int64)
     attention.attention_rows(batched, q, key_cache, value_cache, 0, slots, positions, n_heads)
-    att = np.zeros((n_heads, seq_len), np.float32)
     for b, pos in enumerate(positions):
-        alone = np.empty(q.shape[1], np.float32)
-        attention.attention(alone, q[b], key_cache[0, 0], value_cache[0, 0], pos, n_heads, att)
-        np.testing.assert_array_equal(batched[b], alone)
+        alone = np.empty((1, q.shape[1]), np.float32)
+        attention.attention_rows(alone, q[b : b + 1], key_cache, value_cache, 0, slots[:1],
+                                 np.array([pos]), n_heads)  # fmt: skip
+        np.testing.assert_array_equal(batched[b], alone[0])
 
 
 def test_batched_attention_agrees_with_the_reference():

@@ -90,7 +90,6 @@ class Tensors(NamedTuple):
                    weights["norm.weight"], weights.classifier)  # fmt: skip
 
 
-
 def layers_of(weights: Weights) -> list[Layer]:
     """The blocks' weights in order."""
     return [

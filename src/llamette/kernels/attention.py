@@ -1,9 +1,9 @@
 """Causal grouped-query attention, the fast flavour: vectorized dot products (16 keys' scores at
 a time in SIMD lanes), a vectorizable exp, within float tolerance of `reference.attention`.
 
-A row of a batch gets the bits one token decoding alone gets: the same steps in the same order,
-whether it attends alone (`attention`, heads in parallel) or among a prompt's rows
-(`attention_rows`, which take blocks of a sequence's rows through each chunk of keys together).
+A row of a batch gets the bits one token decoding alone (a batch of one) gets: the same steps in
+the same order, whether it attends alone or among a prompt's rows, which go in blocks that take
+each chunk of keys together.
 """
 
 import math
@@ -28,34 +28,13 @@ F32 = np.float32
 
 
 @reassociating_kernel
-def attention(out, q, key_cache, value_cache, pos, n_heads, att):
-    """Causal grouped-query attention of one token, heads in parallel (decode).
-
-    out, q: (dim,); key_cache, value_cache: (n_kv_heads, seq_len, head_size); att: (n_heads,
-    seq_len) scratch. Vectorized dot products and exp: within float tolerance of the reference,
-    not equal to it.
-    """
-    for h in prange(n_heads):
-        _attention_head(out, q, key_cache, value_cache, pos, n_heads, att, h)
-
-
-@reassociating_serial_kernel
-def _attention_head(out, q, key_cache, value_cache, pos, n_heads, att, h):
-    """attention's head h."""
-    head_size = q.shape[0] // n_heads
-    kv_head = h // (n_heads // key_cache.shape[0])
-    heads = slice(h * head_size, (h + 1) * head_size)
-    _attend(out[heads], q[heads], key_cache[kv_head], value_cache[kv_head], pos + 1, att[h])
-
-
-@reassociating_kernel
 def attention_rows(out, q, key_cache, value_cache, layer, slots, positions, n_heads):
     """Causal grouped-query attention for a batch: row b attends to positions 0..positions[b] of
     its sequence's cache, which already holds the batch's own keys and values.
 
     out, q: (B, dim); key_cache, value_cache: (n_slots, n_layers, n_kv_heads, seq_len, head_size).
-    Each row gets the bits of `attention` for one token; a prompt's rows go in blocks that share
-    each chunk of keys and values while it is in L1.
+    Each row gets the bits it gets alone; a prompt's rows go in blocks that share each chunk of
+    keys and values while it is in L1. Heads (and blocks) in parallel.
     """
     n_blocks = (q.shape[0] + ATTENTION_ROWS - 1) // ATTENTION_ROWS
     for task in prange(n_heads * n_blocks):  # by head, then block: a thread's share of a prompt's

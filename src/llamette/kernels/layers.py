@@ -11,7 +11,6 @@ from typing import NamedTuple
 import numpy as np
 
 from llamette.kernels import kernel, parallel_kernel, reference
-from llamette.kernels.attention import attention as attention_one
 from llamette.kernels.attention import attention_rows
 from llamette.kernels.dispatch import decode_row
 from llamette.kernels.elementwise import (
@@ -66,14 +65,11 @@ def gather_rows(out, x, rows):
 def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
     """Causal grouped-query attention: row b of out (B, dim) from its query q[b] and keys and
     values 0..positions[b] of its sequence (the batch's own already stored). scores (n_heads,
-    seq_len): scratch for one row at a time."""
+    seq_len): the reference's scratch, for one row at a time."""
     if exact:
         for b in range(q.shape[0]):
             keys, values = kv.keys[slots[b], layer], kv.values[slots[b], layer]
             reference.attention(out[b], q[b], keys, values, positions[b], n_heads, scores)
-    elif q.shape[0] == 1:
-        keys, values = kv.keys[slots[0], layer], kv.values[slots[0], layer]
-        attention_one(out[0], q[0], keys, values, positions[0], n_heads, scores)
     else:
         attention_rows(out, q, kv.keys, kv.values, layer, slots, positions, n_heads)
 
