@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+import llamette
 from conftest import expected_rows, read_jsonl, shared_path
 from llamette.cli import main
 
@@ -88,12 +89,20 @@ def test_says_when_no_tokenizer_fits(capsys, tmp_path):
     assert "-z" in err
 
 
+def test_version_and_usage(capsys):
+    status, out, _ = run_cli(capsys, ["--version"])
+    assert status == 0 and out == f"llamette {llamette.__version__}\n"
+    status, out, err = run_cli(capsys, [])
+    assert status == 2 and out == "" and err.startswith("usage: llamette")
+    assert all(command in err for command in ("run", "convert", "quantize", "serve"))
+
+
 def test_steps_beyond_the_context_are_clamped_with_a_note(capsys):
     models = shared_path("models")
     argv = ["run", models / "aidreams260K" / "model.bin", "-t", "0", "-n", "1000", "--json"]
     status, out, err = run_cli(capsys, argv)
     assert status == 0
-    assert "-n/--steps: 1000 is outside 0..128" in err and "using 128" in err
+    assert "-n/--steps: 1000 is beyond the model's context of 128; using 128" in err
     result = json.loads(out)
     assert len(result["prompt_tokens"]) + len(result["tokens"]) - 1 <= 128
 
@@ -107,6 +116,8 @@ def test_steps_beyond_the_context_are_clamped_with_a_note(capsys):
         (["--top-p", "-0.1"], "-p/--top-p: -0.1 is outside [0, 1]"),
         (["-k", "-3"], "-k/--top-k: -3 is negative"),
         (["-n", "many"], "argument -n/--steps: invalid int value: 'many'"),
+        (["-n", "-5"], "-n/--steps: -5 is negative (0 means the whole context)"),
+        (["--temp", "0"], "unrecognized arguments: --temp"),  # no guessing at abbreviations
         (["-s", "1.5"], "argument -s/--seed: invalid int value: '1.5'"),
         (["-m", "poem"], "argument -m/--mode: invalid choice: 'poem'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from llamette import __version__
 from llamette.chat_template import own_template
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
@@ -36,6 +37,10 @@ UNPRINTABLE = re.compile(r"[\x00-\x08\x0e-\x1f\x7f]")
 
 
 class ArgumentParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # a mistyped flag is an error, not a guess
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         raise LlametteError(message)
 
@@ -47,7 +52,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="llamette", description="Run Llama-2-family models on the CPU.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"llamette {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser(
         "run",
@@ -291,7 +297,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     report_to_stderr()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
         return args.handler(args)
     except LlametteError as error:
         print(f"llamette: error: {error}", file=sys.stderr)
@@ -304,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except SystemExit as done:  # --help and --version, printed
+        return int(done.code or 0)
 
 
 def report_to_stderr() -> None:
@@ -509,13 +521,13 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:
-    """run.c's rule: 0, negative or beyond the context means the whole context."""
-    if steps < 0 or steps > seq_len:
+    """run.c's rule: 0 or beyond the context means the whole context. (run.c also takes a
+    negative count so; here it is a mistake, refused.)"""
+    if steps < 0:
+        raise LlametteError(f"-n/--steps: {steps} is negative (0 means the whole context)")
+    if steps > seq_len:
         log.info(
-            "-n/--steps: %d is outside 0..%d (the model's context); using %d",
-            steps,
-            seq_len,
-            seq_len,
+            "-n/--steps: %d is beyond the model's context of %d; using %d", steps, seq_len, seq_len
         )
     return steps if 0 < steps <= seq_len else seq_len
 
