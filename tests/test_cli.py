@@ -89,6 +89,37 @@ def test_says_when_no_tokenizer_fits(capsys, tmp_path):
     assert "-z" in err
 
 
+def test_a_chat_that_fills_the_context_says_so(capsys, monkeypatch):
+    """A random-weight model never samples EOS here (greedy): its answer runs into the end of
+    the context, and the chat says it cannot go on."""
+    models = shared_path("models")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("and then?\n"))
+    argv = ["run", models / "rand-gqa.v0.bin", "-z", models / "tokenizer.bin", "-m", "chat",
+            "-t", "0", "-n", "0", "-i", "Hello"]  # fmt: skip
+    status, out, err = run_cli(capsys, argv)
+    assert status == 0 and "Assistant: " in out
+    assert "the model's context of 256 tokens is full; the conversation cannot go on" in err
+
+
+def test_a_chat_ended_before_its_first_turn_reports_no_speed(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # Ctrl-D at the first prompt
+    status, out, err = run_cli(capsys, ["run", "-m", "chat"])
+    assert status == 0 and "tok/s" not in err
+
+
+class CtrlC(io.StringIO):
+    """A terminal whose user presses Ctrl-C at the prompt."""
+
+    def readline(self, *args):
+        raise KeyboardInterrupt
+
+
+def test_ctrl_c_ends_the_line_and_exits_130(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", CtrlC())
+    status, out, err = run_cli(capsys, ["run", "-m", "chat"])
+    assert status == 130 and err.endswith("\n")
+
+
 def test_version_and_usage(capsys):
     status, out, _ = run_cli(capsys, ["--version"])
     assert status == 0 and out == f"llamette {llamette.__version__}\n"

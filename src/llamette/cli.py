@@ -313,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamette: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print(file=sys.stderr)  # end the interrupted line: the shell's prompt starts its own
         return 130
     except SystemExit as done:  # --help and --version, printed
         return int(done.code or 0)
@@ -364,6 +365,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     if args.json:
         print(json.dumps(result_json(result), ensure_ascii=False))
+    if result.context_full:
+        log.info(
+            "the model's context of %d tokens is full%s", model.config.seq_len,
+            "; the conversation cannot go on" if args.mode == "chat" else "",
+        )  # fmt: skip
     report_speed(result)
     if args.profile:
         report_profile(model)
@@ -591,6 +597,8 @@ def report_profile(model: Transformer) -> None:
 
 
 def report_speed(result: Generation) -> None:
+    if not result.prefill_tokens and not result.decode_tokens:
+        return  # nothing ran (the chat ended before its first turn)
     log.info(
         "prefill %d tokens at %.1f tok/s, decode %d tokens at %.1f tok/s",
         result.prefill_tokens,

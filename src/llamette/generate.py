@@ -32,6 +32,7 @@ class Generation:
     prefill_seconds: float = 0.0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    context_full: bool = False  # it stopped at the end of the model's context
 
     @property
     def prefill_tok_s(self) -> float:
@@ -99,6 +100,7 @@ def generate(
     logits = model.prefill(forced, 0)
     if len(forced) < len(prompt_tokens):  # steps ran out inside the prompt: nothing to sample
         result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
+        result.context_full = steps == model.config.seq_len
         return result
     token = sampler.sample(logits)
     result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
@@ -114,6 +116,7 @@ def generate(
         pieces.append(decoder.push(token))
         emit(pieces[-1])
         if pos == steps:
+            result.context_full = steps == model.config.seq_len
             break
         token = sampler.sample(model.forward(token, pos))
         result.decode_tokens += 1
@@ -174,6 +177,7 @@ def chat(
         result.prefill_tokens += len(forced)
         result.prefill_seconds += time.perf_counter() - start
         if len(conversation) > steps:
+            result.context_full = steps == model.config.seq_len
             break
 
         decoder = StreamDecoder(tokenizer, prev_token=conversation[-1])
@@ -195,6 +199,7 @@ def chat(
                     result.decode_tokens += 1
                 break
             if pos == steps:
+                result.context_full = steps == model.config.seq_len
                 break
             context.append(token)
             token = sampler.sample(model.forward(token, pos))
