@@ -4,6 +4,9 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from llamette.errors import LlametteError
 from llamette.kernels import cache
 
 RUN_ONE_STEP = textwrap.dedent("""
@@ -37,6 +40,15 @@ def test_a_warm_start_compiles_nothing(tmp_path):
     assert run_step(tmp_path) == {"misses": 0, "hits": 1}  # warm: loaded
     stamped = tmp_path / f"kernels-{cache.source_hash()}"
     assert any(stamped.glob("model.forward-*.nbi"))
+
+
+def test_an_unwritable_cache_says_it_is_the_kernel_cache_and_how_to_move_it(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    locator = cache.PackageCacheLocator(cache.__file__, 1)
+    locator.path = blocked / "kernels"  # under a file: cannot be created
+    with pytest.raises(LlametteError, match="kernel cache .*LLAMETTE_CACHE_DIR"):
+        locator.ensure_cache_path()
 
 
 def test_the_stamp_covers_every_file_with_compiled_code():

@@ -9,6 +9,7 @@ import pytest
 from conftest import shared_path
 from llamette.cli import main
 from llamette.formats import read_model
+from llamette.formats.gguf import GGUFFile
 from llamette.formats.llama2c import V0_HEADER_BYTES, read_llama2c
 from llamette.formats.meta import read_meta
 
@@ -61,6 +62,18 @@ def test_writes_what_export_py_wrote(capsys, tmp_path, source, out_format, expec
     assert_same_llama2c_file(out, models / expected)
 
 
+def test_groups_that_straddle_rows_are_said_once_at_writing(capsys, tmp_path, models):
+    """export.py's group size 64 does not divide stories260K's hidden 172: runq.c misreads it."""
+    status, err = convert(
+        capsys, models / "stories260K.bin", tmp_path / "q.bin", "--format", "llama2c-v2"
+    )
+    assert status == 0 and err.count("runq.c will misread") == 1
+    assert "172 columns" in err and "--group-size 4 divides every row" in err
+    status, err = convert(capsys, models / "stories260K.bin", tmp_path / "q4.bin",
+                          "--format", "llama2c-v2", "--group-size", "4")  # fmt: skip
+    assert status == 0 and "misread" not in err
+
+
 def test_meta_shards_are_joined_along_the_right_axis(models):
     meta = read_meta(models / "rand-gqa-meta")
     reference = read_llama2c(models / "rand-gqa.v0.bin")
@@ -84,6 +97,23 @@ def test_gguf_round_trip_through_llama2c(capsys, tmp_path, models):
     assert convert(capsys, source, gguf_file, "--tokenizer", models / "tokenizer.bin")[0] == 0
     assert convert(capsys, gguf_file, back, "--format", "llama2c-v1")[0] == 0
     assert back.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("weight_type", ["f16", "bf16", "q8_0", "q4_k_m"])
+def test_a_gguf_converts_in_its_own_types_by_default(capsys, tmp_path, models, weight_type):
+    """Without --type, GGUF keeps the source's types: each matrix's blocks copied as they are."""
+    source, copy = tmp_path / f"{weight_type}.gguf", tmp_path / "copy.gguf"
+    status, _ = convert(capsys, models / "stories260K.bin", source, "--type", weight_type,
+                        "--tokenizer", models / "tok512.bin")  # fmt: skip
+    assert status == 0
+    status, err = convert(capsys, source, copy)
+    assert status == 0 and f"gguf {weight_type})" in err
+    theirs, ours = GGUFFile(source), GGUFFile(copy)
+    for name, info in theirs.tensors.items():
+        assert ours.tensors[name].gguf_type == info.gguf_type
+        np.testing.assert_array_equal(
+            ours.tensor_data(ours.tensors[name]), theirs.tensor_data(info)
+        )
 
 
 def test_tokenizer_model_to_tokenizer_bin(capsys, tmp_path, models):
@@ -161,7 +191,8 @@ def test_llama2c_cannot_hold_another_rope_theta(capsys, tmp_path, models):
 
 def test_unwritable_output(capsys, tmp_path, models):
     status, err = convert(capsys, models / "stories260K.bin", tmp_path / "missing" / "out.bin")
-    assert status == 2 and "missing" in err, err
+    assert status == 2 and f"the folder {tmp_path / 'missing'} does not exist" in err, err
+    assert ".partial" not in err  # the temporary file is ours, not the user's
 
 
 def test_nonsense_flags(capsys, models, tmp_path):

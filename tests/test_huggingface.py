@@ -48,6 +48,7 @@ def test_bf16_checkpoint_reads_as_its_float32_values(tmp_path):
     weights = read_hf(tmp_path)
     embedding = model.model.embed_tokens.weight.float().detach().numpy()
     np.testing.assert_array_equal(weights["tok_embeddings.weight"], embedding)
+    assert weights.stored_type == "bf16"  # what converting it to GGUF keeps by default
 
 
 def test_refuses_rope_scaling(tmp_path):

@@ -84,3 +84,17 @@ def test_reference_with_another_vocabulary_is_refused(tmp_path, capsys):
                    "--reference", str(models / "rand-gqa.v1.bin")])  # fmt: skip
     err = capsys.readouterr().err
     assert status == 2 and "vocabulary (32000) is not the model's (512)" in err
+
+
+def test_a_window_beyond_the_context_is_clamped_and_said(tmp_path, capsys):
+    models = shared_path("models")
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. " * 20)
+    argv = ["perplexity", str(models / "stories260K.bin"), "--text", str(text),
+            "-z", str(models / "tok512.bin"), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    whole_context = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--ctx", "4096"]) == 0
+    out, err = capsys.readouterr()
+    assert "--ctx: 4096 is beyond the model's context of 512; using 512" in err
+    assert json.loads(out)["perplexity"] == whole_context["perplexity"]

@@ -107,6 +107,14 @@ def test_merging_word_by_word_equals_merging_the_whole_text():
     assert tok.encode(text) == by_word
 
 
+def test_a_gguf_and_a_model_folder_hold_their_tokenizers():
+    text = "Once upon a time, a tiny ünicorn 🦄 said hi."
+    in_gguf = Tokenizer.load(shared_path("models", "stories260K.gguf"))
+    assert in_gguf.encode(text) == load("tok512.bin").encode(text)
+    in_folder = Tokenizer.load(shared_path("models", "hf-mha"))
+    assert in_folder.encode(text) == load("tokenizer.model").encode(text)
+
+
 def test_missing_truncated_and_foreign_files(tmp_path):
     with pytest.raises(LlametteError, match="no such file"):
         Tokenizer.load(tmp_path / "absent.bin")
@@ -117,6 +125,8 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     (tmp_path / "model.bin").write_bytes(shared_path("models", "stories260K.bin").read_bytes())
     with pytest.raises(LlametteError, match="model.bin"):
         Tokenizer.load(tmp_path / "model.bin")
+    with pytest.raises(LlametteError, match="folder without a tokenizer.model"):
+        Tokenizer.load(tmp_path)
 
 
 def test_wrong_vocabulary_size_is_refused():

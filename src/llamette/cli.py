@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="weight_type",
         choices=WRITTEN_TYPES,
         metavar="TYPE",
-        help=f"weight type: {', '.join(WRITTEN_TYPES)} (GGUF; q4_k_m and the like are llama.cpp's "
-        "mixes of types; llama2c v0/v1 are f32, v2 q8_0)",
+        help=f"weight type: {', '.join(WRITTEN_TYPES)} (GGUF, default: the source's; q4_k_m and the "
+        "like are llama.cpp's mixes of types; llama2c v0/v1 are f32, v2 q8_0)",
     )
     convert.add_argument(
         "--group-size",
@@ -390,7 +390,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         tokenizer.save(args.out)
         log.info(f"wrote {args.out}: {tokenizer.vocab_size} pieces from {args.source}")
         return 0
-    weights = convert(
+    weights, weight_type = convert(
         args.source,
         args.out,
         args.format,
@@ -402,7 +402,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     )
     c = weights.config
     log.info(
-        f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, {args.format or guess_format(args.out)}) "
+        f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.1f} MB, {args.format or guess_format(args.out)} "
+        f"{weight_type}) "
         f"from {args.source}: dim {c.dim}, {c.n_layers} layers, {c.n_heads} heads, "
         f"{c.n_kv_heads} kv heads, vocab {c.vocab_size}, in {time.perf_counter() - start:.1f} s"
     )
@@ -434,6 +435,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     )
     tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     tokens = tokenizer.encode(text, bos=False)
+    for which, config in (("model", model.config), ("reference", reference and reference.config)):
+        if config and args.ctx and args.ctx > config.seq_len:
+            log.info(f"--ctx: {args.ctx} is beyond the {which}'s context of {config.seq_len}; "
+                     f"using {config.seq_len}")  # fmt: skip
+            args.ctx = config.seq_len
     result = evaluate(model, tokens, args.ctx, reference, progress=sys.stderr.isatty())
     if args.json:
         fields = {"tokens": result.tokens, "mean_nll": result.mean_nll, "perplexity": result.perplexity,

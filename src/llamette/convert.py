@@ -31,21 +31,22 @@ def convert(
     tokenizer_path: str | None = None,
     seq_len: int | None = None,
     progress: bool = False,
-) -> Weights:
-    """Convert SOURCE to OUT, one tensor in memory at a time; returns the source's description."""
+) -> tuple[Weights, str]:
+    """Convert SOURCE to OUT, one tensor in memory at a time: GGUF in the source's weight type
+    unless `weight_type` names another. Returns the source's description and the type written."""
     out_format = out_format or guess_format(out)
     if out_format not in FORMATS:
         raise LlametteError(f"--format: {out_format!r} is not one of {', '.join(FORMATS)}")
     weights = read_model(source, seq_len)
     c = weights.config
     if out_format == "gguf":
-        weight_type = weight_type or "f32"
+        weight_type = weight_type or weights.stored_type
         if weight_type not in WRITTEN_TYPES:
             raise LlametteError(f"--type: GGUF takes {', '.join(WRITTEN_TYPES)}, not {weight_type}")
         tokenizer = find_tokenizer(source, tokenizer_path, c.vocab_size, "--tokenizer")
         template = chat_template_of(source)
         write_gguf(_streamed(weights, progress, out), out, tokenizer, weight_type, template)
-        return weights
+        return weights, weight_type
 
     needed = LLAMA2C_TYPES[out_format]
     if weight_type not in (None, needed):
@@ -59,7 +60,7 @@ def convert(
         )
     version = int(out_format[-1])
     write_llama2c(_streamed(weights, progress, out), out, version, group_size)
-    return weights
+    return weights, needed
 
 
 class _Progress(Mapping):

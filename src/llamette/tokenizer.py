@@ -40,12 +40,22 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Read a llama2.c tokenizer.bin, or a SentencePiece model (a name ending in .model)."""
+        """Read a llama2.c tokenizer.bin, a SentencePiece model (a name ending in .model), the
+        tokenizer inside a GGUF file, or the tokenizer.model of a model folder."""
+        from llamette.formats.gguf import GGUFModel, is_gguf  # the GGUF reader uses this module
+
         path = os.fspath(path)
+        if os.path.isdir(path):
+            inside = os.path.join(path, "tokenizer.model")
+            if not os.path.isfile(inside):
+                raise LlametteError(f"{path}: a folder without a tokenizer.model")
+            return SentencePieceTokenizer.load(inside)
         if not os.path.isfile(path):
             raise LlametteError(f"{path}: no such file")
         if path.endswith(".model"):
             return SentencePieceTokenizer.load(path)
+        if is_gguf(path):
+            return GGUFModel(path).tokenizer()
         with open(path, "rb") as f:
             data = f.read()
         if len(data) < 4:

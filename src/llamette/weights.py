@@ -109,6 +109,7 @@ class Weights:
     config: ModelConfig
     tensors: Mapping[str, Tensor]
     source: str = ""
+    stored_type: str = "f32"  # its matrices' type, or llama.cpp's file type of their mix
 
     def __getitem__(self, name: str) -> Tensor:
         return self.tensors[name]

@@ -20,6 +20,7 @@ from llamette.formats.jsonfile import read_json_object
 from llamette.formats.output import atomic_output
 from llamette.tokenizer import Tokenizer
 from llamette.weight_types import BY_GGUF_TYPE, file_types, gguf_names, quantize, to_float32
+from llamette.weight_types import weight_type as weight_type_of
 from llamette.weights import LazyTensors, ModelConfig, Tensor, Weights
 
 GGUF_LAYER_NAMES = {
@@ -296,6 +297,25 @@ class GGUFModel:
             norm_eps=float(self.value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
         )
 
+    def stored_type(self) -> str:
+        """Its matrices' weight type, or the llama.cpp file type of their mix (q4_k_m, ...);
+        "f32" where llamette writes neither."""
+        matrix_types = {
+            type_name(info.gguf_type).lower()
+            for info in self.tensors.values()
+            if len(info.shape) == 2
+        }
+        if len(matrix_types) == 1 and (only := matrix_types.pop()) in GGUF_TYPES:
+            return only
+        import gguf
+
+        try:
+            file_type = gguf.LlamaFileType(self.value("general.file_type")).name
+        except ValueError:
+            return "f32"
+        mix = file_type.removeprefix("MOSTLY_").lower()
+        return mix if mix in WRITTEN_TYPES else "f32"
+
     def float32(self, name: str) -> np.ndarray:
         """A tensor as float32: a view of the file when stored as F32, else dequantized."""
         info = self._info(name)
@@ -305,6 +325,15 @@ class GGUFModel:
         if kind is not None and len(info.shape) == 2:
             return kind.from_gguf(self.file.tensor_data(info), info.shape).dequantize()
         return self._dequantized_by_gguf(info)
+
+    def stored(self, name: str) -> Tensor:
+        """A matrix as a view of the file in its own weight type where llamette has it, else (and
+        vectors) as float32."""
+        info = self._info(name)
+        kind = BY_GGUF_TYPE.get(info.gguf_type)
+        if kind is not None and len(info.shape) == 2:
+            return kind.from_gguf(self.file.tensor_data(info), info.shape)
+        return self.float32(name)
 
     def runnable_weights(self, dequantize: bool = False) -> Weights:
         """Weights the model runs: matrices of the types llamette runs (weight_types) as views of
@@ -390,12 +419,12 @@ def chat_template_of(path: str | os.PathLike) -> str | None:
 
 
 def read_gguf(path: str | os.PathLike) -> Weights:
-    """A GGUF model: F32 tensors as views into the file, other types dequantized when asked for."""
+    """A GGUF model to convert: matrices as views of the file in their own weight types where
+    llamette has them, the rest dequantized to float32 when asked for."""
     model = GGUFModel(path)
     config = model.config()
-    return Weights(
-        config, LazyTensors(config.tensor_shapes(), model.float32, model.path), model.path
-    )
+    tensors = LazyTensors(config.tensor_shapes(), model.stored, model.path)
+    return Weights(config, tensors, model.path, model.stored_type())
 
 
 def write_gguf(
@@ -460,11 +489,12 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for name in shapes:  # then the data, one tensor in memory at a time
-            tensor = weights[name]
-            dense = to_float32(tensor)
-            writer.write_tensor_data(
-                quantize(np.asarray(dense, np.float32), stored_type(name).name.lower())
-            )
+            tensor, qtype = weights[name], stored_type(name)
+            if qtype == weight_type_of(tensor).GGUF_TYPE:  # already in it: the blocks as they are
+                writer.write_tensor_data(np.asarray(tensor if qtype == types["f32"] else tensor[0]))
+            else:
+                dense = np.asarray(to_float32(tensor), np.float32)
+                writer.write_tensor_data(quantize(dense, qtype.name.lower()))
         writer.close()
 
 

@@ -77,7 +77,8 @@ def read_hf(folder: str | os.PathLike) -> Weights:
             return unpermute_rotary(w, config.n_kv_heads)
         return w
 
-    return Weights(config, LazyTensors(config.tensor_shapes(), load, folder), source=folder)
+    stored_type = tensor("layers.0.attention.wq.weight").weight_type
+    return Weights(config, LazyTensors(config.tensor_shapes(), load, folder), folder, stored_type)
 
 
 def _config(folder: str, hf: dict, tensors: dict, tensor) -> ModelConfig:

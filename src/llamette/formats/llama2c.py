@@ -7,6 +7,8 @@ by tensor, as llama2.c's export.py lays files out, into a temporary file renamed
 
 from __future__ import annotations
 
+import logging
+import math
 import mmap
 import os
 import struct
@@ -20,6 +22,7 @@ from llamette.weight_types import Q8Tensor, quantize_q8, to_float32
 from llamette.weights import ModelConfig, Weights
 
 MAGIC = 0x616B3432  # "ak42" as a little-endian uint32; the bytes on disk are b"24ka"
+log = logging.getLogger("llamette")
 HEADER_BYTES = 256  # v1 and v2
 V0_HEADER_BYTES = 28  # seven int32
 
@@ -58,7 +61,9 @@ def read_llama2c(path: str | os.PathLike) -> Weights:
             f"{path}: {size - expected} bytes beyond what its header describes "
             f"(not a llama2.c v{version} checkpoint?)"
         )
-    return Weights(config, _map_tensors(path, layout, group_size), source=path)
+    # v2's int8 groups are closest to GGUF's Q8_0 (int8 in blocks of 32)
+    stored_type = "q8_0" if version == 2 else "f32"
+    return Weights(config, _map_tensors(path, layout, group_size), path, stored_type)
 
 
 def _file_size(path: str) -> int:
@@ -208,6 +213,7 @@ def write_llama2c(
         for name, shape in c.tensor_shapes().items():
             if len(shape) == 2 and shape[0] * shape[1] % group_size:
                 raise LlametteError(f"group size {group_size} does not divide {name} {shape}")
+        _note_groups_across_rows(c, group_size)
     with atomic_output(path) as temporary, open(temporary, "wb") as f:
         for name, _, kind, _ in _layout(c, version, group_size):
             if name == "header":
@@ -222,6 +228,18 @@ def write_llama2c(
                     tensor = quantize_q8(to_float32(tensor), group_size)
                 f.write(tensor.values.tobytes())
                 f.write(tensor.scales.astype(np.float32).tobytes())
+
+
+def _note_groups_across_rows(c: ModelConfig, group_size: int) -> None:
+    """Say, once at writing, when groups straddle rows: runq.c computes such files wrongly."""
+    for name, (_, cols) in ((n, s) for n, s in c.tensor_shapes().items() if len(s) == 2):
+        if cols % group_size:
+            log.warning(
+                f"group size {group_size} does not divide the {cols} columns of {name}: runq.c "
+                f"will misread this file (llamette reads it right); --group-size "
+                f"{math.gcd(c.dim, c.hidden_dim)} divides every row"
+            )
+            return
 
 
 def _header(c: ModelConfig, version: int, group_size: int) -> bytes:

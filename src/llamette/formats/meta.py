@@ -73,7 +73,8 @@ def read_meta(folder: str | os.PathLike, seq_len: int | None = None) -> Weights:
         rope_theta=float(params.get("rope_theta", 10000.0)),
         norm_eps=float(params.get("norm_eps", 1e-5)),
     )
-    return Weights(config, LazyTensors(config.tensor_shapes(), joined, folder), source=folder)
+    stored_type = shards[0]["layers.0.attention.wq.weight"].weight_type
+    return Weights(config, LazyTensors(config.tensor_shapes(), joined, folder), folder, stored_type)
 
 
 def _read_params(folder: str) -> dict:

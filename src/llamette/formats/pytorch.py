@@ -47,6 +47,11 @@ class TorchTensor:
     def shape(self) -> tuple[int, ...]:
         return self.data.shape
 
+    @property
+    def weight_type(self) -> str:
+        """The GGUF weight type that holds its values as they are: bf16, f16, else f32."""
+        return {BF16: "bf16", "HalfStorage": "f16"}.get(self.storage_type, "f32")
+
     def to_float32(self) -> np.ndarray:
         """The values as float32: a view when stored as float32, else a converted copy."""
         if self.storage_type == BF16:

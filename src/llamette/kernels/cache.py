@@ -18,6 +18,8 @@ from pathlib import Path
 
 from numba.core import caching
 
+from llamette.errors import LlametteError
+
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 COMPILED_SOURCES = (
     "kernels/*.py",
@@ -59,10 +61,16 @@ class PackageCacheLocator(caching._CacheLocator):
         return cls(py_file, py_func.__code__.co_firstlineno)
 
     def ensure_cache_path(self):
-        if not self.path.is_dir():
-            self.path.mkdir(parents=True, exist_ok=True)
-            _remove_unused_versions(self.path)
-        tempfile.TemporaryFile(dir=self.path).close()  # writable?
+        try:
+            if not self.path.is_dir():
+                self.path.mkdir(parents=True, exist_ok=True)
+                _remove_unused_versions(self.path)
+            tempfile.TemporaryFile(dir=self.path).close()  # writable?
+        except OSError as error:
+            raise LlametteError(
+                f"the kernel cache {self.path} cannot be written ({error.strerror}); "
+                "LLAMETTE_CACHE_DIR sets the folder it goes in"
+            ) from None
 
     def get_cache_path(self):
         return str(self.path)
