@@ -12,6 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llamette.formats.gguf import write_gguf
+from llamette.tokenizer import (
+    CONTROL,
+    NORMAL,
+    PRE_TOKENIZERS,
+    USER_DEFINED,
+    BPETokenizer,
+    SpecialTokens,
+)
+from llamette.training.corpus import make_corpus
+from llamette.weights import ModelConfig, Weights
+
 BUNDLED = Path(__file__).resolve().parents[1] / "src" / "llamette" / "bundled"  # the packaged model
 SHARED = Path(
     os.environ.get("LLAMETTE_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
@@ -253,8 +265,6 @@ def random_model_of_whole_k_blocks(path: Path, n_layers: int = 3) -> Path:
     """An F32 GGUF of random weights whose rows are multiples of 256 values, so that llama.cpp's
     K-quant file types hold K-quant matrices (the trained test models fall back to other types)."""
     from llamette import Tokenizer
-    from llamette.formats.gguf import write_gguf
-    from llamette.weights import ModelConfig, Weights
 
     config = ModelConfig(dim=256, hidden_dim=768, n_layers=n_layers, n_heads=4, n_kv_heads=2,
                          vocab_size=1024, seq_len=512, shared_classifier=False)  # fmt: skip
@@ -277,3 +287,91 @@ def model_of_whole_k_blocks(tmp_path_factory) -> Path:
     return random_model_of_whole_k_blocks(
         tmp_path_factory.mktemp("k_blocks") / "random256.f32.gguf"
     )
+
+
+# Byte-level BPE tokenizers and models that carry them (tests of tokenizers, chat and serving)
+
+# ChatML, as SmolLM2's instruct models write conversations
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+    "+ '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CONTROL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>",
+                  "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]  # fmt: skip
+USER_DEFINED_TOKENS = ["<tool_call>"]
+# whole words in the vocabulary that no merge makes: where a pre-type ignores merges (Llama 3,
+# tekken) a pre-token spelled as one is that token, elsewhere it is merged from its characters
+WORDS_WITHOUT_MERGES = ["\u0120xylophone", "\u0120quokka", "Zebra"]
+OTHER_SCRIPTS = [
+    "Tiếng Việt có dấu: người, nước, đường, những điều tốt đẹp.",
+    "日本語のテキストと漢字、カタカナ。中文文本也在这里，还有标点符号！",
+    "Emoji: 🦙🔥 👩‍👩‍👧 🇫🇷 ❤️ ✨",
+    "def f(x):\n\tif x >= 10:\n\t\treturn x ** 2  # square\n    return [i for i in range(x)]",
+    "Numbers: 1 12 123 1234 12345 3.14159 -42 1,000,000 2026-12-03",
+    "Don't you'll I'm we've they're he'd SHE'LL IT'S",
+    "   leading spaces, trailing spaces   \n\n\r\n  \t tabs\tand\nnewlines \n",
+    "Ünïcödé ßtraße Ελληνικά Русский текст עברית العربية हिन्दी",
+]
+
+
+def training_text() -> list[str]:
+    return make_corpus(300, seed=7) + OTHER_SCRIPTS * 20
+
+
+def train_bpe(pre: str) -> dict:
+    """A byte-level BPE vocabulary of about 1,500 tokens trained with the pre-type's splits."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import Regex, models, pre_tokenizers, trainers
+
+    splits = [pre_tokenizers.Split(Regex(p), "isolated") for p in PRE_TOKENIZERS[pre].splits]
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    trained = tokenizers.Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Sequence([*splits, byte_level])
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    trained.train_from_iterator(training_text(), trainer)
+    model = json.loads(trained.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return {"tokens": tokens, "merges": merges}
+
+
+def bpe_tokenizer(pre: str) -> BPETokenizer:
+    trained = train_bpe(pre)
+    normal = trained["tokens"] + [w for w in WORDS_WITHOUT_MERGES if w not in trained["tokens"]]
+    tokens = normal + CONTROL_TOKENS + USER_DEFINED_TOKENS
+    types = [NORMAL] * len(normal) + [CONTROL] * len(CONTROL_TOKENS) + [USER_DEFINED]
+    ids = {t: i for i, t in enumerate(tokens)}
+    specials = {"tokenizer.ggml.bos_token_id": ids["<|begin_of_text|>"],
+                "tokenizer.ggml.eos_token_id": ids["<|end_of_text|>"]}  # fmt: skip
+    add_bos = PRE_TOKENIZERS[pre].add_bos
+    return BPETokenizer(
+        tokens, types, trained["merges"], pre,
+        SpecialTokens.from_gguf(lambda key, default=None: specials.get(key, default), tokens, types, add_bos),
+    )  # fmt: skip
+
+
+def write_bpe_model(path, tokenizer: BPETokenizer, chat_template: str | None = None,
+                    always: str | None = None):  # fmt: skip
+    """A small random model (F32 GGUF) with a BPE tokenizer; with `always`, one whose greedy
+    choice is always that token: its layers add nothing, every embedding's first value is 1 and
+    only that token's classifier row reads it."""
+    config = ModelConfig(dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=2,
+                         vocab_size=tokenizer.vocab_size, seq_len=256, shared_classifier=always is None)  # fmt: skip
+    rng = np.random.default_rng(0)
+    tensors = {
+        n: rng.standard_normal(s).astype(np.float32) * 0.1
+        for n, s in config.tensor_shapes().items()
+    }
+    if always is not None:
+        for name in tensors:
+            if name.endswith(("wo.weight", "w2.weight")):
+                tensors[name][:] = 0
+        tensors["tok_embeddings.weight"][:, 0] = 1.0
+        tensors["norm.weight"][:] = 1.0
+        tensors["output.weight"][:, 0] = 0.0
+        tensors["output.weight"][tokenizer.tokens.index(always), 0] = 10.0
+    write_gguf(Weights(config, tensors), path, tokenizer, "f32", chat_template)
+    return path

@@ -1,5 +1,6 @@
 """Chat templates against sentencepiece (Llama 2's format) and llama.cpp (a GGUF's own template)."""
 
+import datetime
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,15 @@ def test_a_broken_template_is_a_one_line_error():
     template = JinjaTemplate("{{ raise_exception('system messages are not supported') }}")
     with pytest.raises(llamette.LlametteError, match="system messages are not supported"):
         template.render([Message("system", "x")])
+
+
+def test_what_llama_3_and_smollm2_templates_use_renders_as_in_transformers():
+    """bos_token, strftime_now, tools (none), loop controls, add_generation_prompt."""
+    source = (
+        "{{ bos_token }}{% if tools is not none %}TOOLS{% endif %}{{ strftime_now('%Y') }}|"
+        "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}"
+        "{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    year = str(datetime.date.today().year)
+    rendered = JinjaTemplate(source).render(CONVERSATION, bos_token="<|begin_of_text|>")
+    assert rendered == f"<|begin_of_text|>{year}|{CONVERSATION[0].content}>"

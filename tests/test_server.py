@@ -9,7 +9,7 @@ import pytest
 import sentencepiece
 
 import llamette
-from conftest import serving
+from conftest import CHATML, bpe_tokenizer, serving, write_bpe_model
 from llamette.server import ServedModel
 
 httpx = pytest.importorskip("httpx", reason="httpx is a test dependency (pip install -e .[test])")
@@ -226,3 +226,18 @@ def test_requests_beyond_the_queue_get_429():
                 assert refused.json()["error"]["type"] == "rate_limit_error"
                 assert list(queued.iter_lines())[-2:] == ["data: [DONE]", ""]
         assert http.post("/v1/completions", json=request).status_code == 200
+
+
+def test_a_bpe_model_stops_at_its_end_of_turn_token(tmp_path):
+    """Completions and chat end on the file's end-of-generation ids, and print none of them."""
+    path = write_bpe_model(tmp_path / "chatml.gguf", bpe_tokenizer("smollm"), CHATML, "<|im_end|>")
+    served = ServedModel.load(str(path), max_batch=2, name=NAME)
+    with serving(served) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        chat = client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "<|im_end|>hi"}], max_tokens=20
+        )
+        completion = client.completions.create(model=NAME, prompt="Once", max_tokens=20)
+    assert chat.choices[0].finish_reason == "stop" and chat.choices[0].message.content == ""
+    assert completion.choices[0].finish_reason == "stop" and completion.choices[0].text == ""
+    assert chat.usage.completion_tokens == 0  # the end token is not part of the answer

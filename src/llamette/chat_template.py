@@ -6,16 +6,20 @@ Face writes it), rendered in a sandbox.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llamette.errors import LlametteError
 from llamette.formats.gguf import chat_template_of
 from llamette.tokenizer import Tokenizer
-from llamette.weights import BOS_ID, EOS_ID
 
-BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # how templates write the special tokens
+BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # Llama 2's special tokens, as templates write them
+# a message's place in a rendered template: "\ue000<index>\ue001" (private-use characters),
+# with the spaces around it that the template kept (none when it trims the content)
+CONTENT_MARK = re.compile("( ?)\ue000(\\d+)\ue001( ?)")
 
 
 def llama2_chat_prompt(user: str, system: str | None = None) -> str:
@@ -62,8 +66,9 @@ class Llama2Template:
 
 
 class JinjaTemplate:
-    """A template in Jinja, as GGUF files carry it (`tokenizer.chat_template`); its output's
-    `<s>` and `</s>` become BOS and EOS, the text between is encoded piece by piece."""
+    """A template in Jinja, as GGUF files and Hugging Face folders carry it, rendered as
+    transformers' `apply_chat_template` renders it. The special tokens the template writes
+    become their ids; the messages' own text never does."""
 
     name = "gguf"
 
@@ -74,36 +79,54 @@ class JinjaTemplate:
         def raise_exception(message: str):
             raise TemplateError(message)
 
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         environment.globals["raise_exception"] = raise_exception
+        environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
             self.template = environment.from_string(source)
         except TemplateError as error:
             raise LlametteError(f"chat template: {error}") from None
 
-    def render(self, messages: Sequence[Message]) -> str:
+    def render(
+        self, messages: Sequence[Message], bos_token: str = BOS_TEXT, eos_token: str = EOS_TEXT
+    ) -> str:
         from jinja2 import TemplateError
 
         try:
             return self.template.render(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
                 add_generation_prompt=True,
-                bos_token=BOS_TEXT,
-                eos_token=EOS_TEXT,
+                tools=None,  # as transformers passes them when there are none
+                documents=None,
+                bos_token=bos_token,
+                eos_token=eos_token,
             )
         except TemplateError as error:
             raise LlametteError(f"messages: the model's chat template says: {error}") from None
 
     def tokens(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
-        tokens = []
-        for index, part in enumerate(self.render(messages).split(BOS_TEXT)):
-            if index:
-                tokens.append(BOS_ID)
-            for eos_index, text in enumerate(part.split(EOS_TEXT)):
-                if eos_index:
-                    tokens.append(EOS_ID)
-                tokens += tokenizer.encode(text, bos=False)
-        return tokens
+        """The conversation's prompt: rendered with a mark in place of each message (padded
+        with a space each side, to see whether the template trims it), then encoded with the
+        template's text parsing special tokens and the messages' text not."""
+        marked = [Message(m.role, f" \ue000{i}\ue001 ") for i, m in enumerate(messages)]
+        rendered = self.render(
+            marked,
+            tokenizer.special_text(tokenizer.bos_id),
+            tokenizer.special_text(tokenizer.specials.eos_id),
+        )
+        parts, start = [], 0
+        for mark in CONTENT_MARK.finditer(rendered):
+            content = messages[int(mark.group(2))].content
+            if mark.group(1) and mark.group(3):  # the padding is there: the content as it is
+                end, resume = mark.start(), mark.end()
+            else:  # trimmed: the spaces matched are the template's own
+                end, resume, content = mark.start(2) - 1, mark.end(2) + 1, content.strip()
+            parts += [(rendered[start:end], True), (content, False)]
+            start = resume
+        parts.append((rendered[start:], True))
+        return tokenizer.encode_parts(parts)
 
 
 ChatTemplate = Llama2Template | JinjaTemplate

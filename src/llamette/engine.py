@@ -24,7 +24,7 @@ from llamette.kernels import SMALL_BATCH
 from llamette.model import PREFILL_CHUNK, Transformer, use_huge_pages
 from llamette.sampler import Sampler
 from llamette.tokenizer import StreamDecoder, Tokenizer
-from llamette.weights import BOS_ID, EOS_ID
+from llamette.weights import BOS_ID
 
 log = logging.getLogger("llamette")
 
@@ -81,6 +81,8 @@ class Engine:
     ):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
+        # what ends a request: every end-of-text and end-of-turn id (llama2.c's: BOS and EOS)
+        self.end_ids = tokenizer.end_ids() | tokenizer.end_ids(chat=True)
         # Numba's thread count belongs to the thread that sets it: the engine's thread sets its own
         self.threads = threads or numba.get_num_threads()
         self.n_slots = model.kv_cache.keys.shape[0]
@@ -242,7 +244,9 @@ class Engine:
                 request.slot = self._free_slots.pop()
                 request.decoder = StreamDecoder(
                     self.tokenizer,
-                    BOS_ID if request.strip_leading_space else request.prompt_tokens[-1],
+                    self.tokenizer.bos_id
+                    if request.strip_leading_space
+                    else request.prompt_tokens[-1],
                 )
                 self._running.append(request)
                 admitted.append(request)
@@ -255,11 +259,11 @@ class Engine:
                 self._finish(request, "cancelled")
 
     def _advance(self, request: Request, token: int) -> None:
-        """Take a sampled token: end the request on EOS/BOS, a stop string or its length limit,
+        """Take a sampled token: end the request on an end id, a stop string or its length limit,
         else send the text that cannot be the start of a stop string."""
         if request.cancelled:  # it leaves at the next step
             return
-        if token in (EOS_ID, BOS_ID):
+        if token in self.end_ids:
             request.text += request.decoder.flush()
             self._finish(request, "stop")
             return

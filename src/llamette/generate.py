@@ -16,7 +16,6 @@ from llamette.errors import LlametteError
 from llamette.model import Transformer
 from llamette.sampler import Sampler
 from llamette.tokenizer import StreamDecoder, Tokenizer
-from llamette.weights import BOS_ID, EOS_ID
 
 TextSink = Callable[[str], None]
 
@@ -83,19 +82,25 @@ def generate(
     steps: int | None = None,
     on_text: TextSink | None = None,
 ) -> Generation:
-    """Continue `prompt` for up to `steps` positions (prompt included); stop on BOS.
+    """Continue `prompt` for up to `steps` positions (prompt included); stop on the tokenizer's
+    end ids (run.c's BOS for llama2.c's tokenizers).
 
     on_text receives the prompt's text, then each sampled token's text, as soon as it is known.
     """
     steps = check_steps(steps, model)
     emit = on_text or (lambda text: None)
-    result = Generation(prompt_tokens=tokenizer.encode(prompt, bos=True))
+    result = Generation(prompt_tokens=tokenizer.encode(prompt, bos=tokenizer.add_bos))
     prompt_tokens = result.prompt_tokens
+    if not prompt_tokens:  # a model that adds no BOS, and no prompt: start from its BOS
+        if tokenizer.bos_id is None:
+            raise LlametteError("prompt: empty, and the model has no BOS token to start from")
+        prompt_tokens.append(tokenizer.bos_id)
     _check_fits(len(prompt_tokens), model)
 
     # Prefill: the prompt goes through the model (all of it, or the first `steps` tokens).
     forced = prompt_tokens[:steps]
-    emit(tokenizer.decode(prompt_tokens[1 : steps + 1]))  # what run.c prints while forcing them
+    shown = prompt_tokens[1 : steps + 1] if tokenizer.add_bos else prompt_tokens[: steps + 1]
+    emit(tokenizer.decode(shown))  # what run.c prints while forcing the prompt
     start = time.perf_counter()
     logits = model.prefill(forced, 0)
     if len(forced) < len(prompt_tokens):  # steps ran out inside the prompt: nothing to sample
@@ -107,11 +112,12 @@ def generate(
 
     # Decode: print each sampled token, feed it back, sample the next.
     decoder = StreamDecoder(tokenizer, prev_token=prompt_tokens[-1])
+    end_ids = tokenizer.end_ids()
     pieces = []
     start = time.perf_counter()
     for pos in range(len(forced), steps + 1):
         result.tokens.append(token)
-        if token == BOS_ID:
+        if token in end_ids:
             break
         pieces.append(decoder.push(token))
         emit(pieces[-1])
@@ -149,6 +155,7 @@ def chat(
     answers = []  # the sampled tokens' text
     context: list[int] = []  # the tokens at positions 0.. of the KV cache
     messages = [Message("system", system_prompt)] if template and system_prompt else []
+    end_ids = tokenizer.end_ids(chat=True)
     while len(context) < steps:
         user = read_user()
         if user is None:
@@ -185,16 +192,16 @@ def chat(
         start = time.perf_counter()
         while True:
             result.tokens.append(token)
-            text = decoder.flush() if token == EOS_ID else decoder.push(token)
+            text = decoder.flush() if token in end_ids else decoder.push(token)
             if pos == steps:
                 text += decoder.flush()
             turn.append(text)
             emit(text)
-            if token == EOS_ID:
+            if token in end_ids:
                 emit("\n")
-                if pos < steps:  # the model sees EOS before the next turn's BOS, as in run.c
-                    sampler.sample(model.forward(EOS_ID, pos))
-                    context.append(EOS_ID)
+                if pos < steps:  # the model sees its end of turn before the next turn, as in run.c
+                    sampler.sample(model.forward(token, pos))
+                    context.append(token)
                     pos += 1
                     result.decode_tokens += 1
                 break

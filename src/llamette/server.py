@@ -223,7 +223,8 @@ def check_model(body: dict, served: ServedModel) -> None:
 
 
 def parse_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
-    """A completion's prompt: a string (encoded with BOS), one string in an array, or token ids."""
+    """A completion's prompt: a string (encoded with BOS if the model adds one), one string in an
+    array, or token ids."""
     prompt = field(body, "prompt", (str, list))
     if isinstance(prompt, list):
         if len(prompt) == 1 and isinstance(prompt[0], str):
@@ -236,7 +237,7 @@ def parse_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
         else:
             raise ApiError(400, "prompt: must be a string or an array of token ids (one prompt "
                            "per request)", "prompt")  # fmt: skip
-    return tokenizer.encode(prompt, bos=True)
+    return tokenizer.encode(prompt, bos=tokenizer.add_bos)
 
 
 def parse_messages(body: dict) -> list[Message]:

@@ -18,7 +18,16 @@ import numpy as np
 from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.output import atomic_output
-from llamette.tokenizer import Tokenizer
+from llamette.tokenizer import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    UNKNOWN,
+    USER_DEFINED,
+    BPETokenizer,
+    SpecialTokens,
+    Tokenizer,
+)
 from llamette.weight_types import BY_GGUF_TYPE, file_types, gguf_names, quantize, to_float32
 from llamette.weight_types import weight_type as weight_type_of
 from llamette.weights import LazyTensors, ModelConfig, Tensor, Weights
@@ -44,9 +53,6 @@ GGUF_TYPES = gguf_names(written=True)  # what write_gguf stores matrices as
 # ...and what it takes as a type: those, and llama.cpp's file types (mixes of them)
 WRITTEN_TYPES = GGUF_TYPES + tuple(t for t in file_types.MAIN_TYPE if t not in GGUF_TYPES)
 RUN_TYPES = gguf_names()  # what llamette runs
-
-# GGUF token types (SentencePiece's piece kinds)
-NORMAL, UNKNOWN, CONTROL, BYTE = 1, 2, 3, 6
 
 
 def gguf_name(name: str) -> str:
@@ -393,16 +399,28 @@ class GGUFModel:
         return gguf.quants.dequantize(rows, kind).reshape(info.shape).astype(np.float32)
 
     def tokenizer(self) -> Tokenizer:
-        """The embedded SentencePiece vocabulary, spelled as in a llama2.c tokenizer.bin."""
+        """The embedded tokenizer: byte-level BPE (gpt2), or a SentencePiece vocabulary (llama)
+        spelled as in a llama2.c tokenizer.bin."""
+        kind = self.value("tokenizer.ggml.model")
+        if kind == "gpt2":
+            return BPETokenizer.from_gguf(self.value, self.path)
+        if kind != "llama":
+            raise LlametteError(
+                f"{self.path}: tokenizer {kind!r} is not one llamette runs (llama, gpt2)"
+                if kind
+                else f"{self.path}: has no tokenizer inside (tokenizer.ggml.model)"
+            )
         tokens, scores = self.value("tokenizer.ggml.tokens"), self.value("tokenizer.ggml.scores")
-        if self.value("tokenizer.ggml.model") != "llama" or not tokens or not scores:
-            raise LlametteError(f"{self.path}: has no SentencePiece (llama) tokenizer inside")
+        if not tokens or not scores:
+            raise LlametteError(f"{self.path}: its llama tokenizer has no tokens or scores")
+        token_types = self.value("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        specials = SpecialTokens.from_gguf(self.value, tokens, token_types, True, self.path)
         pieces = []
         for i, token in enumerate(tokens):
-            if i == 1 or i == 2:
+            if i in (specials.bos_id, specials.eos_id):
                 token = f"\n{token}\n"  # BOS and EOS, as llama2.c's tokenizer.bin spells them
             pieces.append(token.replace("\u2581", " ").encode("utf-8"))
-        return Tokenizer(pieces, [float(score) for score in scores], source=self.path)
+        return Tokenizer(pieces, [float(score) for score in scores], self.path, specials)
 
 
 def chat_template_of(path: str | os.PathLike) -> str | None:
@@ -499,15 +517,24 @@ def write_gguf(
 
 
 def _add_tokenizer(writer, tokenizer: Tokenizer) -> None:
-    """tokenizer.bin's pieces in SentencePiece's spelling: ▁ for space, <s> and </s> for BOS, EOS."""
+    """A byte-level BPE tokenizer as its GGUF keys held it; tokenizer.bin's pieces in
+    SentencePiece's spelling: ▁ for space, <s> and </s> for BOS, EOS."""
+    if isinstance(tokenizer, BPETokenizer):
+        _add_bpe_tokenizer(writer, tokenizer)
+        return
+    specials = tokenizer.specials
+    control = {i: text for text, i in specials.control.items()}
+    user_defined = {i: text for text, i in specials.user_defined.items()}
     tokens, types = [], []
     for i, piece in enumerate(tokenizer.pieces):
         text = piece.decode("utf-8", "replace").replace(" ", "\u2581")
         kind = NORMAL
         if i == 0:
             kind = UNKNOWN
-        elif i in (1, 2):
-            text, kind = ("<s>", "</s>")[i - 1], CONTROL
+        elif i in control:
+            text, kind = control[i], CONTROL
+        elif i in user_defined:
+            text, kind = user_defined[i], USER_DEFINED
         elif tokenizer.token_bytes[i] != piece:
             kind = BYTE
         tokens.append(text)
@@ -516,8 +543,27 @@ def _add_tokenizer(writer, tokenizer: Tokenizer) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(tokenizer.scores)
     writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    for add, token in ((writer.add_bos_token_id, specials.bos_id), (writer.add_eos_token_id, specials.eos_id),
+                       (writer.add_eot_token_id, specials.eot_id), (writer.add_eom_token_id, specials.eom_id)):  # fmt: skip
+        if token is not None:
+            add(token)
     writer.add_unk_token_id(0)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
+    writer.add_add_bos_token(specials.add_bos)
+    writer.add_add_eos_token(specials.add_eos)
+
+
+def _add_bpe_tokenizer(writer, tokenizer: BPETokenizer) -> None:
+    specials = tokenizer.specials
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer.pre)
+    writer.add_token_list(tokenizer.tokens)
+    writer.add_token_types(tokenizer.token_types)
+    writer.add_token_merges(tokenizer.merges)
+    ids = {writer.add_bos_token_id: specials.bos_id, writer.add_eos_token_id: specials.eos_id,
+           writer.add_eot_token_id: specials.eot_id, writer.add_eom_token_id: specials.eom_id,
+           writer.add_pad_token_id: specials.padding_id}  # fmt: skip
+    for add, token in ids.items():
+        if token is not None:
+            add(token)
+    writer.add_add_bos_token(specials.add_bos)
+    writer.add_add_eos_token(specials.add_eos)
