@@ -84,25 +84,28 @@ def serving(served):
         thread.join()
 
 
-def tiny_llama(n_kv_heads: int, tied: bool, seed: int):
+def tiny_llama(n_kv_heads: int, tied: bool, seed: int, **settings):
     """A random transformers LlamaForCausalLM small enough to build in a test (skips without
-    torch and transformers, the test extra's references)."""
+    torch and transformers, the test extra's references); `settings` change its LlamaConfig."""
     torch = pytest.importorskip(
         "torch", reason="torch is a test dependency (pip install -e .[test])"
     )
     transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=n_kv_heads,
-        max_position_embeddings=64,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        tie_word_embeddings=tied,
+        **{
+            "vocab_size": 320,
+            "hidden_size": 64,
+            "intermediate_size": 96,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 8,
+            "num_key_value_heads": n_kv_heads,
+            "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": tied,
+        }
+        | settings
     )
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1.0, so that a swapped norm shows

@@ -55,5 +55,33 @@ def test_refuses_rope_scaling(tmp_path):
     model = tiny_llama(2, False, seed=4)
     model.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
     model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="rope scaling is not supported"):
+    with pytest.raises(ValueError, match="rope scaling 'linear' is not supported"):
         read_model(tmp_path)
+
+
+def test_llama3_rope_scaling_and_heads_of_their_own_size_give_transformers_logits(tmp_path):
+    """Llama 3.1's RoPE scaling (its short original context puts frequencies in each of the
+    three bands) and heads of 16 values where dim / heads is 8, converted to GGUF."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    model = tiny_llama(
+        2,
+        True,
+        seed=5,
+        head_dim=16,
+        rope_parameters=rope,
+        max_position_embeddings=128,
+        vocab_size=512,
+    )
+    model.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "model.gguf"
+    assert main(["convert", str(tmp_path / "hf"), str(out), "--tokenizer",
+                 str(shared_path("models", "tok512.bin")), "--type", "f32"]) == 0  # fmt: skip
+    tokens = [1, 17, 230, 5, 99, 311, 42, 7, 7, 260] * 6  # past the original context
+    expected = transformers_logits(model, tokens)
+    ours = Transformer.load(out)
+    assert ours.config.rope_scaled and ours.config.head_size == 16
+    for pos, token in enumerate(tokens):
+        logits = ours.forward(token, pos)
+        scale = np.abs(expected[pos]).max()
+        assert np.abs(logits - expected[pos]).max() / scale < 1e-4, pos

@@ -59,10 +59,19 @@ def test_rope_rotates_pairs_as_complex_numbers():
     expected_q = (q[0::2] + 1j * q[1::2]) * np.exp(1j * angle)
     expected_k = (k[0::2] + 1j * k[1::2]) * np.exp(1j * angle[:16])
     cos, sin = np.empty(head_size // 2, np.float32), np.empty(head_size // 2, np.float32)
-    reference.rope_angles(cos, sin, pos, head_size, theta)
+    reference.rope_angles(cos, sin, pos, head_size, theta, np.ones(head_size // 2, np.float32))
     reference.rope(q, k, cos, sin)
     np.testing.assert_allclose(q[0::2] + 1j * q[1::2], expected_q, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(k[0::2] + 1j * k[1::2], expected_k, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scaling_divides_each_frequencys_angle():
+    head_size, pos, theta = 16, 300, 500000.0
+    divisors = np.linspace(1, 8, head_size // 2).astype(np.float32)
+    cos, sin = np.empty(head_size // 2, np.float32), np.empty(head_size // 2, np.float32)
+    reference.rope_angles(cos, sin, pos, head_size, theta, divisors)
+    angle = pos * theta ** (-np.arange(0, head_size, 2) / head_size) / divisors
+    np.testing.assert_allclose(cos + 1j * sin, np.exp(1j * angle), rtol=0, atol=1e-5)
 
 
 def test_grouped_query_attention():

@@ -58,6 +58,11 @@ def convert(
             f"{source}: rope_theta {c.rope_theta:g} and norm eps {c.norm_eps:g} cannot be kept in "
             f"a llama2.c file (run.c assumes 10000 and 1e-5); write GGUF instead"
         )
+    if c.rope_scaled or c.head_dim is not None:
+        raise LlametteError(
+            f"{source}: its {'RoPE scaling' if c.rope_scaled else f'head size {c.head_dim}'} "
+            "cannot be kept in a llama2.c file; write GGUF instead"
+        )
     version = int(out_format[-1])
     write_llama2c(_streamed(weights, progress, out), out, version, group_size)
     return weights, needed

@@ -50,10 +50,10 @@ class Layer(NamedTuple):
     """One transformer block's weights, each matrix in its file's type."""
 
     attention_norm: np.ndarray  # (dim,)
-    wq: Tensor  # (dim, dim)
+    wq: Tensor  # (q_dim, dim)
     wk: Tensor  # (kv_dim, dim)
     wv: Tensor  # (kv_dim, dim)
-    wo: Tensor  # (dim, dim)
+    wo: Tensor  # (dim, q_dim)
     ffn_norm: np.ndarray  # (dim,)
     w1: Tensor  # (hidden_dim, dim), gate
     w2: Tensor  # (dim, hidden_dim), down
@@ -71,6 +71,7 @@ class Tensors(NamedTuple):
     layer_index: np.ndarray  # int64 (n_layers,): its place in the group
     norm: np.ndarray  # (dim,)
     output: Tensor  # (vocab_size, dim), the classifier
+    rope_divisors: np.ndarray  # (head_size / 2,) of the rotary frequencies: ones, or Llama 3.1's
 
     @classmethod
     def of(cls, weights: Weights) -> Tensors:
@@ -84,10 +85,14 @@ class Tensors(NamedTuple):
         # Typed lists, not tuples: a tuple of every layer's arrays is one struct, whose size (and
         # compile time) grows with the number of layers. A list's type does not depend on its
         # length, so models that differ only in depth share their compiled code.
+        c = weights.config
+        rope_divisors = (weights["rope_freqs.weight"] if c.rope_scaled
+                         else np.ones(c.head_size // 2, np.float32))  # fmt: skip
         return cls(weights["tok_embeddings.weight"],
                    tuple(typed_list(tuple(g)) for g in groups.values()),
                    np.array(layer_group, np.int64), np.array(layer_index, np.int64),
-                   weights["norm.weight"], weights.classifier)  # fmt: skip
+                   weights["norm.weight"], weights.classifier,
+                   np.ascontiguousarray(rope_divisors, np.float32))  # fmt: skip
 
 
 def layers_of(weights: Weights) -> list[Layer]:
@@ -115,10 +120,10 @@ class Buffers(NamedTuple):
 
     x: np.ndarray  # (capacity, dim) the residual stream
     xb: np.ndarray  # (capacity, dim) a block's input, normed
-    q: np.ndarray  # (capacity, dim) queries
+    q: np.ndarray  # (capacity, q_dim) queries
     k: np.ndarray  # (capacity, kv_dim) keys, stored into the KV cache after RoPE
     v: np.ndarray  # (capacity, kv_dim) values
-    attended: np.ndarray  # (capacity, dim) attention's output
+    attended: np.ndarray  # (capacity, q_dim) attention's output
     out: np.ndarray  # (capacity, dim) a block's output, added to the residual stream
     gate: np.ndarray  # (capacity, hidden_dim) the feed-forward's hidden state
     up: np.ndarray  # (capacity, hidden_dim)
@@ -134,11 +139,12 @@ class Buffers(NamedTuple):
             return aligned_empty((capacity, *shape), np.float32)
 
         return cls(
-            empty(c.dim), empty(c.dim), empty(c.dim), empty(c.kv_dim), empty(c.kv_dim),
-            empty(c.dim), empty(c.dim), empty(c.hidden_dim), empty(c.hidden_dim),
+            empty(c.dim), empty(c.dim), empty(c.q_dim), empty(c.kv_dim), empty(c.kv_dim),
+            empty(c.q_dim), empty(c.dim), empty(c.hidden_dim), empty(c.hidden_dim),
             empty(c.head_size // 2), empty(c.head_size // 2),
             aligned_empty((c.n_heads, c.seq_len), np.float32),
-            Int8Inputs.sized(capacity, max(c.dim, c.hidden_dim), smallest_group, weights_in_cache),
+            Int8Inputs.sized(capacity, max(c.dim, c.hidden_dim, c.q_dim), smallest_group,
+                             weights_in_cache),
         )  # fmt: skip
 
     @property
@@ -183,7 +189,7 @@ def forward(w, kv, buffers, rows, logit_rows, logits, n_heads, norm_eps, rope_th
     t.start(profile)
     embed(a.x, w.tok_embeddings, tokens)
     t.tick(profile, t.EMBEDDING)
-    rope_angles(a.cos, a.sin, positions, 2 * a.cos.shape[1], rope_theta)  # every layer's
+    rope_angles(a.cos, a.sin, positions, 2 * a.cos.shape[1], rope_theta, w.rope_divisors)
     t.tick(profile, t.ROPE)
     for layer in range(w.layer_group.shape[0]):
         # literal_unroll compiles the block once per group (kind of layer); the group count

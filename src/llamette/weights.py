@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+import numpy as np
 
 from llamette.errors import LlametteError
 from llamette.weight_types import Tensor
@@ -38,10 +41,17 @@ class ModelConfig:
     shared_classifier: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    head_dim: int | None = None  # where a head's size is not dim / n_heads
+    rope_scaled: bool = False  # RoPE frequencies divided by the tensor rope_freqs (Llama 3.1's)
 
     @property
     def head_size(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        """The queries' size: every head's."""
+        return self.n_heads * self.head_size
 
     @property
     def kv_dim(self) -> int:
@@ -49,13 +59,13 @@ class ModelConfig:
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's name and shape (Meta's names; matrices are (out_features, in_features))."""
-        d, h, kv = self.dim, self.hidden_dim, self.kv_dim
+        d, h, kv, q = self.dim, self.hidden_dim, self.kv_dim, self.q_dim
         per_layer = {
             "attention_norm.weight": (d,),
-            "attention.wq.weight": (d, d),
+            "attention.wq.weight": (q, d),
             "attention.wk.weight": (kv, d),
             "attention.wv.weight": (kv, d),
-            "attention.wo.weight": (d, d),
+            "attention.wo.weight": (d, q),
             "ffn_norm.weight": (d,),
             "feed_forward.w1.weight": (h, d),
             "feed_forward.w2.weight": (d, h),
@@ -68,7 +78,31 @@ class ModelConfig:
         shapes["norm.weight"] = (d,)
         if not self.shared_classifier:
             shapes["output.weight"] = (self.vocab_size, d)
+        if self.rope_scaled:
+            shapes["rope_freqs.weight"] = (self.head_size // 2,)
         return shapes
+
+
+def llama3_rope_divisors(
+    head_size: int, theta: float, factor: float, low_freq_factor: float,
+    high_freq_factor: float, original_context: int,
+) -> np.ndarray:  # fmt: skip
+    """Llama 3.1's RoPE scaling as one divisor per rotary frequency (head_size / 2,): 1 for
+    wavelengths shorter than original_context / high_freq_factor, `factor` for those longer than
+    original_context / low_freq_factor, and a smooth blend between."""
+    divisors = []
+    for j in range(0, head_size, 2):
+        wavelength = 2 * math.pi * theta ** (j / head_size)
+        if wavelength < original_context / high_freq_factor:
+            divisors.append(1.0)
+        elif wavelength > original_context / low_freq_factor:
+            divisors.append(factor)
+        else:
+            smooth = (original_context / wavelength - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
+            divisors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(divisors, np.float32)
 
 
 class LazyTensors(Mapping):

@@ -47,6 +47,7 @@ GGUF_NAMES = {
     "tok_embeddings.weight": "token_embd.weight",
     "norm.weight": "output_norm.weight",
     "output.weight": "output.weight",
+    "rope_freqs.weight": "rope_freqs.weight",
 }
 
 GGUF_TYPES = gguf_names(written=True)  # what write_gguf stores matrices as
@@ -290,6 +291,13 @@ class GGUFModel:
         dim, n_heads = number("llama.embedding_length"), number("llama.attention.head_count")
         if "tok_embeddings.weight" not in self.tensors:
             raise LlametteError(f"{self.path}: no token_embd.weight tensor")
+        head_dim = int(self.value("llama.attention.key_length", dim // n_heads))
+        for key in ("llama.attention.value_length", "llama.rope.dimension_count"):
+            if int(self.value(key, head_dim)) != head_dim:
+                raise LlametteError(
+                    f"{self.path}: {key} {self.value(key)} is not the heads' size {head_dim} "
+                    "(llamette rotates and attends over whole heads)"
+                )
         return ModelConfig(
             dim=dim,
             hidden_dim=number("llama.feed_forward_length"),
@@ -301,6 +309,8 @@ class GGUFModel:
             shared_classifier="output.weight" not in self.tensors,
             rope_theta=float(self.value("llama.rope.freq_base", 10000.0)),
             norm_eps=float(self.value("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            head_dim=None if head_dim * n_heads == dim else head_dim,
+            rope_scaled="rope_freqs.weight" in self.tensors,
         )
 
     def stored_type(self) -> str:
@@ -480,6 +490,9 @@ def write_gguf(
         writer.add_block_count(c.n_layers)
         writer.add_feed_forward_length(c.hidden_dim)
         writer.add_rope_dimension_count(c.head_size)
+        if c.head_dim is not None:
+            writer.add_key_length(c.head_dim)
+            writer.add_value_length(c.head_dim)
         writer.add_head_count(c.n_heads)
         writer.add_head_count_kv(c.n_kv_heads)
         writer.add_layer_norm_rms_eps(c.norm_eps)

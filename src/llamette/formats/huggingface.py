@@ -17,7 +17,7 @@ from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.pytorch import TorchTensor, read_torch_state_dict
 from llamette.formats.safetensors import read_safetensors
-from llamette.weights import LazyTensors, ModelConfig, Weights
+from llamette.weights import LazyTensors, ModelConfig, Weights, llama3_rope_divisors
 
 HF_LAYER_NAMES = {
     "attention_norm.weight": "input_layernorm.weight",
@@ -70,6 +70,8 @@ def read_hf(folder: str | os.PathLike) -> Weights:
     config = _config(folder, hf, tensors, tensor)
 
     def load(name: str) -> np.ndarray:
+        if name == "rope_freqs.weight":  # not a tensor of the folder: its config's scaling
+            return _llama3_rope_divisors(folder, hf, config)
         w = tensor(name).to_float32()
         if name.endswith("attention.wq.weight"):
             return unpermute_rotary(w, config.n_heads)
@@ -98,10 +100,11 @@ def _config(folder: str, hf: dict, tensors: dict, tensor) -> ModelConfig:
         )
     except (KeyError, TypeError, ValueError) as error:
         raise LlametteError(f"{path}: missing or malformed {error}") from None
-    if int(hf.get("head_dim") or dim // n_heads) * n_heads != dim:
-        raise LlametteError(f"{path}: head_dim {hf['head_dim']} times {n_heads} heads is not {dim}")
-    rope = hf.get("rope_parameters") or {}
+    head_dim = int(hf.get("head_dim") or dim // n_heads)
+    config["head_dim"] = None if head_dim * n_heads == dim else head_dim
+    rope = _rope_parameters(hf)
     config["rope_theta"] = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    config["rope_scaled"] = rope.get("rope_type", "default") == "llama3"
 
     embedding = tensor("tok_embeddings.weight")
     if "lm_head.weight" not in tensors:
@@ -120,9 +123,9 @@ def _read_config(folder: str) -> dict:
     if hf.get("model_type") != "llama" or "LlamaForCausalLM" not in architectures:
         kind = ", ".join(architectures) or hf.get("model_type") or "unknown"
         raise LlametteError(f"{path}: architecture {kind} is not supported (LlamaForCausalLM)")
-    rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
-    if hf.get("rope_scaling") or rope_type != "default":
-        raise LlametteError(f"{path}: rope scaling is not supported")
+    rope_type = _rope_parameters(hf).get("rope_type", "default")
+    if rope_type not in ("default", "llama3"):
+        raise LlametteError(f"{path}: rope scaling {rope_type!r} is not supported (llama3)")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
         raise LlametteError(f"{path}: not a plain Llama (activation other than silu, or biases)")
     return hf
@@ -155,3 +158,24 @@ def _check_index(path: str, folder: str) -> None:
     for shard in sorted(shards):
         if not os.path.exists(os.path.join(folder, shard)):
             raise LlametteError(f"{os.path.join(folder, shard)}: missing (named in {path})")
+
+
+def _rope_parameters(hf: dict) -> dict:
+    """RoPE's settings: transformers 5's rope_parameters, or the older rope_scaling (whose
+    `type` was later named `rope_type`)."""
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if "type" in rope and "rope_type" not in rope:
+        rope["rope_type"] = rope["type"]
+    return rope
+
+
+def _llama3_rope_divisors(folder: str, hf: dict, config: ModelConfig) -> np.ndarray:
+    rope = _rope_parameters(hf)
+    try:
+        return llama3_rope_divisors(
+            config.head_size, config.rope_theta, float(rope["factor"]),
+            float(rope["low_freq_factor"]), float(rope["high_freq_factor"]),
+            int(rope["original_max_position_embeddings"]),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as error:
+        raise LlametteError(f"{folder}/config.json: llama3 rope scaling without {error}") from None

@@ -24,13 +24,13 @@ def rmsnorm_rows(out, x, weight, eps):
 
 
 @parallel_kernel
-def rope_angles_rows(cos, sin, positions, head_size, theta):
+def rope_angles_rows(cos, sin, positions, head_size, theta, divisors):
     """rope_angles for each position: cos, sin (B, head_size / 2)."""
     if positions.shape[0] == 1:
-        rope_angles(cos[0], sin[0], positions[0], head_size, theta)
+        rope_angles(cos[0], sin[0], positions[0], head_size, theta, divisors)
         return
     for b in prange(positions.shape[0]):
-        rope_angles(cos[b], sin[b], positions[b], head_size, theta)
+        rope_angles(cos[b], sin[b], positions[b], head_size, theta, divisors)
 
 
 @parallel_kernel

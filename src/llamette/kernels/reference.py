@@ -59,12 +59,13 @@ def softmax(x):
 
 
 @kernel
-def rope_angles(cos, sin, pos, head_size, theta):
-    """cos and sin (head_size / 2,) of the angles pos * theta^(-2j / head_size), computed as run.c
-    computes them for each pair of a head (they are the same in every head and every layer)."""
+def rope_angles(cos, sin, pos, head_size, theta, divisors):
+    """cos and sin (head_size / 2,) of the angles pos * theta^(-2j / head_size) / divisors[j],
+    computed as run.c computes them for each pair of a head (they are the same in every head and
+    every layer; the divisors, Llama 3.1's RoPE scaling, are ones elsewhere: exact)."""
     for j in range(head_size // 2):
         freq = F32(1.0) / math.pow(F32(theta), F32(2 * j) / F32(head_size))
-        val = F32(pos) * freq
+        val = F32(pos) * freq / divisors[j]
         cos[j] = math.cos(val)
         sin[j] = math.sin(val)
 
