@@ -5,6 +5,7 @@ some text of other scripts, pre-tokenized as one `tokenizer.ggml.pre` type split
 into a small random model's GGUF by llamette; llama.cpp reads the same file.
 """
 
+import json
 import random
 
 import pytest
@@ -88,3 +89,11 @@ def test_an_unknown_or_missing_pre_tokenizer_is_refused(tmp_path):
     with pytest.raises(LlametteError, match="pre-tokenizer 'made-up' is not one llamette knows"):
         BPETokenizer(trained["tokens"], [NORMAL] * len(trained["tokens"]), trained["merges"],
                      "made-up", SpecialTokens(), "x.gguf")  # fmt: skip
+
+
+def test_a_folder_whose_pre_tokenizer_is_unknown_is_refused(tmp_path):
+    spec = {"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+            "pre_tokenizer": {"type": "Whitespace"}}  # fmt: skip
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(LlametteError, match="tokenizer.json: its pre-tokenizer .Whitespace"):
+        Tokenizer.load(tmp_path)

@@ -1,4 +1,4 @@
-"""llamette: run Llama-2-family language models from Python, on the CPU.
+"""llamette: run Llama-family language models from Python, on the CPU.
 
 model = llamette.Transformer.load("stories15M.bin")
 tokenizer = llamette.Tokenizer.load("tokenizer.bin")

@@ -86,6 +86,7 @@ class JinjaTemplate:
         environment.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
         try:
             self.template = environment.from_string(source)
+            self.source = source
         except TemplateError as error:
             raise LlametteError(f"chat template: {error}") from None
 

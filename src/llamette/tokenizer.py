@@ -152,14 +152,18 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
         """Read a llama2.c tokenizer.bin, a SentencePiece model (a name ending in .model), the
-        tokenizer inside a GGUF file, or the tokenizer.model of a model folder."""
+        tokenizer inside a GGUF file, or a model folder's tokenizer.model or tokenizer.json."""
         from llamette.formats.gguf import GGUFModel, is_gguf  # the GGUF reader uses this module
 
         path = os.fspath(path)
         if os.path.isdir(path):
+            from llamette.formats.huggingface import has_bpe_tokenizer, read_tokenizer
+
+            if has_bpe_tokenizer(path):
+                return read_tokenizer(path, 0)
             inside = os.path.join(path, "tokenizer.model")
             if not os.path.isfile(inside):
-                raise LlametteError(f"{path}: a folder without a tokenizer.model")
+                raise LlametteError(f"{path}: a folder without a tokenizer.model or tokenizer.json")
             return SentencePieceTokenizer.load(inside)
         if not os.path.isfile(path):
             raise LlametteError(f"{path}: no such file")

@@ -6,7 +6,7 @@ import os
 
 from llamette.errors import LlametteError
 from llamette.formats.gguf import GGUFModel, is_gguf, read_gguf
-from llamette.formats.huggingface import is_hf_folder, read_hf
+from llamette.formats.huggingface import has_bpe_tokenizer, is_hf_folder, read_hf, read_tokenizer
 from llamette.formats.llama2c import read_llama2c
 from llamette.formats.meta import is_meta_folder, read_meta
 from llamette.tokenizer import Tokenizer
@@ -50,6 +50,8 @@ def find_tokenizer(model_path: str, given: str | None, vocab_size: int, flag: st
     """The tokenizer named by `flag` (`given`), else a GGUF's own, else the first one of the
     model's vocabulary size inside a model folder or beside the model file."""
     model_path = os.fspath(model_path)
+    if not given and os.path.isdir(model_path) and has_bpe_tokenizer(model_path):
+        return read_tokenizer(model_path, vocab_size)
     if given or is_gguf(model_path):
         tokenizer = Tokenizer.load(given) if given else GGUFModel(model_path).tokenizer()
         tokenizer.check_vocab_size(vocab_size, os.path.basename(model_path))

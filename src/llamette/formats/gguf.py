@@ -435,15 +435,21 @@ class GGUFModel:
 
 def chat_template_of(path: str | os.PathLike) -> str | None:
     """A model's Jinja chat template: a GGUF's `tokenizer.chat_template`, or a Hugging Face
-    folder's (tokenizer_config.json); None for other models or none."""
+    folder's (tokenizer_config.json, or chat_template.jinja); None for other models or none."""
     path = os.fspath(path)
     if is_gguf(path):
         return GGUFModel(path).value("tokenizer.chat_template") or None
-    config = os.path.join(path, "tokenizer_config.json")
-    if os.path.isdir(path) and os.path.isfile(config):
-        template = read_json_object(config).get("chat_template")
-        return template if isinstance(template, str) and template else None
-    return None
+    if not os.path.isdir(path):
+        return None
+    config, jinja = (
+        os.path.join(path, "tokenizer_config.json"),
+        os.path.join(path, "chat_template.jinja"),
+    )
+    template = read_json_object(config).get("chat_template") if os.path.isfile(config) else None
+    if not template and os.path.isfile(jinja):  # where newer folders keep it
+        with open(jinja, encoding="utf-8") as f:
+            template = f.read()
+    return template if isinstance(template, str) and template else None
 
 
 def read_gguf(path: str | os.PathLike) -> Weights:
@@ -553,6 +559,7 @@ def _add_tokenizer(writer, tokenizer: Tokenizer) -> None:
         tokens.append(text)
         types.append(kind)
     writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")  # as llama.cpp's converter marks SentencePiece vocabularies
     writer.add_token_list(tokens)
     writer.add_token_scores(tokenizer.scores)
     writer.add_token_types(types)

@@ -7,6 +7,7 @@ parts) for its rotate-half RoPE; reading undoes that, with the key heads counted
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -17,6 +18,15 @@ from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.pytorch import TorchTensor, read_torch_state_dict
 from llamette.formats.safetensors import read_safetensors
+from llamette.tokenizer import (
+    CONTROL,
+    NORMAL,
+    PRE_TOKENIZERS,
+    UNUSED,
+    USER_DEFINED,
+    BPETokenizer,
+    SpecialTokens,
+)
 from llamette.weights import LazyTensors, ModelConfig, Weights, llama3_rope_divisors
 
 HF_LAYER_NAMES = {
@@ -179,3 +189,101 @@ def _llama3_rope_divisors(folder: str, hf: dict, config: ModelConfig) -> np.ndar
         )  # fmt: skip
     except (KeyError, TypeError, ValueError) as error:
         raise LlametteError(f"{folder}/config.json: llama3 rope scaling without {error}") from None
+
+
+# tokenizer.json's pre-tokenizers, by the `tokenizer.ggml.pre` name llama.cpp gives them: the
+# Split expressions as Hugging Face writes them (llama.cpp rewrites some for its own engine)
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")  # fmt: skip
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2"}
+
+
+def has_bpe_tokenizer(folder: str) -> bool:
+    """A tokenizer.json without a SentencePiece tokenizer.model (which llamette prefers)."""
+    return os.path.isfile(os.path.join(folder, "tokenizer.json")) and not os.path.isfile(
+        os.path.join(folder, "tokenizer.model")
+    )
+
+
+def read_tokenizer(folder: str, vocab_size: int) -> BPETokenizer:
+    """A folder's byte-level BPE tokenizer (tokenizer.json), with its special tokens from
+    tokenizer_config.json, config.json and generation_config.json, as llama.cpp's converter
+    takes them: added tokens that are special (or look it, <|...|>) are control tokens, the
+    others user-defined; ids beyond the tokenizer's up to the model's vocabulary are unused."""
+    path = os.path.join(folder, "tokenizer.json")
+    spec = read_json_object(path)
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise LlametteError(f"{path}: not a BPE tokenizer (model.type {model.get('type')!r})")
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), path)
+    added = spec.get("added_tokens") or []
+    size = max(vocab_size, *(i + 1 for i in model["vocab"].values()), *(a["id"] + 1 for a in added))
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [UNUSED] * size
+    for token, i in model["vocab"].items():
+        tokens[i], types[i] = token, NORMAL
+    for entry in added:
+        token, i = entry["content"], entry["id"]
+        looks_special = token.startswith("<|") and token.endswith("|>")
+        tokens[i] = token
+        types[i] = CONTROL if entry.get("special") or looks_special else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    specials = _special_tokens(folder, spec, tokens, types, PRE_TOKENIZERS[pre].add_bos)
+    return BPETokenizer(tokens, types, merges, pre, specials, path)
+
+
+def _pre_tokenizer_name(pre_tokenizer: dict | None, path: str) -> str:
+    steps = (pre_tokenizer or {}).get("pretokenizers") or [pre_tokenizer or {}]
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLITS.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    raise LlametteError(
+        f"{path}: its pre-tokenizer ({' + '.join(map(str, kinds))}) is not one llamette knows"
+    )
+
+
+def _special_tokens(
+    folder: str, spec: dict, tokens: list[str], types: list[int], add_bos: bool
+) -> SpecialTokens:
+    """BOS, EOS and padding named by tokenizer_config.json (else config.json's ids); whether BOS
+    is added, from tokenizer.json's post-processor (else tokenizer_config.json); the end ids of
+    generation_config.json besides those the tokens themselves mark."""
+
+    def optional_json(name: str) -> dict:
+        path = os.path.join(folder, name)
+        return read_json_object(path) if os.path.isfile(path) else {}
+
+    config, model_config = optional_json("tokenizer_config.json"), optional_json("config.json")
+    ids_of = {token: i for i, token in enumerate(tokens)}
+
+    def token_id(kind: str) -> int | None:
+        entry = config.get(f"{kind}_token")
+        text = entry.get("content") if isinstance(entry, dict) else entry
+        if isinstance(text, str) and text in ids_of:
+            return ids_of[text]
+        number = model_config.get(f"{kind}_token_id")
+        return number if isinstance(number, int) and 0 <= number < len(tokens) else None
+
+    processor = spec.get("post_processor") or {}
+    for step in processor.get("processors") or [processor]:
+        if step.get("type") == "TemplateProcessing" and step.get("single"):
+            add_bos = step["single"][0].get("SpecialToken", {}).get("id") in ids_of
+        elif step.get("type") == "ByteLevel":
+            add_bos = False
+    if not processor and isinstance(config.get("add_bos_token"), bool):
+        add_bos = config["add_bos_token"]
+    keys = {"bos": token_id("bos"), "eos": token_id("eos"), "padding": token_id("pad")}
+    values = {f"tokenizer.ggml.{k}_token_id": i for k, i in keys.items() if i is not None}
+    specials = SpecialTokens.from_gguf(
+        lambda key, default=None: values.get(key, default), tokens, types, add_bos, folder
+    )
+    ends = optional_json("generation_config.json").get("eos_token_id")
+    ends = {i for i in (ends if isinstance(ends, list) else [ends]) if isinstance(i, int)}
+    return dataclasses.replace(
+        specials, end_ids=specials.end_ids | (ends & set(range(len(tokens))))
+    )
