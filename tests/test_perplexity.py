@@ -33,6 +33,12 @@ def test_windows_start_with_bos_and_cover_every_token():
     assert sum((part[1:] for part in parts), []) == TOKENS
 
 
+def test_without_bos_windows_overlap_by_one_and_score_all_but_the_first_token():
+    parts = list(windows(TOKENS, 8, bos_id=None))
+    assert all(len(part) <= 8 and part[0] in TOKENS for part in parts)
+    assert sum((part[1:] for part in parts), []) == TOKENS[1:]
+
+
 @pytest.mark.parametrize("context", [8, 64])
 def test_nll_and_kl_match_transformers(tmp_path, context):
     torch = pytest.importorskip(

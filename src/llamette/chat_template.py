@@ -18,8 +18,9 @@ from llamette.tokenizer import Tokenizer
 
 BOS_TEXT, EOS_TEXT = "<s>", "</s>"  # Llama 2's special tokens, as templates write them
 # a message's place in a rendered template: "\ue000<index>\ue001" (private-use characters),
-# with the spaces around it that the template kept (none when it trims the content)
-CONTENT_MARK = re.compile("( ?)\ue000(\\d+)\ue001( ?)")
+# with the padding around it that the template kept (none where it trims the content)
+PAD = "\x1f"  # whitespace to str.strip and Jinja's trim, written by no template
+CONTENT_MARK = re.compile("(\x1f?)\ue000(\\d+)\ue001(\x1f?)")
 
 
 def llama2_chat_prompt(user: str, system: str | None = None) -> str:
@@ -93,8 +94,6 @@ class JinjaTemplate:
     def render(
         self, messages: Sequence[Message], bos_token: str = BOS_TEXT, eos_token: str = EOS_TEXT
     ) -> str:
-        from jinja2 import TemplateError
-
         try:
             return self.template.render(
                 messages=[{"role": m.role, "content": m.content} for m in messages],
@@ -104,29 +103,31 @@ class JinjaTemplate:
                 bos_token=bos_token,
                 eos_token=eos_token,
             )
-        except TemplateError as error:
+        except Exception as error:  # a template is a program: any error is the template's
             raise LlametteError(f"messages: the model's chat template says: {error}") from None
 
     def tokens(self, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
-        """The conversation's prompt: rendered with a mark in place of each message (padded
-        with a space each side, to see whether the template trims it), then encoded with the
-        template's text parsing special tokens and the messages' text not."""
-        marked = [Message(m.role, f" \ue000{i}\ue001 ") for i, m in enumerate(messages)]
-        rendered = self.render(
-            marked,
-            tokenizer.special_text(tokenizer.bos_id),
-            tokenizer.special_text(tokenizer.specials.eos_id),
+        """The conversation's prompt: the template's text with its special tokens parsed, the
+        messages' text without. Found by rendering a mark in place of each message, padded each
+        side with a character that trimming removes and no template writes, and checked against
+        the rendering of the real messages; where a template does more with a message than
+        print it (tests it, cuts it), the rendering is encoded whole, special tokens parsed."""
+        bos, eos = (
+            tokenizer.special_text(t) for t in (tokenizer.bos_id, tokenizer.specials.eos_id)
         )
+        rendered = self.render(messages, bos, eos)
+        marked = [Message(m.role, f"{PAD}\ue000{i}\ue001{PAD}") for i, m in enumerate(messages)]
         parts, start = [], 0
-        for mark in CONTENT_MARK.finditer(rendered):
+        with_marks = self.render(marked, bos, eos)
+        for mark in CONTENT_MARK.finditer(with_marks):
             content = messages[int(mark.group(2))].content
-            if mark.group(1) and mark.group(3):  # the padding is there: the content as it is
-                end, resume = mark.start(), mark.end()
-            else:  # trimmed: the spaces matched are the template's own
-                end, resume, content = mark.start(2) - 1, mark.end(2) + 1, content.strip()
-            parts += [(rendered[start:end], True), (content, False)]
-            start = resume
-        parts.append((rendered[start:], True))
+            content = content if mark.group(1) else content.lstrip()  # the template trims it
+            content = content if mark.group(3) else content.rstrip()
+            parts += [(with_marks[start : mark.start()], True), (content, False)]
+            start = mark.end()
+        parts.append((with_marks[start:], True))
+        if "".join(text for text, _ in parts) != rendered:
+            return tokenizer.encode(rendered, bos=False, special=True)
         return tokenizer.encode_parts(parts)
 
 

@@ -35,10 +35,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
-def windows(tokens: list[int], context: int) -> Iterator[list[int]]:
-    """The text's tokens in consecutive windows, each led by BOS and at most `context` long."""
+def windows(tokens: list[int], context: int, bos_id: int | None = BOS_ID) -> Iterator[list[int]]:
+    """The text's tokens in consecutive windows at most `context` long, each led by BOS; for a
+    model without one (bos_id None), each led by the previous window's last token instead (the
+    text's first token is then not scored)."""
+    if bos_id is None:
+        for start in range(0, max(len(tokens) - 1, 1), context - 1):
+            yield tokens[start : start + context]
+        return
     for start in range(0, len(tokens), context - 1):
-        yield [BOS_ID, *tokens[start : start + context - 1]]
+        yield [bos_id, *tokens[start : start + context - 1]]
 
 
 def all_logits(model: Transformer, window: list[int]) -> np.ndarray:
@@ -57,8 +63,10 @@ def evaluate(
     context: int | None = None,
     reference: Transformer | None = None,
     progress: bool = False,
+    bos_id: int | None = BOS_ID,
 ) -> Evaluation:
-    """Score a text's tokens (no BOS) in windows of `context` positions (default: the model's)."""
+    """Score a text's tokens (no BOS) in windows of `context` positions (default: the model's),
+    each led by `bos_id` (None for a model that adds no BOS, see windows)."""
     context = min(context or model.config.seq_len, model.config.seq_len)
     if reference is not None:
         if reference.config.vocab_size != model.config.vocab_size:
@@ -69,11 +77,11 @@ def evaluate(
         context = min(context, reference.config.seq_len)
     if context < 2:
         raise LlametteError(f"--ctx: a window of {context} positions predicts nothing")
-    if not tokens:
+    if len(tokens) < (1 if bos_id is not None else 2):
         raise LlametteError("the text has no tokens to score")
     start = time.perf_counter()
     total_nll, total_kl, scored = 0.0, 0.0, 0
-    parts = list(windows(tokens, context))
+    parts = list(windows(tokens, context, bos_id))
     if progress:
         from tqdm import tqdm
 

@@ -30,7 +30,7 @@ from llamette.tokenizer import (
 )
 from llamette.weight_types import BY_GGUF_TYPE, file_types, gguf_names, quantize, to_float32
 from llamette.weight_types import weight_type as weight_type_of
-from llamette.weights import LazyTensors, ModelConfig, Tensor, Weights
+from llamette.weights import BOS_ID, EOS_ID, LazyTensors, ModelConfig, Tensor, Weights
 
 GGUF_LAYER_NAMES = {
     "attention_norm.weight": "attn_norm.weight",
@@ -424,7 +424,12 @@ class GGUFModel:
         if not tokens or not scores:
             raise LlametteError(f"{self.path}: its llama tokenizer has no tokens or scores")
         token_types = self.value("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-        specials = SpecialTokens.from_gguf(self.value, tokens, token_types, True, self.path)
+        llama_ids = {"tokenizer.ggml.bos_token_id": BOS_ID, "tokenizer.ggml.eos_token_id": EOS_ID}
+
+        def value(key: str, default=None):  # where the file does not say, Llama's ids
+            return self.value(key, llama_ids.get(key, default))
+
+        specials = SpecialTokens.from_gguf(value, tokens, token_types, True, self.path)
         pieces = []
         for i, token in enumerate(tokens):
             if i in (specials.bos_id, specials.eos_id):

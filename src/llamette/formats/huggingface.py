@@ -216,19 +216,37 @@ def read_tokenizer(folder: str, vocab_size: int) -> BPETokenizer:
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise LlametteError(f"{path}: not a BPE tokenizer (model.type {model.get('type')!r})")
     pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), path)
-    added = spec.get("added_tokens") or []
-    size = max(vocab_size, *(i + 1 for i in model["vocab"].values()), *(a["id"] + 1 for a in added))
+    try:
+        added = [(entry["content"], int(entry["id"]), bool(entry.get("special")))
+                 for entry in spec.get("added_tokens") or []]  # fmt: skip
+        ids = [int(i) for i in model["vocab"].values()] + [i for _, i, _ in added]
+    except (KeyError, TypeError, ValueError) as error:
+        raise LlametteError(f"{path}: a malformed token entry ({error})") from None
+    size = max(ids, default=-1) + 1
+    if vocab_size and size > vocab_size:
+        raise LlametteError(f"{path}: has token ids up to {size - 1}; the model's vocabulary "
+                            f"is {vocab_size}")  # fmt: skip
+    size = max(size, vocab_size)
     tokens, types = [f"[PAD{i}]" for i in range(size)], [UNUSED] * size
     for token, i in model["vocab"].items():
         tokens[i], types[i] = token, NORMAL
-    for entry in added:
-        token, i = entry["content"], entry["id"]
-        looks_special = token.startswith("<|") and token.endswith("|>")
+    for token, i, special in added:
         tokens[i] = token
-        types[i] = CONTROL if entry.get("special") or looks_special else USER_DEFINED
+        types[i] = CONTROL if special or looks_special(token) else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     specials = _special_tokens(folder, spec, tokens, types, PRE_TOKENIZERS[pre].add_bos)
     return BPETokenizer(tokens, types, merges, pre, specials, path)
+
+
+def looks_special(token: str) -> bool:
+    """An added token that llama.cpp's converter makes a control token though its folder does not
+    mark it special: <|...|> and its full-width form, <pad>, <mask>, <unused...>."""
+    return (
+        token in ("<pad>", "<mask>")
+        or (token.startswith("<|") and token.endswith("|>"))
+        or (token.startswith("<\uff5c") and token.endswith("\uff5c>"))
+        or (token.startswith("<unused") and token.endswith(">"))
+    )
 
 
 def _pre_tokenizer_name(pre_tokenizer: dict | None, path: str) -> str:
@@ -269,14 +287,16 @@ def _special_tokens(
         number = model_config.get(f"{kind}_token_id")
         return number if isinstance(number, int) and 0 <= number < len(tokens) else None
 
+    said = None  # what the post-processor says, then tokenizer_config.json, as llama.cpp reads them
     processor = spec.get("post_processor") or {}
     for step in processor.get("processors") or [processor]:
         if step.get("type") == "TemplateProcessing" and step.get("single"):
-            add_bos = step["single"][0].get("SpecialToken", {}).get("id") in ids_of
-        elif step.get("type") == "ByteLevel":
-            add_bos = False
-    if not processor and isinstance(config.get("add_bos_token"), bool):
-        add_bos = config["add_bos_token"]
+            said = step["single"][0].get("SpecialToken", {}).get("id") in ids_of
+        elif step.get("type") == "ByteLevel" and said is None:
+            said = False
+    if said is None and isinstance(config.get("add_bos_token"), bool):
+        said = config["add_bos_token"]
+    add_bos = add_bos if said is None else said
     keys = {"bos": token_id("bos"), "eos": token_id("eos"), "padding": token_id("pad")}
     values = {f"tokenizer.ggml.{k}_token_id": i for k, i in keys.items() if i is not None}
     specials = SpecialTokens.from_gguf(
