@@ -66,7 +66,7 @@ def models() -> Path:
 @contextlib.contextmanager
 def serving(served):
     """`llamette serve` for a ServedModel on a free port of 127.0.0.1, on a thread; yields its
-    base URL."""
+    base URL once the model is ready."""
     import uvicorn
 
     from llamette.server import create_app, listen
@@ -77,6 +77,7 @@ def serving(served):
     thread.start()
     while not server.started:
         time.sleep(0.01)
+    served.engine.ready.wait()  # until then every request gets 503 (test_server tests that)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -275,12 +276,16 @@ def test_serve_starts_answers_and_stops_on_ctrl_c():
     try:
         banner = server.stderr.readline()
         assert f"http://127.0.0.1:{port}/v1" in banner and "llama-2" in banner
-        for _ in range(500):
+        deadline = time.monotonic() + 600  # a cold kernel cache compiles first
+        while time.monotonic() < deadline:
             try:
-                health = httpx.get(f"http://127.0.0.1:{port}/health").json()
-                break
+                response = httpx.get(f"http://127.0.0.1:{port}/health")
+                if response.status_code == 200:
+                    break
             except httpx.TransportError:
-                time.sleep(0.02)
+                pass
+            time.sleep(0.05)
+        health = response.json()
         assert health["slots"] == 2
         answer = httpx.post(
             f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -291,3 +296,44 @@ def test_serve_starts_answers_and_stops_on_ctrl_c():
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0
+
+
+def test_serve_on_a_cold_cache_answers_503_at_once_and_stops_on_sigterm(tmp_path):
+    """While the kernels compile, connections are taken and answered 503 with Retry-After;
+    SIGTERM ends the server within 2 s, compile or not."""
+    import signal
+    import socket
+
+    httpx = pytest.importorskip(
+        "httpx", reason="httpx is a test dependency (pip install -e .[test])"
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llamette", "serve", "--port", str(port), "--max-batch", "2"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path)},
+    )  # fmt: skip
+    try:
+        while True:
+            try:
+                response = httpx.get(f"http://127.0.0.1:{port}/health")
+                break
+            except httpx.TransportError:
+                assert time.monotonic() - started < 10, "no connection 10 s after the start"
+                time.sleep(0.05)
+        assert response.status_code == 503 and response.headers["Retry-After"]
+        assert response.json()["error"]["code"] == "warming_up"
+        request = {"model": "x", "messages": [{"role": "user", "content": "Hi"}]}
+        assert (
+            httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=request).status_code
+            == 503
+        )
+        stopping = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=10)
+        assert time.monotonic() - stopping < 2
+    finally:
+        server.kill()
+        server.wait()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llamette import __version__
 from llamette.chat_template import own_template
+from llamette.compiling import report_compiles
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, load_weights
@@ -320,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report_to_stderr() -> None:
-    """Notes and timings from the llamette logger go to stderr as "llamette: ..." lines."""
+    """Notes and timings from the llamette logger go to stderr as "llamette: ..." lines, and
+    what the compiler does among them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("llamette: %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+    report_compiles()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -334,6 +337,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise LlametteError("--json: works with -m generate only")
     use_threads(args.threads)
     model = Transformer.load(args.model, exact=args.exact)
+    model.adapt_threads = args.threads is None  # --threads N forces N
     tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     model.warm_up()  # so that the speeds reported are the kernels', not their loading
     if args.profile:
@@ -433,6 +437,9 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     reference = (
         Transformer(load_weights(args.reference, dequantize=True)) if args.reference else None
     )
+    for forced in (model, reference) if args.threads is not None else ():
+        if forced is not None:
+            forced.adapt_threads = False  # --threads N forces N
     tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     tokens = tokenizer.encode(text, bos=False)
     for which, config in (("model", model.config), ("reference", reference and reference.config)):
@@ -440,7 +447,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             log.info(f"--ctx: {args.ctx} is beyond the {which}'s context of {config.seq_len}; "
                      f"using {config.seq_len}")  # fmt: skip
             args.ctx = config.seq_len
-    result = evaluate(model, tokens, args.ctx, reference, progress=sys.stderr.isatty())
+    bos_id = tokenizer.bos_id if tokenizer.add_bos else None
+    result = evaluate(model, tokens, args.ctx, reference, sys.stderr.isatty(), bos_id)
     if args.json:
         fields = {"tokens": result.tokens, "mean_nll": result.mean_nll, "perplexity": result.perplexity,
                   "mean_kl": result.mean_kl, "seconds": result.seconds}  # fmt: skip
@@ -469,6 +477,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     served = server.ServedModel.load(
         args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name
     )
+    served.engine.model.adapt_threads = args.threads is None  # --threads N forces N
     c = served.engine.model.config
     kv_bytes = sum(cache.nbytes for cache in served.engine.model.kv_cache)
     host, port = sock.getsockname()[:2]

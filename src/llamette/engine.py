@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class Engine:
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.ready = threading.Event()  # the kernels are loaded (or failed to)
+        self.failure: Exception | None = None
         self.cancelled = 0  # requests dropped because their client went away
 
     def submit(self, request: Request) -> None:
@@ -196,40 +199,46 @@ class Engine:
                 for request in list(self._running):
                     self._finish(request, "error", error=str(error))
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
         """Run rounds on a thread of the engine's own, once warm_up has run there.
 
         Every call into the model stays on that thread: OpenMP gives each thread that starts
         parallel work a team of workers, which spin between kernels, so a second team (say, the
         main thread's, from a warm-up there) would take a core from the engine's. Returns when
-        the kernels are ready; raises what warm_up raised.
+        the kernels are ready, raising what warm_up raised; without `wait`, at once (`ready` is
+        set when they are, `failure` holds what went wrong).
         """
-        ready, failure = threading.Event(), []
 
         def warm_up_then_run() -> None:
             try:
                 numba.set_num_threads(self.threads)
+                start = time.perf_counter()
                 self.warm_up()
+                log.info(f"ready: the kernels loaded in {time.perf_counter() - start:.1f} s")
             except Exception as error:
-                failure.append(error)
+                self.failure = error
+                log.error(f"the engine cannot start: {error}")
                 return
             finally:
-                ready.set()
+                self.ready.set()
             self.run()
 
         self._thread = threading.Thread(
             target=warm_up_then_run, name="llamette-engine", daemon=True
         )
         self._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+        if wait:
+            self.ready.wait()
+            if self.failure:
+                raise self.failure
 
     def stop(self) -> None:
+        """End the engine's thread after its round; while it still compiles, leave it (a daemon
+        thread: it ends with the process) rather than wait for the compiler."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify()
-        if self._thread is not None:
+        if self._thread is not None and self.ready.is_set():
             self._thread.join()
 
     def _admit(self) -> list[Request]:

@@ -7,9 +7,11 @@ import contextlib
 import logging
 import mmap
 import os
+import time
 from dataclasses import replace
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import literal_unroll, typeof, types
 from numba.typed import List
@@ -38,6 +40,7 @@ from llamette.kernels.layers import (
     store_kv,
     swiglu,
 )
+from llamette.threads import ThreadChooser
 from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
 from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
@@ -298,7 +301,13 @@ class Transformer:
     to the bit, in every call (batches too); the default kernels are faster and agree with them.
     The KV cache holds `n_slots` sequences of up to `seq_len` positions (default: the model's
     context), which forward_batch can advance together.
+
+    Passes run with the threads the calling thread is set to (kernels.set_threads), or with
+    `adapt_threads` with that many or one, whichever recent passes of the kind found faster
+    (llamette.threads: on a machine where other programs hold cores, far fewer is far faster).
     """
+
+    adapt_threads = True
 
     def __init__(
         self, weights: Weights, exact: bool = False, n_slots: int = 1, seq_len: int | None = None
@@ -317,6 +326,7 @@ class Transformer:
         self.profile = self._no_profile = np.zeros(0, np.int64)  # cycles per part of a decode step
         self.profiled_steps = 0
         self._forward = None  # the compiled forward, once it is loaded
+        self._thread_choosers: dict[bool, ThreadChooser] = {}  # by whether a pass is a batch
         if not exact:
             self._note_misaligned_groups()
 
@@ -378,7 +388,21 @@ class Transformer:
                 c.norm_eps, c.rope_theta, self.exact, profile)  # fmt: skip
         if self._forward is None:  # every call passes arguments of the same types
             self._forward = entry_point(forward, args)
-        self._forward(*args)
+        if not self.adapt_threads:
+            self._forward(*args)
+            return
+        n_rows = rows.shape[1]
+        chooser = self._thread_choosers.get(n_rows > 1)
+        if chooser is None:  # the most threads: what the caller set before the first pass
+            chooser = self._thread_choosers[n_rows > 1] = ThreadChooser(numba.get_num_threads())
+        threads, most = chooser.choose(), numba.get_num_threads()
+        numba.set_num_threads(threads)
+        start = time.perf_counter()
+        try:
+            self._forward(*args)
+        finally:
+            numba.set_num_threads(most)  # the caller's setting stays the caller's
+        chooser.record(threads, (time.perf_counter() - start) / n_rows)
 
     def _buffers(self, capacity: int) -> Buffers:
         smallest_group = smallest_input_group(self.weights.tensors.values())

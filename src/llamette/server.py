@@ -75,30 +75,48 @@ class ApiError(Exception):
     """A request the server refuses, answered in OpenAI's error format."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error"):  # fmt: skip
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = (
             status, message, param, code, kind
         )  # fmt: skip
+        self.headers = headers
 
 
 def error_response(error: ApiError) -> JSONResponse:
     body = {"message": error.message, "type": error.kind, "param": error.param, "code": error.code}
-    return JSONResponse({"error": body}, error.status)
+    return JSONResponse({"error": body}, error.status, headers=error.headers)
+
+
+WARMING_UP_RETRY_SECONDS = 2
+
+
+def check_ready(served: ServedModel) -> None:
+    """503 until the engine's kernels are loaded (the first run on a machine compiles them)."""
+    engine = served.engine
+    if engine.failure is not None:
+        raise ApiError(503, f"the model could not start: {engine.failure}", kind="server_error")
+    if not engine.ready.is_set():
+        raise ApiError(503, "the model is warming up (loading or compiling its kernels): retry "
+                       "shortly", code="warming_up", kind="server_error",
+                       headers={"Retry-After": str(WARMING_UP_RETRY_SECONDS)})  # fmt: skip
 
 
 def create_app(served: ServedModel) -> Starlette:
-    """The ASGI application; its lifespan starts and stops the engine's thread."""
+    """The ASGI application; its lifespan starts and stops the engine's thread. It takes
+    connections at once, answering 503 (with Retry-After) until the engine is ready."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        served.engine.start()
+        served.engine.start(wait=False)
         try:
             yield
         finally:
             served.engine.stop()
 
     async def health(http: HttpRequest) -> JSONResponse:
+        check_ready(served)
         return JSONResponse({"status": "ok", "model": served.name, **served.engine.stats()})
 
     async def models(http: HttpRequest) -> JSONResponse:
@@ -110,12 +128,14 @@ def create_app(served: ServedModel) -> Starlette:
         return JSONResponse(model_card(served))
 
     async def completions(http: HttpRequest):
+        check_ready(served)
         body = await json_body(http)
         check_model(body, served)
         prompt_tokens = parse_prompt(body, served.tokenizer)
         return await generate(http, served, body, prompt_tokens, chat=False)
 
     async def chat_completions(http: HttpRequest):
+        check_ready(served)
         body = await json_body(http)
         check_model(body, served)
         messages = parse_messages(body)
@@ -237,7 +257,13 @@ def parse_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
         else:
             raise ApiError(400, "prompt: must be a string or an array of token ids (one prompt "
                            "per request)", "prompt")  # fmt: skip
-    return tokenizer.encode(prompt, bos=tokenizer.add_bos)
+    tokens = tokenizer.encode(prompt, bos=tokenizer.add_bos)
+    if not tokens:  # a model that adds no BOS, and no prompt: start from its BOS
+        if tokenizer.bos_id is None:
+            raise ApiError(400, "prompt: empty, and the model has no BOS token to start from",
+                           "prompt")  # fmt: skip
+        tokens = [tokenizer.bos_id]
+    return tokens
 
 
 def parse_messages(body: dict) -> list[Message]:

@@ -1,0 +1,56 @@
+"""How many threads a forward pass runs with, chosen by the passes' own times.
+
+Every core is fastest on a quiet machine, but the kernels' threads meet at a barrier after each
+parallel loop: when another process holds a core, the thread that shares it makes every other
+wait for its turn on that core, and a decode step that takes 0.2 ms alone takes tens of
+milliseconds. Fewer threads than cores then win by far. Which count is faster changes with the
+machine's load, so the choice is remade from measured times as the passes go.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+RETRY = 50  # a slower count is retried after RETRY times as many passes as it is slower
+SAMPLES = 3  # recent times per count whose median stands for it
+
+
+class ThreadChooser:
+    """The thread count for the next pass of one kind (decode steps, or batches): the count
+    whose recent passes were fastest (median of the last SAMPLES), the others retried now and
+    then, the more rarely the slower they were, so that retrying costs at most about 1 / RETRY
+    of the time. Counts: one, then every core. One is tried first: on a quiet machine it costs at
+    most the cores' speed-up once, where a pass on every core beside a busy program can cost a
+    hundred times a pass on one."""
+
+    def __init__(self, most: int):
+        self.counts = [1, most] if most > 1 else [1]
+        self.times = {n: deque(maxlen=SAMPLES) for n in self.counts}
+        self.retry_at: dict[int, float] = {}  # the pass at which to try a slower count again
+        self.passes = 0
+
+    def choose(self) -> int:
+        self.passes += 1
+        for n in self.counts:
+            if not self.times[n]:
+                return n
+        medians = {n: statistics.median(self.times[n]) for n in self.counts}
+        best = min(self.counts, key=medians.__getitem__)
+        for n in self.counts:
+            if n == best:
+                continue
+            due = self.retry_at.get(n)
+            if due is None or self.passes >= due:
+                self.retry_at[n] = self.passes + RETRY * medians[n] / max(medians[best], 1e-9)
+                if due is not None:
+                    return n
+        return best
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The time a pass with `threads` threads took (per row, for batches)."""
+        medians = {n: statistics.median(self.times[n]) for n in self.counts if self.times[n]}
+        fastest = min(medians.values(), default=0.0)
+        if medians.get(threads, 0.0) > fastest > seconds:  # a slower count is faster now
+            self.retry_at[threads] = self.passes + 1  # confirm it at once
+        self.times[threads].append(seconds)
