@@ -132,3 +132,14 @@ def test_missing_truncated_and_foreign_files(tmp_path):
 def test_wrong_vocabulary_size_is_refused():
     with pytest.raises(LlametteError, match="512 pieces.*vocabulary of 32000"):
         load("tok512.bin").check_vocab_size(32000, "rand-gqa.v0.bin")
+
+
+def test_byte_fallback_finds_the_byte_pieces_wherever_they_are():
+    """Mistral's vocabularies keep control tokens before the <0xHH> pieces: a character without a
+    piece of its own falls back to those pieces' ids, not to 3 + byte."""
+    llama = load("tokenizer.bin")
+    controls = [f"<control_{i}>".encode() for i in range(8)]
+    shifted = Tokenizer(llama.pieces[:3] + controls + llama.pieces[3:],
+                        llama.scores[:3] + [0.0] * 8 + llama.scores[3:])  # fmt: skip
+    text = "a \U0001f999 b"  # a llama emoji: no piece, four bytes
+    assert [t - 8 if t >= 11 else t for t in shifted.encode(text)] == llama.encode(text)

@@ -26,7 +26,7 @@ from llamette.errors import LlametteError
 from llamette.weights import BOS_ID, EOS_ID
 
 BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{2})>")
-BYTE_FALLBACK_OFFSET = 3  # ids 3..258 are the pieces <0x00>..<0xFF>
+BYTE_FALLBACK_OFFSET = 3  # llama2.c's ids 3..258 are the pieces <0x00>..<0xFF>
 WORDS = re.compile(r" *[^ ]+| +")  # text split before each space that follows a non-space
 WORD_CACHE_LIMIT = 1 << 16
 # GGUF's token types (tokenizer.ggml.token_type)
@@ -99,6 +99,11 @@ class Tokenizer:
         self.source = source
         self.specials = specials or SpecialTokens()
         self.piece_ids = {piece: i for i, piece in enumerate(pieces)}
+        # a byte's piece <0xHH>, wherever the vocabulary keeps it (Mistral's after its controls)
+        self._byte_ids = [
+            self.piece_ids.get(b"<0x%02X>" % byte, byte + BYTE_FALLBACK_OFFSET)
+            for byte in range(256)
+        ]
         # What each id stands for in text: its piece, or the single raw byte of a <0xHH> piece.
         self.token_bytes = [_piece_bytes(piece) for piece in pieces]
         # When no piece holds a non-space followed by a space, no merge crosses such a point:
@@ -270,7 +275,7 @@ class Tokenizer:
                 if piece_id is not None:
                     ids.append(piece_id)
                 else:
-                    ids.extend(byte + BYTE_FALLBACK_OFFSET for byte in encoded)
+                    ids.extend(self._byte_ids[byte] for byte in encoded)
             cached = self._merge(ids)
             if len(self._word_ids) >= WORD_CACHE_LIMIT:
                 self._word_ids.clear()
