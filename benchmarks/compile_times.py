@@ -1,0 +1,73 @@
+"""What each function costs to compile: a cold run (an empty kernel cache) of one model.
+
+Usage: python benchmarks/compile_times.py [MODEL] [--top N]
+
+Runs, in a fresh process with an empty LLAMETTE_CACHE_DIR, what `llamette run` runs first (a
+prompt's pass, a decode step, a draw), records Numba's compile events and prints each compiled
+function's own time (its compile less the compiles it set off) and its total, the largest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+BUNDLED = Path(__file__).resolve().parents[1] / "src" / "llamette" / "bundled" / "model.bin"
+
+MEASURE = textwrap.dedent("""
+    import json, sys, time
+    from numba.core import event
+
+    spans = []  # (name, start, end, depth)
+    stack = []
+
+    class Recorder(event.Listener):
+        def on_start(self, e):
+            stack.append((e.data["dispatcher"].py_func.__qualname__, time.perf_counter()))
+        def on_end(self, e):
+            name, start = stack.pop()
+            spans.append((name, start, time.perf_counter(), len(stack)))
+
+    event.register("numba:compile", Recorder())
+    start = time.perf_counter()
+    from llamette import Sampler, Transformer
+    model = Transformer.load(sys.argv[1])
+    model.prefill([1, 2, 3], 0)
+    logits = model.forward(4, 3)
+    Sampler(model.config.vocab_size, temperature=1.0, topp=0.9, seed=1).sample(logits)
+    print(json.dumps({"seconds": time.perf_counter() - start, "spans": spans}))
+""")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", default=str(BUNDLED))
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as cache:
+        done = subprocess.run([sys.executable, "-c", MEASURE, args.model], capture_output=True,
+                              text=True, env={**os.environ, "LLAMETTE_CACHE_DIR": cache})  # fmt: skip
+    if done.returncode:
+        raise SystemExit(done.stderr)
+    result = json.loads(done.stdout.splitlines()[-1])
+    spans = result["spans"]
+    own = {}
+    for i, (name, start, end, depth) in enumerate(spans):
+        inner = sum(e - s for _, s, e, d in spans[:i] if d == depth + 1 and s >= start and e <= end)
+        total, mine = own.get(name, (0.0, 0.0))
+        own[name] = (total + end - start, mine + end - start - inner)
+    print(f"{args.model}: {result['seconds']:.1f} s to the first draw, {len(spans)} compiles, "
+          f"{sum(e - s for _, s, e, d in spans if d == 0):.1f} s compiling")  # fmt: skip
+    print(f"{'function':60} {'own s':>8} {'total s':>8}")
+    for name, (total, mine) in sorted(own.items(), key=lambda kv: -kv[1][1])[: args.top]:
+        print(f"{name:60} {mine:8.2f} {total:8.2f}")
+
+
+if __name__ == "__main__":
+    main()
