@@ -85,7 +85,7 @@ def test_xorshift_matches_run_c():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(temperature=-0.1), dict(topp=1.5), dict(topp=-0.1), dict(topk=-1), dict(seed=0)],
+    [dict(temperature=-0.1), dict(topp=1.5), dict(topp=-0.1), dict(topk=-1)],
 )
 def test_rejects_settings_out_of_range(kwargs):
     with pytest.raises(ValueError):
@@ -108,3 +108,12 @@ def test_warm_up_leaves_the_draws_to_come_as_they_were():
     warmed, fresh = (Sampler(500, temperature=0.8, topp=0.9, seed=11) for _ in range(2))
     warmed.warm_up()
     assert [warmed.sample(logits) for _ in range(20)] == [fresh.sample(logits) for _ in range(20)]
+
+
+def test_any_integer_seeds_the_rng_and_zero_does_not_stall_it():
+    """OpenAI's API takes any integer seed: 0 and negative seeds draw as well as positive ones."""
+    for seed in (0, -1, -3, 2**64):
+        sampler = Sampler(10, temperature=1.0, topp=0.0, seed=seed)
+        draws = {sampler.random_u32() for _ in range(100)}
+        assert len(draws) > 90, seed
+    assert Sampler(10, seed=5).rng_state == 5  # run.c's positive seeds are unchanged

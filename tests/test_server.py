@@ -163,7 +163,7 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "top_p": 2}, 400, "top_p"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "stream": "yes"}, 400, "stream"),
-    ("/v1/completions", {"model": NAME, "prompt": "Hi", "seed": -3}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "seed": 1.5}, 400, "seed"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "a story " * 300}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, 404, "gpt-4"),
@@ -241,3 +241,13 @@ def test_a_bpe_model_stops_at_its_end_of_turn_token(tmp_path):
     assert chat.choices[0].finish_reason == "stop" and chat.choices[0].message.content == ""
     assert completion.choices[0].finish_reason == "stop" and completion.choices[0].text == ""
     assert chat.usage.completion_tokens == 0  # the end token is not part of the answer
+
+
+def test_any_integer_seed_is_taken_and_reproduces(client):
+    """OpenAI's API takes any integer seed (run.c's "0 means the clock" is the CLI's -s only)."""
+    for seed in (0, -3):
+        request = dict(
+            model=NAME, prompt="Lily saw a dog", max_tokens=20, temperature=1.0, seed=seed
+        )
+        first, again = (client.completions.create(**request).choices[0].text for _ in range(2))
+        assert first == again and first

@@ -11,11 +11,21 @@ from llamette.kernels.sampling import argmax, sample_logits
 MASK64 = (1 << 64) - 1
 
 
+ZERO_SEED_STATE = 0x9E3779B97F4A7C15  # for a seed of 0 mod 2^64, where xorshift would stay at 0
+
+
+def rng_state(seed: int) -> int:
+    """The RNG state for a seed: the seed modulo 2^64 (run.c's, for its positive seeds), but
+    never 0, xorshift's fixed point."""
+    return seed & MASK64 or ZERO_SEED_STATE
+
+
 class Sampler:
     """Greedy (temperature 0), temperature, top-p and top-k sampling, one random draw per token.
 
     With the same seed and settings it returns the same tokens as llama2.c's run.c (top-k aside,
-    which run.c lacks). A seed of None uses the current time, as run.c does for seeds <= 0.
+    which run.c lacks). A seed of None uses the current time, as run.c does for seeds <= 0; any
+    other integer seeds the RNG (see rng_state), as OpenAI's API takes any.
     """
 
     def __init__(
@@ -36,13 +46,11 @@ class Sampler:
             raise ValueError(f"top-k {topk} must be 0 (off) or more")
         if seed is None:
             seed = int(time.time())
-        if seed <= 0:
-            raise ValueError(f"seed {seed} must be positive (or None for the current time)")
         self.vocab_size = vocab_size
         self.temperature = np.float32(temperature)
         self.topp = np.float32(topp)
         self.topk = topk
-        self.rng_state = seed & MASK64
+        self.rng_state = rng_state(seed)
         self._work = np.empty(vocab_size, np.float32)
 
     def random_u32(self) -> int:

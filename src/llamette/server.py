@@ -335,9 +335,7 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool) -> Option
     top_k = field(body, "top_k", int, 0)
     if top_k < 0:
         raise ApiError(400, f"top_k: must be 0 (off) or more, not {top_k}", "top_k")
-    seed = field(body, "seed", int, None)
-    if seed is not None and seed <= 0:
-        raise ApiError(400, f"seed: must be a positive integer (as run.c's -s), not {seed}", "seed")
+    seed = field(body, "seed", int, None)  # any integer, as OpenAI's API takes
 
     stop = field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
@@ -354,7 +352,8 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool) -> Option
     stream_options = field(body, "stream_options", dict, {})
     include_usage = field(stream_options, "include_usage", bool, False)
     return Options(max_tokens, float(temperature), float(top_p), top_k,
-                   seed or secrets.randbelow(2**63 - 1) + 1, tuple(stop), stream, include_usage)  # fmt: skip
+                   secrets.randbits(63) if seed is None else seed, tuple(stop), stream,
+                   include_usage)  # fmt: skip
 
 
 # Answering
