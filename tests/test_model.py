@@ -5,8 +5,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import numpy_forward, shared_path
-from llamette import Transformer
+from conftest import BUNDLED, llama_cpp_model, numpy_forward, shared_path
+from llamette import Tokenizer, Transformer
+from llamette.formats import read_model
+from llamette.formats.gguf import write_gguf
 from llamette.formats.llama2c import read_llama2c
 from llamette.model import lazily_mapped_zeros
 from llamette.weight_types import Q8Tensor
@@ -147,3 +149,18 @@ def test_the_kv_cache_takes_memory_only_where_written():
     cache[:, :, 0] = 1.0  # the first position of every kv head
     assert resident_kib() - before < 1024  # 8 pages of 4 KiB, not 8 runs of 2 MiB
     assert not cache[:, :, 1:].any()
+
+
+def test_embeddings_point_where_llama_cpps_mean_pooling_does(tmp_path):
+    path = tmp_path / "stories.gguf"
+    tokenizer = Tokenizer.load(BUNDLED / "tokenizer.bin")
+    write_gguf(read_model(BUNDLED / "model.bin"), path, tokenizer, "f32")
+    mean_pooling = 1  # llama.cpp's LLAMA_POOLING_TYPE_MEAN
+    llama = llama_cpp_model(path, embedding=True, pooling_type=mean_pooling, n_ctx=256)
+    model = Transformer.load(path)
+    for text in ("Once upon a time there was a dog.", "Lily liked to play in the park."):
+        ours, theirs = model.embedding(tokenizer.encode(text)), np.array(llama.embed(text))
+        assert abs(np.linalg.norm(ours) - 1) < 1e-5
+        assert ours @ theirs / np.linalg.norm(theirs) > 0.999
+    other = model.embedding(tokenizer.encode("The sun was hot and the fox was sleepy."))
+    assert ours @ other < 0.9  # texts apart point apart (0.41 to 0.50 here)

@@ -186,7 +186,14 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
         400,
         "user",
     ),  # fmt: skip
-    ("/v1/embeddings", {"model": NAME, "input": "Hi"}, 404, "/v1/embeddings"),
+    ("/v1/images/generations", {"model": NAME, "prompt": "Hi"}, 404, "/v1/images/generations"),
+    ("/v1/embeddings", {"model": NAME, "input": []}, 400, "input"),
+    (
+        "/v1/embeddings",
+        {"model": NAME, "input": "Hi", "encoding_format": "hex"},
+        400,
+        "encoding_format",
+    ),
 ]
 
 
@@ -251,3 +258,19 @@ def test_any_integer_seed_is_taken_and_reproduces(client):
         )
         first, again = (client.completions.create(**request).choices[0].text for _ in range(2))
         assert first == again and first
+
+
+def test_embeddings_of_strings_and_token_ids(client, url):
+    texts = ["Once upon a time there was a dog.", "Lily liked to play in the park."]
+    answer = client.embeddings.create(model=NAME, input=texts)
+    tokenizer = llamette.Tokenizer.load(BUNDLED / "tokenizer.bin")
+    model = llamette.Transformer.load(BUNDLED / "model.bin")
+    for item, text in zip(answer.data, texts, strict=True):
+        expected = model.embedding(tokenizer.encode(text))
+        assert max(abs(a - b) for a, b in zip(item.embedding, expected, strict=True)) < 1e-6
+    ids = tokenizer.encode(texts[0])
+    by_ids = client.embeddings.create(model=NAME, input=[ids])
+    assert by_ids.data[0].embedding == answer.data[0].embedding
+    assert answer.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
+    bad = httpx.post(f"{url}/v1/embeddings", json={"model": NAME, "input": [[-1]]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"

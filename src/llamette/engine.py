@@ -38,6 +38,7 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    embedding: list[float] | None = None  # an embedding request's answer
 
 
 @dataclass(eq=False)
@@ -51,6 +52,7 @@ class Request:
     on_event: Callable[[Event], None]
     stop: StopStrings = field(default_factory=StopStrings)
     strip_leading_space: bool = False  # chat answers start without the first token's space
+    embed: bool = False  # the prompt's embedding (Transformer.embedding) instead of tokens
     cancelled: bool = False  # set from any thread: the engine drops the request at its next step
 
     # progress, kept by the engine
@@ -143,7 +145,9 @@ class Engine:
         Prompts longer than SMALL_BATCH, whose prefill takes the batched kernels, go alone.
         """
         for request in self._admit():
-            if len(request.prompt_tokens) > SMALL_BATCH:
+            if request.embed:
+                self._embed_alone(request)
+            elif len(request.prompt_tokens) > SMALL_BATCH:
                 self._prefill_alone(request)
         self._drop_cancelled()
         rows = self._rows()  # (request, token, position)
@@ -183,6 +187,15 @@ class Engine:
             return
         request.prompt_fed = len(request.prompt_tokens)
         self._advance(request, request.sampler.sample(logits))
+
+    def _embed_alone(self, request: Request) -> None:
+        try:
+            vector = self.model.embedding(request.prompt_tokens, request.slot)
+        except Exception as error:
+            log.exception("embedding failed")
+            self._finish(request, "error", error=str(error))
+            return
+        self._finish(request, "stop", embedding=vector.tolist())
 
     def run(self) -> None:
         """Run rounds until stop(); sleep while there is nothing to do."""
@@ -293,7 +306,10 @@ class Engine:
             text, request.shown = request.text[request.shown : upto], upto
             request.on_event(Event(text))
 
-    def _finish(self, request: Request, reason: str, error: str | None = None) -> None:
+    def _finish(
+        self, request: Request, reason: str, error: str | None = None,
+        embedding: list[float] | None = None,
+    ) -> None:  # fmt: skip
         with self._wakeup:
             self._running.remove(request)
             self._free_slots.append(request.slot)
@@ -303,4 +319,4 @@ class Engine:
             return
         if error is None:
             self._send(request, len(request.text))
-        request.on_event(Event("", reason, len(request.tokens), error))
+        request.on_event(Event("", reason, len(request.tokens), error, embedding))

@@ -16,6 +16,7 @@ import numpy as np
 from numba import literal_unroll, typeof, types
 from numba.typed import List
 
+from llamette.errors import LlametteError
 from llamette.formats import load_weights
 from llamette.kernels import (
     aligned_empty,
@@ -363,6 +364,23 @@ class Transformer:
                 batch, positions, np.full(len(batch), slot), [-1] if last else []
             )
         return logits[-1]
+
+    def embedding(self, tokens: list[int], slot: int = 0) -> np.ndarray:
+        """The mean of the final (normed) hidden states over the tokens, at unit length (dim,):
+        llama.cpp's mean pooling. Runs them from position 0 of `slot`, PREFILL_CHUNK at a time."""
+        if not tokens:
+            raise LlametteError("an embedding needs at least one token")
+        c = self.config
+        norm = np.asarray(self.weights["norm.weight"], np.float64)
+        total = np.zeros(c.dim, np.float64)
+        for chunk in range(0, len(tokens), PREFILL_CHUNK):
+            batch = tokens[chunk : chunk + PREFILL_CHUNK]
+            positions = np.arange(chunk, chunk + len(batch))
+            self.forward_batch(batch, positions, np.full(len(batch), slot), [])
+            x = self.buffers.x[: len(batch)].astype(np.float64)  # (n, dim) the residual stream
+            total += (x / np.sqrt((x * x).mean(axis=1, keepdims=True) + c.norm_eps) * norm).sum(0)
+        mean = total / len(tokens)
+        return (mean / np.linalg.norm(mean)).astype(np.float32)
 
     def forward_batch(
         self, tokens, positions, slots, logit_rows: list[int] | None = None

@@ -1,13 +1,15 @@
 """An OpenAI-compatible HTTP server over the batching engine (`llamette serve`).
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions. The
-engine decodes on its own thread; handlers only check requests, queue them and relay the engine's
-events (handed to the event loop with call_soon_threadsafe), so the loop never waits on the model.
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
+POST /v1/embeddings. The engine decodes on its own thread; handlers only check requests, queue
+them and relay the engine's events (handed to the event loop with call_soon_threadsafe), so the
+loop never waits on the model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -18,6 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
@@ -145,6 +148,26 @@ def create_app(served: ServedModel) -> Starlette:
             raise ApiError(400, str(error), "messages") from None
         return await generate(http, served, body, prompt_tokens, chat=True)
 
+    async def embeddings(http: HttpRequest):
+        check_ready(served)
+        body = await json_body(http)
+        check_model(body, served)
+        inputs = parse_embedding_inputs(body, served.tokenizer, served.context)
+        encoding = field(body, "encoding_format", str, "float")
+        if encoding not in ("float", "base64"):
+            raise ApiError(400, f"encoding_format: {encoding!r} is not float or base64",
+                           "encoding_format")  # fmt: skip
+        vectors = [await embed(served, tokens) for tokens in inputs]
+        if encoding == "base64":  # float32 little-endian, as OpenAI's client decodes it
+            vectors = [base64.b64encode(np.asarray(v, "<f4").tobytes()).decode() for v in vectors]
+        count = sum(len(tokens) for tokens in inputs)
+        return JSONResponse({
+            "object": "list", "model": served.name,
+            "data": [{"object": "embedding", "index": i, "embedding": vector}
+                     for i, vector in enumerate(vectors)],
+            "usage": {"prompt_tokens": count, "total_tokens": count},
+        })  # fmt: skip
+
     async def api_error(http: HttpRequest, error: ApiError) -> JSONResponse:
         return error_response(error)
 
@@ -161,6 +184,7 @@ def create_app(served: ServedModel) -> Starlette:
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
     handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
@@ -264,6 +288,48 @@ def parse_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
                            "prompt")  # fmt: skip
         tokens = [tokenizer.bos_id]
     return tokens
+
+
+def parse_embedding_inputs(body: dict, tokenizer: Tokenizer, context: int) -> list[list[int]]:
+    """An embedding request's inputs as token lists: a string, an array of strings, an array of
+    token ids or an array of such arrays; each encoded as a prompt is (BOS if the model adds
+    one) and within the context."""
+    given = field(body, "input", (str, list))
+    if isinstance(given, str) or (given and all(isinstance(t, int) for t in given)):
+        given = [given]
+    if not given:
+        raise ApiError(400, "input: must not be empty", "input")
+    inputs = []
+    for item in given:
+        if isinstance(item, str):
+            tokens = tokenizer.encode(item, bos=tokenizer.add_bos)
+        elif isinstance(item, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size
+            for t in item
+        ):
+            tokens = list(item)
+        else:
+            raise ApiError(400, "input: must be a string, an array of strings, or token ids "
+                           f"within 0..{tokenizer.vocab_size - 1} (or arrays of them)", "input")  # fmt: skip
+        if not tokens or len(tokens) > context:
+            raise ApiError(400, f"input: {len(tokens)} tokens; 1 to {context} fit", "input")
+        inputs.append(tokens)
+    return inputs
+
+
+async def embed(served: ServedModel, tokens: list[int]) -> list[float]:
+    """One input's embedding, computed on the engine's thread between its rounds."""
+    relay = Relay(asyncio.get_running_loop())
+    request = Request(tokens, 0, Sampler(served.tokenizer.vocab_size, 0.0), relay.put, embed=True)
+    try:
+        served.engine.submit(request)
+    except QueueFull as error:
+        raise ApiError(429, f"server busy: {error}", code="queue_full",
+                       kind="rate_limit_error") from None  # fmt: skip
+    event = await relay.queue.get()
+    if event.embedding is None:
+        raise ApiError(500, f"embedding failed: {event.error}", kind="server_error")
+    return event.embedding
 
 
 def parse_messages(body: dict) -> list[Message]:
