@@ -147,6 +147,10 @@ def test_steps_beyond_the_context_are_clamped_with_a_note(capsys):
         (["-p", "1.5"], "-p/--top-p: 1.5 is outside [0, 1]"),
         (["--top-p", "-0.1"], "-p/--top-p: -0.1 is outside [0, 1]"),
         (["-k", "-3"], "-k/--top-k: -3 is negative"),
+        (["--min-p", "1.5"], "--min-p: 1.5 is outside [0, 1]"),
+        (["--repeat-penalty", "0"], "--repeat-penalty: 0.0 is not above 0"),
+        (["--repeat-last-n", "-4"], "--repeat-last-n: -4 is below -1"),
+        (["--presence-penalty", "9"], "--presence-penalty: 9.0 is outside [-2, 2]"),
         (["-n", "many"], "argument -n/--steps: invalid int value: 'many'"),
         (["-n", "-5"], "-n/--steps: -5 is negative (0 means the whole context)"),
         (["--temp", "0"], "unrecognized arguments: --temp"),  # no guessing at abbreviations
@@ -337,3 +341,12 @@ def test_serve_on_a_cold_cache_answers_503_at_once_and_stops_on_sigterm(tmp_path
     finally:
         server.kill()
         server.wait()
+
+
+def test_penalties_change_a_greedy_story(capsys):
+    argv = ["run", "-t", "0", "-n", "60", "-i", "Once upon a time"]
+    plain = run_cli(capsys, argv)[1]
+    status, penalized, _ = run_cli(
+        capsys, [*argv, "--repeat-penalty", "1.5", "--frequency-penalty", "1"]
+    )
+    assert status == 0 and penalized != plain and penalized.startswith("Once upon a time")

@@ -5,9 +5,10 @@ import base64
 import numpy as np
 import pytest
 
-from conftest import expected_rows
+from conftest import expected_rows, shared_path
 from llamette import Sampler
 from llamette.kernels.sampling import _sorted_descending
+from llamette.sampler import Adjustments, adjusted_logits
 
 
 def _name(row):
@@ -117,3 +118,65 @@ def test_any_integer_seeds_the_rng_and_zero_does_not_stall_it():
         draws = {sampler.random_u32() for _ in range(100)}
         assert len(draws) > 90, seed
     assert Sampler(10, seed=5).rng_state == 5  # run.c's positive seeds are unchanged
+
+
+def transcribed(logits, recent, bias=None, repeat=1.0, last_n=64, frequency=0.0, presence=0.0,
+                min_p=0.0):  # fmt: skip
+    """Adjustments' documented order, in float64 NumPy, token by token."""
+    z = np.array(logits, np.float64)
+    for token, value in (bias or {}).items():
+        z[token] += value
+    window = list(recent) if last_n == -1 else list(recent)[-last_n:] if last_n else []
+    for token in set(window):
+        z[token] = z[token] / repeat if z[token] > 0 else z[token] * repeat
+        z[token] -= window.count(token) * frequency + presence
+    if min_p:
+        p = np.exp(z - z.max())
+        z[p / p.max() < min_p] = -np.inf
+    return z
+
+
+SETTINGS = [
+    dict(bias={17: 5.0, 2: -100.0, 30000: 2.5}),
+    dict(repeat=1.3, last_n=16),
+    dict(repeat=0.7, last_n=-1, frequency=0.4, presence=0.6),
+    dict(frequency=-0.5, presence=1.5, last_n=8),
+    dict(min_p=0.05),
+    dict(bias={5: 3.0}, repeat=1.1, frequency=0.2, presence=0.1, min_p=0.1, last_n=32),
+]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_adjustments_follow_their_numpy_transcription_on_recorded_logits(settings):
+    recorded = np.load(shared_path("expected", "hf-mha.logits.npz"))
+    rng = np.random.default_rng(1)
+    names = {"bias": "logit_bias", "repeat": "repeat_penalty", "last_n": "repeat_last_n",
+             "frequency": "frequency_penalty", "presence": "presence_penalty", "min_p": "min_p"}  # fmt: skip
+    adjust = Adjustments(**{names[k]: v for k, v in settings.items()})
+    for logits in recorded["logits"].reshape(-1, 32000):
+        recent = rng.integers(0, 32000, 40).tolist() + [int(np.argmax(logits))] * 3
+        expected = transcribed(logits, recent, **settings)
+        last_n = adjust.repeat_last_n
+        window = recent if last_n == -1 else recent[len(recent) - last_n :] if last_n else []
+        ours = adjusted_logits(logits, window, adjust)  # the Sampler keeps the window
+        np.testing.assert_array_equal(np.isinf(ours), np.isinf(expected))
+        finite = np.isfinite(expected)
+        np.testing.assert_allclose(ours[finite], expected[finite], rtol=1e-6, atol=1e-5)
+        greedy = Sampler(32000, temperature=0.0, adjust=adjust)
+        greedy.accept(recent)
+        assert greedy.sample(logits) == int(np.argmax(expected))
+        for seed in range(1, 30):  # draws never take a token min_p took out
+            drawn = Sampler(32000, temperature=1.0, topp=0.0, seed=seed, adjust=adjust)
+            drawn.accept(recent)
+            assert np.isfinite(expected[drawn.sample(logits)])
+
+
+def test_no_adjustment_is_run_cs_sampling_to_the_bit():
+    logits = np.random.default_rng(2).standard_normal(500).astype(np.float32)
+    plain, adjusted = (
+        Sampler(500, 0.8, 0.9, seed=7),
+        Sampler(500, 0.8, 0.9, seed=7, adjust=Adjustments()),
+    )
+    assert [plain.sample(logits) for _ in range(100)] == [
+        adjusted.sample(logits) for _ in range(100)
+    ]

@@ -164,6 +164,27 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "top_p": 2}, 400, "top_p"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "seed": 1.5}, 400, "seed"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "min_p": 2}, 400, "min_p"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "logit_bias": {"a": 1}}, 400, "logit_bias"),
+    (
+        "/v1/completions",
+        {"model": NAME, "prompt": "Hi", "logit_bias": {"5": 500}},
+        400,
+        "logit_bias",
+    ),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "repeat_last_n": -2}, 400, "repeat_last_n"),
+    (
+        "/v1/completions",
+        {"model": NAME, "prompt": "Hi", "frequency_penalty": 3},
+        400,
+        "frequency_penalty",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "repeat_penalty": 0},
+        400,
+        "repeat_penalty",
+    ),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "a story " * 300}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, 404, "gpt-4"),
@@ -274,3 +295,17 @@ def test_embeddings_of_strings_and_token_ids(client, url):
     assert answer.usage.prompt_tokens == sum(len(tokenizer.encode(t)) for t in texts)
     bad = httpx.post(f"{url}/v1/embeddings", json={"model": NAME, "input": [[-1]]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+
+
+def test_logit_bias_penalties_and_min_p_reach_the_sampler(client):
+    tokenizer = llamette.Tokenizer.load(BUNDLED / "tokenizer.bin")
+    dog = tokenizer.encode(" dog", bos=False)[-1]
+    request = dict(model=NAME, prompt="Once upon a time", max_tokens=6, temperature=0)
+    forced = client.completions.create(**request, logit_bias={str(dog): 100})
+    assert forced.choices[0].text == tokenizer.decode([dog]) * 6  # a piece without a space
+    plain = client.completions.create(**{**request, "max_tokens": 40}).choices[0].text
+    penalized = client.completions.create(
+        **{**request, "max_tokens": 40}, frequency_penalty=2.0, presence_penalty=2.0,
+        extra_body={"repeat_penalty": 1.5, "repeat_last_n": -1, "min_p": 0.05},
+    ).choices[0].text  # fmt: skip
+    assert penalized != plain and len(set(penalized.split())) > len(set(plain.split()))

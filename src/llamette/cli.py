@@ -25,7 +25,7 @@ from llamette.kernels import set_threads
 from llamette.kernels.timing import MATMUL_PARTS
 from llamette.model import Transformer
 from llamette.perplexity import evaluate
-from llamette.sampler import Sampler
+from llamette.sampler import Adjustments, Sampler
 from llamette.tokenizer import Tokenizer
 
 log = logging.getLogger("llamette")
@@ -89,6 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="sample from the k most likely tokens only; 0 turns it off (default)",
     )
+    adjustments = (  # flag, help: llama.cpp's names; none given keeps run.c's sampling
+        ("--min-p", float, 0.0, "keep tokens at least this times as likely as the top one (0: off)"),
+        ("--repeat-penalty", float, 1.0, "divide a recent token's logit above 0 by it, multiply one below (1: off)"),
+        ("--repeat-last-n", int, 64, "how many recent tokens the penalties look at (-1: all, 0: none)"),
+        ("--presence-penalty", float, 0.0, "subtract from the logit of each recent token (0: off)"),
+        ("--frequency-penalty", float, 0.0, "subtract this times its count from each recent token's logit"),
+    )  # fmt: skip
+    for flag, kind, default, text in adjustments:
+        run.add_argument(
+            flag, type=kind, default=default, metavar="X", help=f"{text} (default {default})"
+        )
     run.add_argument(
         "-s",
         "--seed",
@@ -349,6 +360,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         topp=args.topp,
         seed=args.seed if args.seed > 0 else None,
         topk=args.topk,
+        adjust=Adjustments(
+            repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n,
+            frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
+            min_p=args.min_p,
+        ),  # fmt: skip
     )
     sampler.warm_up()
     on_text = None if args.json else print_stream
@@ -539,6 +557,17 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
         raise LlametteError(f"-p/--top-p: {args.topp} is outside [0, 1]")
     if args.topk < 0:
         raise LlametteError(f"-k/--top-k: {args.topk} is negative (0 turns top-k off)")
+    if not 0.0 <= args.min_p <= 1.0:
+        raise LlametteError(f"--min-p: {args.min_p} is outside [0, 1]")
+    if not args.repeat_penalty > 0.0:
+        raise LlametteError(f"--repeat-penalty: {args.repeat_penalty} is not above 0")
+    if args.repeat_last_n < -1:
+        raise LlametteError(f"--repeat-last-n: {args.repeat_last_n} is below -1 (all)")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(args, name) <= 2.0:
+            raise LlametteError(
+                f"--{name.replace('_', '-')}: {getattr(args, name)} is outside [-2, 2]"
+            )
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:

@@ -99,6 +99,7 @@ def generate(
 
     # Prefill: the prompt goes through the model (all of it, or the first `steps` tokens).
     forced = prompt_tokens[:steps]
+    sampler.accept(forced)  # for the penalties, where asked for
     shown = prompt_tokens[1 : steps + 1] if tokenizer.add_bos else prompt_tokens[: steps + 1]
     emit(tokenizer.decode(shown))  # what run.c prints while forcing the prompt
     start = time.perf_counter()
@@ -175,6 +176,7 @@ def chat(
 
         pos = _shared_prefix(context, conversation)  # the cache holds these already
         forced = conversation[pos:steps]
+        sampler.accept(forced)
         start = time.perf_counter()
         logits = model.prefill(forced, pos)
         pos += len(forced)

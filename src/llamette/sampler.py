@@ -2,13 +2,68 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from llamette.kernels.sampling import argmax, sample_logits
 
 MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Adjustments:
+    """Changes to the logits before run.c's sampling (temperature, top-k, top-p), applied in
+    this order, as llama.cpp applies those it has: `logit_bias` added to its tokens' logits;
+    penalties on the tokens among the last `repeat_last_n` (the prompt's included; -1: all):
+    a logit above 0 divided by `repeat_penalty`, one below multiplied, then less
+    `frequency_penalty` times the token's count and `presence_penalty` once; `min_p` keeps the
+    tokens whose probability is at least min_p times the likeliest's. With none set, sampling
+    is run.c's to the bit."""
+
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_p: float = 0.0
+
+    @property
+    def penalizes(self) -> bool:
+        return bool(
+            self.repeat_last_n
+            and (self.repeat_penalty != 1.0 or self.frequency_penalty or self.presence_penalty)
+        )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.logit_bias or self.penalizes or self.min_p > 0.0)
+
+
+def adjusted_logits(logits: np.ndarray, recent: Iterable[int], adjust: Adjustments) -> np.ndarray:
+    """A copy of logits (V,) changed as `adjust` says (see Adjustments), `recent` the tokens
+    the penalties look at."""
+    out = np.array(logits, np.float32)
+    if adjust.logit_bias:
+        ids = np.fromiter(adjust.logit_bias, np.int64)
+        out[ids] += np.fromiter(adjust.logit_bias.values(), np.float32, len(ids))
+    recent = np.fromiter(recent, np.int64)
+    if adjust.penalizes and recent.size:
+        tokens, counts = np.unique(recent, return_counts=True)
+        penalized = out[tokens]
+        penalized = np.where(penalized > 0, penalized / np.float32(adjust.repeat_penalty),
+                             penalized * np.float32(adjust.repeat_penalty))  # fmt: skip
+        penalized -= (counts * adjust.frequency_penalty + adjust.presence_penalty).astype(
+            np.float32
+        )
+        out[tokens] = penalized
+    if adjust.min_p > 0.0:  # p >= min_p * p_max, in logits: l >= l_max + ln(min_p)
+        out[out < out.max() + np.float32(math.log(adjust.min_p))] = -np.inf
+    return out
 
 
 ZERO_SEED_STATE = 0x9E3779B97F4A7C15  # for a seed of 0 mod 2^64, where xorshift would stay at 0
@@ -35,6 +90,7 @@ class Sampler:
         topp: float = 0.9,
         seed: int | None = None,
         topk: int = 0,
+        adjust: Adjustments | None = None,
     ):
         if vocab_size < 1:
             raise ValueError(f"vocab_size {vocab_size} must be positive")
@@ -51,6 +107,9 @@ class Sampler:
         self.topp = np.float32(topp)
         self.topk = topk
         self.rng_state = rng_state(seed)
+        self.adjust = adjust if adjust is not None and adjust.active else None
+        window = None if adjust is None or adjust.repeat_last_n < 0 else adjust.repeat_last_n
+        self.recent: deque[int] = deque(maxlen=window)  # the tokens penalties look at
         self._work = np.empty(vocab_size, np.float32)
 
     def random_u32(self) -> int:
@@ -66,13 +125,24 @@ class Sampler:
         """A float32 in [0, 1) with 24 random bits."""
         return np.float32((self.random_u32() >> 8) / 16777216.0)
 
+    def accept(self, tokens: Iterable[int]) -> None:
+        """Tokens of the sequence that were not sampled here (a prompt), for the penalties."""
+        if self.adjust is not None and self.adjust.penalizes:
+            self.recent.extend(tokens)
+
     def sample(self, logits: np.ndarray) -> int:
         """The next token for these logits (V,); the caller's array is left unchanged."""
+        if self.adjust is not None:
+            logits = adjusted_logits(logits, self.recent, self.adjust)
         if self.temperature == 0.0:
-            return int(argmax(logits))
-        self._work[:] = logits
-        coin = self.random_f32()
-        return int(sample_logits(self._work, self.temperature, self.topp, self.topk, coin))
+            token = int(argmax(logits))
+        else:
+            self._work[:] = logits
+            coin = self.random_f32()
+            token = int(sample_logits(self._work, self.temperature, self.topp, self.topk, coin))
+        if self.adjust is not None and self.adjust.penalizes:
+            self.recent.append(token)
+        return token
 
     def warm_up(self) -> None:
         """Load the sampling kernels before a run is timed: one draw, thrown away, with the RNG

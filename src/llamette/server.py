@@ -33,7 +33,7 @@ from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, load_weights
 from llamette.generate import StopStrings
 from llamette.model import Transformer
-from llamette.sampler import Sampler
+from llamette.sampler import Adjustments, Sampler
 from llamette.tokenizer import Tokenizer
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context
@@ -372,9 +372,46 @@ class Options:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    adjust: Adjustments
 
 
-def parse_options(body: dict, n_prompt: int, context: int, chat: bool) -> Options:
+def parse_adjustments(body: dict, vocab_size: int) -> Adjustments:
+    """logit_bias, the penalties and min_p (see sampler.Adjustments), each checked."""
+
+    def number(name: str, default: float, low: float, high: float) -> float:
+        value = float(field(body, name, float, default))
+        if not low <= value <= high:
+            raise ApiError(400, f"{name}: must be within [{low:g}, {high:g}], not {value:g}", name)
+        return value
+
+    bias = {}
+    for key, value in field(body, "logit_bias", dict, {}).items():
+        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id within 0..{vocab_size - 1}",
+                           "logit_bias")  # fmt: skip
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not -100 <= value <= 100
+        ):
+            raise ApiError(400, f"logit_bias: the bias of {key} must be a number within "
+                           "[-100, 100]", "logit_bias")  # fmt: skip
+        bias[int(key)] = float(value)
+    repeat_last_n = field(body, "repeat_last_n", int, 64)
+    if repeat_last_n < -1:
+        raise ApiError(400, f"repeat_last_n: must be -1 (all), 0 (none) or more, not "
+                       f"{repeat_last_n}", "repeat_last_n")  # fmt: skip
+    return Adjustments(
+        logit_bias=bias,
+        repeat_penalty=number("repeat_penalty", 1.0, 1e-6, 1e6),
+        repeat_last_n=repeat_last_n,
+        frequency_penalty=number("frequency_penalty", 0.0, -2.0, 2.0),
+        presence_penalty=number("presence_penalty", 0.0, -2.0, 2.0),
+        min_p=number("min_p", 0.0, 0.0, 1.0),
+    )
+
+
+def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_size: int) -> Options:
     max_tokens = field(body, "max_tokens", int, None)
     if chat and max_tokens is None:
         max_tokens = field(body, "max_completion_tokens", int, None)
@@ -419,7 +456,7 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool) -> Option
     include_usage = field(stream_options, "include_usage", bool, False)
     return Options(max_tokens, float(temperature), float(top_p), top_k,
                    secrets.randbits(63) if seed is None else seed, tuple(stop), stream,
-                   include_usage)  # fmt: skip
+                   include_usage, parse_adjustments(body, vocab_size))  # fmt: skip
 
 
 # Answering
@@ -427,11 +464,12 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool) -> Option
 
 async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_tokens: list[int],
                    chat: bool):  # fmt: skip
-    options = parse_options(body, len(prompt_tokens), served.context, chat)
     vocab_size = served.tokenizer.vocab_size
+    options = parse_options(body, len(prompt_tokens), served.context, chat, vocab_size)
     greedy = options.temperature == 0.0 or options.top_p == 0.0
     sampler = Sampler(vocab_size, 0.0 if greedy else options.temperature, options.top_p,
-                      options.seed, options.top_k)  # fmt: skip
+                      options.seed, options.top_k, options.adjust)  # fmt: skip
+    sampler.accept(prompt_tokens)
     relay = Relay(asyncio.get_running_loop())
     request = Request(prompt_tokens, options.max_tokens, sampler, relay.put,
                       StopStrings(options.stop), strip_leading_space=chat)  # fmt: skip
