@@ -180,3 +180,21 @@ def test_no_adjustment_is_run_cs_sampling_to_the_bit():
     assert [plain.sample(logits) for _ in range(100)] == [
         adjusted.sample(logits) for _ in range(100)
     ]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(min_p=1.5), dict(repeat_penalty=0.0), dict(repeat_last_n=-2), dict(presence_penalty=3.0)],
+)
+def test_adjustments_out_of_range_are_value_errors(settings):
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        Adjustments(**settings)
+    with pytest.raises(ValueError, match="logit_bias"):
+        Sampler(10, adjust=Adjustments(logit_bias={10: 1.0}))
+
+
+def test_warming_up_leaves_the_penalties_history_alone():
+    sampler = Sampler(50, temperature=0.0, adjust=Adjustments(repeat_penalty=1.2))
+    sampler.accept([3, 4, 5])
+    sampler.warm_up()
+    assert list(sampler.recent) == [3, 4, 5]

@@ -32,6 +32,18 @@ class Adjustments:
     presence_penalty: float = 0.0
     min_p: float = 0.0
 
+    def __post_init__(self):
+        checks = {
+            "repeat_penalty": self.repeat_penalty > 0,
+            "repeat_last_n": self.repeat_last_n >= -1,
+            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
+            "presence_penalty": -2 <= self.presence_penalty <= 2,
+            "min_p": 0 <= self.min_p <= 1,
+        }  # as llama.cpp and OpenAI's API bound them
+        for name, fine in checks.items():
+            if not fine:
+                raise ValueError(f"{name} {getattr(self, name)} is out of range")
+
     @property
     def penalizes(self) -> bool:
         return bool(
@@ -107,6 +119,8 @@ class Sampler:
         self.topp = np.float32(topp)
         self.topk = topk
         self.rng_state = rng_state(seed)
+        if adjust is not None and any(not 0 <= t < vocab_size for t in adjust.logit_bias):
+            raise ValueError(f"logit_bias: token ids must be within 0..{vocab_size - 1}")
         self.adjust = adjust if adjust is not None and adjust.active else None
         window = None if adjust is None or adjust.repeat_last_n < 0 else adjust.repeat_last_n
         self.recent: deque[int] = deque(maxlen=window)  # the tokens penalties look at
@@ -147,9 +161,11 @@ class Sampler:
     def warm_up(self) -> None:
         """Load the sampling kernels before a run is timed: one draw, thrown away, with the RNG
         left where it was."""
-        state = self.rng_state
+        state, recent = self.rng_state, list(self.recent)
         self.sample(np.zeros(self.vocab_size, np.float32))
         self.rng_state = state
+        self.recent.clear()
+        self.recent.extend(recent)
 
     def skip(self, n: int) -> None:
         """Advance the RNG as n calls to sample() would (run.c's chat samples on prompt tokens too)."""
