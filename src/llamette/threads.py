@@ -27,15 +27,16 @@ class ThreadChooser:
     def __init__(self, most: int):
         self.counts = [1, most] if most > 1 else [1]
         self.times = {n: deque(maxlen=SAMPLES) for n in self.counts}
+        self.medians: dict[int, float] = {}  # of each count's recent times, kept by record
         self.retry_at: dict[int, float] = {}  # the pass at which to try a slower count again
         self.passes = 0
 
     def choose(self) -> int:
         self.passes += 1
         for n in self.counts:
-            if not self.times[n]:
+            if n not in self.medians:
                 return n
-        medians = {n: statistics.median(self.times[n]) for n in self.counts}
+        medians = self.medians
         best = min(self.counts, key=medians.__getitem__)
         for n in self.counts:
             if n == best:
@@ -49,8 +50,8 @@ class ThreadChooser:
 
     def record(self, threads: int, seconds: float) -> None:
         """The time a pass with `threads` threads took (per row, for batches)."""
-        medians = {n: statistics.median(self.times[n]) for n in self.counts if self.times[n]}
-        fastest = min(medians.values(), default=0.0)
-        if medians.get(threads, 0.0) > fastest > seconds:  # a slower count is faster now
+        fastest = min(self.medians.values(), default=0.0)
+        if self.medians.get(threads, 0.0) > fastest > seconds:  # a slower count is faster now
             self.retry_at[threads] = self.passes + 1  # confirm it at once
         self.times[threads].append(seconds)
+        self.medians[threads] = statistics.median(self.times[threads])

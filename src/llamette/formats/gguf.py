@@ -568,22 +568,21 @@ def _add_tokenizer(writer, tokenizer: Tokenizer) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(tokenizer.scores)
     writer.add_token_types(types)
-    for add, token in ((writer.add_bos_token_id, specials.bos_id), (writer.add_eos_token_id, specials.eos_id),
-                       (writer.add_eot_token_id, specials.eot_id), (writer.add_eom_token_id, specials.eom_id)):  # fmt: skip
-        if token is not None:
-            add(token)
     writer.add_unk_token_id(0)
-    writer.add_add_bos_token(specials.add_bos)
-    writer.add_add_eos_token(specials.add_eos)
+    _add_special_ids(writer, specials)
 
 
 def _add_bpe_tokenizer(writer, tokenizer: BPETokenizer) -> None:
-    specials = tokenizer.specials
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(tokenizer.pre)
     writer.add_token_list(tokenizer.tokens)
     writer.add_token_types(tokenizer.token_types)
     writer.add_token_merges(tokenizer.merges)
+    _add_special_ids(writer, tokenizer.specials)
+
+
+def _add_special_ids(writer, specials: SpecialTokens) -> None:
+    """The special tokens' ids that the vocabulary has, and whether BOS and EOS are added."""
     ids = {writer.add_bos_token_id: specials.bos_id, writer.add_eos_token_id: specials.eos_id,
            writer.add_eot_token_id: specials.eot_id, writer.add_eom_token_id: specials.eom_id,
            writer.add_pad_token_id: specials.padding_id}  # fmt: skip
