@@ -10,8 +10,8 @@ import pytest
 import llamette
 from conftest import read_jsonl, shared_path
 from llamette import Sampler, Tokenizer, Transformer, generate
+from llamette.completion import StopStrings
 from llamette.engine import Engine, QueueFull, Request
-from llamette.generate import StopStrings
 from llamette.kernels import SMALL_BATCH, set_threads
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"

@@ -9,7 +9,6 @@ import llamette
 from conftest import CHATML, bpe_tokenizer, expected_rows, read_jsonl, shared_path, write_bpe_model
 from llamette import Sampler, Tokenizer, Transformer, chat, generate
 from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt, own_template
-from llamette.generate import StopStrings
 
 _models = {}
 
@@ -219,17 +218,6 @@ def test_chat_draws_one_random_number_per_forward_like_run_c():
     reference = Sampler(512, temperature=1.0, seed=123)
     reference.skip(40)  # 40 positions, 40 forwards, 40 draws
     assert sampler.rng_state == reference.rng_state
-
-
-def test_stop_strings_find_the_first_and_hold_back_what_may_start_one():
-    stops = StopStrings(("\n\n", "The end", ""))
-    assert stops.find("Once upon a time.\n\nThe end", 0) == 17
-    assert stops.find("Once upon a time. The end\n\n", 0) == 18
-    assert stops.find("no stop here", 0) is None
-    assert stops.safe_length("She said: The e") == len("She said: ")
-    assert stops.safe_length("A line\n") == len("A line")
-    assert stops.safe_length("All shown") == len("All shown")
-    assert StopStrings().safe_length("anything") == len("anything")
 
 
 def test_a_chat_turn_ends_on_the_templates_end_token_and_a_message_is_text(tmp_path):

@@ -8,6 +8,7 @@ print(llamette.generate(model, tokenizer, sampler, "Once upon a time", steps=100
 
 from llamette.errors import LlametteError
 from llamette.generate import Generation, chat, generate
+from llamette.llama import Llama
 from llamette.model import Transformer
 from llamette.sampler import Sampler
 from llamette.tokenizer import Tokenizer
@@ -15,6 +16,7 @@ from llamette.weights import ModelConfig, Weights
 
 __all__ = [
     "Generation",
+    "Llama",
     "LlametteError",
     "ModelConfig",
     "Sampler",

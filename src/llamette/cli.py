@@ -15,7 +15,7 @@ from pathlib import Path
 
 from llamette import __version__
 from llamette.chat_template import own_template
-from llamette.compiling import report_compiles
+from llamette.compiling import report_to_stderr
 from llamette.convert import FORMATS, convert, guess_format
 from llamette.errors import LlametteError
 from llamette.formats import find_tokenizer, load_weights
@@ -329,17 +329,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as done:  # --help and --version, printed
         return int(done.code or 0)
-
-
-def report_to_stderr() -> None:
-    """Notes and timings from the llamette logger go to stderr as "llamette: ..." lines, and
-    what the compiler does among them."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("llamette: %(message)s"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    report_compiles()
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -71,3 +71,14 @@ def report_compiles(progress: bool | None = None) -> None:
     report = CompileReport(sys.stderr.isatty() if progress is None else progress)
     event.register("numba:compile", report)
     _installed.append(report)
+
+
+def report_to_stderr() -> None:
+    """Notes and timings from the llamette logger go to stderr as "llamette: ..." lines, and
+    what the compiler does among them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("llamette: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    report_compiles()

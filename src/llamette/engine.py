@@ -14,13 +14,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numba
 
+from llamette.completion import StopStrings
 from llamette.errors import LlametteError
-from llamette.generate import StopStrings
 from llamette.kernels import SMALL_BATCH
 from llamette.model import PREFILL_CHUNK, Transformer, use_huge_pages
 from llamette.sampler import Sampler
@@ -52,16 +52,22 @@ class Request:
     on_event: Callable[[Event], None]
     stop: StopStrings = field(default_factory=StopStrings)
     strip_leading_space: bool = False  # chat answers start without the first token's space
+    end_ids: frozenset[int] | None = None  # the tokens that end it; None: the tokenizer's
     embed: bool = False  # the prompt's embedding (Transformer.embedding) instead of tokens
+    normalize: bool = True  # the embedding at unit length
     cancelled: bool = False  # set from any thread: the engine drops the request at its next step
 
     # progress, kept by the engine
     slot: int = -1
     prompt_fed: int = 0  # prompt tokens through the model so far
     tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
+    end_token: int | None = None  # the end id that finished it, if one did
     text: str = ""
     shown: int = 0  # characters of text sent (text beyond may start a stop string)
     decoder: StreamDecoder | None = None
+    admitted_at: float = 0.0  # time.perf_counter() when it got its slot,
+    first_token_at: float = 0.0  # when its first token was sampled,
+    finished_at: float = 0.0  # and when it ended
 
     @property
     def next_pos(self) -> int:
@@ -102,7 +108,8 @@ class Engine:
 
     def submit(self, request: Request) -> None:
         """Queue a request; raises QueueFull when it would wait beyond max_queue."""
-        if len(request.prompt_tokens) + request.max_tokens > self.model.config.seq_len:
+        # the last token is sampled, never fed: it needs no position of its own
+        if len(request.prompt_tokens) + request.max_tokens > self.model.config.seq_len + 1:
             raise LlametteError(
                 f"{len(request.prompt_tokens)} prompt tokens and max_tokens {request.max_tokens} "
                 f"exceed the context of {self.model.config.seq_len}"
@@ -155,12 +162,16 @@ class Engine:
             batch = rows[start : start + SMALL_BATCH]
             # rows whose logits give a token: every decode row, and a prompt's last
             sampling = [i for i, (request, _, pos) in enumerate(batch) if pos == request.next_pos]
-            logits = self.model.forward_batch(
-                [token for _, token, _ in batch],
-                [pos for _, _, pos in batch],
-                [request.slot for request, _, _ in batch],
-                sampling,
-            )  # (len(sampling), vocab_size)
+            request, token, pos = batch[0]
+            if len(batch) == 1 and sampling == [0] and request.tokens:  # one decode step
+                logits = [self.model.forward(token, pos, request.slot)]
+            else:
+                logits = self.model.forward_batch(
+                    [token for _, token, _ in batch],
+                    [pos for _, _, pos in batch],
+                    [request.slot for request, _, _ in batch],
+                    sampling,
+                )  # (len(sampling), vocab_size)
             for i, row in zip(sampling, logits, strict=True):
                 request = batch[i][0]
                 self._advance(request, request.sampler.sample(row))
@@ -190,12 +201,43 @@ class Engine:
 
     def _embed_alone(self, request: Request) -> None:
         try:
-            vector = self.model.embedding(request.prompt_tokens, request.slot)
+            vector = self.model.embedding(request.prompt_tokens, request.slot, request.normalize)
         except Exception as error:
             log.exception("embedding failed")
             self._finish(request, "error", error=str(error))
             return
         self._finish(request, "stop", embedding=vector.tolist())
+
+    def stream(self, request: Request) -> Iterator[Event]:
+        """Run `request` on the calling thread, without the engine's own: rounds until it ends,
+        its events as they come (its on_event is replaced). Closing the iterator early, or an
+        error in a round, cancels it."""
+        events: deque[Event] = deque()
+        request.on_event = events.append
+        self.submit(request)
+        finished = False
+        try:
+            while not finished:
+                if not events:
+                    self.step()
+                while events:
+                    event = events.popleft()
+                    finished = event.finish_reason is not None
+                    yield event
+        finally:
+            if not finished:
+                self._cancel_now(request)
+
+    def _cancel_now(self, request: Request) -> None:
+        """Drop a request at once, waiting or running (its slot freed for the next)."""
+        request.cancelled = True
+        with self._wakeup:
+            waiting = request in self._waiting
+            if waiting:
+                self._waiting.remove(request)
+                self.cancelled += 1
+        if not waiting and request in self._running:
+            self._finish(request, "cancelled")
 
     def run(self) -> None:
         """Run rounds until stop(); sleep while there is nothing to do."""
@@ -264,6 +306,7 @@ class Engine:
                     self.cancelled += 1
                     continue
                 request.slot = self._free_slots.pop()
+                request.admitted_at = time.perf_counter()
                 request.decoder = StreamDecoder(
                     self.tokenizer,
                     self.tokenizer.bos_id
@@ -285,7 +328,9 @@ class Engine:
         else send the text that cannot be the start of a stop string."""
         if request.cancelled:  # it leaves at the next step
             return
-        if token in self.end_ids:
+        request.first_token_at = request.first_token_at or time.perf_counter()
+        if token in (self.end_ids if request.end_ids is None else request.end_ids):
+            request.end_token = token
             request.text += request.decoder.flush()
             self._finish(request, "stop")
             return
@@ -314,6 +359,7 @@ class Engine:
             self._running.remove(request)
             self._free_slots.append(request.slot)
             request.slot = -1
+        request.finished_at = time.perf_counter()
         if reason == "cancelled":
             self.cancelled += 1
             return

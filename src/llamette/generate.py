@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt
+from llamette.engine import Engine, Request
 from llamette.errors import LlametteError
 from llamette.model import Transformer
 from llamette.sampler import Sampler
@@ -40,28 +41,6 @@ class Generation:
     @property
     def decode_tok_s(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
-
-
-class StopStrings:
-    """Strings that end a generation: where the first one starts in growing text, and how much of
-    the text is safe to show (no tail of it could begin a stop string)."""
-
-    def __init__(self, strings: tuple[str, ...] = ()):
-        self.strings = tuple(s for s in strings if s)
-        self.longest = max((len(s) for s in self.strings), default=0)
-
-    def find(self, text: str, shown: int = 0) -> int | None:
-        """Index of the earliest stop string in text (none starts before `shown`), or None."""
-        hits = [text.find(s, shown) for s in self.strings]
-        return min((hit for hit in hits if hit >= 0), default=None)
-
-    def safe_length(self, text: str) -> int:
-        """Length of text's longest prefix whose remainder is no stop string's beginning."""
-        for start in range(max(0, len(text) - self.longest + 1), len(text)):
-            tail = text[start:]
-            if any(s.startswith(tail) for s in self.strings):
-                return start
-        return len(text)
 
 
 def check_steps(steps: int | None, model: Transformer) -> int:
@@ -97,40 +76,29 @@ def generate(
         prompt_tokens.append(tokenizer.bos_id)
     _check_fits(len(prompt_tokens), model)
 
-    # Prefill: the prompt goes through the model (all of it, or the first `steps` tokens).
-    forced = prompt_tokens[:steps]
-    sampler.accept(forced)  # for the penalties, where asked for
     shown = prompt_tokens[1 : steps + 1] if tokenizer.add_bos else prompt_tokens[: steps + 1]
     emit(tokenizer.decode(shown))  # what run.c prints while forcing the prompt
-    start = time.perf_counter()
-    logits = model.prefill(forced, 0)
-    if len(forced) < len(prompt_tokens):  # steps ran out inside the prompt: nothing to sample
-        result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
+    if len(prompt_tokens) > steps:  # steps run out inside the prompt: nothing to sample
+        start = time.perf_counter()
+        model.prefill(prompt_tokens[:steps], 0)
+        result.prefill_tokens, result.prefill_seconds = steps, time.perf_counter() - start
         result.context_full = steps == model.config.seq_len
         return result
-    token = sampler.sample(logits)
-    result.prefill_tokens, result.prefill_seconds = len(forced), time.perf_counter() - start
 
-    # Decode: print each sampled token, feed it back, sample the next.
-    decoder = StreamDecoder(tokenizer, prev_token=prompt_tokens[-1])
-    end_ids = tokenizer.end_ids()
-    pieces = []
-    start = time.perf_counter()
-    for pos in range(len(forced), steps + 1):
-        result.tokens.append(token)
-        if token in end_ids:
-            break
-        pieces.append(decoder.push(token))
-        emit(pieces[-1])
-        if pos == steps:
-            result.context_full = steps == model.config.seq_len
-            break
-        token = sampler.sample(model.forward(token, pos))
-        result.decode_tokens += 1
-    result.decode_seconds = time.perf_counter() - start
-    pieces.append(decoder.flush())
-    emit(pieces[-1])
-    result.text = "".join(pieces)
+    # The engine's loop, for one request: the prompt's pass, then a token at a time up to
+    # position `steps` (the last token sampled there is shown, never fed).
+    sampler.accept(prompt_tokens)  # for the penalties, where asked for
+    request = Request(prompt_tokens, steps - len(prompt_tokens) + 1, sampler, emit,
+                      end_ids=tokenizer.end_ids())  # fmt: skip
+    for event in Engine(model, tokenizer).stream(request):
+        emit(event.text)
+    end = [] if request.end_token is None else [request.end_token]
+    result.tokens, result.text = request.tokens + end, request.text
+    result.prefill_tokens = len(prompt_tokens)
+    result.prefill_seconds = request.first_token_at - request.admitted_at
+    result.decode_tokens = len(result.tokens) - 1
+    result.decode_seconds = request.finished_at - request.first_token_at
+    result.context_full = request.end_token is None and steps == model.config.seq_len
     return result
 
 

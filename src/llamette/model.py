@@ -365,9 +365,10 @@ class Transformer:
             )
         return logits[-1]
 
-    def embedding(self, tokens: list[int], slot: int = 0) -> np.ndarray:
-        """The mean of the final (normed) hidden states over the tokens, at unit length (dim,):
-        llama.cpp's mean pooling. Runs them from position 0 of `slot`, PREFILL_CHUNK at a time."""
+    def embedding(self, tokens: list[int], slot: int = 0, normalize: bool = True) -> np.ndarray:
+        """The mean of the final (normed) hidden states over the tokens (dim,), llama.cpp's mean
+        pooling; at unit length if `normalize`. Runs them from position 0 of `slot`,
+        PREFILL_CHUNK at a time."""
         if not tokens:
             raise LlametteError("an embedding needs at least one token")
         c = self.config
@@ -380,7 +381,7 @@ class Transformer:
             x = self.buffers.x[: len(batch)].astype(np.float64)  # (n, dim) the residual stream
             total += (x / np.sqrt((x * x).mean(axis=1, keepdims=True) + c.norm_eps) * norm).sum(0)
         mean = total / len(tokens)
-        return (mean / np.linalg.norm(mean)).astype(np.float32)
+        return (mean / np.linalg.norm(mean) if normalize else mean).astype(np.float32)
 
     def forward_batch(
         self, tokens, positions, slots, logit_rows: list[int] | None = None

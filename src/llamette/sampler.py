@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llamette.errors import BadParameter
 from llamette.kernels.sampling import argmax, sample_logits
 
 MASK64 = (1 << 64) - 1
@@ -34,15 +35,18 @@ class Adjustments:
 
     def __post_init__(self):
         checks = {
-            "repeat_penalty": self.repeat_penalty > 0,
-            "repeat_last_n": self.repeat_last_n >= -1,
-            "frequency_penalty": -2 <= self.frequency_penalty <= 2,
-            "presence_penalty": -2 <= self.presence_penalty <= 2,
-            "min_p": 0 <= self.min_p <= 1,
+            "repeat_penalty": (self.repeat_penalty > 0, "must be above 0"),
+            "repeat_last_n": (self.repeat_last_n >= -1, "must be -1 (all), 0 (none) or more"),
+            "frequency_penalty": (-2 <= self.frequency_penalty <= 2, "must be within [-2, 2]"),
+            "presence_penalty": (-2 <= self.presence_penalty <= 2, "must be within [-2, 2]"),
+            "min_p": (0 <= self.min_p <= 1, "must be within [0, 1]"),
         }  # as llama.cpp and OpenAI's API bound them
-        for name, fine in checks.items():
+        for name, (fine, rule) in checks.items():
             if not fine:
-                raise ValueError(f"{name} {getattr(self, name)} is out of range")
+                raise BadParameter(name, f"{rule}, not {getattr(self, name)}")
+        for token, bias in self.logit_bias.items():
+            if not -100 <= bias <= 100:
+                raise BadParameter("logit_bias", f"the bias of {token} must be within [-100, 100]")
 
     @property
     def penalizes(self) -> bool:
@@ -105,13 +109,13 @@ class Sampler:
         adjust: Adjustments | None = None,
     ):
         if vocab_size < 1:
-            raise ValueError(f"vocab_size {vocab_size} must be positive")
+            raise BadParameter("vocab_size", f"must be positive, not {vocab_size}")
         if not temperature >= 0.0:
-            raise ValueError(f"temperature {temperature} must be 0 or more")
+            raise BadParameter("temperature", f"must be 0 (greedy) or more, not {temperature}")
         if not 0.0 <= topp <= 1.0:
-            raise ValueError(f"top-p {topp} must be within [0, 1]")
+            raise BadParameter("top_p", f"must be within [0, 1], not {topp}")
         if topk < 0:
-            raise ValueError(f"top-k {topk} must be 0 (off) or more")
+            raise BadParameter("top_k", f"must be 0 (off) or more, not {topk}")
         if seed is None:
             seed = int(time.time())
         self.vocab_size = vocab_size
@@ -120,7 +124,7 @@ class Sampler:
         self.topk = topk
         self.rng_state = rng_state(seed)
         if adjust is not None and any(not 0 <= t < vocab_size for t in adjust.logit_bias):
-            raise ValueError(f"logit_bias: token ids must be within 0..{vocab_size - 1}")
+            raise BadParameter("logit_bias", f"token ids must be within 0..{vocab_size - 1}")
         self.adjust = adjust if adjust is not None and adjust.active else None
         window = None if adjust is None or adjust.repeat_last_n < 0 else adjust.repeat_last_n
         self.recent: deque[int] = deque(maxlen=window)  # the tokens penalties look at

@@ -13,10 +13,7 @@ import base64
 import contextlib
 import json
 import os
-import secrets
 import socket
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -27,16 +24,23 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from llamette.chat_template import ChatTemplate, Message, chat_template_for
+from llamette.chat_template import ChatTemplate, chat_template_for
+from llamette.completion import (
+    COMPLETION_MAX_TOKENS,
+    Answer,
+    StopStrings,
+    chat_messages,
+    make_sampler,
+    max_tokens_for,
+    stop_strings,
+)
 from llamette.engine import Engine, Event, QueueFull, Request
-from llamette.errors import LlametteError
+from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
-from llamette.generate import StopStrings
 from llamette.model import Transformer
-from llamette.sampler import Adjustments, Sampler
+from llamette.sampler import Sampler
 from llamette.tokenizer import Tokenizer
 
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat runs to the context
 MAX_STOP_STRINGS = 16
 
 
@@ -141,7 +145,7 @@ def create_app(served: ServedModel) -> Starlette:
         check_ready(served)
         body = await json_body(http)
         check_model(body, served)
-        messages = parse_messages(body)
+        messages = chat_messages(field(body, "messages", list))
         try:
             prompt_tokens = served.template.tokens(messages, served.tokenizer)
         except LlametteError as error:
@@ -171,6 +175,9 @@ def create_app(served: ServedModel) -> Starlette:
     async def api_error(http: HttpRequest, error: ApiError) -> JSONResponse:
         return error_response(error)
 
+    async def bad_parameter(http: HttpRequest, error: BadParameter) -> JSONResponse:
+        return error_response(ApiError(400, str(error), error.name))
+
     async def http_error(http: HttpRequest, error: HTTPException) -> JSONResponse:
         message = f"{error.detail}: {http.method} {http.url.path}"
         return error_response(ApiError(error.status_code, message, code=str(error.status_code)))
@@ -186,7 +193,8 @@ def create_app(served: ServedModel) -> Starlette:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]
-    handlers = {ApiError: api_error, HTTPException: http_error, Exception: server_error}
+    handlers = {ApiError: api_error, BadParameter: bad_parameter, HTTPException: http_error,
+                Exception: server_error}  # fmt: skip
     return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
 
 
@@ -332,118 +340,47 @@ async def embed(served: ServedModel, tokens: list[int]) -> list[float]:
     return event.embedding
 
 
-def parse_messages(body: dict) -> list[Message]:
-    messages = field(body, "messages", list)
-    if not messages:
-        raise ApiError(400, "messages: must not be empty", "messages")
-    parsed = []
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise ApiError(400, f"{where}: must be an object", "messages")
-        role = message.get("role")
-        role = "system" if role == "developer" else role
-        if role not in ("system", "user", "assistant"):
-            raise ApiError(400, f"{where}.role: must be system, user or assistant, not "
-                           f"{json.dumps(role)}", "messages")  # fmt: skip
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):  # fmt: skip
-                raise ApiError(400, f"{where}.content: only text parts are supported", "messages")
-            content = "".join(part["text"] for part in content)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise ApiError(400, f"{where}.content: must be a string", "messages")
-        parsed.append(Message(role, content))
-    return parsed
-
-
 @dataclass(frozen=True)
 class Options:
     """How one request samples, stops and answers."""
 
     max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
+    sampler: Sampler
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
-    adjust: Adjustments
-
-
-def parse_adjustments(body: dict, vocab_size: int) -> Adjustments:
-    """logit_bias, the penalties and min_p (see sampler.Adjustments), each checked."""
-
-    def number(name: str, default: float, low: float, high: float) -> float:
-        value = float(field(body, name, float, default))
-        if not low <= value <= high:
-            raise ApiError(400, f"{name}: must be within [{low:g}, {high:g}], not {value:g}", name)
-        return value
-
-    bias = {}
-    for key, value in field(body, "logit_bias", dict, {}).items():
-        if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
-            raise ApiError(400, f"logit_bias: {key!r} is not a token id within 0..{vocab_size - 1}",
-                           "logit_bias")  # fmt: skip
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not -100 <= value <= 100
-        ):
-            raise ApiError(400, f"logit_bias: the bias of {key} must be a number within "
-                           "[-100, 100]", "logit_bias")  # fmt: skip
-        bias[int(key)] = float(value)
-    repeat_last_n = field(body, "repeat_last_n", int, 64)
-    if repeat_last_n < -1:
-        raise ApiError(400, f"repeat_last_n: must be -1 (all), 0 (none) or more, not "
-                       f"{repeat_last_n}", "repeat_last_n")  # fmt: skip
-    return Adjustments(
-        logit_bias=bias,
-        repeat_penalty=number("repeat_penalty", 1.0, 1e-6, 1e6),
-        repeat_last_n=repeat_last_n,
-        frequency_penalty=number("frequency_penalty", 0.0, -2.0, 2.0),
-        presence_penalty=number("presence_penalty", 0.0, -2.0, 2.0),
-        min_p=number("min_p", 0.0, 0.0, 1.0),
-    )
 
 
 def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_size: int) -> Options:
+    """The request's fields, their JSON types checked here and their values by
+    completion.make_sampler and max_tokens_for (a BadParameter: 400 naming the field)."""
     max_tokens = field(body, "max_tokens", int, None)
     if chat and max_tokens is None:
         max_tokens = field(body, "max_completion_tokens", int, None)
-    room = context - n_prompt
-    if room < 1:
-        raise ApiError(400, f"{'messages' if chat else 'prompt'}: {n_prompt} tokens leave no room "
-                       f"to answer in the context of {context}", "messages" if chat else "prompt",
-                       "context_length_exceeded")  # fmt: skip
-    if max_tokens is None:
-        max_tokens = room if chat else min(COMPLETION_MAX_TOKENS, room)
-    elif max_tokens < 1:
-        raise ApiError(400, f"max_tokens: must be at least 1, not {max_tokens}", "max_tokens")
-    elif max_tokens > room:
-        raise ApiError(400, f"max_tokens: {max_tokens} and the prompt's {n_prompt} tokens exceed "
-                       f"the context of {context}", "max_tokens", "context_length_exceeded")  # fmt: skip
-
-    temperature = field(body, "temperature", float, 1.0)
-    if temperature < 0:
-        raise ApiError(400, f"temperature: must be 0 (greedy) or more, not {temperature}",
-                       "temperature")  # fmt: skip
-    top_p = field(body, "top_p", float, 1.0)
-    if not 0.0 <= top_p <= 1.0:
-        raise ApiError(400, f"top_p: must be within [0, 1], not {top_p}", "top_p")
-    top_k = field(body, "top_k", int, 0)
-    if top_k < 0:
-        raise ApiError(400, f"top_k: must be 0 (off) or more, not {top_k}", "top_k")
-    seed = field(body, "seed", int, None)  # any integer, as OpenAI's API takes
-
-    stop = field(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) for s in stop):
-        raise ApiError(400, f"stop: must be a string or up to {MAX_STOP_STRINGS} strings", "stop")
+    max_tokens = max_tokens_for(max_tokens, n_prompt, context,
+                                None if chat else COMPLETION_MAX_TOKENS,
+                                prompt_name="messages" if chat else "prompt")  # fmt: skip
+    logit_bias = {}
+    for key, value in field(body, "logit_bias", dict, {}).items():
+        if not key.lstrip("-").isdigit():
+            raise ApiError(400, f"logit_bias: {key!r} is not a token id", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(400, f"logit_bias: the bias of {key} must be a number", "logit_bias")
+        logit_bias[int(key)] = float(value)
+    sampler = make_sampler(
+        vocab_size,
+        temperature=field(body, "temperature", float, 1.0),
+        top_p=field(body, "top_p", float, 1.0),
+        top_k=field(body, "top_k", int, 0),
+        min_p=field(body, "min_p", float, 0.0),
+        seed=field(body, "seed", int, None),  # any integer, as OpenAI's API takes
+        logit_bias=logit_bias,
+        repeat_penalty=field(body, "repeat_penalty", float, 1.0),
+        repeat_last_n=field(body, "repeat_last_n", int, 64),
+        frequency_penalty=field(body, "frequency_penalty", float, 0.0),
+        presence_penalty=field(body, "presence_penalty", float, 0.0),
+    )
+    stop = stop_strings(field(body, "stop", (str, list), []), MAX_STOP_STRINGS)
 
     if field(body, "n", int, 1) != 1:
         raise ApiError(400, "n: only 1 choice per request is supported", "n")
@@ -454,9 +391,7 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
     stream = field(body, "stream", bool, False)
     stream_options = field(body, "stream_options", dict, {})
     include_usage = field(stream_options, "include_usage", bool, False)
-    return Options(max_tokens, float(temperature), float(top_p), top_k,
-                   secrets.randbits(63) if seed is None else seed, tuple(stop), stream,
-                   include_usage, parse_adjustments(body, vocab_size))  # fmt: skip
+    return Options(max_tokens, sampler, stop, stream, include_usage)
 
 
 # Answering
@@ -464,11 +399,9 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
 
 async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_tokens: list[int],
                    chat: bool):  # fmt: skip
-    vocab_size = served.tokenizer.vocab_size
-    options = parse_options(body, len(prompt_tokens), served.context, chat, vocab_size)
-    greedy = options.temperature == 0.0 or options.top_p == 0.0
-    sampler = Sampler(vocab_size, 0.0 if greedy else options.temperature, options.top_p,
-                      options.seed, options.top_k, options.adjust)  # fmt: skip
+    options = parse_options(body, len(prompt_tokens), served.context, chat,
+                            served.tokenizer.vocab_size)  # fmt: skip
+    sampler = options.sampler
     sampler.accept(prompt_tokens)
     relay = Relay(asyncio.get_running_loop())
     request = Request(prompt_tokens, options.max_tokens, sampler, relay.put,
@@ -480,7 +413,7 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
                        kind="rate_limit_error") from None  # fmt: skip
     answer = Answer(served.name, chat, len(prompt_tokens))
     if options.stream:
-        return EventStream(answer.chunks(relay, options.include_usage), request, relay)
+        return EventStream(stream_chunks(answer, relay, options.include_usage), request, relay)
     watcher = asyncio.ensure_future(watch_disconnect(http.receive, request, relay))
     try:
         text, end = [], None
@@ -492,7 +425,7 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
         watcher.cancel()
     if end.finish_reason == "error":
         raise ApiError(500, f"generation failed: {end.error}", kind="server_error")
-    return JSONResponse(answer.whole("".join(text), end))
+    return JSONResponse(answer.whole("".join(text), end.finish_reason, end.completion_tokens))
 
 
 class Relay:
@@ -515,61 +448,28 @@ async def watch_disconnect(receive: Callable, request: Request, relay: Relay) ->
     relay.queue.put_nowait(Event(finish_reason="cancelled"))
 
 
-class Answer:
-    """OpenAI's response objects for one request: whole, or as stream chunks."""
-
-    def __init__(self, model: str, chat: bool, prompt_tokens: int):
-        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def usage(self, end: Event) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": end.completion_tokens,
-                "total_tokens": self.prompt_tokens + end.completion_tokens}  # fmt: skip
-
-    def _object(self, kind: str, choice: dict | None) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [choice] if choice else []}  # fmt: skip
-
-    def whole(self, text: str, end: Event) -> dict:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": end.finish_reason}  # fmt: skip
-            return {**self._object("chat.completion", choice), "usage": self.usage(end)}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": end.finish_reason}
-        return {**self._object("text_completion", choice), "usage": self.usage(end)}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else {}
-            if text:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return self._object("chat.completion.chunk", choice)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._object("text_completion", choice)
-
-    async def chunks(self, relay: Relay, include_usage: bool) -> AsyncIterator[dict | str]:
-        """The stream's events: chunks until the finish_reason (and usage), or an error object."""
-        if self.chat:
-            yield self.chunk(None, role=True)
-        while True:
-            event = await relay.queue.get()
-            if event.finish_reason == "cancelled":
-                return
-            if event.finish_reason == "error":
-                yield {"error": {"message": f"generation failed: {event.error}",
-                                 "type": "server_error", "param": None, "code": None}}  # fmt: skip
-                return
-            if event.text:
-                yield self.chunk(event.text)
-            if event.finish_reason:
-                yield self.chunk(None, event.finish_reason)
-                if include_usage:
-                    kind = "chat.completion.chunk" if self.chat else "text_completion"
-                    yield {**self._object(kind, None), "usage": self.usage(event)}
-                yield "[DONE]"
-                return
+async def stream_chunks(
+    answer: Answer, relay: Relay, include_usage: bool
+) -> AsyncIterator[dict | str]:
+    """A stream's events: chunks until the finish_reason (and usage), or an error object."""
+    if answer.chat:
+        yield answer.chunk(None, role=True)
+    while True:
+        event = await relay.queue.get()
+        if event.finish_reason == "cancelled":
+            return
+        if event.finish_reason == "error":
+            yield {"error": {"message": f"generation failed: {event.error}",
+                             "type": "server_error", "param": None, "code": None}}  # fmt: skip
+            return
+        if event.text:
+            yield answer.chunk(event.text)
+        if event.finish_reason:
+            yield answer.chunk(None, event.finish_reason)
+            if include_usage:
+                yield answer.usage_chunk(event.completion_tokens)
+            yield "[DONE]"
+            return
 
 
 class EventStream:

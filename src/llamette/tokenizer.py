@@ -124,10 +124,16 @@ class Tokenizer:
         """Whether a prompt starts with BOS (the file says; llama2.c's always do)."""
         return self.specials.add_bos and self.specials.bos_id is not None
 
+    @property
+    def follows_run_c(self) -> bool:
+        """llama2.c's tokenizers keep run.c's rules: BOS ends a generation, EOS a chat's turn,
+        and a piece after any BOS loses its leading space."""
+        return self.specials.end_ids is None
+
     def end_ids(self, chat: bool = False) -> frozenset[int]:
         """The ids that end a generation (a chat's turn): every end-of-text or end-of-turn token
         the file marks; for llama2.c's tokenizers run.c's rules, BOS in generate, EOS in chat."""
-        if self.specials.end_ids is not None:
+        if not self.follows_run_c:
             return self.specials.end_ids
         return frozenset({EOS_ID if chat else BOS_ID})
 
@@ -323,7 +329,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text for ids as SentencePiece decodes it: byte pieces joined into UTF-8, BOS/EOS dropped,
-        the leading space of the first piece (and of any piece after BOS) removed."""
+        the leading space of a piece after BOS removed (see StreamDecoder)."""
         decoder = StreamDecoder(self)
         return "".join(decoder.push(token) for token in ids) + decoder.flush()
 
@@ -528,11 +534,14 @@ def _bpe_token_bytes(token: str, token_type: int) -> bytes:
 
 
 class StreamDecoder:
-    """Turns tokens into text one at a time, holding back incomplete UTF-8 sequences."""
+    """Turns tokens into text one at a time, holding back incomplete UTF-8 sequences. A piece
+    right after BOS loses its leading space (SentencePiece's dummy prefix) at the start of the
+    text, as llama.cpp decodes, or anywhere, as run.c does for llama2.c's tokenizers."""
 
     def __init__(self, tokenizer: Tokenizer, prev_token: int | None = None):
         self.tokenizer = tokenizer
         self.prev_token = tokenizer.bos_id if prev_token is None else prev_token
+        self.at_start = True  # no text yet
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token: int) -> str:
@@ -542,8 +551,14 @@ class StreamDecoder:
         if tokenizer.is_control(token):
             return ""
         data = tokenizer.token_bytes[token]
-        if prev == tokenizer.bos_id and tokenizer.strips_space_after_bos and data.startswith(b" "):
+        if (
+            prev == tokenizer.bos_id
+            and tokenizer.strips_space_after_bos
+            and data.startswith(b" ")
+            and (self.at_start or tokenizer.follows_run_c)
+        ):
             data = data[1:]
+        self.at_start = self.at_start and not data
         return self._utf8.decode(data)
 
     def flush(self) -> str:

@@ -1,0 +1,178 @@
+"""One completion request, however it arrives (`llamette.Llama`, the server): its limits and
+sampling settings checked in one place, and OpenAI's response objects for what it produced.
+
+A bad value raises BadParameter naming the parameter: a ValueError in Python, a 400 from the
+server, a one-line error from the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+
+from llamette.chat_template import Message
+from llamette.errors import BadParameter
+from llamette.sampler import Adjustments, Sampler
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's and llama-cpp-python's default for completions
+
+
+def max_tokens_for(
+    max_tokens: int | None, n_prompt: int, context: int, default: int | None, clamp: bool = False,
+    prompt_name: str = "prompt",
+) -> int:  # fmt: skip
+    """How many tokens a request may generate: `max_tokens`, else `default` (None: until the
+    context is full), within the room the prompt leaves. Beyond that room: `clamp`ed (as
+    llama-cpp-python does), or refused (as OpenAI's API does)."""
+    room = context - n_prompt
+    if room < 1:
+        raise BadParameter(
+            prompt_name,
+            f"{n_prompt} tokens leave no room to answer in the context of {context}",
+        )
+    if max_tokens is None or (clamp and max_tokens <= 0):  # llama-cpp-python: <= 0 is no limit
+        max_tokens = default
+    if max_tokens is None:
+        return room
+    if max_tokens < 1:
+        raise BadParameter("max_tokens", f"must be at least 1, not {max_tokens}")
+    if max_tokens > room and not clamp:
+        raise BadParameter(
+            "max_tokens",
+            f"{max_tokens} and the prompt's {n_prompt} tokens exceed the context of {context}",
+        )
+    return min(max_tokens, room)
+
+
+def make_sampler(
+    vocab_size: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+    logit_bias: Mapping[int, float] | None = None,
+    repeat_penalty: float = 1.0,
+    repeat_last_n: int = 64,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+) -> Sampler:
+    """The sampler for a request's settings (see sampler.Adjustments for the order they apply
+    in); temperature 0 or top_p 0 is greedy; no seed draws one at random."""
+    if not temperature >= 0.0:
+        raise BadParameter("temperature", f"must be 0 (greedy) or more, not {temperature}")
+    adjust = Adjustments(
+        logit_bias=dict(logit_bias or {}),
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        min_p=min_p,
+    )
+    greedy = temperature == 0.0 or top_p == 0.0
+    seed = secrets.randbits(63) if seed is None else seed
+    return Sampler(vocab_size, 0.0 if greedy else temperature, top_p, seed, top_k, adjust)
+
+
+def stop_strings(stop: str | list[str] | tuple[str, ...] | None, most: int = 16) -> tuple[str, ...]:
+    """`stop` as a tuple of strings: one string, or up to `most` of them."""
+    stop = [stop] if isinstance(stop, str) else list(stop or ())
+    if len(stop) > most or not all(isinstance(s, str) for s in stop):
+        raise BadParameter("stop", f"must be a string or up to {most} strings")
+    return tuple(stop)
+
+
+class StopStrings:
+    """Strings that end a generation: where the first one starts in growing text, and how much of
+    the text is safe to show (no tail of it could begin a stop string)."""
+
+    def __init__(self, strings: tuple[str, ...] = ()):
+        self.strings = tuple(s for s in strings if s)
+        self.longest = max((len(s) for s in self.strings), default=0)
+
+    def find(self, text: str, shown: int = 0) -> int | None:
+        """Index of the earliest stop string in text (none starts before `shown`), or None."""
+        hits = [text.find(s, shown) for s in self.strings]
+        return min((hit for hit in hits if hit >= 0), default=None)
+
+    def safe_length(self, text: str) -> int:
+        """Length of text's longest prefix whose remainder is no stop string's beginning."""
+        for start in range(max(0, len(text) - self.longest + 1), len(text)):
+            tail = text[start:]
+            if any(s.startswith(tail) for s in self.strings):
+                return start
+        return len(text)
+
+
+class Answer:
+    """OpenAI's response objects for one request: whole, or as stream chunks."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int):
+        self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
+
+    def _object(self, kind: str, choice: dict | None) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": [choice] if choice else []}  # fmt: skip
+
+    def whole(self, text: str, finish_reason: str, completion_tokens: int) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish_reason}  # fmt: skip
+            kind = "chat.completion"
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            kind = "text_completion"
+        return {**self._object(kind, choice), "usage": self.usage(completion_tokens)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+        """A stream's chunk: text, or the end (a finish_reason); a chat's first says the role."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {}
+            if text:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return self._object("chat.completion.chunk", choice)
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        return self._object("text_completion", choice)
+
+    def usage_chunk(self, completion_tokens: int) -> dict:
+        """The stream's last chunk when usage is asked for: no choices, the counts."""
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._object(kind, None), "usage": self.usage(completion_tokens)}
+
+
+def chat_messages(messages: list) -> list[Message]:
+    """OpenAI's chat messages (dicts of role and content; text parts joined) as Messages."""
+    if not isinstance(messages, list) or not messages:
+        raise BadParameter("messages", "must be a non-empty list of messages")
+    parsed = []
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise BadParameter("messages", "must be an object", where)
+        role = message.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise BadParameter("messages", "must be system, user or assistant, not "
+                               f"{json.dumps(role)}", f"{where}.role")  # fmt: skip
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):  # fmt: skip
+                raise BadParameter("messages", "only text parts are supported", f"{where}.content")
+            content = "".join(part["text"] for part in content)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise BadParameter("messages", "must be a string", f"{where}.content")
+        parsed.append(Message(role, content))
+    return parsed
