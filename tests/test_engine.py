@@ -5,14 +5,16 @@ import threading
 from pathlib import Path
 
 import numba
+import numpy as np
 import pytest
 
 import llamette
-from conftest import read_jsonl, shared_path
+from conftest import numpy_forward, read_jsonl, shared_path
 from llamette import Sampler, Tokenizer, Transformer, generate
 from llamette.completion import StopStrings
 from llamette.engine import Engine, QueueFull, Request
 from llamette.kernels import SMALL_BATCH, set_threads
+from llamette.sampler import Adjustments
 
 BUNDLED = Path(llamette.__file__).parent / "bundled"
 
@@ -282,3 +284,39 @@ def test_an_exact_engine_samples_run_c_s_tokens_for_requests_in_a_crowd(name):
     run_until_idle(engine)
     for row, request in zip(rows, requests, strict=True):
         assert request.prompt_tokens[1:] + request.tokens == row["ids"]
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_logprobs_are_a_float64_log_softmax_of_the_models_logits(engine, tokenizer, echo):
+    """Each sampled token's log-probability and top alternatives, before the penalties that
+    changed what was drawn, against conftest's float64 NumPy forward; echoed, the prompt's too
+    (the first without one). Sampled in a crowd, so the batched rows are checked as well."""
+    prompt = tokenizer.encode("Lily had a red ball")
+    penalized = Sampler(tokenizer.vocab_size, 1.0, 0.9, seed=5,
+                        adjust=Adjustments(repeat_penalty=1.5, presence_penalty=1.0))  # fmt: skip
+    penalized.accept(prompt)
+    request = Request(prompt, 30, penalized, lambda e: None, logprobs=3, echo_logprobs=echo)
+    crowd = [make_request(tokenizer, text, 30) for text in ("Once upon a time", "The cat")]
+    for other in crowd:
+        engine.submit(other)
+    engine.submit(request)
+    run_until_idle(engine)
+
+    entries = request.token_logprobs
+    tokens = prompt + request.tokens
+    weights = engine.model.weights
+    logits = numpy_forward(weights.config, dict(weights.tensors), tokens[:-1])  # (n - 1, V)
+    z = logits - logits.max(axis=1, keepdims=True)
+    expected = z - np.log(np.exp(z).sum(axis=1, keepdims=True))  # row i: the token at i + 1
+    if echo:
+        assert len(entries) == len(tokens) and entries[0].logprob is None
+        entries, first = entries[1:], 0
+    else:
+        assert len(entries) == len(request.tokens)
+        first = len(prompt) - 1
+    for i, entry in enumerate(entries):
+        row = expected[first + i]
+        assert entry.token == tokens[first + i + 1]
+        assert abs(entry.logprob - row[entry.token]) < 1e-4
+        assert [t for t, _ in entry.top] == list(np.argsort(-row)[:3])
+        assert np.allclose([p for _, p in entry.top], np.sort(row)[::-1][:3], atol=1e-4)

@@ -37,7 +37,7 @@ def gguf(tmp_path_factory) -> Path:
 
 def common_usage(Llama, model_path: Path) -> dict:
     """What applications do with llama-cpp-python's Llama, written once for either class."""
-    llm = Llama(model_path=str(model_path), n_ctx=256, n_threads=2, verbose=False)
+    llm = Llama(model_path=str(model_path), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     out = {"sizes": (llm.n_ctx(), llm.n_vocab(), llm.token_bos(), llm.token_eos())}
     out["completion"] = llm("Once upon a time", max_tokens=40, temperature=0.0)
     out["streamed"] = list(
@@ -45,6 +45,7 @@ def common_usage(Llama, model_path: Path) -> dict:
     )
     out["stopped"] = llm("Once upon a time", max_tokens=60, temperature=0, stop=[".", "!"])
     out["long"] = llm("Lily and Tom", max_tokens=None, temperature=0)  # to the context's end
+    out["logprobs"] = llm("Once upon a time", max_tokens=12, temperature=0, logprobs=3)
     out["chat"] = llm.create_chat_completion(MESSAGES, temperature=0.0, max_tokens=60)
     out["streamed_chat"] = list(
         llm.create_chat_completion(MESSAGES, temperature=0.0, max_tokens=60, stream=True)
@@ -119,6 +120,54 @@ def test_tokenize_and_detokenize_equal_llama_cpps(ours, theirs):
     assert ours["text"] == theirs["text"]
 
 
+def test_logprobs_equal_llama_cpps(ours, theirs):
+    mine, llama_cpps = (answer["logprobs"]["choices"][0]["logprobs"] for answer in (ours, theirs))
+    assert (
+        mine["tokens"] == llama_cpps["tokens"] and mine["text_offset"] == llama_cpps["text_offset"]
+    )
+    assert np.allclose(mine["token_logprobs"], llama_cpps["token_logprobs"], atol=1e-3)
+    for top, their_top in zip(mine["top_logprobs"], llama_cpps["top_logprobs"], strict=True):
+        assert top.keys() == their_top.keys()
+        assert np.allclose([top[k] for k in top], [their_top[k] for k in top], rtol=1e-3, atol=1e-3)
+
+
+def test_echo_gives_the_prompts_tokens_their_logprobs_too(gguf):
+    """One entry per prompt token, BOS included, the first without a log-probability
+    (llama-cpp-python leaves BOS out and gives the next token none)."""
+    llm = llamette.Llama(str(gguf), verbose=False)
+    prompt = llm.tokenize(b"Once upon a time")
+    answer = llm("Once upon a time", max_tokens=5, temperature=0, logprobs=1, echo=True)
+    choice = answer["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"].startswith("Once upon a time")
+    assert len(logprobs["tokens"]) == len(prompt) + 5 == len(logprobs["text_offset"])
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(p < 0 for p in logprobs["token_logprobs"][1:])
+    for word, offset in zip(logprobs["tokens"][2:], logprobs["text_offset"][2:], strict=True):
+        assert choice["text"][offset:].startswith(word)
+    streamed = list(llm("Once upon a time", max_tokens=5, temperature=0, logprobs=1, echo=True,
+                        stream=True))  # fmt: skip
+    assert "".join(c["choices"][0]["text"] for c in streamed) == choice["text"]
+    assert sum(
+        len(c["choices"][0]["logprobs"]["tokens"]) for c in streamed if c["choices"][0]["logprobs"]
+    ) == len(logprobs["tokens"])
+
+
+def test_chat_logprobs_list_the_answers_tokens(gguf):
+    llm = llamette.Llama(str(gguf), verbose=False)
+    answer = llm.create_chat_completion(MESSAGES, max_tokens=8, temperature=0, logprobs=True,
+                                        top_logprobs=2)  # fmt: skip
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert (
+        "".join(entry["token"] for entry in content) == answer["choices"][0]["message"]["content"]
+    )
+    for entry in content:  # greedy: the token drawn is the likeliest
+        assert (
+            len(entry["top_logprobs"]) == 2 and entry["top_logprobs"][0]["token"] == entry["token"]
+        )
+        assert entry["bytes"] == list(entry["token"].encode())
+
+
 def test_a_seed_reproduces_its_sample(ours, theirs):
     for seeded in (ours["seeded"], theirs["seeded"]):
         assert seeded[0] == seeded[1] != seeded[2]
@@ -156,6 +205,8 @@ def test_embed_without_normalize_is_the_mean(gguf):
         (lambda llm: llm.create_chat_completion([{"role": "robot", "content": "x"}]), "role"),
         (lambda llm: llm.create_chat_completion([]), "messages"),
         (lambda llm: llm.create_chat_completion(MESSAGES, tools=[{}]), "tools"),
+        (lambda llm: llm("x", logprobs=21), "logprobs"),
+        (lambda llm: llm.create_chat_completion(MESSAGES, top_logprobs=2), "top_logprobs"),
     ],
 )
 def test_bad_arguments_are_value_errors_naming_them(gguf, call, problem):

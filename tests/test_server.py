@@ -186,6 +186,26 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
         "repeat_penalty",
     ),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "logprobs": True}, 400, "logprobs"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "echo": 1}, 400, "echo"),
+    (
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "top_logprobs": 3},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": NAME,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "logprobs": True,
+            "top_logprobs": -1,
+        },
+        400,
+        "top_logprobs",
+    ),  # fmt: skip
     ("/v1/completions", {"model": NAME, "prompt": "a story " * 300}, 400, "prompt"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "Hi"}, 404, "gpt-4"),
     ("/v1/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
@@ -309,3 +329,39 @@ def test_logit_bias_penalties_and_min_p_reach_the_sampler(client):
         extra_body={"repeat_penalty": 1.5, "repeat_last_n": -1, "min_p": 0.05},
     ).choices[0].text  # fmt: skip
     assert penalized != plain and len(set(penalized.split())) > len(set(plain.split()))
+
+
+def test_completion_logprobs_with_echo_through_the_openai_client(client):
+    """echo: the prompt's text and one entry per prompt token (BOS first, without a
+    log-probability), then the answer's; the chosen token of a greedy answer is the likeliest."""
+    whole = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6,
+                                      temperature=0, logprobs=2, echo=True)  # fmt: skip
+    choice = whole.choices[0]
+    logprobs = choice.logprobs
+    n_prompt = whole.usage.prompt_tokens
+    assert choice.text.startswith("Once upon a time")
+    assert len(logprobs.tokens) == n_prompt + 6 == len(logprobs.token_logprobs)
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    for word, logprob, top in zip(logprobs.tokens[n_prompt:], logprobs.token_logprobs[n_prompt:],
+                                  logprobs.top_logprobs[n_prompt:], strict=True):  # fmt: skip
+        assert len(top) == 2 and max(top.values()) == logprob == top[word]
+    streamed = list(client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=6,
+                                              temperature=0, logprobs=2, echo=True, stream=True))  # fmt: skip
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    tokens = [t for c in streamed if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == logprobs.tokens
+
+
+def test_chat_logprobs_through_the_openai_client(client):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    answer = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8,
+                                            temperature=0, logprobs=True, top_logprobs=3)  # fmt: skip
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    assert "".join(t.token for t in content).lstrip() == answer.choices[0].message.content
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in content)
+    streamed = client.chat.completions.create(model=NAME, messages=messages, max_tokens=8,
+                                              temperature=0, logprobs=True, stream=True)  # fmt: skip
+    tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs
+              for t in c.choices[0].logprobs.content]  # fmt: skip
+    assert tokens == [t.token for t in content]

@@ -7,15 +7,17 @@ server, a one-line error from the CLI.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from llamette.chat_template import Message
 from llamette.errors import BadParameter
-from llamette.sampler import Adjustments, Sampler
+from llamette.sampler import Adjustments, Sampler, TokenLogprob
+from llamette.tokenizer import StreamDecoder, Tokenizer
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's and llama-cpp-python's default for completions
 
@@ -107,11 +109,25 @@ class StopStrings:
         return len(text)
 
 
-class Answer:
-    """OpenAI's response objects for one request: whole, or as stream chunks."""
+def token_text(tokenizer: Tokenizer, token: int) -> str:
+    """How a token reads in logprobs: its text (a control token's marker), a lone byte of a
+    longer UTF-8 sequence as U+FFFD."""
+    if tokenizer.is_control(token):
+        return tokenizer.special_text(token)
+    return tokenizer.token_bytes[token].decode("utf-8", "replace")
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int):
+
+class Answer:
+    """OpenAI's response objects for one request: whole, or as stream chunks; with each token's
+    log-probabilities when `tokenizer` is given (asked for). A completion's text_offsets count
+    from `text_offset`, its first token following `prev_token` (None: the start of the text)."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int,
+                 tokenizer: Tokenizer | None = None, text_offset: int = 0,
+                 prev_token: int | None = None):  # fmt: skip
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
+        self.tokenizer, self.text_offset = tokenizer, text_offset
+        self._decoder = StreamDecoder(tokenizer, prev_token) if tokenizer else None
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -123,26 +139,55 @@ class Answer:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "choices": [choice] if choice else []}  # fmt: skip
 
-    def whole(self, text: str, finish_reason: str, completion_tokens: int) -> dict:
+    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict | None:
+        """A choice's `logprobs`: chat's list of content tokens, or the completions API's
+        parallel lists (with each token's offset in the text)."""
+        if self.tokenizer is None:
+            return None
+        text = functools.partial(token_text, self.tokenizer)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}  # fmt: skip
+
+            def described(token: int, logprob: float) -> dict:
+                word = text(token)
+                return {"token": word, "logprob": logprob, "bytes": list(word.encode())}
+
+            content = [{**described(e.token, e.logprob),
+                        "top_logprobs": [described(t, p) for t, p in e.top]} for e in entries]  # fmt: skip
+            return {"content": content, "refusal": None}
+        offsets = []
+        for entry in entries:  # where each token's text starts in the text as decoded
+            offsets.append(self.text_offset)
+            self.text_offset += len(self._decoder.push(entry.token))
+        return {
+            "tokens": [text(e.token) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{text(t): p for t, p in e.top} if e.logprob is not None else None
+                             for e in entries],
+            "text_offset": offsets,
+        }  # fmt: skip
+
+    def whole(self, text: str, finish_reason: str, completion_tokens: int,
+              logprobs: Sequence[TokenLogprob] = ()) -> dict:  # fmt: skip
+        choice = {"index": 0, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": text}
             kind = "chat.completion"
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            choice["text"] = text
             kind = "text_completion"
         return {**self._object(kind, choice), "usage": self.usage(completion_tokens)}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
+              logprobs: Sequence[TokenLogprob] = ()) -> dict:  # fmt: skip
         """A stream's chunk: text, or the end (a finish_reason); a chat's first says the role."""
+        choice = {"index": 0, "logprobs": self.logprobs(logprobs) if logprobs else None,
+                  "finish_reason": finish_reason}  # fmt: skip
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            return self._object("chat.completion.chunk", choice)
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._object("text_completion", choice)
+            return self._object("chat.completion.chunk", {"delta": delta, **choice})
+        return self._object("text_completion", {"text": text or "", **choice})
 
     def usage_chunk(self, completion_tokens: int) -> dict:
         """The stream's last chunk when usage is asked for: no choices, the counts."""

@@ -18,12 +18,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numba
+import numpy as np
 
 from llamette.completion import StopStrings
 from llamette.errors import LlametteError
 from llamette.kernels import SMALL_BATCH
 from llamette.model import PREFILL_CHUNK, Transformer, use_huge_pages
-from llamette.sampler import Sampler
+from llamette.sampler import Sampler, TokenLogprob, token_logprob
 from llamette.tokenizer import StreamDecoder, Tokenizer
 from llamette.weights import BOS_ID
 
@@ -39,6 +40,7 @@ class Event:
     completion_tokens: int = 0
     error: str | None = None
     embedding: list[float] | None = None  # an embedding request's answer
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last event, if asked for
 
 
 @dataclass(eq=False)
@@ -53,6 +55,8 @@ class Request:
     stop: StopStrings = field(default_factory=StopStrings)
     strip_leading_space: bool = False  # chat answers start without the first token's space
     end_ids: frozenset[int] | None = None  # the tokens that end it; None: the tokenizer's
+    logprobs: int | None = None  # each token's log-probability and its top N alternatives
+    echo_logprobs: bool = False  # the prompt's tokens' too (logprobs or not: top 0)
     embed: bool = False  # the prompt's embedding (Transformer.embedding) instead of tokens
     normalize: bool = True  # the embedding at unit length
     cancelled: bool = False  # set from any thread: the engine drops the request at its next step
@@ -62,6 +66,8 @@ class Request:
     prompt_fed: int = 0  # prompt tokens through the model so far
     tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
     end_token: int | None = None  # the end id that finished it, if one did
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, if echoed,
+    sent_logprobs: int = 0  # then the sampled tokens' (an end id's not); how many were sent
     text: str = ""
     shown: int = 0  # characters of text sent (text beyond may start a stop string)
     decoder: StreamDecoder | None = None
@@ -154,7 +160,7 @@ class Engine:
         for request in self._admit():
             if request.embed:
                 self._embed_alone(request)
-            elif len(request.prompt_tokens) > SMALL_BATCH:
+            elif len(request.prompt_tokens) > SMALL_BATCH or request.echo_logprobs:
                 self._prefill_alone(request)
         self._drop_cancelled()
         rows = self._rows()  # (request, token, position)
@@ -174,7 +180,7 @@ class Engine:
                 )  # (len(sampling), vocab_size)
             for i, row in zip(sampling, logits, strict=True):
                 request = batch[i][0]
-                self._advance(request, request.sampler.sample(row))
+                self._advance(request, request.sampler.sample(row), row)
 
     def _rows(self) -> list[tuple[Request, int, int]]:
         """This round's rows: every decoding request's last token, then prompt tokens up to the
@@ -191,13 +197,30 @@ class Engine:
 
     def _prefill_alone(self, request: Request) -> None:
         try:
-            logits = self.model.prefill(request.prompt_tokens, 0, request.slot)
+            if request.echo_logprobs:
+                logits = self._prefill_with_logprobs(request)
+            else:
+                logits = self.model.prefill(request.prompt_tokens, 0, request.slot)
         except Exception as error:  # a failed request must not take the others down
             log.exception("prefill failed")
             self._finish(request, "error", error=str(error))
             return
         request.prompt_fed = len(request.prompt_tokens)
-        self._advance(request, request.sampler.sample(logits))
+        self._advance(request, request.sampler.sample(logits), logits)
+
+    def _prefill_with_logprobs(self, request: Request) -> np.ndarray:
+        """Prefill keeping each prompt token's log-probability (the first has none); the last
+        position's logits (vocab_size,)."""
+        prompt, top_n = request.prompt_tokens, request.logprobs or 0
+        request.token_logprobs.append(TokenLogprob(prompt[0], None))
+        for start in range(0, len(prompt), PREFILL_CHUNK):
+            batch = prompt[start : start + PREFILL_CHUNK]
+            positions = np.arange(start, start + len(batch))
+            logits = self.model.forward_batch(batch, positions, np.full(len(batch), request.slot))
+            for pos, row in zip(positions, logits, strict=True):
+                if pos + 1 < len(prompt):  # the last row's logits give the first sampled token
+                    request.token_logprobs.append(token_logprob(row, prompt[pos + 1], top_n))
+        return logits[-1]
 
     def _embed_alone(self, request: Request) -> None:
         try:
@@ -323,9 +346,9 @@ class Engine:
             if request.cancelled:
                 self._finish(request, "cancelled")
 
-    def _advance(self, request: Request, token: int) -> None:
-        """Take a sampled token: end the request on an end id, a stop string or its length limit,
-        else send the text that cannot be the start of a stop string."""
+    def _advance(self, request: Request, token: int, logits: np.ndarray) -> None:
+        """Take a token sampled from logits: end the request on an end id, a stop string or its
+        length limit, else send the text that cannot be the start of a stop string."""
         if request.cancelled:  # it leaves at the next step
             return
         request.first_token_at = request.first_token_at or time.perf_counter()
@@ -334,6 +357,8 @@ class Engine:
             request.text += request.decoder.flush()
             self._finish(request, "stop")
             return
+        if request.logprobs is not None:
+            request.token_logprobs.append(token_logprob(logits, token, request.logprobs))
         request.tokens.append(token)
         request.text += request.decoder.push(token)
         cut = request.stop.find(request.text, request.shown)
@@ -349,7 +374,13 @@ class Engine:
     def _send(self, request: Request, upto: int) -> None:
         if upto > request.shown:
             text, request.shown = request.text[request.shown : upto], upto
-            request.on_event(Event(text))
+            request.on_event(Event(text, logprobs=self._new_logprobs(request)))
+
+    @staticmethod
+    def _new_logprobs(request: Request) -> tuple[TokenLogprob, ...]:
+        new = tuple(request.token_logprobs[request.sent_logprobs :])
+        request.sent_logprobs = len(request.token_logprobs)
+        return new
 
     def _finish(
         self, request: Request, reason: str, error: str | None = None,
@@ -365,4 +396,5 @@ class Engine:
             return
         if error is None:
             self._send(request, len(request.text))
-        request.on_event(Event("", reason, len(request.tokens), error, embedding))
+        logprobs = self._new_logprobs(request)
+        request.on_event(Event("", reason, len(request.tokens), error, embedding, logprobs))

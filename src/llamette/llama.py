@@ -30,6 +30,7 @@ from llamette.errors import BadParameter
 from llamette.formats import find_tokenizer, load_weights
 from llamette.kernels import set_threads
 from llamette.model import Transformer
+from llamette.sampler import MAX_TOP_LOGPROBS
 
 log = logging.getLogger("llamette")
 
@@ -179,7 +180,7 @@ class Llama:
     ) -> dict | Iterator[dict]:
         """Continue `prompt` (text, or token ids): an OpenAI text_completion, or with `stream`
         an iterator of its chunks. max_tokens None or <= 0 runs to the end of the context."""
-        _refuse(suffix=suffix, logprobs=logprobs, stopping_criteria=stopping_criteria,
+        _refuse(suffix=suffix, stopping_criteria=stopping_criteria,
                 logits_processor=logits_processor, grammar=grammar)  # fmt: skip
         _refuse_sampling(typical_p, mirostat_mode)
         if isinstance(prompt, str):
@@ -192,13 +193,16 @@ class Llama:
         if not prompt_tokens:
             raise BadParameter("prompt", "empty, and the model has no BOS token to start from")
         request = self._request(
-            prompt_tokens, max_tokens, stop, "prompt",
+            prompt_tokens, max_tokens, stop, "prompt", logprobs, echo,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )  # fmt: skip
-        answer = Answer(model or self.model_path, False, len(prompt_tokens))
         echoed = self.tokenizer.decode(prompt_tokens) if echo else ""
+        answer = Answer(model or self.model_path, False, len(prompt_tokens),
+                        None if logprobs is None else self.tokenizer,
+                        0 if echo else len(self.tokenizer.decode(prompt_tokens)),
+                        None if echo else prompt_tokens[-1])  # fmt: skip
         if stream:
             return self._chunks(request, answer, echoed)
         return self._whole(request, answer, echoed)
@@ -239,25 +243,29 @@ class Llama:
         """Answer `messages` (OpenAI's role and content dicts) in the model's chat template: an
         OpenAI chat.completion, or with `stream` an iterator of its chunks."""
         _refuse(functions=functions, function_call=function_call, tools=tools,
-                tool_choice=tool_choice, logits_processor=logits_processor, grammar=grammar,
-                logprobs=logprobs or None, top_logprobs=top_logprobs)  # fmt: skip
+                tool_choice=tool_choice, logits_processor=logits_processor, grammar=grammar)  # fmt: skip
+        if top_logprobs is not None and not logprobs:
+            raise BadParameter("top_logprobs", "needs logprobs=True")
         if response_format is not None and response_format.get("type") != "text":
             raise BadParameter("response_format", "structured output is not supported yet")
         _refuse_sampling(typical_p, mirostat_mode)
         prompt_tokens = self.template.tokens(chat_messages(messages), self.tokenizer)
+        top = (top_logprobs or 0) if logprobs else None
         request = self._request(
-            prompt_tokens, max_tokens, stop, "messages",
+            prompt_tokens, max_tokens, stop, "messages", top, False,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )  # fmt: skip
-        answer = Answer(model or self.model_path, True, len(prompt_tokens))
+        answer = Answer(model or self.model_path, True, len(prompt_tokens),
+                        None if top is None else self.tokenizer)  # fmt: skip
         if stream:
             return self._chunks(request, answer, "")
         return self._whole(request, answer, "")
 
     def _request(
-        self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None, prompt_name: str, seed: int | None, **sampling,
+        self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None,
+        prompt_name: str, logprobs: int | None, echo: bool, seed: int | None, **sampling,
     ) -> Request:  # fmt: skip
         """The engine's request for a prompt and a call's settings (checked here); no
         max_tokens (or one <= 0) runs to the end of the context, as in llama-cpp-python."""
@@ -268,8 +276,11 @@ class Llama:
         sampler = make_sampler(self.n_vocab(), seed=seed,
                                repeat_last_n=self.last_n_tokens_size, **sampling)  # fmt: skip
         sampler.accept(prompt_tokens)
+        if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            raise BadParameter("logprobs", f"must be within 0..{MAX_TOP_LOGPROBS}, not {logprobs}")
         return Request(prompt_tokens, max_tokens, sampler, lambda event: None,
-                       StopStrings(stop_strings(stop)))  # fmt: skip
+                       StopStrings(stop_strings(stop)), logprobs=logprobs,
+                       echo_logprobs=echo and logprobs is not None)  # fmt: skip
 
     def _events(self, request: Request) -> Iterator[Event]:
         """The request's events from the engine; its timings on stderr when verbose."""
@@ -291,23 +302,25 @@ class Llama:
                  f"(the first after {first - start:.2f} s{rate})")  # fmt: skip
 
     def _whole(self, request: Request, answer: Answer, echoed: str) -> dict:
-        text = [echoed]
+        text, logprobs = [echoed], []
         for event in self._events(request):
             text.append(event.text)
+            logprobs += event.logprobs
             if event.finish_reason:
-                return answer.whole("".join(text), event.finish_reason, event.completion_tokens)
+                return answer.whole("".join(text), event.finish_reason, event.completion_tokens,
+                                    logprobs)  # fmt: skip
         raise AssertionError("the engine ended a request without a finish_reason")
 
     def _chunks(self, request: Request, answer: Answer, echoed: str) -> Iterator[dict]:
         if answer.chat:
             yield answer.chunk(None, role=True)
-        if echoed:
-            yield answer.chunk(echoed)
         for event in self._events(request):
-            if event.text:
-                yield answer.chunk(event.text)
+            text, echoed, logprobs = echoed + event.text, "", event.logprobs
+            if text or (logprobs and not event.finish_reason):
+                yield answer.chunk(text, logprobs=logprobs)
+                logprobs = ()
             if event.finish_reason:
-                yield answer.chunk(None, event.finish_reason)
+                yield answer.chunk(None, event.finish_reason, logprobs=logprobs)
 
     # Embeddings
 

@@ -176,3 +176,32 @@ class Sampler:
         if self.temperature != 0.0:
             for _ in range(n):
                 self.random_u32()
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's API bounds them
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model's logits (before any adjustment; None for a
+    prompt's first token) and the `top` alternatives as (id, log-probability), likeliest first."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log(softmax(logits)) in float64 (V,)."""
+    z = np.asarray(logits, np.float64)
+    z = z - z.max()
+    return z - math.log(np.exp(z).sum())
+
+
+def token_logprob(logits: np.ndarray, token: int, top_n: int) -> TokenLogprob:
+    """`token`'s log-probability under logits (V,) and the top_n likeliest tokens'."""
+    logprobs = log_softmax(logits)
+    n = min(top_n, len(logprobs))
+    top = np.argpartition(-logprobs, n - 1)[:n] if n > 0 else []
+    top = sorted(((int(t), float(logprobs[t])) for t in top), key=lambda pair: -pair[1])
+    return TokenLogprob(token, float(logprobs[token]), tuple(top))

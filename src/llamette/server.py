@@ -38,7 +38,7 @@ from llamette.engine import Engine, Event, QueueFull, Request
 from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
 from llamette.model import Transformer
-from llamette.sampler import Sampler
+from llamette.sampler import MAX_TOP_LOGPROBS, Sampler
 from llamette.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
@@ -349,6 +349,8 @@ class Options:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
+    logprobs: int | None  # top alternatives per token; None: no logprobs
+    echo: bool  # a completion's text (and logprobs) start with the prompt's
 
 
 def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_size: int) -> Options:
@@ -384,14 +386,21 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
 
     if field(body, "n", int, 1) != 1:
         raise ApiError(400, "n: only 1 choice per request is supported", "n")
-    if field(body, "logprobs", (bool, int), False) not in (False, 0):
-        raise ApiError(400, "logprobs: not supported", "logprobs")
-    if not chat and field(body, "echo", bool, False):
-        raise ApiError(400, "echo: not supported", "echo")
+    if chat:  # logprobs: true, with top_logprobs alternatives
+        top = field(body, "top_logprobs", int, None)
+        logprobs = (top or 0) if field(body, "logprobs", bool, False) else None
+        if top is not None and logprobs is None:
+            raise ApiError(400, "top_logprobs: needs logprobs: true", "top_logprobs")
+        echo, name = False, "top_logprobs"
+    else:  # logprobs: N alternatives
+        logprobs, name = field(body, "logprobs", int, None), "logprobs"
+        echo = field(body, "echo", bool, False)
+    if logprobs is not None and not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+        raise ApiError(400, f"{name}: must be within 0..{MAX_TOP_LOGPROBS}, not {logprobs}", name)
     stream = field(body, "stream", bool, False)
     stream_options = field(body, "stream_options", dict, {})
     include_usage = field(stream_options, "include_usage", bool, False)
-    return Options(max_tokens, sampler, stop, stream, include_usage)
+    return Options(max_tokens, sampler, stop, stream, include_usage, logprobs, echo)
 
 
 # Answering
@@ -405,27 +414,37 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
     sampler.accept(prompt_tokens)
     relay = Relay(asyncio.get_running_loop())
     request = Request(prompt_tokens, options.max_tokens, sampler, relay.put,
-                      StopStrings(options.stop), strip_leading_space=chat)  # fmt: skip
+                      StopStrings(options.stop), strip_leading_space=chat,
+                      logprobs=options.logprobs,
+                      echo_logprobs=options.echo and options.logprobs is not None)  # fmt: skip
     try:
         served.engine.submit(request)
     except QueueFull as error:
         raise ApiError(429, f"server busy: {error}", code="queue_full",
                        kind="rate_limit_error") from None  # fmt: skip
-    answer = Answer(served.name, chat, len(prompt_tokens))
+    echoed = served.tokenizer.decode(prompt_tokens) if options.echo else ""
+    answer = Answer(served.name, chat, len(prompt_tokens),
+                    None if options.logprobs is None else served.tokenizer,
+                    0 if options.echo else len(served.tokenizer.decode(prompt_tokens)),
+                    None if options.echo else prompt_tokens[-1])  # fmt: skip
     if options.stream:
-        return EventStream(stream_chunks(answer, relay, options.include_usage), request, relay)
+        chunks = stream_chunks(answer, relay, options.include_usage, echoed)
+        return EventStream(chunks, request, relay)
     watcher = asyncio.ensure_future(watch_disconnect(http.receive, request, relay))
     try:
-        text, end = [], None
+        text, logprobs, end = [echoed], [], None
         while end is None:
             event = await relay.queue.get()
             text.append(event.text)
+            logprobs += event.logprobs
             end = event if event.finish_reason else None
     finally:
         watcher.cancel()
     if end.finish_reason == "error":
         raise ApiError(500, f"generation failed: {end.error}", kind="server_error")
-    return JSONResponse(answer.whole("".join(text), end.finish_reason, end.completion_tokens))
+    return JSONResponse(
+        answer.whole("".join(text), end.finish_reason, end.completion_tokens, logprobs)
+    )
 
 
 class Relay:
@@ -449,9 +468,10 @@ async def watch_disconnect(receive: Callable, request: Request, relay: Relay) ->
 
 
 async def stream_chunks(
-    answer: Answer, relay: Relay, include_usage: bool
+    answer: Answer, relay: Relay, include_usage: bool, echoed: str = ""
 ) -> AsyncIterator[dict | str]:
-    """A stream's events: chunks until the finish_reason (and usage), or an error object."""
+    """A stream's events: chunks until the finish_reason (and usage), or an error object; the
+    first chunk's text starts with `echoed`."""
     if answer.chat:
         yield answer.chunk(None, role=True)
     while True:
@@ -462,10 +482,12 @@ async def stream_chunks(
             yield {"error": {"message": f"generation failed: {event.error}",
                              "type": "server_error", "param": None, "code": None}}  # fmt: skip
             return
-        if event.text:
-            yield answer.chunk(event.text)
+        text, echoed, logprobs = echoed + event.text, "", event.logprobs
+        if text or (logprobs and not event.finish_reason):
+            yield answer.chunk(text, logprobs=logprobs)
+            logprobs = ()
         if event.finish_reason:
-            yield answer.chunk(None, event.finish_reason)
+            yield answer.chunk(None, event.finish_reason, logprobs=logprobs)
             if include_usage:
                 yield answer.usage_chunk(event.completion_tokens)
             yield "[DONE]"
