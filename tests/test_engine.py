@@ -320,3 +320,33 @@ def test_logprobs_are_a_float64_log_softmax_of_the_models_logits(engine, tokeniz
         assert abs(entry.logprob - row[entry.token]) < 1e-4
         assert [t for t, _ in entry.top] == list(np.argsort(-row)[:3])
         assert np.allclose([p for _, p in entry.top], np.sort(row)[::-1][:3], atol=1e-4)
+
+
+def test_choices_share_the_prompts_pass_and_each_draws_as_it_would_alone(engine, tokenizer):
+    prompt = "Lily had a red ball"
+    choices = [make_request(tokenizer, prompt, 30, 1.0, seed=10 + i) for i in range(4)]
+    first, *others = choices
+    first.siblings = others
+    engine.submit(make_request(tokenizer, "The cat", 20))
+    engine.submit(first)
+    run_until_idle(engine)
+    assert all(choice.prompt_fed == len(choice.prompt_tokens) for choice in choices)
+    for i, choice in enumerate(choices):
+        alone = make_request(tokenizer, prompt, 30, 1.0, seed=10 + i)
+        engine.submit(alone)
+        run_until_idle(engine)
+        assert output(choice) == output(alone)
+    assert len({output(choice)[0] for choice in choices}) == 4
+
+
+def test_choices_cancelled_before_their_prompts_pass_all_end(engine, tokenizer):
+    choices = [make_request(tokenizer, "Once upon a time", 30, 1.0, seed=i) for i in range(3)]
+    choices[0].siblings = choices[1:]
+    engine.submit(choices[0])
+    engine._admit()  # they hold their slots now
+    choices[0].cancelled = True
+    run_until_idle(engine)
+    assert engine.stats()["running"] == 0 and len(engine._free_slots) == engine.n_slots
+    with pytest.raises(llamette.LlametteError, match="17 choices need as many slots"):
+        choices[0].siblings = [make_request(tokenizer, "x") for _ in range(16)]
+        engine.submit(choices[0])

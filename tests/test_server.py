@@ -185,7 +185,8 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
         400,
         "repeat_penalty",
     ),
-    ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 17}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "logprobs": True}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "echo": 1}, 400, "echo"),
@@ -365,3 +366,32 @@ def test_chat_logprobs_through_the_openai_client(client):
     tokens = [t.token for c in streamed if c.choices and c.choices[0].logprobs
               for t in c.choices[0].logprobs.content]  # fmt: skip
     assert tokens == [t.token for t in content]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_n_choices_each_equal_the_request_alone_with_its_seed(client, chat):
+    """n: 4 shares one pass of the prompt; choice i samples with seed + i, so it is the same
+    request with that seed and n: 1. Streamed, the chunks of each choice make its text."""
+    settings = dict(model=NAME, max_tokens=24, temperature=1.0, seed=100)
+    if chat:
+        ask = client.chat.completions.create
+        settings["messages"] = [{"role": "user", "content": "Tell me a story."}]
+    else:
+        ask = client.completions.create
+        settings["prompt"] = "Once upon a time"
+
+    def texts(answer):
+        return [c.message.content if chat else c.text for c in answer.choices]
+
+    together = ask(n=4, **settings)
+    assert [c.index for c in together.choices] == [0, 1, 2, 3]
+    alone = [texts(ask(**{**settings, "seed": 100 + i}))[0] for i in range(4)]
+    assert texts(together) == alone and len(set(alone)) == 4
+    assert together.usage.completion_tokens == sum(
+        ask(**{**settings, "seed": 100 + i}).usage.completion_tokens for i in range(4)
+    )
+    streamed = ["", "", "", ""]
+    for chunk in ask(n=4, stream=True, **settings):
+        for choice in chunk.choices:
+            streamed[choice.index] += (choice.delta.content or "") if chat else choice.text
+    assert streamed == alone

@@ -118,16 +118,17 @@ def token_text(tokenizer: Tokenizer, token: int) -> str:
 
 
 class Answer:
-    """OpenAI's response objects for one request: whole, or as stream chunks; with each token's
-    log-probabilities when `tokenizer` is given (asked for). A completion's text_offsets count
-    from `text_offset`, its first token following `prev_token` (None: the start of the text)."""
+    """OpenAI's response objects for one request: whole, or as stream chunks, for one choice or
+    several (`index`); with each token's log-probabilities when `tokenizer` is given (asked for).
+    A completion's text_offsets count from `text_offset`, its first token following
+    `prev_token` (None: the start of the text)."""
 
     def __init__(self, model: str, chat: bool, prompt_tokens: int,
                  tokenizer: Tokenizer | None = None, text_offset: int = 0,
                  prev_token: int | None = None):  # fmt: skip
         self.model, self.chat, self.prompt_tokens = model, chat, prompt_tokens
-        self.tokenizer, self.text_offset = tokenizer, text_offset
-        self._decoder = StreamDecoder(tokenizer, prev_token) if tokenizer else None
+        self.tokenizer, self.first_offset, self.prev_token = tokenizer, text_offset, prev_token
+        self._offsets: dict[int, tuple[int, StreamDecoder]] = {}  # by choice: where text is
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -135,11 +136,11 @@ class Answer:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
 
-    def _object(self, kind: str, choice: dict | None) -> dict:
+    def _object(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [choice] if choice else []}  # fmt: skip
+                "choices": choices}  # fmt: skip
 
-    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict | None:
+    def logprobs(self, entries: Sequence[TokenLogprob], index: int = 0) -> dict | None:
         """A choice's `logprobs`: chat's list of content tokens, or the completions API's
         parallel lists (with each token's offset in the text)."""
         if self.tokenizer is None:
@@ -154,10 +155,15 @@ class Answer:
             content = [{**described(e.token, e.logprob),
                         "top_logprobs": [described(t, p) for t, p in e.top]} for e in entries]  # fmt: skip
             return {"content": content, "refusal": None}
+        offset, decoder = self._offsets.get(index) or (
+            self.first_offset,
+            StreamDecoder(self.tokenizer, self.prev_token),
+        )
         offsets = []
         for entry in entries:  # where each token's text starts in the text as decoded
-            offsets.append(self.text_offset)
-            self.text_offset += len(self._decoder.push(entry.token))
+            offsets.append(offset)
+            offset += len(decoder.push(entry.token))
+        self._offsets[index] = offset, decoder
         return {
             "tokens": [text(e.token) for e in entries],
             "token_logprobs": [e.logprob for e in entries],
@@ -166,33 +172,37 @@ class Answer:
             "text_offset": offsets,
         }  # fmt: skip
 
-    def whole(self, text: str, finish_reason: str, completion_tokens: int,
-              logprobs: Sequence[TokenLogprob] = ()) -> dict:  # fmt: skip
-        choice = {"index": 0, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": text}
-            kind = "chat.completion"
-        else:
-            choice["text"] = text
-            kind = "text_completion"
-        return {**self._object(kind, choice), "usage": self.usage(completion_tokens)}
+    def whole(self, choices: Sequence[tuple[str, str, Sequence[TokenLogprob]]],
+              completion_tokens: int) -> dict:  # fmt: skip
+        """The response: each choice's (text, finish_reason, logprobs), the choices' tokens."""
+        listed = []
+        for index, (text, finish_reason, logprobs) in enumerate(choices):
+            choice = {"index": index, "logprobs": self.logprobs(logprobs, index),
+                      "finish_reason": finish_reason}  # fmt: skip
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            listed.append(choice)
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {**self._object(kind, listed), "usage": self.usage(completion_tokens)}
 
     def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False,
-              logprobs: Sequence[TokenLogprob] = ()) -> dict:  # fmt: skip
+              logprobs: Sequence[TokenLogprob] = (), index: int = 0) -> dict:  # fmt: skip
         """A stream's chunk: text, or the end (a finish_reason); a chat's first says the role."""
-        choice = {"index": 0, "logprobs": self.logprobs(logprobs) if logprobs else None,
+        choice = {"index": index, "logprobs": self.logprobs(logprobs, index) if logprobs else None,
                   "finish_reason": finish_reason}  # fmt: skip
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {}
             if text:
                 delta["content"] = text
-            return self._object("chat.completion.chunk", {"delta": delta, **choice})
-        return self._object("text_completion", {"text": text or "", **choice})
+            return self._object("chat.completion.chunk", [{"delta": delta, **choice}])
+        return self._object("text_completion", [{"text": text or "", **choice}])
 
     def usage_chunk(self, completion_tokens: int) -> dict:
         """The stream's last chunk when usage is asked for: no choices, the counts."""
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._object(kind, None), "usage": self.usage(completion_tokens)}
+        return {**self._object(kind, []), "usage": self.usage(completion_tokens)}
 
 
 def chat_messages(messages: list) -> list[Message]:

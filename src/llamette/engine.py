@@ -55,6 +55,7 @@ class Request:
     stop: StopStrings = field(default_factory=StopStrings)
     strip_leading_space: bool = False  # chat answers start without the first token's space
     end_ids: frozenset[int] | None = None  # the tokens that end it; None: the tokenizer's
+    siblings: list[Request] = field(default_factory=list)  # the other choices of the same prompt
     logprobs: int | None = None  # each token's log-probability and its top N alternatives
     echo_logprobs: bool = False  # the prompt's tokens' too (logprobs or not: top 0)
     embed: bool = False  # the prompt's embedding (Transformer.embedding) instead of tokens
@@ -113,15 +114,19 @@ class Engine:
         self.cancelled = 0  # requests dropped because their client went away
 
     def submit(self, request: Request) -> None:
-        """Queue a request; raises QueueFull when it would wait beyond max_queue."""
+        """Queue a request (with its siblings, which run beside it from its prompt's pass);
+        raises QueueFull when it would wait beyond max_queue."""
         # the last token is sampled, never fed: it needs no position of its own
         if len(request.prompt_tokens) + request.max_tokens > self.model.config.seq_len + 1:
             raise LlametteError(
                 f"{len(request.prompt_tokens)} prompt tokens and max_tokens {request.max_tokens} "
                 f"exceed the context of {self.model.config.seq_len}"
             )
+        group = 1 + len(request.siblings)
+        if group > self.n_slots:
+            raise LlametteError(f"{group} choices need as many slots; there are {self.n_slots}")
         with self._wakeup:
-            waiting_for_slot = len(self._running) + len(self._waiting) + 1 - self.n_slots
+            waiting_for_slot = len(self._running) + len(self._waiting) + group - self.n_slots
             if waiting_for_slot > self.max_queue:
                 raise QueueFull(
                     f"{self.n_slots} requests running and {len(self._waiting)} waiting: try later"
@@ -324,19 +329,26 @@ class Engine:
         admitted, budget = [], PREFILL_CHUNK
         with self._wakeup:
             while self._waiting and self._free_slots and (not admitted or budget > 0):
-                request = self._waiting.popleft()
+                request = self._waiting[0]
                 if request.cancelled:
+                    self._waiting.popleft()
                     self.cancelled += 1
                     continue
-                request.slot = self._free_slots.pop()
-                request.admitted_at = time.perf_counter()
-                request.decoder = StreamDecoder(
-                    self.tokenizer,
-                    self.tokenizer.bos_id
-                    if request.strip_leading_space
-                    else request.prompt_tokens[-1],
-                )
-                self._running.append(request)
+                if len(self._free_slots) < 1 + len(request.siblings):
+                    break  # the choices go in together, in their turn
+                self._waiting.popleft()
+                for member in (request, *request.siblings):
+                    member.slot = self._free_slots.pop()
+                    member.admitted_at = time.perf_counter()
+                    member.decoder = StreamDecoder(
+                        self.tokenizer,
+                        self.tokenizer.bos_id
+                        if member.strip_leading_space
+                        else member.prompt_tokens[-1],
+                    )
+                    self._running.append(member)
+                for sibling in request.siblings:  # they take the prompt's pass from the request
+                    sibling.prompt_fed = len(sibling.prompt_tokens)
                 admitted.append(request)
                 budget -= len(request.prompt_tokens)
         return admitted
@@ -351,6 +363,8 @@ class Engine:
         length limit, else send the text that cannot be the start of a stop string."""
         if request.cancelled:  # it leaves at the next step
             return
+        if request.siblings:
+            self._branch(request, logits)
         request.first_token_at = request.first_token_at or time.perf_counter()
         if token in (self.end_ids if request.end_ids is None else request.end_ids):
             request.end_token = token
@@ -370,6 +384,15 @@ class Engine:
             self._finish(request, "length")
         else:
             self._send(request, request.stop.safe_length(request.text))
+
+    def _branch(self, request: Request, logits: np.ndarray) -> None:
+        """At a request's first token, its siblings take its prompt's KV rows (and echoed
+        log-probabilities) and draw their own first tokens from the same logits."""
+        siblings, request.siblings = request.siblings, []
+        for sibling in siblings:
+            self.model.copy_positions(request.slot, sibling.slot, len(request.prompt_tokens))
+            sibling.token_logprobs = list(request.token_logprobs)
+            self._advance(sibling, sibling.sampler.sample(logits), logits)
 
     def _send(self, request: Request, upto: int) -> None:
         if upto > request.shown:
@@ -391,6 +414,9 @@ class Engine:
             self._free_slots.append(request.slot)
             request.slot = -1
         request.finished_at = time.perf_counter()
+        siblings, request.siblings = request.siblings, []
+        for sibling in siblings:  # it ended before its prompt's pass did: so do they
+            self._finish(sibling, reason, error)
         if reason == "cancelled":
             self.cancelled += 1
             return

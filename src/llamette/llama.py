@@ -307,8 +307,8 @@ class Llama:
             text.append(event.text)
             logprobs += event.logprobs
             if event.finish_reason:
-                return answer.whole("".join(text), event.finish_reason, event.completion_tokens,
-                                    logprobs)  # fmt: skip
+                choice = "".join(text), event.finish_reason, logprobs
+                return answer.whole([choice], event.completion_tokens)
         raise AssertionError("the engine ended a request without a finish_reason")
 
     def _chunks(self, request: Request, answer: Answer, echoed: str) -> Iterator[dict]:

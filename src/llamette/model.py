@@ -383,6 +383,11 @@ class Transformer:
         mean = total / len(tokens)
         return (mean / np.linalg.norm(mean) if normalize else mean).astype(np.float32)
 
+    def copy_positions(self, from_slot: int, to_slot: int, n: int) -> None:
+        """Give to_slot the KV cache's first n positions of from_slot (a shared prompt)."""
+        for cache in self.kv_cache:  # (slots, layers, kv heads, positions, head size)
+            cache[to_slot, :, :, :n] = cache[from_slot, :, :, :n]
+
     def forward_batch(
         self, tokens, positions, slots, logit_rows: list[int] | None = None
     ) -> np.ndarray:

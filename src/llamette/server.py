@@ -13,6 +13,7 @@ import base64
 import contextlib
 import json
 import os
+import secrets
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from llamette.chat_template import ChatTemplate, chat_template_for
@@ -328,13 +329,14 @@ def parse_embedding_inputs(body: dict, tokenizer: Tokenizer, context: int) -> li
 async def embed(served: ServedModel, tokens: list[int]) -> list[float]:
     """One input's embedding, computed on the engine's thread between its rounds."""
     relay = Relay(asyncio.get_running_loop())
-    request = Request(tokens, 0, Sampler(served.tokenizer.vocab_size, 0.0), relay.put, embed=True)
+    request = Request(tokens, 0, Sampler(served.tokenizer.vocab_size, 0.0), relay.sender(0),
+                      embed=True)  # fmt: skip
     try:
         served.engine.submit(request)
     except QueueFull as error:
         raise ApiError(429, f"server busy: {error}", code="queue_full",
                        kind="rate_limit_error") from None  # fmt: skip
-    event = await relay.queue.get()
+    _, event = await relay.queue.get()
     if event.embedding is None:
         raise ApiError(500, f"embedding failed: {event.error}", kind="server_error")
     return event.embedding
@@ -345,7 +347,7 @@ class Options:
     """How one request samples, stops and answers."""
 
     max_tokens: int
-    sampler: Sampler
+    samplers: list[Sampler]  # one per choice
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool
@@ -353,9 +355,11 @@ class Options:
     echo: bool  # a completion's text (and logprobs) start with the prompt's
 
 
-def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_size: int) -> Options:
+def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_size: int,
+                  max_choices: int) -> Options:  # fmt: skip
     """The request's fields, their JSON types checked here and their values by
-    completion.make_sampler and max_tokens_for (a BadParameter: 400 naming the field)."""
+    completion.make_sampler and max_tokens_for (a BadParameter: 400 naming the field). Choice
+    i of `n` samples with seed + i."""
     max_tokens = field(body, "max_tokens", int, None)
     if chat and max_tokens is None:
         max_tokens = field(body, "max_completion_tokens", int, None)
@@ -369,23 +373,26 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ApiError(400, f"logit_bias: the bias of {key} must be a number", "logit_bias")
         logit_bias[int(key)] = float(value)
-    sampler = make_sampler(
-        vocab_size,
+    n = field(body, "n", int, 1)
+    if not 1 <= n <= max_choices:
+        raise ApiError(400, f"n: must be within 1..{max_choices} (the server's slots), not {n}",
+                       "n")  # fmt: skip
+    seed = field(body, "seed", int, None)  # any integer, as OpenAI's API takes
+    seed = secrets.randbits(63) if seed is None else seed
+    sampling = dict(
         temperature=field(body, "temperature", float, 1.0),
         top_p=field(body, "top_p", float, 1.0),
         top_k=field(body, "top_k", int, 0),
         min_p=field(body, "min_p", float, 0.0),
-        seed=field(body, "seed", int, None),  # any integer, as OpenAI's API takes
         logit_bias=logit_bias,
         repeat_penalty=field(body, "repeat_penalty", float, 1.0),
         repeat_last_n=field(body, "repeat_last_n", int, 64),
         frequency_penalty=field(body, "frequency_penalty", float, 0.0),
         presence_penalty=field(body, "presence_penalty", float, 0.0),
     )
+    samplers = [make_sampler(vocab_size, seed=seed + i, **sampling) for i in range(n)]
     stop = stop_strings(field(body, "stop", (str, list), []), MAX_STOP_STRINGS)
 
-    if field(body, "n", int, 1) != 1:
-        raise ApiError(400, "n: only 1 choice per request is supported", "n")
     if chat:  # logprobs: true, with top_logprobs alternatives
         top = field(body, "top_logprobs", int, None)
         logprobs = (top or 0) if field(body, "logprobs", bool, False) else None
@@ -400,7 +407,7 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
     stream = field(body, "stream", bool, False)
     stream_options = field(body, "stream_options", dict, {})
     include_usage = field(stream_options, "include_usage", bool, False)
-    return Options(max_tokens, sampler, stop, stream, include_usage, logprobs, echo)
+    return Options(max_tokens, samplers, stop, stream, include_usage, logprobs, echo)
 
 
 # Answering
@@ -408,103 +415,122 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
 
 async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_tokens: list[int],
                    chat: bool):  # fmt: skip
-    options = parse_options(body, len(prompt_tokens), served.context, chat,
-                            served.tokenizer.vocab_size)  # fmt: skip
-    sampler = options.sampler
-    sampler.accept(prompt_tokens)
+    tokenizer = served.tokenizer
+    options = parse_options(body, len(prompt_tokens), served.context, chat, tokenizer.vocab_size,
+                            served.engine.n_slots)  # fmt: skip
     relay = Relay(asyncio.get_running_loop())
-    request = Request(prompt_tokens, options.max_tokens, sampler, relay.put,
-                      StopStrings(options.stop), strip_leading_space=chat,
-                      logprobs=options.logprobs,
-                      echo_logprobs=options.echo and options.logprobs is not None)  # fmt: skip
+    requests = []
+    for index, sampler in enumerate(options.samplers):
+        sampler.accept(prompt_tokens)
+        requests.append(Request(
+            prompt_tokens, options.max_tokens, sampler, relay.sender(index),
+            StopStrings(options.stop), strip_leading_space=chat, logprobs=options.logprobs,
+            echo_logprobs=options.echo and options.logprobs is not None,
+        ))  # fmt: skip
+    requests[0].siblings = requests[1:]  # one pass of the prompt for all the choices
     try:
-        served.engine.submit(request)
+        served.engine.submit(requests[0])
     except QueueFull as error:
         raise ApiError(429, f"server busy: {error}", code="queue_full",
                        kind="rate_limit_error") from None  # fmt: skip
-    echoed = served.tokenizer.decode(prompt_tokens) if options.echo else ""
+    echoed = tokenizer.decode(prompt_tokens) if options.echo else ""
     answer = Answer(served.name, chat, len(prompt_tokens),
-                    None if options.logprobs is None else served.tokenizer,
-                    0 if options.echo else len(served.tokenizer.decode(prompt_tokens)),
+                    None if options.logprobs is None else tokenizer,
+                    0 if options.echo else len(tokenizer.decode(prompt_tokens)),
                     None if options.echo else prompt_tokens[-1])  # fmt: skip
     if options.stream:
-        chunks = stream_chunks(answer, relay, options.include_usage, echoed)
-        return EventStream(chunks, request, relay)
-    watcher = asyncio.ensure_future(watch_disconnect(http.receive, request, relay))
+        chunks = stream_chunks(answer, relay, len(requests), options.include_usage, echoed)
+        return EventStream(chunks, requests, relay)
+    watcher = asyncio.ensure_future(watch_disconnect(http.receive, requests, relay))
+    texts = [[echoed] for _ in requests]
+    logprobs: list[list] = [[] for _ in requests]
+    ends: dict[int, Event] = {}
     try:
-        text, logprobs, end = [echoed], [], None
-        while end is None:
-            event = await relay.queue.get()
-            text.append(event.text)
-            logprobs += event.logprobs
-            end = event if event.finish_reason else None
+        while len(ends) < len(requests):
+            index, event = await relay.queue.get()
+            if event.finish_reason == "error":
+                raise ApiError(500, f"generation failed: {event.error}", kind="server_error")
+            if event.finish_reason == "cancelled":
+                return Response(status_code=499)  # nobody is listening
+            texts[index].append(event.text)
+            logprobs[index] += event.logprobs
+            if event.finish_reason:
+                ends[index] = event
     finally:
         watcher.cancel()
-    if end.finish_reason == "error":
-        raise ApiError(500, f"generation failed: {end.error}", kind="server_error")
-    return JSONResponse(
-        answer.whole("".join(text), end.finish_reason, end.completion_tokens, logprobs)
-    )
+    choices = [
+        ("".join(texts[i]), ends[i].finish_reason, logprobs[i]) for i in range(len(requests))
+    ]
+    return JSONResponse(answer.whole(choices, sum(e.completion_tokens for e in ends.values())))
 
 
 class Relay:
-    """Events from the engine's thread, queued on the event loop."""
+    """Events from the engine's thread, queued on the event loop with their choice's index."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-    def put(self, event: Event) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+    def sender(self, index: int) -> Callable[[Event], None]:
+        """The on_event of choice `index`."""
+
+        def put(event: Event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+        return put
 
 
-async def watch_disconnect(receive: Callable, request: Request, relay: Relay) -> None:
-    """Cancel the request when its client goes away."""
+async def watch_disconnect(receive: Callable, requests: list[Request], relay: Relay) -> None:
+    """Cancel the requests when their client goes away."""
     while (await receive())["type"] != "http.disconnect":
         pass
-    request.cancelled = True
-    relay.queue.put_nowait(Event(finish_reason="cancelled"))
+    for request in requests:
+        request.cancelled = True
+    relay.queue.put_nowait((0, Event(finish_reason="cancelled")))
 
 
 async def stream_chunks(
-    answer: Answer, relay: Relay, include_usage: bool, echoed: str = ""
+    answer: Answer, relay: Relay, n: int, include_usage: bool, echoed: str = ""
 ) -> AsyncIterator[dict | str]:
-    """A stream's events: chunks until the finish_reason (and usage), or an error object; the
-    first chunk's text starts with `echoed`."""
+    """A stream's events: chunks until each of the n choices has its finish_reason (then the
+    usage, if asked for), or an error object; each choice's first chunk starts with `echoed`."""
     if answer.chat:
-        yield answer.chunk(None, role=True)
-    while True:
-        event = await relay.queue.get()
+        for index in range(n):
+            yield answer.chunk(None, role=True, index=index)
+    prefixes, completion_tokens, ended = [echoed] * n, 0, 0
+    while ended < n:
+        index, event = await relay.queue.get()
         if event.finish_reason == "cancelled":
             return
         if event.finish_reason == "error":
             yield {"error": {"message": f"generation failed: {event.error}",
                              "type": "server_error", "param": None, "code": None}}  # fmt: skip
             return
-        text, echoed, logprobs = echoed + event.text, "", event.logprobs
+        text, prefixes[index], logprobs = prefixes[index] + event.text, "", event.logprobs
         if text or (logprobs and not event.finish_reason):
-            yield answer.chunk(text, logprobs=logprobs)
+            yield answer.chunk(text, logprobs=logprobs, index=index)
             logprobs = ()
         if event.finish_reason:
-            yield answer.chunk(None, event.finish_reason, logprobs=logprobs)
-            if include_usage:
-                yield answer.usage_chunk(event.completion_tokens)
-            yield "[DONE]"
-            return
+            yield answer.chunk(None, event.finish_reason, logprobs=logprobs, index=index)
+            completion_tokens += event.completion_tokens
+            ended += 1
+    if include_usage:
+        yield answer.usage_chunk(completion_tokens)
+    yield "[DONE]"
 
 
 class EventStream:
-    """A server-sent-events response that cancels its request when the client goes away."""
+    """A server-sent-events response that cancels its requests when the client goes away."""
 
-    def __init__(self, events: AsyncIterator[dict | str], request: Request, relay: Relay):
-        self.events, self.request, self.relay = events, request, relay
+    def __init__(self, events: AsyncIterator[dict | str], requests: list[Request], relay: Relay):
+        self.events, self.requests, self.relay = events, requests, relay
 
     async def __call__(self, scope, receive, send) -> None:
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                    (b"cache-control", b"no-cache")]  # fmt: skip
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        watcher = asyncio.ensure_future(watch_disconnect(receive, self.request, self.relay))
+        watcher = asyncio.ensure_future(watch_disconnect(receive, self.requests, self.relay))
         try:
             async for event in self.events:
                 data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
@@ -512,7 +538,8 @@ class EventStream:
                 await send({"type": "http.response.body", "body": message, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the client went away while we were sending
-            self.request.cancelled = True
+            pass
         finally:
             watcher.cancel()
-            self.request.cancelled = True  # a no-op once it has finished
+            for request in self.requests:
+                request.cancelled = True  # a no-op once it has finished
