@@ -15,6 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numba
@@ -25,6 +26,7 @@ from llamette.errors import LlametteError
 from llamette.kernels import SMALL_BATCH
 from llamette.model import PREFILL_CHUNK, Transformer, use_huge_pages
 from llamette.sampler import Sampler, TokenLogprob, token_logprob
+from llamette.structured import JsonConstraint
 from llamette.tokenizer import StreamDecoder, Tokenizer
 from llamette.weights import BOS_ID
 
@@ -56,6 +58,7 @@ class Request:
     strip_leading_space: bool = False  # chat answers start without the first token's space
     end_ids: frozenset[int] | None = None  # the tokens that end it; None: the tokenizer's
     siblings: list[Request] = field(default_factory=list)  # the other choices of the same prompt
+    constraint: JsonConstraint | None = None  # masks the tokens a structured answer cannot take
     logprobs: int | None = None  # each token's log-probability and its top N alternatives
     echo_logprobs: bool = False  # the prompt's tokens' too (logprobs or not: top 0)
     embed: bool = False  # the prompt's embedding (Transformer.embedding) instead of tokens
@@ -112,6 +115,7 @@ class Engine:
         self.ready = threading.Event()  # the kernels are loaded (or failed to)
         self.failure: Exception | None = None
         self.cancelled = 0  # requests dropped because their client went away
+        self._masker: ThreadPoolExecutor | None = None  # computes structured answers' masks
 
     def submit(self, request: Request) -> None:
         """Queue a request (with its siblings, which run beside it from its prompt's pass);
@@ -173,6 +177,7 @@ class Engine:
             batch = rows[start : start + SMALL_BATCH]
             # rows whose logits give a token: every decode row, and a prompt's last
             sampling = [i for i, (request, _, pos) in enumerate(batch) if pos == request.next_pos]
+            masks = self._prepare_masks([batch[i][0] for i in sampling])
             request, token, pos = batch[0]
             if len(batch) == 1 and sampling == [0] and request.tokens:  # one decode step
                 logits = [self.model.forward(token, pos, request.slot)]
@@ -183,9 +188,28 @@ class Engine:
                     [request.slot for request, _, _ in batch],
                     sampling,
                 )  # (len(sampling), vocab_size)
+            if masks is not None:
+                masks.result()
             for i, row in zip(sampling, logits, strict=True):
                 request = batch[i][0]
-                self._advance(request, request.sampler.sample(row), row)
+                self._advance(request, self._draw(request, row), row)
+
+    def _prepare_masks(self, requests: list[Request]) -> Future | None:
+        """Start computing the masks of the structured answers among requests, on a thread of
+        their own, to overlap the pass (both release the GIL)."""
+        constrained = [r.constraint for r in requests if r.constraint is not None]
+        if not constrained:
+            return None
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(1, thread_name_prefix="llamette-masks")
+        return self._masker.submit(lambda: [constraint.prepare() for constraint in constrained])
+
+    @staticmethod
+    def _draw(request: Request, logits: np.ndarray) -> int:
+        """The request's next token: its sampler's draw, among the tokens its constraint allows."""
+        if request.constraint is not None:
+            logits = request.constraint.masked(logits)
+        return request.sampler.sample(logits)
 
     def _rows(self) -> list[tuple[Request, int, int]]:
         """This round's rows: every decoding request's last token, then prompt tokens up to the
@@ -211,7 +235,7 @@ class Engine:
             self._finish(request, "error", error=str(error))
             return
         request.prompt_fed = len(request.prompt_tokens)
-        self._advance(request, request.sampler.sample(logits), logits)
+        self._advance(request, self._draw(request, logits), logits)
 
     def _prefill_with_logprobs(self, request: Request) -> np.ndarray:
         """Prefill keeping each prompt token's log-probability (the first has none); the last
@@ -376,8 +400,14 @@ class Engine:
         request.tokens.append(token)
         request.text += request.decoder.push(token)
         cut = request.stop.find(request.text, request.shown)
-        if cut is not None:
+        problem = request.constraint.accept(token) if request.constraint is not None else None
+        if problem is not None:
+            self._finish(request, "error", error=problem)
+        elif cut is not None:
             request.text = request.text[:cut]
+            self._finish(request, "stop")
+        elif request.constraint is not None and request.constraint.finished:
+            request.text += request.decoder.flush()
             self._finish(request, "stop")
         elif len(request.tokens) >= request.max_tokens:
             request.text += request.decoder.flush()
@@ -392,7 +422,7 @@ class Engine:
         for sibling in siblings:
             self.model.copy_positions(request.slot, sibling.slot, len(request.prompt_tokens))
             sibling.token_logprobs = list(request.token_logprobs)
-            self._advance(sibling, sibling.sampler.sample(logits), logits)
+            self._advance(sibling, self._draw(sibling, logits), logits)
 
     def _send(self, request: Request, upto: int) -> None:
         if upto > request.shown:

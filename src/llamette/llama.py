@@ -31,6 +31,7 @@ from llamette.formats import find_tokenizer, load_weights
 from llamette.kernels import set_threads
 from llamette.model import Transformer
 from llamette.sampler import MAX_TOP_LOGPROBS
+from llamette.structured import Grammars
 
 log = logging.getLogger("llamette")
 
@@ -91,6 +92,7 @@ class Llama:
         )
         self.template = Llama2Template() if chat_format else chat_template_for(self.model_path)
         self.engine = Engine(self.model, self.tokenizer)
+        self.grammars = Grammars(self.tokenizer, self.engine.end_ids)
         self.last_n_tokens_size = last_n_tokens_size
         self._seed = seed
 
@@ -177,9 +179,11 @@ class Llama:
         logits_processor=None,
         grammar=None,
         logit_bias: dict[int, float] | None = None,
+        response_format: dict | None = None,
     ) -> dict | Iterator[dict]:
         """Continue `prompt` (text, or token ids): an OpenAI text_completion, or with `stream`
-        an iterator of its chunks. max_tokens None or <= 0 runs to the end of the context."""
+        an iterator of its chunks. max_tokens None or <= 0 runs to the end of the context;
+        `response_format` (as in chat, a llamette addition here) makes the text JSON."""
         _refuse(suffix=suffix, stopping_criteria=stopping_criteria,
                 logits_processor=logits_processor, grammar=grammar)  # fmt: skip
         _refuse_sampling(typical_p, mirostat_mode)
@@ -193,7 +197,7 @@ class Llama:
         if not prompt_tokens:
             raise BadParameter("prompt", "empty, and the model has no BOS token to start from")
         request = self._request(
-            prompt_tokens, max_tokens, stop, "prompt", logprobs, echo,
+            prompt_tokens, max_tokens, stop, "prompt", logprobs, echo, response_format,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -246,13 +250,11 @@ class Llama:
                 tool_choice=tool_choice, logits_processor=logits_processor, grammar=grammar)  # fmt: skip
         if top_logprobs is not None and not logprobs:
             raise BadParameter("top_logprobs", "needs logprobs=True")
-        if response_format is not None and response_format.get("type") != "text":
-            raise BadParameter("response_format", "structured output is not supported yet")
         _refuse_sampling(typical_p, mirostat_mode)
         prompt_tokens = self.template.tokens(chat_messages(messages), self.tokenizer)
         top = (top_logprobs or 0) if logprobs else None
         request = self._request(
-            prompt_tokens, max_tokens, stop, "messages", top, False,
+            prompt_tokens, max_tokens, stop, "messages", top, False, response_format,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -265,7 +267,8 @@ class Llama:
 
     def _request(
         self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None,
-        prompt_name: str, logprobs: int | None, echo: bool, seed: int | None, **sampling,
+        prompt_name: str, logprobs: int | None, echo: bool, response_format: dict | None,
+        seed: int | None, **sampling,
     ) -> Request:  # fmt: skip
         """The engine's request for a prompt and a call's settings (checked here); no
         max_tokens (or one <= 0) runs to the end of the context, as in llama-cpp-python."""
@@ -280,7 +283,8 @@ class Llama:
             raise BadParameter("logprobs", f"must be within 0..{MAX_TOP_LOGPROBS}, not {logprobs}")
         return Request(prompt_tokens, max_tokens, sampler, lambda event: None,
                        StopStrings(stop_strings(stop)), logprobs=logprobs,
-                       echo_logprobs=echo and logprobs is not None)  # fmt: skip
+                       echo_logprobs=echo and logprobs is not None,
+                       constraint=self.grammars.constraint(response_format))  # fmt: skip
 
     def _events(self, request: Request) -> Iterator[Event]:
         """The request's events from the engine; its timings on stderr when verbose."""

@@ -40,6 +40,7 @@ from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
 from llamette.model import Transformer
 from llamette.sampler import MAX_TOP_LOGPROBS, Sampler
+from llamette.structured import Grammars
 from llamette.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
@@ -54,6 +55,9 @@ class ServedModel:
     tokenizer: Tokenizer
     template: ChatTemplate
     created: int  # Unix time, for /v1/models
+
+    def __post_init__(self):
+        self.grammars = Grammars(self.tokenizer, self.engine.end_ids)  # for response_format
 
     @property
     def context(self) -> int:
@@ -427,6 +431,10 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
             StopStrings(options.stop), strip_leading_space=chat, logprobs=options.logprobs,
             echo_logprobs=options.echo and options.logprobs is not None,
         ))  # fmt: skip
+    constraint = served.grammars.constraint(field(body, "response_format", dict, None))
+    if constraint is not None:
+        for request in requests:
+            request.constraint, constraint = constraint, constraint.copy()
     requests[0].siblings = requests[1:]  # one pass of the prompt for all the choices
     try:
         served.engine.submit(requests[0])

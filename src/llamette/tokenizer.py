@@ -327,6 +327,16 @@ class Tokenizer:
                     heapq.heappush(heap, entry)
         return [t for t, live in zip(tokens, alive, strict=True) if live]
 
+    def spell(self, text: str) -> list[int]:
+        """Ids whose bytes are exactly text's UTF-8: each character's piece, else its bytes'
+        pieces; no merges, no dummy prefix."""
+        ids = []
+        for char in text:
+            data = char.encode("utf-8", "surrogateescape")
+            piece_id = self.piece_ids.get(data)
+            ids += [piece_id] if piece_id is not None else [self._byte_ids[b] for b in data]
+        return ids
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text for ids as SentencePiece decodes it: byte pieces joined into UTF-8, BOS/EOS dropped,
         the leading space of a piece after BOS removed (see StreamDecoder)."""
