@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +159,10 @@ def test_steps_beyond_the_context_are_clamped_with_a_note(capsys):
         (["-m", "poem"], "argument -m/--mode: invalid choice: 'poem'"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["-m", "chat", "--json"], "--json: works with -m generate only"),
+        (["-m", "chat", "--stop", "x"], "--stop: works with -m generate only"),
+        (["-l", "5"], "--logit-bias: '5' is not TOKEN_ID+BIAS or TOKEN_ID-BIAS"),
+        (["-l", "512+1"], "--logit-bias: 512 is not a token id within 0..511"),
+        (["--stop-token-id", "600"], "--stop-token-id: 600 is not a token id within 0..511"),
         (
             ["-z", "tokenizer.bin"],
             "tokenizer.bin: has 32000 pieces but stories260K.bin has a vocabulary of 512",
@@ -350,3 +355,21 @@ def test_penalties_change_a_greedy_story(capsys):
         capsys, [*argv, "--repeat-penalty", "1.5", "--frequency-penalty", "1"]
     )
     assert status == 0 and penalized != plain and penalized.startswith("Once upon a time")
+
+
+def test_logit_bias_stop_strings_and_stop_tokens_shape_a_greedy_story(capsys):
+    """llama.cpp's --logit-bias form; --stop cuts the text before its first stop string;
+    --stop-token-id ends it at that token."""
+    tokenizer = llamette.Tokenizer.load(
+        Path(llamette.__file__).parent / "bundled" / "tokenizer.bin"
+    )
+    argv = ["run", "-t", "0", "-n", "60", "-i", "Once upon a time", "--json"]
+    plain = json.loads(run_cli(capsys, argv)[1])
+    stopped = json.loads(run_cli(capsys, [*argv, "--stop", ","])[1])
+    assert "," in plain["text"] and stopped["text"] == plain["text"][: plain["text"].index(",")]
+    third = plain["tokens"][2]
+    at_token = json.loads(run_cli(capsys, [*argv, "--stop-token-id", str(third)])[1])
+    assert at_token["tokens"] == plain["tokens"][:3]
+    dog = tokenizer.encode(" dog", bos=False)[-1]
+    forced = json.loads(run_cli(capsys, [*argv, "-l", f"{dog}+100", "-l", f"{third}-inf"])[1])
+    assert set(forced["tokens"]) == {dog}

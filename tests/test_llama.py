@@ -206,6 +206,7 @@ def test_embed_without_normalize_is_the_mean(gguf):
         (lambda llm: llm.create_chat_completion([]), "messages"),
         (lambda llm: llm.create_chat_completion(MESSAGES, tools=[{}]), "tools"),
         (lambda llm: llm("x", logprobs=21), "logprobs"),
+        (lambda llm: llm("x", stop_token_ids=[-1]), "stop_token_ids"),
         (lambda llm: llm.create_chat_completion(MESSAGES, top_logprobs=2), "top_logprobs"),
     ],
 )

@@ -93,6 +93,9 @@ def test_chat_whole_and_streamed(client, sp):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == answer.content
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    newer = client.chat.completions.create(model=NAME, messages=messages, seed=9,
+                                           max_completion_tokens=40)  # fmt: skip
+    assert newer.choices[0].message.content == answer.content
 
 
 def test_stop_strings(client):
@@ -186,6 +189,12 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
         "repeat_penalty",
     ),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 0}, 400, "n"),
+    (
+        "/v1/completions",
+        {"model": NAME, "prompt": "Hi", "stop_token_ids": [5000]},
+        400,
+        "stop_token_ids",
+    ),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 17}, 400, "n"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "logprobs": True}, 400, "logprobs"),
@@ -395,3 +404,14 @@ def test_n_choices_each_equal_the_request_alone_with_its_seed(client, chat):
         for choice in chunk.choices:
             streamed[choice.index] += (choice.delta.content or "") if chat else choice.text
     assert streamed == alone
+
+
+def test_stop_token_ids_end_a_choice_at_that_token(client):
+    request = dict(model=NAME, prompt="Once upon a time", max_tokens=30, temperature=0)
+    plain = client.completions.create(**request, logprobs=0)
+    third = plain.choices[0].logprobs.tokens[2]
+    tokenizer = llamette.Tokenizer.load(BUNDLED / "tokenizer.bin")
+    third_id = next(i for i, piece in enumerate(tokenizer.pieces) if piece.decode() == third)
+    cut = client.completions.create(**request, extra_body={"stop_token_ids": [third_id]})
+    assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 2
+    assert cut.choices[0].text == "".join(plain.choices[0].logprobs.tokens[:2])

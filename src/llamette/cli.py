@@ -17,7 +17,7 @@ from llamette import __version__
 from llamette.chat_template import own_template
 from llamette.compiling import report_to_stderr
 from llamette.convert import FORMATS, convert, guess_format
-from llamette.errors import LlametteError
+from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
 from llamette.formats.gguf import WRITTEN_TYPES
 from llamette.generate import Generation, chat, generate
@@ -100,6 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
         run.add_argument(
             flag, type=kind, default=default, metavar="X", help=f"{text} (default {default})"
         )
+    run.add_argument(
+        "-l", "--logit-bias", action="append", default=[], metavar="ID(+/-)BIAS",
+        help="add BIAS to token ID's logit, as llama.cpp writes it: 15043+1, 2-inf (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--stop", action="append", default=[], metavar="TEXT",
+        help="generate: end where the text first shows TEXT, which is left out (repeatable)",
+    )  # fmt: skip
+    run.add_argument(
+        "--stop-token-id", action="append", default=[], type=int, metavar="ID",
+        help="generate: end at token ID too, beside the model's own end tokens (repeatable)",
+    )  # fmt: skip
     run.add_argument(
         "-s",
         "--seed",
@@ -333,8 +345,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     check_sampling_flags(args)
-    if args.json and args.mode == "chat":
-        raise LlametteError("--json: works with -m generate only")
+    for flag, given in (("--json", args.json), ("--stop", args.stop),
+                        ("--stop-token-id", args.stop_token_id)):  # fmt: skip
+        if given and args.mode == "chat":
+            raise LlametteError(f"{flag}: works with -m generate only")
     use_threads(args.threads)
     model = Transformer.load(args.model, exact=args.exact)
     model.adapt_threads = args.threads is None  # --threads N forces N
@@ -343,24 +357,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.profile:
         model.start_profile()
     steps = clamp_steps(args.steps, model.config.seq_len)
-    sampler = Sampler(
-        model.config.vocab_size,
-        temperature=args.temperature,
-        topp=args.topp,
-        seed=args.seed if args.seed > 0 else None,
-        topk=args.topk,
-        adjust=Adjustments(
-            repeat_penalty=args.repeat_penalty,
-            repeat_last_n=args.repeat_last_n,
-            frequency_penalty=args.frequency_penalty,
-            presence_penalty=args.presence_penalty,
-            min_p=args.min_p,
-        ),  # fmt: skip
-    )
+    try:
+        sampler = sampler_for(args, model.config.vocab_size)
+    except BadParameter as error:  # named as the flag that set it
+        raise LlametteError(f"--{error.name.replace('_', '-')}: {error.problem}") from None
     sampler.warm_up()
     on_text = None if args.json else print_stream
     if args.mode == "generate":
-        result = generate(model, tokenizer, sampler, args.prompt or "", steps, on_text)
+        for token in args.stop_token_id:
+            if not 0 <= token < model.config.vocab_size:
+                raise LlametteError(f"--stop-token-id: {token} is not a token id within "
+                                    f"0..{model.config.vocab_size - 1}")  # fmt: skip
+        result = generate(model, tokenizer, sampler, args.prompt or "", steps, on_text,
+                          args.stop, args.stop_token_id)  # fmt: skip
         if on_text:
             print_stream("\n")
     else:
@@ -539,6 +548,25 @@ def use_threads(threads: int | None) -> None:
         raise LlametteError(f"{source}: {error}") from None
 
 
+def sampler_for(args: argparse.Namespace, vocab_size: int) -> Sampler:
+    """The sampler the run's flags ask for."""
+    return Sampler(
+        vocab_size,
+        temperature=args.temperature,
+        topp=args.topp,
+        seed=args.seed if args.seed > 0 else None,
+        topk=args.topk,
+        adjust=Adjustments(
+            repeat_penalty=args.repeat_penalty,
+            repeat_last_n=args.repeat_last_n,
+            frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty,
+            min_p=args.min_p,
+            logit_bias=parse_logit_bias(args.logit_bias, vocab_size),
+        ),  # fmt: skip
+    )
+
+
 def check_sampling_flags(args: argparse.Namespace) -> None:
     if not args.temperature >= 0.0:
         raise LlametteError(f"-t/--temperature: {args.temperature} is not 0 or more")
@@ -557,6 +585,25 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
             raise LlametteError(
                 f"--{name.replace('_', '-')}: {getattr(args, name)} is outside [-2, 2]"
             )
+
+
+LOGIT_BIAS = re.compile(r"(\d+)([+-](?:inf|\d+(?:\.\d*)?(?:e[+-]?\d+)?))", re.IGNORECASE)
+
+
+def parse_logit_bias(values: list[str], vocab_size: int) -> dict[int, float]:
+    """--logit-bias flags (llama.cpp's ID+BIAS, ID-BIAS) as {token id: bias}."""
+    bias = {}
+    for value in values:
+        match = LOGIT_BIAS.fullmatch(value.strip())
+        if match is None:
+            raise LlametteError(f"--logit-bias: {value!r} is not TOKEN_ID+BIAS or TOKEN_ID-BIAS")
+        token = int(match.group(1))
+        if token >= vocab_size:
+            raise LlametteError(
+                f"--logit-bias: {token} is not a token id within 0..{vocab_size - 1}"
+            )
+        bias[token] = float(match.group(2))
+    return bias
 
 
 def clamp_steps(steps: int, seq_len: int) -> int:

@@ -87,6 +87,14 @@ def stop_strings(stop: str | list[str] | tuple[str, ...] | None, most: int = 16)
     return tuple(stop)
 
 
+def stop_token_set(stop_token_ids: Sequence[int] | None, vocab_size: int) -> frozenset[int]:
+    """Token ids that end a request beside the model's own end ids, checked."""
+    ids = list(stop_token_ids or ())
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise BadParameter("stop_token_ids", f"must be token ids within 0..{vocab_size - 1}")
+    return frozenset(ids)
+
+
 class StopStrings:
     """Strings that end a generation: where the first one starts in growing text, and how much of
     the text is safe to show (no tail of it could begin a stop string)."""

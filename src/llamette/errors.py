@@ -11,4 +11,4 @@ class BadParameter(LlametteError):
 
     def __init__(self, name: str, problem: str, where: str | None = None):
         super().__init__(f"{where or name}: {problem}")
-        self.name = name
+        self.name, self.problem = name, problem

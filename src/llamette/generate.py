@@ -1,17 +1,21 @@
-"""The generation loop: prompt, sampling, stop rules, the Llama 2 chat template, streaming, timings.
+"""run.c's generate and chat: prompt, sampling, stop rules, the Llama 2 chat template, streaming,
+timings.
 
-Both loops follow llama2.c's run.c: `steps` counts positions, prompt included; `generate` stops
-when it samples BOS; `chat` ends a turn on EOS and draws a random number after every forward,
-prompt tokens included, so seeds give run.c's tokens.
+Both follow llama2.c's run.c: `steps` counts positions, prompt included; `generate` stops when
+it samples BOS; `chat` ends a turn on EOS and draws a random number after every forward, prompt
+tokens included, so seeds give run.c's tokens. `generate` is one request through the engine's
+loop (the server's and `Llama`'s); `chat` keeps its own, which carries the KV cache from turn to
+turn.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt
+from llamette.completion import StopStrings
 from llamette.engine import Engine, Request
 from llamette.errors import LlametteError
 from llamette.model import Transformer
@@ -60,9 +64,12 @@ def generate(
     prompt: str = "",
     steps: int | None = None,
     on_text: TextSink | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Iterable[int] = (),
 ) -> Generation:
     """Continue `prompt` for up to `steps` positions (prompt included); stop on the tokenizer's
-    end ids (run.c's BOS for llama2.c's tokenizers).
+    end ids (run.c's BOS for llama2.c's tokenizers) and `stop_token_ids`, or where the text
+    first shows one of the `stop` strings (which the text leaves out).
 
     on_text receives the prompt's text, then each sampled token's text, as soon as it is known.
     """
@@ -88,17 +95,19 @@ def generate(
     # The engine's loop, for one request: the prompt's pass, then a token at a time up to
     # position `steps` (the last token sampled there is shown, never fed).
     sampler.accept(prompt_tokens)  # for the penalties, where asked for
-    request = Request(prompt_tokens, steps - len(prompt_tokens) + 1, sampler, emit,
-                      end_ids=tokenizer.end_ids())  # fmt: skip
+    request = Request(prompt_tokens, steps - len(prompt_tokens) + 1, sampler, lambda event: None,
+                      StopStrings(tuple(stop)),
+                      end_ids=tokenizer.end_ids() | frozenset(stop_token_ids))  # fmt: skip
     for event in Engine(model, tokenizer).stream(request):
         emit(event.text)
+        finish_reason = event.finish_reason
     end = [] if request.end_token is None else [request.end_token]
     result.tokens, result.text = request.tokens + end, request.text
     result.prefill_tokens = len(prompt_tokens)
     result.prefill_seconds = request.first_token_at - request.admitted_at
     result.decode_tokens = len(result.tokens) - 1
     result.decode_seconds = request.finished_at - request.first_token_at
-    result.context_full = request.end_token is None and steps == model.config.seq_len
+    result.context_full = finish_reason == "length" and steps == model.config.seq_len
     return result
 
 

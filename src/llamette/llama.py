@@ -4,8 +4,9 @@ it runs after `from llama_cpp import Llama` becomes `from llamette import Llama`
 The same methods, argument names and defaults, and the same OpenAI-shaped dicts (streams as
 iterators of chunks). Requests run through the server's engine (engine.Engine.stream) on the
 calling thread: one generation loop and one set of stop rules for both. What llama.cpp offers and
-llamette does not (GPU offload, mirostat, typical-p, grammars) is refused with a ValueError
-naming the argument, or, for settings about llama.cpp's own machinery, accepted and ignored.
+llamette does not (mirostat, typical-p, GBNF grammars, tools) is refused with a ValueError naming
+the argument; settings about llama.cpp's own machinery (GPU offload, batch sizes) are accepted
+and ignored.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from llamette.completion import (
     make_sampler,
     max_tokens_for,
     stop_strings,
+    stop_token_set,
 )
 from llamette.engine import Engine, Event, Request
 from llamette.errors import BadParameter
@@ -43,7 +45,7 @@ IGNORED_OPTIONS = frozenset({
     "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
     "n_batch", "n_ubatch", "n_threads_batch", "logits_all", "embedding", "offload_kqv",
     "flash_attn", "op_offload", "swa_full", "no_perf", "numa", "type_k", "type_v",
-    "pooling_type", "attention_type", "rope_scaling_type", "last_n_tokens_size",
+    "pooling_type", "attention_type", "rope_scaling_type",
 })  # fmt: skip
 
 
@@ -180,10 +182,12 @@ class Llama:
         grammar=None,
         logit_bias: dict[int, float] | None = None,
         response_format: dict | None = None,
+        stop_token_ids: list[int] | None = None,
     ) -> dict | Iterator[dict]:
         """Continue `prompt` (text, or token ids): an OpenAI text_completion, or with `stream`
         an iterator of its chunks. max_tokens None or <= 0 runs to the end of the context;
-        `response_format` (as in chat, a llamette addition here) makes the text JSON."""
+        `response_format` (as in chat) makes the text JSON and `stop_token_ids` end it (both
+        llamette's additions)."""
         _refuse(suffix=suffix, stopping_criteria=stopping_criteria,
                 logits_processor=logits_processor, grammar=grammar)  # fmt: skip
         _refuse_sampling(typical_p, mirostat_mode)
@@ -197,7 +201,9 @@ class Llama:
         if not prompt_tokens:
             raise BadParameter("prompt", "empty, and the model has no BOS token to start from")
         request = self._request(
-            prompt_tokens, max_tokens, stop, "prompt", logprobs, echo, response_format,
+            prompt_tokens, "prompt", max_tokens=max_tokens, stop=stop,
+            stop_token_ids=stop_token_ids, logprobs=logprobs, echo=echo,
+            response_format=response_format,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -243,6 +249,7 @@ class Llama:
         logit_bias: dict[int, float] | None = None,
         logprobs: bool | None = None,
         top_logprobs: int | None = None,
+        stop_token_ids: list[int] | None = None,
     ) -> dict | Iterator[dict]:
         """Answer `messages` (OpenAI's role and content dicts) in the model's chat template: an
         OpenAI chat.completion, or with `stream` an iterator of its chunks."""
@@ -254,7 +261,9 @@ class Llama:
         prompt_tokens = self.template.tokens(chat_messages(messages), self.tokenizer)
         top = (top_logprobs or 0) if logprobs else None
         request = self._request(
-            prompt_tokens, max_tokens, stop, "messages", top, False, response_format,
+            prompt_tokens, "messages", max_tokens=max_tokens, stop=stop,
+            stop_token_ids=stop_token_ids, logprobs=top, echo=False,
+            response_format=response_format,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed,
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
@@ -266,9 +275,9 @@ class Llama:
         return self._whole(request, answer, "")
 
     def _request(
-        self, prompt_tokens: list[int], max_tokens: int | None, stop: str | list[str] | None,
-        prompt_name: str, logprobs: int | None, echo: bool, response_format: dict | None,
-        seed: int | None, **sampling,
+        self, prompt_tokens: list[int], prompt_name: str, *, max_tokens: int | None,
+        stop: str | list[str] | None, stop_token_ids: list[int] | None, logprobs: int | None,
+        echo: bool, response_format: dict | None, seed: int | None, **sampling,
     ) -> Request:  # fmt: skip
         """The engine's request for a prompt and a call's settings (checked here); no
         max_tokens (or one <= 0) runs to the end of the context, as in llama-cpp-python."""
@@ -284,6 +293,7 @@ class Llama:
         return Request(prompt_tokens, max_tokens, sampler, lambda event: None,
                        StopStrings(stop_strings(stop)), logprobs=logprobs,
                        echo_logprobs=echo and logprobs is not None,
+                       end_ids=self.engine.end_ids | stop_token_set(stop_token_ids, self.n_vocab()),
                        constraint=self.grammars.constraint(response_format))  # fmt: skip
 
     def _events(self, request: Request) -> Iterator[Event]:

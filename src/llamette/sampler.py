@@ -45,7 +45,7 @@ class Adjustments:
             if not fine:
                 raise BadParameter(name, f"{rule}, not {getattr(self, name)}")
         for token, bias in self.logit_bias.items():
-            if not -100 <= bias <= 100:
+            if not (-100 <= bias <= 100 or bias == -math.inf):  # -inf: never, as llama.cpp has it
                 raise BadParameter("logit_bias", f"the bias of {token} must be within [-100, 100]")
 
     @property

@@ -34,6 +34,7 @@ from llamette.completion import (
     make_sampler,
     max_tokens_for,
     stop_strings,
+    stop_token_set,
 )
 from llamette.engine import Engine, Event, QueueFull, Request
 from llamette.errors import BadParameter, LlametteError
@@ -353,6 +354,7 @@ class Options:
     max_tokens: int
     samplers: list[Sampler]  # one per choice
     stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]  # ending a choice beside the model's end ids
     stream: bool
     include_usage: bool
     logprobs: int | None  # top alternatives per token; None: no logprobs
@@ -396,6 +398,7 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
     )
     samplers = [make_sampler(vocab_size, seed=seed + i, **sampling) for i in range(n)]
     stop = stop_strings(field(body, "stop", (str, list), []), MAX_STOP_STRINGS)
+    stop_token_ids = stop_token_set(field(body, "stop_token_ids", list, []), vocab_size)
 
     if chat:  # logprobs: true, with top_logprobs alternatives
         top = field(body, "top_logprobs", int, None)
@@ -411,7 +414,8 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
     stream = field(body, "stream", bool, False)
     stream_options = field(body, "stream_options", dict, {})
     include_usage = field(stream_options, "include_usage", bool, False)
-    return Options(max_tokens, samplers, stop, stream, include_usage, logprobs, echo)
+    return Options(max_tokens, samplers, stop, stop_token_ids, stream, include_usage, logprobs,
+                   echo)  # fmt: skip
 
 
 # Answering
@@ -429,6 +433,7 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
         requests.append(Request(
             prompt_tokens, options.max_tokens, sampler, relay.sender(index),
             StopStrings(options.stop), strip_leading_space=chat, logprobs=options.logprobs,
+            end_ids=served.engine.end_ids | options.stop_token_ids,
             echo_logprobs=options.echo and options.logprobs is not None,
         ))  # fmt: skip
     constraint = served.grammars.constraint(field(body, "response_format", dict, None))
