@@ -351,6 +351,8 @@ class Engine:
     def _admit(self) -> list[Request]:
         """Waiting requests that get a slot now, up to about PREFILL_CHUNK prompt tokens."""
         admitted, budget = [], PREFILL_CHUNK
+        if not self._waiting:  # the common case of a decode step: nothing to take the lock for
+            return admitted
         with self._wakeup:
             while self._waiting and self._free_slots and (not admitted or budget > 0):
                 request = self._waiting[0]
@@ -399,7 +401,7 @@ class Engine:
             request.token_logprobs.append(token_logprob(logits, token, request.logprobs))
         request.tokens.append(token)
         request.text += request.decoder.push(token)
-        cut = request.stop.find(request.text, request.shown)
+        cut = request.stop.find(request.text, request.shown) if request.stop.strings else None
         problem = request.constraint.accept(token) if request.constraint is not None else None
         if problem is not None:
             self._finish(request, "error", error=problem)
@@ -413,7 +415,10 @@ class Engine:
             request.text += request.decoder.flush()
             self._finish(request, "length")
         else:
-            self._send(request, request.stop.safe_length(request.text))
+            stop = request.stop
+            self._send(
+                request, stop.safe_length(request.text) if stop.strings else len(request.text)
+            )
 
     def _branch(self, request: Request, logits: np.ndarray) -> None:
         """At a request's first token, its siblings take its prompt's KV rows (and echoed
