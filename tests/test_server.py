@@ -415,3 +415,140 @@ def test_stop_token_ids_end_a_choice_at_that_token(client):
     cut = client.completions.create(**request, extra_body={"stop_token_ids": [third_id]})
     assert cut.choices[0].finish_reason == "stop" and cut.usage.completion_tokens == 2
     assert cut.choices[0].text == "".join(plain.choices[0].logprobs.tokens[:2])
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A server that asks for an API key and takes bodies of up to 2,000 bytes."""
+    served = ServedModel.load(str(BUNDLED / "model.bin"), max_batch=2, name=NAME)
+    served.api_key, served.max_body = "sesame", 2000
+    with serving(served) as url:
+        yield url, served
+
+
+def test_an_api_key_is_asked_of_every_request_but_health(guarded):
+    url, _ = guarded
+    body = {"model": NAME, "prompt": "Once", "max_tokens": 2}
+    for headers in ({}, {"Authorization": "Bearer open"}, {"Authorization": "sesame"}):
+        answer = httpx.post(f"{url}/v1/completions", json=body, headers=headers)
+        assert answer.status_code == 401 and answer.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert httpx.get(f"{url}/health").status_code == 200
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="sesame", max_retries=0)
+    assert client.completions.create(**body).usage.completion_tokens == 2
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_a_body_over_the_limit_is_413(guarded):
+    url, _ = guarded
+    headers = {"Authorization": "Bearer sesame"}
+    big = {"model": NAME, "prompt": "Once " * 1000}
+    assert httpx.post(f"{url}/v1/completions", json=big, headers=headers).status_code == 413
+
+    def chunked():  # no content-length: counted as it arrives
+        yield b'{"model": "stories", "prompt": "'
+        for _ in range(100):
+            yield b"Once upon a time " * 2
+        yield b'"}'
+
+    answer = httpx.post(f"{url}/v1/completions", content=chunked(), headers=headers)
+    assert answer.status_code == 413 and "2000 bytes" in answer.json()["error"]["message"]
+
+
+def test_an_internal_error_is_a_500_with_an_id_and_no_internals(guarded, monkeypatch, caplog):
+    url, served = guarded
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals at /home/model")
+
+    monkeypatch.setattr(served.tokenizer, "decode", broken)
+    answer = httpx.post(f"{url}/detokenize", json={"tokens": [5, 6]},
+                        headers={"Authorization": "Bearer sesame"})  # fmt: skip
+    error = answer.json()["error"]
+    assert answer.status_code == 500 and "secret" not in answer.text
+    error_id = error["message"].split("(id ")[1].split(")")[0]
+    assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+def test_tokenize_and_detokenize_as_llama_cpps_server(client, url):
+    tokenizer = llamette.Tokenizer.load(BUNDLED / "tokenizer.bin")
+    text = "Once upon a time</s>"
+    plain = httpx.post(f"{url}/tokenize", json={"content": text}).json()["tokens"]
+    assert plain == tokenizer.encode(text, bos=False, special=True)
+    with_bos = httpx.post(f"{url}/tokenize", json={"content": text, "add_special": True,
+                                                   "with_pieces": True}).json()["tokens"]  # fmt: skip
+    assert [t["id"] for t in with_bos] == [1, *plain] and with_bos[0]["piece"] == "<s>"
+    back = httpx.post(f"{url}/detokenize", json={"tokens": plain[:-1]}).json()["content"]
+    assert back == "Once upon a time"
+    bad = httpx.post(f"{url}/detokenize", json={"tokens": [99999]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_metrics_parse_as_prometheus_text_and_count(client, url):
+    parser = pytest.importorskip("prometheus_client.parser", reason="a test dependency")
+
+    def families():
+        text = httpx.get(f"{url}/metrics").text
+        return {f.name: f for f in parser.text_string_to_metric_families(text)}
+
+    def value(family, **labels):
+        return sum(s.value for s in family.samples if labels.items() <= s.labels.items())
+
+    before = families()
+    client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=5, temperature=0)
+    after = families()
+    completed = {"path": "/v1/completions", "status": "200"}
+    assert value(after["llamette_requests"], **completed) == value(
+        before["llamette_requests"], **completed) + 1  # fmt: skip
+    assert (
+        value(after["llamette_completion_tokens"]) - value(before["llamette_completion_tokens"])
+        == 5
+    )
+    ttft = after["llamette_time_to_first_token_seconds"]
+    assert (
+        value(ttft, le="+Inf")
+        == value(before["llamette_time_to_first_token_seconds"], le="+Inf") + 1
+    )
+    assert after["llamette_kv_slots"].samples[0].value == 16
+    assert {"llamette_requests_running", "llamette_requests_waiting",
+            "llamette_inter_token_latency_seconds", "llamette_kv_slots_used"} <= after.keys()  # fmt: skip
+
+
+def test_a_graceful_stop_ends_running_streams_with_a_finish_reason(monkeypatch):
+    """SIGTERM's path (DrainingServer.shutdown): requests running get the text so far and
+    finish_reason "abort", new connections are refused, and the server ends."""
+    import threading
+
+    import uvicorn
+
+    from llamette.server import DrainingServer, create_app, listen
+
+    served = ServedModel.load(str(BUNDLED / "model.bin"), max_batch=2, name=NAME)
+    step = served.engine.step
+
+    def slow_step():  # a long answer, so that the stop finds it running
+        time.sleep(0.02)
+        step()
+
+    monkeypatch.setattr(served.engine, "step", slow_step)
+    sock = listen("127.0.0.1", 0)
+    server = DrainingServer(uvicorn.Config(create_app(served), log_level="warning"), served.engine)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    served.engine.ready.wait()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    body = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 200, "stream": True}
+    lines = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            lines.append(line)
+            if len(lines) == 6:
+                server.should_exit = True  # what SIGTERM and Ctrl-C set
+    thread.join(timeout=30)
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "abort" and lines[-2] == "data: [DONE]"
+    assert 2 < sum(bool(c["choices"][0]["text"]) for c in chunks) < 200
+    assert not thread.is_alive()

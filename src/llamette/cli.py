@@ -285,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
     serve.add_argument("--name", help="the model's name in the API (default: the file's stem)")
+    serve.add_argument(
+        "--api-key", default=os.environ.get("LLAMETTE_API_KEY"), metavar="KEY",
+        help="ask every request but /health for 'Authorization: Bearer KEY' "
+        "(default: $LLAMETTE_API_KEY; none: open)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--max-body", type=int, metavar="BYTES",
+        help="answer larger request bodies 413 (default 8 MiB)",
+    )  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser(
@@ -490,9 +499,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     use_threads(args.threads)
     sock = server.listen(args.host, args.port)
     name = args.name or ("llamette-stories" if args.model == str(BUNDLED_MODEL) else None)
+    if args.max_body is not None and args.max_body < 1:
+        raise LlametteError(f"--max-body: {args.max_body} is not a positive number of bytes")
+    if args.api_key is not None and not args.api_key.strip():
+        raise LlametteError("--api-key: empty (leave it out to serve without a key)")
     served = server.ServedModel.load(
         args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name
     )
+    served.api_key = args.api_key
+    served.max_body = args.max_body or served.max_body
     served.engine.model.adapt_threads = args.threads is None  # --threads N forces N
     c = served.engine.model.config
     kv_bytes = sum(cache.nbytes for cache in served.engine.model.kv_cache)
@@ -500,9 +515,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log.info(
         f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: {args.max_batch} "
         f"slots of {c.seq_len} positions (KV cache {kv_bytes / 2**20:.0f} MiB), "
-        f"chat template {served.template.name}"
+        f"chat template {served.template.name}" + (", API key required" if served.api_key else "")
     )
-    with contextlib.suppress(KeyboardInterrupt):  # uvicorn shuts down, then passes Ctrl-C on
+    with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C, cutting the stop short
         server.run_server(served, sock)
     log.info("stopped")
     return 0

@@ -24,6 +24,7 @@ import numpy as np
 from llamette.completion import StopStrings
 from llamette.errors import LlametteError
 from llamette.kernels import SMALL_BATCH
+from llamette.metrics import Metrics
 from llamette.model import PREFILL_CHUNK, Transformer, use_huge_pages
 from llamette.sampler import Sampler, TokenLogprob, token_logprob
 from llamette.structured import JsonConstraint
@@ -75,8 +76,10 @@ class Request:
     text: str = ""
     shown: int = 0  # characters of text sent (text beyond may start a stop string)
     decoder: StreamDecoder | None = None
-    admitted_at: float = 0.0  # time.perf_counter() when it got its slot,
+    submitted_at: float = 0.0  # time.perf_counter() when it was queued,
+    admitted_at: float = 0.0  # when it got its slot,
     first_token_at: float = 0.0  # when its first token was sampled,
+    last_token_at: float = 0.0  # its latest,
     finished_at: float = 0.0  # and when it ended
 
     @property
@@ -96,7 +99,7 @@ class Engine:
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, max_queue: int = 64,
-        threads: int | None = None,
+        threads: int | None = None, metrics: Metrics | None = None,
     ):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
@@ -116,6 +119,8 @@ class Engine:
         self.failure: Exception | None = None
         self.cancelled = 0  # requests dropped because their client went away
         self._masker: ThreadPoolExecutor | None = None  # computes structured answers' masks
+        self.metrics = metrics  # time to first token, between tokens, tokens
+        self._draining = False  # ending every request, taking no more
 
     def submit(self, request: Request) -> None:
         """Queue a request (with its siblings, which run beside it from its prompt's pass);
@@ -129,7 +134,11 @@ class Engine:
         group = 1 + len(request.siblings)
         if group > self.n_slots:
             raise LlametteError(f"{group} choices need as many slots; there are {self.n_slots}")
+        for member in (request, *request.siblings):
+            member.submitted_at = time.perf_counter()
         with self._wakeup:
+            if self._draining:
+                raise QueueFull("the server is shutting down")
             waiting_for_slot = len(self._running) + len(self._waiting) + group - self.n_slots
             if waiting_for_slot > self.max_queue:
                 raise QueueFull(
@@ -142,6 +151,10 @@ class Engine:
         with self._wakeup:
             return {"slots": self.n_slots, "running": len(self._running),
                     "waiting": len(self._waiting), "cancelled": self.cancelled}  # fmt: skip
+
+    def slots_used(self) -> int:
+        with self._wakeup:
+            return self.n_slots - len(self._free_slots)
 
     def idle(self) -> bool:
         with self._wakeup:
@@ -166,6 +179,9 @@ class Engine:
         row is computed as it would be alone, so this gives the bits of a whole-prompt prefill.
         Prompts longer than SMALL_BATCH, whose prefill takes the batched kernels, go alone.
         """
+        if self._draining:
+            self._end_all("abort")
+            return
         for request in self._admit():
             if request.embed:
                 self._embed_alone(request)
@@ -280,6 +296,23 @@ class Engine:
             if not finished:
                 self._cancel_now(request)
 
+    def drain(self) -> None:
+        """Take no more requests, and end every waiting and running one at the next round with
+        finish_reason "abort" (their text so far sent): a server's graceful stop."""
+        with self._wakeup:
+            self._draining = True
+            self._wakeup.notify()
+
+    def _end_all(self, reason: str) -> None:
+        with self._wakeup:
+            waiting, self._waiting = list(self._waiting), deque()
+        for request in waiting:
+            request.finished_at = time.perf_counter()
+            request.on_event(Event("", reason))
+        for request in list(self._running):
+            if request in self._running:  # a sibling may have ended with its request
+                self._finish(request, reason)
+
     def _cancel_now(self, request: Request) -> None:
         """Drop a request at once, waiting or running (its slot freed for the next)."""
         request.cancelled = True
@@ -391,7 +424,14 @@ class Engine:
             return
         if request.siblings:
             self._branch(request, logits)
-        request.first_token_at = request.first_token_at or time.perf_counter()
+        now = time.perf_counter()
+        if not request.first_token_at:
+            request.first_token_at = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - request.submitted_at, len(request.prompt_tokens))
+        elif self.metrics is not None:
+            self.metrics.next_token(now - request.last_token_at)
+        request.last_token_at = now
         if token in (self.end_ids if request.end_ids is None else request.end_ids):
             request.end_token = token
             request.text += request.decoder.flush()

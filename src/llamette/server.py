@@ -11,14 +11,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import json
+import logging
 import os
 import secrets
 import socket
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request as HttpRequest
@@ -35,16 +39,23 @@ from llamette.completion import (
     max_tokens_for,
     stop_strings,
     stop_token_set,
+    token_text,
 )
 from llamette.engine import Engine, Event, QueueFull, Request
 from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
+from llamette.metrics import Metrics
 from llamette.model import Transformer
 from llamette.sampler import MAX_TOP_LOGPROBS, Sampler
 from llamette.structured import Grammars
 from llamette.tokenizer import Tokenizer
 
 MAX_STOP_STRINGS = 16
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body's default limit (--max-body)
+KNOWN_PATHS = frozenset({"/health", "/metrics", "/tokenize", "/detokenize", "/v1/models",
+                         "/v1/completions", "/v1/chat/completions", "/v1/embeddings"})  # fmt: skip
+
+log = logging.getLogger("llamette")
 
 
 @dataclass
@@ -56,9 +67,12 @@ class ServedModel:
     tokenizer: Tokenizer
     template: ChatTemplate
     created: int  # Unix time, for /v1/models
+    api_key: str | None = None  # asked of every request but /health, as a Bearer token
+    max_body: int = MAX_BODY_BYTES  # a larger request body is answered 413
 
     def __post_init__(self):
         self.grammars = Grammars(self.tokenizer, self.engine.end_ids)  # for response_format
+        self.metrics = self.engine.metrics = Metrics()
 
     @property
     def context(self) -> int:
@@ -178,6 +192,43 @@ def create_app(served: ServedModel) -> Starlette:
             "usage": {"prompt_tokens": count, "total_tokens": count},
         })  # fmt: skip
 
+    async def tokenize(http: HttpRequest) -> JSONResponse:
+        """llama.cpp's /tokenize: content's ids (BOS if add_special and the model adds one;
+        special tokens' text parsed unless parse_special is false), with their pieces if asked."""
+        body = await json_body(http)
+        content = field(body, "content", str)
+        add_special = field(body, "add_special", bool, False)
+        tokens = served.tokenizer.encode(
+            content, bos=add_special and served.tokenizer.add_bos,
+            special=field(body, "parse_special", bool, True),
+        )  # fmt: skip
+        if field(body, "with_pieces", bool, False):
+            pieces = [token_text(served.tokenizer, t) for t in tokens]
+            return JSONResponse({"tokens": [{"id": t, "piece": p} for t, p in zip(tokens, pieces,
+                                                                                strict=True)]})  # fmt: skip
+        return JSONResponse({"tokens": tokens})
+
+    async def detokenize(http: HttpRequest) -> JSONResponse:
+        body = await json_body(http)
+        tokens = field(body, "tokens", list)
+        vocab_size = served.tokenizer.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+                   for t in tokens):  # fmt: skip
+            raise ApiError(400, f"tokens: must be token ids within 0..{vocab_size - 1}", "tokens")
+        return JSONResponse({"content": served.tokenizer.decode(tokens)})
+
+    async def metrics(http: HttpRequest) -> Response:
+        engine = served.engine
+        stats = engine.stats()
+        gauges = {
+            "llamette_requests_running": ("Requests decoding now.", stats["running"]),
+            "llamette_requests_waiting": ("Requests queued for a slot.", stats["waiting"]),
+            "llamette_kv_slots": ("KV-cache slots (one request's context each).", stats["slots"]),
+            "llamette_kv_slots_used": ("KV-cache slots held by requests.", engine.slots_used()),
+        }  # fmt: skip
+        return Response(served.metrics.render(gauges),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip
+
     async def api_error(http: HttpRequest, error: ApiError) -> JSONResponse:
         return error_response(error)
 
@@ -189,7 +240,14 @@ def create_app(served: ServedModel) -> Starlette:
         return error_response(ApiError(error.status_code, message, code=str(error.status_code)))
 
     async def server_error(http: HttpRequest, error: Exception) -> JSONResponse:
-        return error_response(ApiError(500, f"internal error: {error}", kind="server_error"))
+        """An error of llamette's own: its traceback to the log under an id, the id to the
+        client (never the error's text, which may hold internals)."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error(f"internal error {error_id} answering {http.method} {http.url.path}",
+                  exc_info=error)  # fmt: skip
+        return error_response(ApiError(500, f"internal error (id {error_id}); the server's log "
+                                       "has the details", code="internal_error",
+                                       kind="server_error"))  # fmt: skip
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -198,10 +256,15 @@ def create_app(served: ServedModel) -> Starlette:
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/metrics", metrics, methods=["GET"]),
     ]
     handlers = {ApiError: api_error, BadParameter: bad_parameter, HTTPException: http_error,
                 Exception: server_error}  # fmt: skip
-    return Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.max_body = served.max_body
+    return Guard(app, served)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -219,11 +282,63 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run_server(served: ServedModel, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve on a bound socket until interrupted (uvicorn)."""
-    import uvicorn
-
+    """Serve on a bound socket until SIGTERM or Ctrl-C: then take no more requests, end the
+    running ones (their clients get what was generated and finish_reason "abort"), stop."""
     config = uvicorn.Config(create_app(served), log_level=log_level, timeout_graceful_shutdown=3)
-    uvicorn.Server(config).run(sockets=[sock])
+    DrainingServer(config, served.engine).run(sockets=[sock])
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, which ends the engine's requests before it waits for their
+    connections to close."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine):
+        super().__init__(config)
+        self.engine = engine
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.engine.drain()
+        await super().shutdown(sockets)
+        # uvicorn raises the stopping signal again once it is done, to die by it; this stop was
+        # the signal's purpose, carried out: the process exits 0 instead
+        self._captured_signals.clear()
+
+
+class Guard:
+    """ASGI middleware before every route: the API key (a Bearer token, compared in constant
+    time; /health needs none) and the count of answers by path and status."""
+
+    def __init__(self, app, served: ServedModel):
+        self.app, self.served = app, served
+        key = served.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = []
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            if self.expected is not None and path != "/health" and not self._authorized(scope):
+                error = ApiError(401, "a valid API key is needed: Authorization: Bearer KEY",
+                                 code="invalid_api_key")  # fmt: skip
+                await error_response(error)(scope, receive, counted)
+            else:
+                await self.app(scope, receive, counted)
+        finally:
+            route = path if path in KNOWN_PATHS else "other"
+            self.served.metrics.answered(route, status[0] if status else 0)
+
+    def _authorized(self, scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected)
 
 
 def model_card(served: ServedModel) -> dict:
@@ -239,7 +354,19 @@ def unknown_model(name: str, served: ServedModel) -> ApiError:
 
 
 async def json_body(http: HttpRequest) -> dict:
-    raw = await http.body()
+    limit = http.app.state.max_body
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"the body is larger than this server's limit of {limit} bytes",
+                       code="body_too_large")  # fmt: skip
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the body is larger than this server's limit of {limit} bytes",
+                           code="body_too_large")  # fmt: skip
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
