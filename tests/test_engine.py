@@ -350,3 +350,33 @@ def test_choices_cancelled_before_their_prompts_pass_all_end(engine, tokenizer):
     with pytest.raises(llamette.LlametteError, match="17 choices need as many slots"):
         choices[0].siblings = [make_request(tokenizer, "x") for _ in range(16)]
         engine.submit(choices[0])
+
+
+def test_chunked_prefill_keeps_the_others_decoding_and_every_answer_the_same(tokenizer):
+    """With chunked_prefill (the server's), a long prompt arriving goes in with the decode
+    rows, a pass of SMALL_BATCH rows at a time: the running requests gain a token every round
+    meanwhile, and every request gets the tokens it gets alone."""
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=4)
+    engine = Engine(model, tokenizer, chunked_prefill=True)
+    story = "Lily and Tom went to the park to play with a big red ball. " * 12
+    specs = [(f"Once upon a time {i}", 60, 0.9, i) for i in range(3)] + [(story, 20, 0.8, 7)]
+    *running, long_one = [make_request(tokenizer, *spec) for spec in specs]
+    for request in running:
+        engine.submit(request)
+    engine.step()
+    engine.step()
+    assert len(long_one.prompt_tokens) > 4 * SMALL_BATCH
+    engine.submit(long_one)
+    rounds = 0
+    while long_one.prompt_fed < len(long_one.prompt_tokens):
+        before = [len(r.tokens) for r in running]
+        engine.step()
+        rounds += 1
+        assert [len(r.tokens) for r in running] == [n + 1 for n in before]
+    assert rounds > 4
+    run_until_idle(engine)
+    for spec, request in zip(specs, [*running, long_one], strict=True):
+        alone = make_request(tokenizer, *spec)
+        engine.submit(alone)
+        run_until_idle(engine)
+        assert output(alone) == output(request)

@@ -95,11 +95,13 @@ class QueueFull(LlametteError):
 class Engine:
     """Schedules requests over the model's KV-cache slots: at most one per slot runs, up to
     `max_queue` more wait. Its thread runs the kernels with `threads` threads (default: as many
-    as the thread that made the engine was set to use, see kernels.set_threads)."""
+    as the thread that made the engine was set to use, see kernels.set_threads). With
+    `chunked_prefill` (the server's), long prompts share the passes instead of stalling them."""
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, max_queue: int = 64,
         threads: int | None = None, metrics: Metrics | None = None,
+        chunked_prefill: bool = False,
     ):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
@@ -120,6 +122,8 @@ class Engine:
         self.cancelled = 0  # requests dropped because their client went away
         self._masker: ThreadPoolExecutor | None = None  # computes structured answers' masks
         self.metrics = metrics  # time to first token, between tokens, tokens
+        # every prompt fed in the room of the passes, never alone: others go on decoding
+        self.chunked_prefill = chunked_prefill
         self._draining = False  # ending every request, taking no more
 
     def submit(self, request: Request) -> None:
@@ -175,9 +179,12 @@ class Engine:
         """One round: admit waiting requests to free slots, then one pass through the model.
 
         A pass takes the last sampled token of every running request and, in the room left in
-        its last SMALL_BATCH rows, prompt tokens of the admitted (a prompt may span rounds). Each
-        row is computed as it would be alone, so this gives the bits of a whole-prompt prefill.
-        Prompts longer than SMALL_BATCH, whose prefill takes the batched kernels, go alone.
+        its last SMALL_BATCH rows, prompt tokens of the admitted (a prompt may span rounds). The
+        kernels compute each row of a pass of at most SMALL_BATCH rows as they would in any
+        other, so a request's tokens do not depend on the others'. Prompts longer than
+        SMALL_BATCH go alone through the batched kernels (the faster way for one request), unless
+        `chunked_prefill` feeds them through the passes' room as well, in chunks that leave the
+        running requests decoding meanwhile.
         """
         if self._draining:
             self._end_all("abort")
@@ -185,7 +192,9 @@ class Engine:
         for request in self._admit():
             if request.embed:
                 self._embed_alone(request)
-            elif len(request.prompt_tokens) > SMALL_BATCH or request.echo_logprobs:
+            elif request.echo_logprobs or (
+                len(request.prompt_tokens) > SMALL_BATCH and not self.chunked_prefill
+            ):
                 self._prefill_alone(request)
         self._drop_cancelled()
         rows = self._rows()  # (request, token, position)

@@ -92,7 +92,7 @@ class ServedModel:
             raise LlametteError("--max-batch must be 1 or more and --max-queue 0 or more")
         model = Transformer(weights, n_slots=max_batch, seq_len=ctx)
         tokenizer = find_tokenizer(model_path, tokenizer_path, model.config.vocab_size, "-z")
-        engine = Engine(model, tokenizer, max_queue)
+        engine = Engine(model, tokenizer, max_queue, chunked_prefill=True)
         name = name or os.path.splitext(os.path.basename(model_path))[0]
         return cls(name, engine, tokenizer, chat_template_for(model_path),
                    int(os.path.getmtime(model_path)))  # fmt: skip
