@@ -380,3 +380,46 @@ def test_chunked_prefill_keeps_the_others_decoding_and_every_answer_the_same(tok
         engine.submit(alone)
         run_until_idle(engine)
         assert output(alone) == output(request)
+
+
+def test_a_prompt_starting_with_a_finished_requests_tokens_reuses_their_kv_rows(tokenizer):
+    """The chunked engine's prompt cache: a second turn that repeats the first turn's prompt
+    and answer starts after them (prompt_fed), and answers as an engine with an empty cache
+    does; a prompt that shares nothing takes the least recently freed slot instead."""
+    from llamette.metrics import Metrics
+
+    def engine() -> Engine:
+        model = Transformer.load(BUNDLED / "model.bin", n_slots=2)
+        return Engine(model, tokenizer, chunked_prefill=True, metrics=Metrics())
+
+    cached = engine()
+    first = make_request(tokenizer, "Lily and Tom went to the park to play with a ball.", 30, 0.9)
+    cached.submit(first)
+    run_until_idle(cached)
+    held = first.prompt_tokens + first.tokens  # all fed but the last sampled
+    second_prompt = held + tokenizer.encode(" Then they went home.", bos=False)
+    second = make_request(tokenizer, "", 20, 0.9, seed=3)
+    second.prompt_tokens = second_prompt
+    cached.submit(second)
+    cached._admit()
+    assert second.slot == first_slot(cached, first) and second.prompt_fed == len(held) - 1
+    run_until_idle(cached)
+    assert cached.metrics.reused_prompt_tokens == len(held) - 1
+
+    fresh = engine()
+    alone = make_request(tokenizer, "", 20, 0.9, seed=3)
+    alone.prompt_tokens = second_prompt
+    fresh.submit(alone)
+    run_until_idle(fresh)
+    assert output(alone) == output(second) and alone.prompt_fed == len(second_prompt)
+
+    other = make_request(tokenizer, "A cat sat on a mat and looked at the moon all night.", 5)
+    cached.submit(other)
+    cached._admit()
+    assert other.prompt_fed == 0 and other.slot != second.slot
+
+
+def first_slot(engine: Engine, request: Request) -> int:
+    """The slot whose cached tokens are the request's (it has left it)."""
+    held = (request.prompt_tokens + request.tokens)[: request.written]
+    return next(s for s, tokens in engine._cached.items() if list(tokens) == held)

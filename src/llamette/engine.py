@@ -33,6 +33,8 @@ from llamette.weights import BOS_ID
 
 log = logging.getLogger("llamette")
 
+MIN_REUSED = 16  # cached prompt tokens worth taking a slot for (and evicting what it holds)
+
 
 @dataclass(frozen=True)
 class Event:
@@ -68,7 +70,8 @@ class Request:
 
     # progress, kept by the engine
     slot: int = -1
-    prompt_fed: int = 0  # prompt tokens through the model so far
+    prompt_fed: int = 0  # prompt tokens through the model so far (or found in the cache)
+    written: int = 0  # positions of its slot's KV cache written for it
     tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
     end_token: int | None = None  # the end id that finished it, if one did
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, if echoed,
@@ -111,7 +114,7 @@ class Engine:
         self.threads = threads or numba.get_num_threads()
         self.n_slots = model.kv_cache.keys.shape[0]
         self.max_queue = max_queue
-        self._free_slots = list(range(self.n_slots - 1, -1, -1))
+        self._free_slots = list(range(self.n_slots))  # the least recently freed first
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []
         self._wakeup = threading.Condition()
@@ -122,8 +125,11 @@ class Engine:
         self.cancelled = 0  # requests dropped because their client went away
         self._masker: ThreadPoolExecutor | None = None  # computes structured answers' masks
         self.metrics = metrics  # time to first token, between tokens, tokens
-        # every prompt fed in the room of the passes, never alone: others go on decoding
+        # every prompt fed in the room of the passes, never alone: others go on decoding; every
+        # row then gets the same bits however it is batched, so a free slot's KV rows can serve
+        # any later prompt that starts with the tokens they hold (the prompt cache)
         self.chunked_prefill = chunked_prefill
+        self._cached: dict[int, np.ndarray] = {}  # slot: the tokens its KV rows hold
         self._draining = False  # ending every request, taking no more
 
     def submit(self, request: Request) -> None:
@@ -215,6 +221,8 @@ class Engine:
                 )  # (len(sampling), vocab_size)
             if masks is not None:
                 masks.result()
+            for request, _, pos in batch:
+                request.written = pos + 1
             for i, row in zip(sampling, logits, strict=True):
                 request = batch[i][0]
                 self._advance(request, self._draw(request, row), row)
@@ -259,7 +267,7 @@ class Engine:
             log.exception("prefill failed")
             self._finish(request, "error", error=str(error))
             return
-        request.prompt_fed = len(request.prompt_tokens)
+        request.prompt_fed = request.written = len(request.prompt_tokens)
         self._advance(request, self._draw(request, logits), logits)
 
     def _prefill_with_logprobs(self, request: Request) -> np.ndarray:
@@ -405,8 +413,14 @@ class Engine:
                 if len(self._free_slots) < 1 + len(request.siblings):
                     break  # the choices go in together, in their turn
                 self._waiting.popleft()
+                reuse = self.chunked_prefill and not (request.embed or request.echo_logprobs)
+                request.slot, request.prompt_fed = self._take_slot(request.prompt_tokens, reuse)
+                request.written = request.prompt_fed
+                if request.prompt_fed and self.metrics is not None:
+                    self.metrics.prompt_reused(request.prompt_fed)
+                for sibling in request.siblings:
+                    sibling.slot, _ = self._take_slot(sibling.prompt_tokens, reuse=False)
                 for member in (request, *request.siblings):
-                    member.slot = self._free_slots.pop()
                     member.admitted_at = time.perf_counter()
                     member.decoder = StreamDecoder(
                         self.tokenizer,
@@ -418,8 +432,24 @@ class Engine:
                 for sibling in request.siblings:  # they take the prompt's pass from the request
                     sibling.prompt_fed = len(sibling.prompt_tokens)
                 admitted.append(request)
-                budget -= len(request.prompt_tokens)
+                budget -= len(request.prompt_tokens) - request.prompt_fed
         return admitted
+
+    def _take_slot(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
+        """A free slot for a prompt, and how many of the prompt's first tokens its KV rows hold
+        already: the slot sharing the longest prefix with the prompt (at least MIN_REUSED
+        tokens, and never the whole prompt, whose last token gives the first logits), else the
+        least recently freed one."""
+        best, shared = self._free_slots[0], 0
+        if reuse:
+            wanted = np.asarray(prompt[:-1], np.int64)
+            for slot in self._free_slots:
+                held = self._cached.get(slot)
+                n = 0 if held is None else _shared_prefix(held, wanted)
+                if n > shared and n >= MIN_REUSED:
+                    best, shared = slot, n
+        self._free_slots.remove(best)
+        return best, shared
 
     def _drop_cancelled(self) -> None:
         for request in list(self._running):
@@ -475,6 +505,7 @@ class Engine:
         siblings, request.siblings = request.siblings, []
         for sibling in siblings:
             self.model.copy_positions(request.slot, sibling.slot, len(request.prompt_tokens))
+            sibling.written = len(request.prompt_tokens)
             sibling.token_logprobs = list(request.token_logprobs)
             self._advance(sibling, self._draw(sibling, logits), logits)
 
@@ -495,6 +526,9 @@ class Engine:
     ) -> None:  # fmt: skip
         with self._wakeup:
             self._running.remove(request)
+            if self.chunked_prefill:
+                fed = (request.prompt_tokens + request.tokens)[: request.written]
+                self._cached[request.slot] = np.asarray(fed, np.int64)
             self._free_slots.append(request.slot)
             request.slot = -1
         request.finished_at = time.perf_counter()
@@ -508,3 +542,10 @@ class Engine:
             self._send(request, len(request.text))
         logprobs = self._new_logprobs(request)
         request.on_event(Event("", reason, len(request.tokens), error, embedding, logprobs))
+
+
+def _shared_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """How many tokens a and b share from the start."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n

@@ -39,6 +39,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests: Counter[tuple[str, int]] = Counter()  # (path, status)
         self.prompt_tokens = 0
+        self.reused_prompt_tokens = 0
         self.completion_tokens = 0
         self.time_to_first_token = Histogram()
         self.inter_token_latency = Histogram()
@@ -46,6 +47,10 @@ class Metrics:
     def answered(self, path: str, status: int) -> None:
         with self._lock:
             self.requests[path, status] += 1
+
+    def prompt_reused(self, tokens: int) -> None:
+        with self._lock:
+            self.reused_prompt_tokens += tokens
 
     def first_token(self, seconds: float, prompt_tokens: int) -> None:
         with self._lock:
@@ -73,6 +78,9 @@ class Metrics:
                 *family("llamette_prompt_tokens_total", "counter",
                         "Prompt tokens of the requests that produced a token.",
                         [f"llamette_prompt_tokens_total {self.prompt_tokens}"]),
+                *family("llamette_prompt_tokens_reused_total", "counter",
+                        "Prompt tokens whose KV rows a slot held already (the prompt cache).",
+                        [f"llamette_prompt_tokens_reused_total {self.reused_prompt_tokens}"]),
                 *family("llamette_completion_tokens_total", "counter", "Tokens generated.",
                         [f"llamette_completion_tokens_total {self.completion_tokens}"]),
                 *family("llamette_time_to_first_token_seconds", "histogram",
