@@ -1,4 +1,5 @@
-"""A long prompt arriving while streams decode: how much it holds them up.
+"""A long prompt arriving while streams decode: how much it holds them up; and a second prompt
+that repeats a first one's: how much sooner it answers from the prompt cache.
 
 Usage: python benchmarks/long_prompt.py [--model stories110M] [--type f32] [--prompt-tokens 900]
                                         [--rounds 3] [--baseline OLD/src]
@@ -6,7 +7,10 @@ Usage: python benchmarks/long_prompt.py [--model stories110M] [--type f32] [--pr
 `llamette serve` runs 8 streamed completions (greedy, 160 tokens each); in one run nothing else
 arrives, in the other a prompt of about --prompt-tokens tokens arrives once the streams are
 under way. Reported for each: the streams' inter-token latency (the time between consecutive
-chunks; median, p99, max) and the long prompt's time to its first token. With --baseline, a
+chunks; median, p99, max) and the long prompt's time to its first token. Then, on a fresh
+server, the long prompt alone and again with a sentence added (greedy, 16 tokens): both times
+to the first token, and whether the second answer equals that of a server with an empty cache.
+With --baseline, a
 second build (its src folder, e.g. a git worktree of an older commit) runs the same load in
 alternating rounds. Medians over the rounds; the table goes to benchmarks/results/long_prompt.md.
 """
@@ -40,9 +44,12 @@ def server(model: Path, source: Path | None) -> Server:
     if source is not None:  # another build's package first on the path
         os.environ["PYTHONPATH"] = str(source)
     try:
-        return Server(command, port)
+        started = Server(command, port)
     finally:
         os.environ.pop("PYTHONPATH", None)
+    while httpx.get(f"{started.url}/health").status_code == 503:  # its kernels still load
+        time.sleep(0.2)
+    return started
 
 
 async def stream_gaps(http: httpx.AsyncClient, url: str, model: str, index: int) -> list[float]:
@@ -59,8 +66,7 @@ async def stream_gaps(http: httpx.AsyncClient, url: str, model: str, index: int)
 
 async def long_prompt_ttft(http: httpx.AsyncClient, url: str, model: str, words: int) -> float:
     await asyncio.sleep(1.0)  # the streams are under way
-    story = " ".join(["Lily", "and", "Tom", "played", "in", "the", "big", "green", "park."] * words)
-    body = {"model": model, "prompt": story, "max_tokens": 1, "temperature": 0}
+    body = {"model": model, "prompt": story(words), "max_tokens": 1, "temperature": 0}
     start = time.perf_counter()
     answer = (await http.post(f"{url}/v1/completions", json=body)).json()
     assert answer["usage"]["completion_tokens"] == 1, answer
@@ -77,6 +83,39 @@ async def one_run(url: str, model: str, words: int | None) -> dict:
     every = sorted(g for stream in gaps for g in stream)
     p99 = every[min(len(every) - 1, int(0.99 * len(every)))]
     return {"median": statistics.median(every), "p99": p99, "max": every[-1], "ttft": ttft}
+
+
+SENTENCE = " Then they went home."
+
+
+def story(words: int) -> str:
+    """About ten tokens per `words`: a nine-word sentence again and again."""
+    return " ".join(["Lily", "and", "Tom", "played", "in", "the", "big", "green", "park."] * words)
+
+
+async def greedy_text(url: str, model: str, prompt: str) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0}
+    async with httpx.AsyncClient(timeout=600) as http:
+        return (await http.post(f"{url}/v1/completions", json=body)).json()["choices"][0]["text"]
+
+
+async def prefix_reuse(url: str, model: str, words: int) -> tuple[float, float, str]:
+    """(time to the first token of a long prompt, of the same prompt with a sentence added,
+    the second answer's text)."""
+    times, text = [], ""
+    async with httpx.AsyncClient(timeout=600) as http:
+        for prompt in (story(words), story(words) + SENTENCE):
+            body = {"model": model, "prompt": prompt, "max_tokens": 16, "temperature": 0,
+                    "stream": True}  # fmt: skip
+            start, first, pieces = time.perf_counter(), None, []
+            async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {"):
+                        first = first or time.perf_counter()
+                        pieces.append(json.loads(line[6:])["choices"][0]["text"])
+            times.append(first - start)
+            text = "".join(pieces)
+    return times[0], times[1], text
 
 
 def median_ms(results: list[dict], key: str) -> str:
@@ -117,6 +156,24 @@ def main() -> None:
     for (build, load), results in runs.items():
         cells = [median_ms(results, key) for key in ("median", "p99", "max", "ttft")]
         lines.append(f"| {build} | {load} | {' | '.join(cells)} |")
+    served = server(path, None)
+    try:
+        first, second, text = asyncio.run(prefix_reuse(served.url, served.model, words))
+    finally:
+        served.stop()
+    served = server(path, None)  # an empty cache: the second prompt first
+    try:
+        alone_text = asyncio.run(greedy_text(served.url, served.model, story(words) + SENTENCE))
+    finally:
+        served.stop()
+    lines += [
+        "",
+        f"Prompt cache: the long prompt's first token after {first * 1000:.0f} ms; the same "
+        f"prompt with a sentence added, after {second * 1000:.0f} ms "
+        f"({first / second:.1f} times sooner); its answer "
+        f"{'equals' if text == alone_text else 'DIFFERS FROM'} the same request on a server "
+        "with an empty cache.",
+    ]
     print("\n".join(lines))
     (RESULTS / "long_prompt.md").write_text("\n".join(lines) + "\n")
 
