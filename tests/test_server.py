@@ -552,3 +552,26 @@ def test_a_graceful_stop_ends_running_streams_with_a_finish_reason(monkeypatch):
     assert chunks[-1]["choices"][0]["finish_reason"] == "abort" and lines[-2] == "data: [DONE]"
     assert 2 < sum(bool(c["choices"][0]["text"]) for c in chunks) < 200
     assert not thread.is_alive()
+
+
+def test_the_kv_budget_sets_how_many_requests_run_at_once(monkeypatch):
+    """Slots of --ctx positions, as many as --max-batch and the budget allow: by default half
+    the memory available beside the weights; a budget too small for one request, or beyond
+    the memory, is a one-line error."""
+    from llamette import server
+
+    config = llamette.Transformer.load(BUNDLED / "model.bin").config
+    position = 2 * config.n_layers * config.n_kv_heads * config.head_size * 4  # bytes, K and V
+    monkeypatch.setattr(server, "available_memory", lambda: 1000 * position + 5000)
+    assert server.kv_slots(config, 100, 16, None, weight_bytes=5000) == 5  # 500 positions
+    assert server.kv_slots(config, 100, 3, None, weight_bytes=5000) == 3
+    assert server.kv_slots(config, 100, 16, 250, weight_bytes=5000) == 2
+    with pytest.raises(llamette.LlametteError, match="--kv-budget: 50 positions cannot hold"):
+        server.kv_slots(config, 100, 16, 50, weight_bytes=5000)
+    with pytest.raises(llamette.LlametteError, match="--kv-budget: 5000 positions take"):
+        server.kv_slots(config, 250, 16, 5000, weight_bytes=5000)
+    with pytest.raises(llamette.LlametteError, match="--ctx: one request of 600 positions"):
+        server.kv_slots(config, 600, 16, None, weight_bytes=5000)
+    monkeypatch.undo()  # the machine's own memory
+    served = ServedModel.load(str(BUNDLED / "model.bin"), max_batch=8, ctx=100, kv_budget=300)
+    assert served.engine.n_slots == 3 and served.engine.model.config.seq_len == 100

@@ -283,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--ctx", type=int, metavar="N", help="positions per slot (default: the model's context)"
     )
+    serve.add_argument(
+        "--kv-budget", type=int, metavar="POSITIONS",
+        help="KV-cache positions for all requests together; --max-batch shrinks to what it "
+        "holds (default: what fits in half the memory available beside the weights)",
+    )  # fmt: skip
     serve.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
     serve.add_argument("--name", help="the model's name in the API (default: the file's stem)")
     serve.add_argument(
@@ -504,8 +509,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise LlametteError("--api-key: empty (leave it out to serve without a key)")
     served = server.ServedModel.load(
-        args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name
-    )
+        args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name,
+        args.kv_budget,
+    )  # fmt: skip
     served.api_key = args.api_key
     served.max_body = args.max_body or served.max_body
     served.engine.model.adapt_threads = args.threads is None  # --threads N forces N
@@ -513,7 +519,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     kv_bytes = sum(cache.nbytes for cache in served.engine.model.kv_cache)
     host, port = sock.getsockname()[:2]
     log.info(
-        f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: {args.max_batch} "
+        f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: "
+        f"{served.engine.n_slots} "
         f"slots of {c.seq_len} positions (KV cache {kv_bytes / 2**20:.0f} MiB), "
         f"chat template {served.template.name}" + (", API key required" if served.api_key else "")
     )

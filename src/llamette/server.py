@@ -49,6 +49,7 @@ from llamette.model import Transformer
 from llamette.sampler import MAX_TOP_LOGPROBS, Sampler
 from llamette.structured import Grammars
 from llamette.tokenizer import Tokenizer
+from llamette.weights import ModelConfig
 
 MAX_STOP_STRINGS = 16
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body's default limit (--max-body)
@@ -80,9 +81,11 @@ class ServedModel:
 
     @classmethod
     def load(cls, model_path: str, tokenizer_path: str | None = None, max_batch: int = 16,
-             max_queue: int = 64, ctx: int | None = None, name: str | None = None) -> ServedModel:  # fmt: skip
-        """Load a model file for serving, with `max_batch` KV-cache slots of `ctx` positions.
-        (The engine compiles or loads its kernels when it starts, before the first request.)"""
+             max_queue: int = 64, ctx: int | None = None, name: str | None = None,
+             kv_budget: int | None = None) -> ServedModel:  # fmt: skip
+        """Load a model file for serving: KV-cache slots of `ctx` positions, as many as
+        `max_batch` and `kv_budget` positions allow (see kv_slots). (The engine compiles or loads
+        its kernels when it starts, before the first request.)"""
         weights = load_weights(model_path)
         if ctx is not None and not 1 < ctx <= weights.config.seq_len:
             raise LlametteError(
@@ -90,12 +93,64 @@ class ServedModel:
             )
         if max_batch < 1 or max_queue < 0:
             raise LlametteError("--max-batch must be 1 or more and --max-queue 0 or more")
-        model = Transformer(weights, n_slots=max_batch, seq_len=ctx)
+        ctx = ctx or weights.config.seq_len
+        weight_bytes = sum(getattr(tensor, "nbytes", 0) for tensor in weights.tensors.values())
+        slots = kv_slots(weights.config, ctx, max_batch, kv_budget, weight_bytes)
+        model = Transformer(weights, n_slots=slots, seq_len=ctx)
         tokenizer = find_tokenizer(model_path, tokenizer_path, model.config.vocab_size, "-z")
         engine = Engine(model, tokenizer, max_queue, chunked_prefill=True)
         name = name or os.path.splitext(os.path.basename(model_path))[0]
         return cls(name, engine, tokenizer, chat_template_for(model_path),
                    int(os.path.getmtime(model_path)))  # fmt: skip
+
+
+KV_MEMORY_SHARE = 0.5  # of the memory available beside the weights, for the default KV budget
+
+
+def available_memory() -> int:
+    """Bytes the system can give without swapping (Linux's MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def kv_slots(config: ModelConfig, ctx: int, max_batch: int, kv_budget: int | None,
+             weight_bytes: int) -> int:  # fmt: skip
+    """How many requests of up to `ctx` positions the KV cache holds at once: `max_batch`, or
+    fewer if the budget (`kv_budget` positions; by default what fits in half the memory
+    available beside the weights) holds fewer. A budget that holds none, or that the memory
+    cannot hold, is an error."""
+    position_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_size * 4  # K and V
+    gib = 2**30
+    spare = max(0, available_memory() - weight_bytes)
+    if kv_budget is None:
+        budget = int(KV_MEMORY_SHARE * spare) // position_bytes
+        if budget < ctx:
+            raise LlametteError(
+                f"--ctx: one request of {ctx} positions needs a KV cache of "
+                f"{ctx * position_bytes / gib:.2f} GiB, beyond half the {spare / gib:.1f} GiB "
+                "of memory available beside the weights: lower --ctx or give --kv-budget"
+            )
+    else:
+        budget = kv_budget
+        if budget < ctx:
+            raise LlametteError(f"--kv-budget: {budget} positions cannot hold one request of "
+                                f"--ctx {ctx}")  # fmt: skip
+        if min(budget, max_batch * ctx) * position_bytes > spare:
+            raise LlametteError(
+                f"--kv-budget: {budget} positions take {budget * position_bytes / gib:.2f} GiB, "
+                f"more than the {spare / gib:.1f} GiB of memory available beside the weights"
+            )
+    slots = min(max_batch, budget // ctx)
+    if slots < max_batch:
+        log.info(f"--max-batch {max_batch}: the KV budget of {budget} positions holds {slots} "
+                 f"requests of {ctx} positions at a time; the others wait")  # fmt: skip
+    return slots
 
 
 class ApiError(Exception):
