@@ -9,6 +9,7 @@ import llamette
 from conftest import CHATML, bpe_tokenizer, expected_rows, read_jsonl, shared_path, write_bpe_model
 from llamette import Sampler, Tokenizer, Transformer, chat, generate
 from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt, own_template
+from llamette.kernels.layers import KVCache
 
 _models = {}
 
@@ -138,14 +139,19 @@ class ScriptedModel:
         self.config = type("Config", (), {"vocab_size": vocab_size, "seq_len": seq_len})
         self.script = script  # position -> token to make most likely
         self.fed = []
+        self.kv_cache = KVCache(np.zeros((1, 1, 1, 1, 1)), np.zeros((1, 1, 1, 1, 1)))  # one slot
 
-    def forward(self, token, pos):
+    def forward(self, token, pos, slot=0):
         self.fed.append((token, pos))
         logits = np.zeros(self.config.vocab_size, np.float32)
         logits[self.script.get(pos, 0)] = 10.0
         return logits
 
-    def prefill(self, tokens, start_pos):
+    def forward_batch(self, tokens, positions, slots, logit_rows=None):
+        rows = [self.forward(token, pos) for token, pos in zip(tokens, positions, strict=True)]
+        return np.array([rows[i] for i in (range(len(rows)) if logit_rows is None else logit_rows)])
+
+    def prefill(self, tokens, start_pos, slot=0):
         for offset, token in enumerate(tokens):
             logits = self.forward(token, start_pos + offset)
         return logits
@@ -173,8 +179,8 @@ def test_chat_ends_a_turn_on_eos_and_feeds_it_before_the_next_turn():
         shown.append,
     )
 
-    fed_tokens = [t for t, _ in fake.fed]
-    assert fed_tokens == first + [hello, world, 2] + second + [world, 2]
+    fed_tokens = [t for t, _ in fake.fed]  # the last EOS ends the conversation: nothing follows
+    assert fed_tokens == first + [hello, world, 2] + second + [world]
     assert [p for _, p in fake.fed] == list(range(len(fed_tokens)))  # one KV cache throughout
     assert "".join(shown) == "Assistant:  Hello world\nAssistant:  world\n\n"
     assert result.tokens == [hello, world, 2, world, 2]

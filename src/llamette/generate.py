@@ -3,9 +3,9 @@ timings.
 
 Both follow llama2.c's run.c: `steps` counts positions, prompt included; `generate` stops when
 it samples BOS; `chat` ends a turn on EOS and draws a random number after every forward, prompt
-tokens included, so seeds give run.c's tokens. `generate` is one request through the engine's
-loop (the server's and `Llama`'s); `chat` keeps its own, which carries the KV cache from turn to
-turn.
+tokens included, so seeds give run.c's tokens. Both run through the engine's loop, the server's
+and `Llama`'s: `generate` as one request, `chat` as one request a turn, whose slot keeps the
+conversation's KV rows for the next (the engine's prompt cache).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from llamette.engine import Engine, Request
 from llamette.errors import LlametteError
 from llamette.model import Transformer
 from llamette.sampler import Sampler
-from llamette.tokenizer import StreamDecoder, Tokenizer
+from llamette.tokenizer import Tokenizer
 
 TextSink = Callable[[str], None]
 
@@ -131,7 +131,10 @@ def chat(
     emit = on_text or (lambda text: None)
     result = Generation()
     answers = []  # the sampled tokens' text
-    context: list[int] = []  # the tokens at positions 0.. of the KV cache
+    # One request a turn, through the engine's loop; its slot keeps the conversation's KV rows
+    # from turn to turn (the engine's prompt cache), so a turn feeds only its new tokens.
+    engine = Engine(model, tokenizer, chunked_prefill=True)
+    context: list[int] = []  # the tokens the KV cache holds, or takes first thing next turn
     messages = [Message("system", system_prompt)] if template and system_prompt else []
     end_ids = tokenizer.end_ids(chat=True)
     while len(context) < steps:
@@ -151,48 +154,36 @@ def chat(
             result.prompt_tokens = conversation
         emit("Assistant: ")
 
-        pos = _shared_prefix(context, conversation)  # the cache holds these already
-        forced = conversation[pos:steps]
-        sampler.accept(forced)
-        start = time.perf_counter()
-        logits = model.prefill(forced, pos)
-        pos += len(forced)
-        context = conversation[:pos]
-        sampler.skip(len(forced) - 1)  # run.c samples after every prompt token too
-        token = sampler.sample(logits)
-        result.prefill_tokens += len(forced)
-        result.prefill_seconds += time.perf_counter() - start
-        if len(conversation) > steps:
+        new = conversation[_shared_prefix(context, conversation) :]  # what run.c forwards now
+        sampler.accept(new)
+        sampler.skip(len(new) - 1)  # run.c samples after every prompt token too
+        if len(conversation) > steps:  # the context ends inside the prompt
+            model.prefill(conversation[:steps], 0)
+            result.prefill_tokens += steps - len(conversation) + len(new)
             result.context_full = steps == model.config.seq_len
             break
-
-        decoder = StreamDecoder(tokenizer, prev_token=conversation[-1])
+        request = Request(conversation, steps - len(conversation) + 1, sampler, lambda e: None,
+                          end_ids=end_ids)  # fmt: skip
         turn = []  # this answer's text
-        start = time.perf_counter()
-        while True:
-            result.tokens.append(token)
-            text = decoder.flush() if token in end_ids else decoder.push(token)
-            if pos == steps:
-                text += decoder.flush()
-            turn.append(text)
-            emit(text)
-            if token in end_ids:
-                emit("\n")
-                if pos < steps:  # the model sees its end of turn before the next turn, as in run.c
-                    sampler.sample(model.forward(token, pos))
-                    context.append(token)
-                    pos += 1
-                    result.decode_tokens += 1
-                break
-            if pos == steps:
-                result.context_full = steps == model.config.seq_len
-                break
-            context.append(token)
-            token = sampler.sample(model.forward(token, pos))
-            pos += 1
-            result.decode_tokens += 1
-        result.decode_seconds += time.perf_counter() - start
+        for event in engine.stream(request):
+            turn.append(event.text)
+            emit(event.text)
+            finish_reason = event.finish_reason
+        ended = [] if request.end_token is None else [request.end_token]
+        result.tokens += request.tokens + ended
+        result.prefill_tokens += len(new)
+        result.prefill_seconds += request.first_token_at - request.admitted_at
+        result.decode_tokens += len(request.tokens) + len(ended) - 1
+        result.decode_seconds += request.finished_at - request.first_token_at
         answers += turn
+        context = conversation + request.tokens + ended
+        if ended:
+            emit("\n")
+            if len(context) <= steps:  # the model sees its end of turn, as in run.c: a draw
+                sampler.skip(1)
+        if finish_reason == "length":
+            result.context_full = steps == model.config.seq_len
+            break
         if template:
             messages.append(Message("assistant", "".join(turn).strip()))
     emit("\n")
