@@ -437,19 +437,21 @@ class Engine:
 
     def _take_slot(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
         """A free slot for a prompt, and how many of the prompt's first tokens its KV rows hold
-        already: the slot sharing the longest prefix with the prompt (at least MIN_REUSED
-        tokens, and never the whole prompt, whose last token gives the first logits), else the
-        least recently freed one."""
-        best, shared = self._free_slots[0], 0
-        if reuse:
-            wanted = np.asarray(prompt[:-1], np.int64)
-            for slot in self._free_slots:
-                held = self._cached.get(slot)
-                n = 0 if held is None else _shared_prefix(held, wanted)
-                if n > shared and n >= MIN_REUSED:
-                    best, shared = slot, n
+        already (never the whole prompt, whose last token gives the first logits): the slot
+        sharing the longest prefix with the prompt if that is at least MIN_REUSED tokens, else
+        the least recently freed one (with what it shares)."""
+        if not reuse:
+            best = self._free_slots[0]
+            self._free_slots.remove(best)
+            return best, 0
+        wanted = np.asarray(prompt[:-1], np.int64)
+        shared = {slot: _shared_prefix(self._cached[slot], wanted) if slot in self._cached else 0
+                  for slot in self._free_slots}  # fmt: skip
+        best = max(self._free_slots, key=shared.__getitem__)
+        if shared[best] < MIN_REUSED:
+            best = self._free_slots[0]
         self._free_slots.remove(best)
-        return best, shared
+        return best, shared[best]
 
     def _drop_cancelled(self) -> None:
         for request in list(self._running):
