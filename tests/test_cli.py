@@ -260,10 +260,14 @@ def test_profile_shows_where_a_decode_step_went(capsys):
         (["--max-batch", "0"], "--max-batch"),
         (["--threads", "0"], "--threads"),
         (["--host", "256.1.1.1"], "--host"),
+        (["--kv-budget", "10"], "--kv-budget"),
+        (["--max-body", "0"], "--max-body"),
+        (["--api-key", " "], "--api-key"),
     ],
 )
 def test_serve_bad_flags_end_in_one_line_and_status_2(capsys, flags, message):
-    status, _, err = run_cli(capsys, ["serve", *flags])
+    port = [] if "--port" in flags else ["--port", "0"]  # any free port: 8000 may be taken
+    status, _, err = run_cli(capsys, ["serve", *port, *flags])
     assert status == 2 and message in err and err.count("\n") == 1
 
 

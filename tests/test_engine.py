@@ -29,11 +29,12 @@ def engine(tokenizer) -> Engine:
     return Engine(Transformer.load(BUNDLED / "model.bin", n_slots=16), tokenizer, max_queue=4)
 
 
-def make_request(tokenizer, prompt, max_tokens=40, temperature=0.0, seed=1, stop=(), topk=0):
+def make_request(tokenizer, prompt, max_tokens=40, temperature=0.0, seed=1, stop=(), topk=0,
+                 bos=True):  # fmt: skip
     """A request whose events are collected on request.events."""
     events = []
     sampler = Sampler(tokenizer.vocab_size, temperature, topp=0.9, seed=seed, topk=topk)
-    request = Request(tokenizer.encode(prompt), max_tokens, sampler, events.append,
+    request = Request(tokenizer.encode(prompt, bos=bos), max_tokens, sampler, events.append,
                       StopStrings(stop))  # fmt: skip
     request.events = events
     return request
@@ -423,3 +424,50 @@ def first_slot(engine: Engine, request: Request) -> int:
     """The slot whose cached tokens are the request's (it has left it)."""
     held = (request.prompt_tokens + request.tokens)[: request.written]
     return next(s for s, tokens in engine._cached.items() if list(tokens) == held)
+
+
+def test_choices_cancelled_mid_prompt_and_drained_while_waiting_all_end(tokenizer):
+    """A disconnected client's choices, dropped before their first token, leave the engine
+    working; a drain tells every choice of a request still waiting."""
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=4)
+    engine = Engine(model, tokenizer, chunked_prefill=True)
+    story = "Lily and Tom went to the park to play with a big red ball. " * 6
+    group = [make_request(tokenizer, story, 10, 1.0, seed=i) for i in range(2)]
+    group[0].siblings = group[1:]
+    engine.submit(group[0])
+    engine.step()  # admitted, its prompt partly fed
+    for request in group:
+        request.cancelled = True
+    engine.step()
+    assert engine.idle() and engine.slots_used() == 0
+    alive = make_request(tokenizer, "Once upon a time", 5)
+    engine.submit(alive)
+    run_until_idle(engine)
+    assert output(alive)[1] == "length"
+
+    blockers = [make_request(tokenizer, "Once", 50, seed=i) for i in range(3)]
+    for request in blockers:
+        engine.submit(request)
+    engine.step()
+    waiting = [make_request(tokenizer, "Tom", 10, 1.0, seed=i) for i in range(3)]
+    waiting[0].siblings = waiting[1:]
+    engine.submit(waiting[0])  # 3 slots needed, 1 free: it waits
+    engine.drain()
+    engine.step()
+    assert [r.events[-1].finish_reason for r in [*blockers, *waiting]] == ["abort"] * 6
+    with pytest.raises(llamette.LlametteError, match="shutting down"):
+        engine.submit(make_request(tokenizer, "x"))
+    with pytest.raises(llamette.LlametteError, match="at least one prompt token"):
+        Engine(model, tokenizer).submit(make_request(tokenizer, "", bos=False))
+
+
+def test_rows_from_the_batched_kernels_are_not_cached(tokenizer):
+    """An echo request's prompt goes alone through the batched kernels, whose rows may differ
+    in their last bits from the passes' (K-quants): its slot is not offered to later prompts."""
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=1)
+    engine = Engine(model, tokenizer, chunked_prefill=True)
+    echoed = make_request(tokenizer, "Lily and Tom went to the park to play with a ball.", 5)
+    echoed.echo_logprobs, echoed.logprobs = True, 0
+    engine.submit(echoed)
+    run_until_idle(engine)
+    assert engine._cached == {}

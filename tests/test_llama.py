@@ -216,6 +216,14 @@ def test_bad_arguments_are_value_errors_naming_them(gguf, call, problem):
         call(llm)
 
 
+def test_logit_bias_takes_ids_as_numbers_or_strings(gguf):
+    llm = llamette.Llama(str(gguf), verbose=False)
+    token = llm.tokenize(b" dog", add_bos=False)[-1]
+    for bias in ({token: 100.0}, {str(token): 100}):
+        answer = llm("Once upon a time", max_tokens=3, temperature=0, logit_bias=bias)
+        assert answer["choices"][0]["text"] == llm.detokenize([token] * 3).decode()
+
+
 def test_options_for_llama_cpps_machinery_are_accepted_and_others_refused(gguf):
     llamette.Llama(str(gguf), n_gpu_layers=-1, n_batch=64, use_mmap=False, verbose=False)
     with pytest.raises(TypeError, match="n_gpu_layer"):

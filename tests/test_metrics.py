@@ -21,14 +21,17 @@ def test_the_exposition_parses_with_prometheus_client():
     metrics.answered("/v1/completions", 200)
     metrics.answered("/v1/completions", 200)
     metrics.answered("/v1/completions", 400)
-    metrics.first_token(0.3, prompt_tokens=12)
+    metrics.admitted(prompt_tokens=12, reused=4)
+    metrics.first_token(0.3)
     metrics.next_token(0.02)
+    metrics.finished(completion_tokens=2)
     text = metrics.render({"llamette_requests_running": ("Requests decoding now.", 1)})
     families = {f.name: f for f in parser.text_string_to_metric_families(text)}
     requests = {(s.labels["status"], s.value) for s in families["llamette_requests"].samples}
     assert requests == {("200", 2.0), ("400", 1.0)}
     assert families["llamette_prompt_tokens"].samples[0].value == 12
     assert families["llamette_completion_tokens"].samples[0].value == 2
+    assert families["llamette_prompt_tokens_reused"].samples[0].value == 4
     ttft = {s.name: s.value for s in families["llamette_time_to_first_token_seconds"].samples
             if s.labels.get("le") in (None, "+Inf")}  # fmt: skip
     assert ttft["llamette_time_to_first_token_seconds_count"] == 1

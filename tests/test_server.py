@@ -171,6 +171,30 @@ BAD_REQUESTS = [  # (path, body, status, what the message names)
     ("/v1/completions", {"model": NAME, "prompt": "Hi", "logit_bias": {"a": 1}}, 400, "logit_bias"),
     (
         "/v1/completions",
+        {"model": NAME, "prompt": "Hi", "logit_bias": {"--5": 1}},
+        400,
+        "logit_bias",
+    ),
+    (
+        "/v1/completions",
+        {"model": NAME, "prompt": "Hi", "logit_bias": {"\u00b2": 1}},
+        400,
+        "logit_bias",
+    ),
+    (
+        "/v1/completions",
+        b'{"model": "stories", "prompt": "Hi", "temperature": 1e400}',
+        400,
+        "temperature",
+    ),
+    (
+        "/v1/completions",
+        b'{"model": "stories", "prompt": "Hi", "top_p": %d}' % 10**400,
+        400,
+        "top_p",
+    ),
+    (
+        "/v1/completions",
         {"model": NAME, "prompt": "Hi", "logit_bias": {"5": 500}},
         400,
         "logit_bias",
@@ -456,8 +480,14 @@ def test_a_body_over_the_limit_is_413(guarded):
     assert answer.status_code == 413 and "2000 bytes" in answer.json()["error"]["message"]
 
 
-def test_an_internal_error_is_a_500_with_an_id_and_no_internals(guarded, monkeypatch, caplog):
+def test_an_internal_error_is_a_500_with_an_id_and_no_internals(guarded, monkeypatch):
+    import logging
+
     url, served = guarded
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("llamette").addHandler(handler)  # wherever the CLI sends the log
 
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals at /home/model")
@@ -468,7 +498,8 @@ def test_an_internal_error_is_a_500_with_an_id_and_no_internals(guarded, monkeyp
     error = answer.json()["error"]
     assert answer.status_code == 500 and "secret" not in answer.text
     error_id = error["message"].split("(id ")[1].split(")")[0]
-    assert any(error_id in record.getMessage() and record.exc_info for record in caplog.records)
+    logging.getLogger("llamette").removeHandler(handler)
+    assert any(error_id in record.getMessage() and record.exc_info for record in records)
 
 
 def test_tokenize_and_detokenize_as_llama_cpps_server(client, url):
@@ -568,7 +599,7 @@ def test_the_kv_budget_sets_how_many_requests_run_at_once(monkeypatch):
     assert server.kv_slots(config, 100, 16, 250, weight_bytes=5000) == 2
     with pytest.raises(llamette.LlametteError, match="--kv-budget: 50 positions cannot hold"):
         server.kv_slots(config, 100, 16, 50, weight_bytes=5000)
-    with pytest.raises(llamette.LlametteError, match="--kv-budget: 5000 positions take"):
+    with pytest.raises(llamette.LlametteError, match="--kv-budget: 4000 positions of it take"):
         server.kv_slots(config, 250, 16, 5000, weight_bytes=5000)
     with pytest.raises(llamette.LlametteError, match="--ctx: one request of 600 positions"):
         server.kv_slots(config, 600, 16, None, weight_bytes=5000)

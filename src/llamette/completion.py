@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import secrets
 import time
 import uuid
@@ -20,6 +21,7 @@ from llamette.sampler import Adjustments, Sampler, TokenLogprob
 from llamette.tokenizer import StreamDecoder, Tokenizer
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's and llama-cpp-python's default for completions
+MAX_STOP_STRINGS = 16
 
 
 def max_tokens_for(
@@ -64,10 +66,14 @@ def make_sampler(
 ) -> Sampler:
     """The sampler for a request's settings (see sampler.Adjustments for the order they apply
     in); temperature 0 or top_p 0 is greedy; no seed draws one at random."""
-    if not temperature >= 0.0:
+    if not 0.0 <= temperature < math.inf:
         raise BadParameter("temperature", f"must be 0 (greedy) or more, not {temperature}")
+    try:  # llama-cpp-python's callers may give ids as strings, as JSON has them
+        bias = {int(token): float(value) for token, value in (logit_bias or {}).items()}
+    except (TypeError, ValueError, OverflowError):
+        raise BadParameter("logit_bias", "must map token ids to numbers") from None
     adjust = Adjustments(
-        logit_bias=dict(logit_bias or {}),
+        logit_bias=bias,
         repeat_penalty=repeat_penalty,
         repeat_last_n=repeat_last_n,
         frequency_penalty=frequency_penalty,
@@ -79,7 +85,8 @@ def make_sampler(
     return Sampler(vocab_size, 0.0 if greedy else temperature, top_p, seed, top_k, adjust)
 
 
-def stop_strings(stop: str | list[str] | tuple[str, ...] | None, most: int = 16) -> tuple[str, ...]:
+def stop_strings(stop: str | list[str] | tuple[str, ...] | None,
+                 most: int = MAX_STOP_STRINGS) -> tuple[str, ...]:  # fmt: skip
     """`stop` as a tuple of strings: one string, or up to `most` of them."""
     stop = [stop] if isinstance(stop, str) else list(stop or ())
     if len(stop) > most or not all(isinstance(s, str) for s in stop):
@@ -140,6 +147,15 @@ class Answer:
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
+    @classmethod
+    def for_prompt(cls, model: str, chat: bool, prompt_tokens: list[int], tokenizer: Tokenizer,
+                   logprobs: bool, echo: bool) -> Answer:  # fmt: skip
+        """The answer to a prompt: with logprobs if asked for, their text offsets counted from
+        the prompt's start when it is echoed, else from its end (as OpenAI counts them)."""
+        return cls(model, chat, len(prompt_tokens), tokenizer if logprobs else None,
+                   0 if echo else len(tokenizer.decode(prompt_tokens)),
+                   None if echo else prompt_tokens[-1])  # fmt: skip
+
     def usage(self, completion_tokens: int) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}  # fmt: skip
@@ -153,12 +169,14 @@ class Answer:
         parallel lists (with each token's offset in the text)."""
         if self.tokenizer is None:
             return None
-        text = functools.partial(token_text, self.tokenizer)
+        tok = self.tokenizer
+        text = functools.partial(token_text, tok)
         if self.chat:
 
             def described(token: int, logprob: float) -> dict:
                 word = text(token)
-                return {"token": word, "logprob": logprob, "bytes": list(word.encode())}
+                data = word.encode() if tok.is_control(token) else tok.token_bytes[token]
+                return {"token": word, "logprob": logprob, "bytes": list(data)}
 
             content = [{**described(e.token, e.logprob),
                         "top_logprobs": [described(t, p) for t, p in e.top]} for e in entries]  # fmt: skip
@@ -206,6 +224,18 @@ class Answer:
                 delta["content"] = text
             return self._object("chat.completion.chunk", [{"delta": delta, **choice}])
         return self._object("text_completion", [{"text": text or "", **choice}])
+
+    def event_chunks(self, text: str, finish_reason: str | None,
+                     logprobs: Sequence[TokenLogprob], index: int = 0) -> list[dict]:  # fmt: skip
+        """The stream chunks of one event of the engine: its text (and its tokens' logprobs),
+        then, if it ends the choice, the chunk with the finish_reason."""
+        chunks = []
+        if text or (logprobs and not finish_reason):
+            chunks.append(self.chunk(text, logprobs=logprobs, index=index))
+            logprobs = ()
+        if finish_reason:
+            chunks.append(self.chunk(None, finish_reason, logprobs=logprobs, index=index))
+        return chunks
 
     def usage_chunk(self, completion_tokens: int) -> dict:
         """The stream's last chunk when usage is asked for: no choices, the counts."""

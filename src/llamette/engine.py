@@ -38,7 +38,8 @@ MIN_REUSED = 16  # cached prompt tokens worth taking a slot for (and evicting wh
 
 @dataclass(frozen=True)
 class Event:
-    """Output of a request: text, then once a finish_reason ("stop", "length" or "error")."""
+    """Output of a request: text, then once a finish_reason: "stop", "length", "error", or
+    "abort" (the engine drained); a request dropped as "cancelled" gets no event."""
 
     text: str = ""
     finish_reason: str | None = None
@@ -72,6 +73,7 @@ class Request:
     slot: int = -1
     prompt_fed: int = 0  # prompt tokens through the model so far (or found in the cache)
     written: int = 0  # positions of its slot's KV cache written for it
+    cacheable: bool = True  # its KV rows came from passes of at most SMALL_BATCH rows
     tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
     end_token: int | None = None  # the end id that finished it, if one did
     token_logprobs: list[TokenLogprob] = field(default_factory=list)  # the prompt's, if echoed,
@@ -93,6 +95,10 @@ class Request:
 
 class QueueFull(LlametteError):
     """Every slot is busy and the waiting queue is full."""
+
+
+class ShuttingDown(LlametteError):
+    """The engine is draining: it takes no more requests."""
 
 
 class Engine:
@@ -135,6 +141,8 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue a request (with its siblings, which run beside it from its prompt's pass);
         raises QueueFull when it would wait beyond max_queue."""
+        if not request.prompt_tokens:
+            raise LlametteError("a request needs at least one prompt token")
         # the last token is sampled, never fed: it needs no position of its own
         if len(request.prompt_tokens) + request.max_tokens > self.model.config.seq_len + 1:
             raise LlametteError(
@@ -148,7 +156,7 @@ class Engine:
             member.submitted_at = time.perf_counter()
         with self._wakeup:
             if self._draining:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             waiting_for_slot = len(self._running) + len(self._waiting) + group - self.n_slots
             if waiting_for_slot > self.max_queue:
                 raise QueueFull(
@@ -268,6 +276,7 @@ class Engine:
             self._finish(request, "error", error=str(error))
             return
         request.prompt_fed = request.written = len(request.prompt_tokens)
+        request.cacheable = False  # batched kernels: other bits than the passes' rows
         self._advance(request, self._draw(request, logits), logits)
 
     def _prefill_with_logprobs(self, request: Request) -> np.ndarray:
@@ -324,8 +333,9 @@ class Engine:
         with self._wakeup:
             waiting, self._waiting = list(self._waiting), deque()
         for request in waiting:
-            request.finished_at = time.perf_counter()
-            request.on_event(Event("", reason))
+            for member in (request, *request.siblings):
+                member.finished_at = time.perf_counter()
+                member.on_event(Event("", reason))
         for request in list(self._running):
             if request in self._running:  # a sibling may have ended with its request
                 self._finish(request, reason)
@@ -416,8 +426,8 @@ class Engine:
                 reuse = self.chunked_prefill and not (request.embed or request.echo_logprobs)
                 request.slot, request.prompt_fed = self._take_slot(request.prompt_tokens, reuse)
                 request.written = request.prompt_fed
-                if request.prompt_fed and self.metrics is not None:
-                    self.metrics.prompt_reused(request.prompt_fed)
+                if self.metrics is not None:
+                    self.metrics.admitted(len(request.prompt_tokens), request.prompt_fed)
                 for sibling in request.siblings:
                     sibling.slot, _ = self._take_slot(sibling.prompt_tokens, reuse=False)
                 for member in (request, *request.siblings):
@@ -469,7 +479,7 @@ class Engine:
         if not request.first_token_at:
             request.first_token_at = now
             if self.metrics is not None:
-                self.metrics.first_token(now - request.submitted_at, len(request.prompt_tokens))
+                self.metrics.first_token(now - request.submitted_at)
         elif self.metrics is not None:
             self.metrics.next_token(now - request.last_token_at)
         request.last_token_at = now
@@ -507,7 +517,7 @@ class Engine:
         siblings, request.siblings = request.siblings, []
         for sibling in siblings:
             self.model.copy_positions(request.slot, sibling.slot, len(request.prompt_tokens))
-            sibling.written = len(request.prompt_tokens)
+            sibling.written, sibling.cacheable = len(request.prompt_tokens), request.cacheable
             sibling.token_logprobs = list(request.token_logprobs)
             self._advance(sibling, self._draw(sibling, logits), logits)
 
@@ -527,13 +537,19 @@ class Engine:
         embedding: list[float] | None = None,
     ) -> None:  # fmt: skip
         with self._wakeup:
+            if request not in self._running:  # ended already (with the request it branches from)
+                return
             self._running.remove(request)
-            if self.chunked_prefill:
+            if self.chunked_prefill and request.cacheable:
                 fed = (request.prompt_tokens + request.tokens)[: request.written]
                 self._cached[request.slot] = np.asarray(fed, np.int64)
+            else:
+                self._cached.pop(request.slot, None)
             self._free_slots.append(request.slot)
             request.slot = -1
         request.finished_at = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.finished(len(request.tokens))
         siblings, request.siblings = request.siblings, []
         for sibling in siblings:  # it ended before its prompt's pass did: so do they
             self._finish(sibling, reason, error)

@@ -99,6 +99,8 @@ def generate(
                       StopStrings(tuple(stop)),
                       end_ids=tokenizer.end_ids() | frozenset(stop_token_ids))  # fmt: skip
     for event in Engine(model, tokenizer).stream(request):
+        if event.finish_reason == "error":
+            raise LlametteError(f"generation failed: {event.error}")
         emit(event.text)
         finish_reason = event.finish_reason
     end = [] if request.end_token is None else [request.end_token]
@@ -166,6 +168,8 @@ def chat(
                           end_ids=end_ids)  # fmt: skip
         turn = []  # this answer's text
         for event in engine.stream(request):
+            if event.finish_reason == "error":
+                raise LlametteError(f"generation failed: {event.error}")
             turn.append(event.text)
             emit(event.text)
             finish_reason = event.finish_reason

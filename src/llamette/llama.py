@@ -209,10 +209,8 @@ class Llama:
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )  # fmt: skip
         echoed = self.tokenizer.decode(prompt_tokens) if echo else ""
-        answer = Answer(model or self.model_path, False, len(prompt_tokens),
-                        None if logprobs is None else self.tokenizer,
-                        0 if echo else len(self.tokenizer.decode(prompt_tokens)),
-                        None if echo else prompt_tokens[-1])  # fmt: skip
+        answer = Answer.for_prompt(model or self.model_path, False, prompt_tokens,
+                                   self.tokenizer, logprobs is not None, echo)  # fmt: skip
         if stream:
             return self._chunks(request, answer, echoed)
         return self._whole(request, answer, echoed)
@@ -268,8 +266,8 @@ class Llama:
             logit_bias=logit_bias, repeat_penalty=repeat_penalty,
             frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
         )  # fmt: skip
-        answer = Answer(model or self.model_path, True, len(prompt_tokens),
-                        None if top is None else self.tokenizer)  # fmt: skip
+        answer = Answer.for_prompt(model or self.model_path, True, prompt_tokens,
+                                   self.tokenizer, top is not None, echo=False)  # fmt: skip
         if stream:
             return self._chunks(request, answer, "")
         return self._whole(request, answer, "")
@@ -329,12 +327,8 @@ class Llama:
         if answer.chat:
             yield answer.chunk(None, role=True)
         for event in self._events(request):
-            text, echoed, logprobs = echoed + event.text, "", event.logprobs
-            if text or (logprobs and not event.finish_reason):
-                yield answer.chunk(text, logprobs=logprobs)
-                logprobs = ()
-            if event.finish_reason:
-                yield answer.chunk(None, event.finish_reason, logprobs=logprobs)
+            text, echoed = echoed + event.text, ""
+            yield from answer.event_chunks(text, event.finish_reason, event.logprobs)
 
     # Embeddings
 

@@ -48,20 +48,24 @@ class Metrics:
         with self._lock:
             self.requests[path, status] += 1
 
-    def prompt_reused(self, tokens: int) -> None:
+    def admitted(self, prompt_tokens: int, reused: int) -> None:
+        """A request got its slot: its prompt (once for all its choices), `reused` of it cached."""
         with self._lock:
-            self.reused_prompt_tokens += tokens
+            self.prompt_tokens += prompt_tokens
+            self.reused_prompt_tokens += reused
 
-    def first_token(self, seconds: float, prompt_tokens: int) -> None:
+    def first_token(self, seconds: float) -> None:
         with self._lock:
             self.time_to_first_token.observe(seconds)
-            self.prompt_tokens += prompt_tokens
-            self.completion_tokens += 1
 
     def next_token(self, seconds: float) -> None:
         with self._lock:
             self.inter_token_latency.observe(seconds)
-            self.completion_tokens += 1
+
+    def finished(self, completion_tokens: int) -> None:
+        """A choice ended with these tokens (as its usage counts them)."""
+        with self._lock:
+            self.completion_tokens += completion_tokens
 
     def render(self, gauges: dict[str, tuple[str, float]]) -> str:
         """The exposition text: these counters and histograms, and `gauges` (name: help, value)."""
@@ -76,7 +80,7 @@ class Metrics:
                 *family("llamette_requests_total", "counter",
                         "HTTP requests answered, by path and status.", requests),
                 *family("llamette_prompt_tokens_total", "counter",
-                        "Prompt tokens of the requests that produced a token.",
+                        "Prompt tokens of the requests admitted (once for all their choices).",
                         [f"llamette_prompt_tokens_total {self.prompt_tokens}"]),
                 *family("llamette_prompt_tokens_reused_total", "counter",
                         "Prompt tokens whose KV rows a slot held already (the prompt cache).",

@@ -1,9 +1,11 @@
 """An OpenAI-compatible HTTP server over the batching engine (`llamette serve`).
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions,
-POST /v1/embeddings. The engine decodes on its own thread; handlers only check requests, queue
-them and relay the engine's events (handed to the event loop with call_soon_threadsafe), so the
-loop never waits on the model.
+POST /v1/embeddings, and beside them llama.cpp's POST /tokenize and POST /detokenize and
+Prometheus' GET /metrics. The engine decodes on its own thread; handlers only check requests,
+queue them and relay the engine's events (handed to the event loop with call_soon_threadsafe),
+and grammars for structured output are compiled on a worker thread, so the loop never waits on
+the model.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import socket
 import uuid
@@ -41,7 +45,7 @@ from llamette.completion import (
     stop_token_set,
     token_text,
 )
-from llamette.engine import Engine, Event, QueueFull, Request
+from llamette.engine import Engine, Event, QueueFull, Request, ShuttingDown
 from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
 from llamette.metrics import Metrics
@@ -51,7 +55,6 @@ from llamette.structured import Grammars
 from llamette.tokenizer import Tokenizer
 from llamette.weights import ModelConfig
 
-MAX_STOP_STRINGS = 16
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body's default limit (--max-body)
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/tokenize", "/detokenize", "/v1/models",
                          "/v1/completions", "/v1/chat/completions", "/v1/embeddings"})  # fmt: skip
@@ -141,10 +144,11 @@ def kv_slots(config: ModelConfig, ctx: int, max_batch: int, kv_budget: int | Non
         if budget < ctx:
             raise LlametteError(f"--kv-budget: {budget} positions cannot hold one request of "
                                 f"--ctx {ctx}")  # fmt: skip
-        if min(budget, max_batch * ctx) * position_bytes > spare:
+        used = min(budget // ctx, max_batch) * ctx  # the slots' positions
+        if used * position_bytes > spare:
             raise LlametteError(
-                f"--kv-budget: {budget} positions take {budget * position_bytes / gib:.2f} GiB, "
-                f"more than the {spare / gib:.1f} GiB of memory available beside the weights"
+                f"--kv-budget: {used} positions of it take {used * position_bytes / gib:.2f} "
+                f"GiB, more than the {spare / gib:.1f} GiB of memory available beside the weights"
             )
     slots = min(max_batch, budget // ctx)
     if slots < max_batch:
@@ -410,16 +414,16 @@ def unknown_model(name: str, served: ServedModel) -> ApiError:
 
 async def json_body(http: HttpRequest) -> dict:
     limit = http.app.state.max_body
+    too_large = ApiError(413, f"the body is larger than this server's limit of {limit} bytes",
+                         code="body_too_large")  # fmt: skip
     declared = http.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the body is larger than this server's limit of {limit} bytes",
-                       code="body_too_large")  # fmt: skip
+        raise too_large
     chunks, size = [], 0
     async for chunk in http.stream():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, f"the body is larger than this server's limit of {limit} bytes",
-                           code="body_too_large")  # fmt: skip
+            raise too_large
         chunks.append(chunk)
     raw = b"".join(chunks)
     try:
@@ -447,6 +451,13 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], default=REQUIRED
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds:
         kinds = (*kinds, int)
+    if (
+        float in kinds
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and not _finite(value)
+    ):
+        raise ApiError(400, f"{name}: must be a finite number", name, "invalid_value")
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         expected = " or ".join(
             TYPE_NAMES[k] for k in (kind if isinstance(kind, tuple) else (kind,))
@@ -454,6 +465,13 @@ def field(body: dict, name: str, kind: type | tuple[type, ...], default=REQUIRED
         raise ApiError(400, f"{name}: must be {expected}, not {json.dumps(value)[:40]}", name,
                        "invalid_type")  # fmt: skip
     return value
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer beyond float's range
+        return False
 
 
 def check_model(body: dict, served: ServedModel) -> None:
@@ -556,9 +574,9 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
                                 prompt_name="messages" if chat else "prompt")  # fmt: skip
     logit_bias = {}
     for key, value in field(body, "logit_bias", dict, {}).items():
-        if not key.lstrip("-").isdigit():
+        if not re.fullmatch(r"-?[0-9]+", key):
             raise ApiError(400, f"logit_bias: {key!r} is not a token id", "logit_bias")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
             raise ApiError(400, f"logit_bias: the bias of {key} must be a number", "logit_bias")
         logit_bias[int(key)] = float(value)
     n = field(body, "n", int, 1)
@@ -579,7 +597,7 @@ def parse_options(body: dict, n_prompt: int, context: int, chat: bool, vocab_siz
         presence_penalty=field(body, "presence_penalty", float, 0.0),
     )
     samplers = [make_sampler(vocab_size, seed=seed + i, **sampling) for i in range(n)]
-    stop = stop_strings(field(body, "stop", (str, list), []), MAX_STOP_STRINGS)
+    stop = stop_strings(field(body, "stop", (str, list), []))
     stop_token_ids = stop_token_set(field(body, "stop_token_ids", list, []), vocab_size)
 
     if chat:  # logprobs: true, with top_logprobs alternatives
@@ -618,21 +636,24 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
             end_ids=served.engine.end_ids | options.stop_token_ids,
             echo_logprobs=options.echo and options.logprobs is not None,
         ))  # fmt: skip
-    constraint = served.grammars.constraint(field(body, "response_format", dict, None))
+    response_format = field(body, "response_format", dict, None)
+    constraint = None
+    if response_format is not None:  # compiling a grammar can take a while: not on the loop
+        constraint = await asyncio.to_thread(served.grammars.constraint, response_format)
     if constraint is not None:
         for request in requests:
             request.constraint, constraint = constraint, constraint.copy()
     requests[0].siblings = requests[1:]  # one pass of the prompt for all the choices
     try:
         served.engine.submit(requests[0])
+    except ShuttingDown as error:
+        raise ApiError(503, str(error), code="shutting_down", kind="server_error") from None
     except QueueFull as error:
         raise ApiError(429, f"server busy: {error}", code="queue_full",
                        kind="rate_limit_error") from None  # fmt: skip
     echoed = tokenizer.decode(prompt_tokens) if options.echo else ""
-    answer = Answer(served.name, chat, len(prompt_tokens),
-                    None if options.logprobs is None else tokenizer,
-                    0 if options.echo else len(tokenizer.decode(prompt_tokens)),
-                    None if options.echo else prompt_tokens[-1])  # fmt: skip
+    answer = Answer.for_prompt(served.name, chat, prompt_tokens, tokenizer,
+                               options.logprobs is not None, options.echo)  # fmt: skip
     if options.stream:
         chunks = stream_chunks(answer, relay, len(requests), options.include_usage, echoed)
         return EventStream(chunks, requests, relay)
@@ -653,6 +674,8 @@ async def generate(http: HttpRequest, served: ServedModel, body: dict, prompt_to
                 ends[index] = event
     finally:
         watcher.cancel()
+        for request in requests:  # an error or a disconnect: the other choices stop too
+            request.cancelled = True
     choices = [
         ("".join(texts[i]), ends[i].finish_reason, logprobs[i]) for i in range(len(requests))
     ]
@@ -702,12 +725,10 @@ async def stream_chunks(
             yield {"error": {"message": f"generation failed: {event.error}",
                              "type": "server_error", "param": None, "code": None}}  # fmt: skip
             return
-        text, prefixes[index], logprobs = prefixes[index] + event.text, "", event.logprobs
-        if text or (logprobs and not event.finish_reason):
-            yield answer.chunk(text, logprobs=logprobs, index=index)
-            logprobs = ()
+        text, prefixes[index] = prefixes[index] + event.text, ""
+        for chunk in answer.event_chunks(text, event.finish_reason, event.logprobs, index):
+            yield chunk
         if event.finish_reason:
-            yield answer.chunk(None, event.finish_reason, logprobs=logprobs, index=index)
             completion_tokens += event.completion_tokens
             ended += 1
     if include_usage:
