@@ -4,12 +4,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-OPTIONAL = ("torch", "transformers", "llama_cpp", "openai", "httpx")
+OPTIONAL = (
+    "torch",
+    "transformers",
+    "llama_cpp",
+    "openai",
+    "httpx",
+    "jsonschema",
+    "prometheus_client",
+)
 
 
 def test_every_module_collects_without_the_optional_references():
-    """Tests that need torch, transformers, llama-cpp-python, openai or httpx skip, saying so,
-    instead of breaking the collection of the whole suite."""
+    """Tests that need torch, transformers, llama-cpp-python, openai, httpx, jsonschema or
+    prometheus_client skip, saying so, instead of breaking the collection of the whole suite."""
     tests = Path(__file__).resolve().parent
     blocked = f"import sys; sys.modules.update(dict.fromkeys({OPTIONAL!r}))"  # import fails
     run = (
