@@ -94,10 +94,16 @@ def stop_strings(stop: str | list[str] | tuple[str, ...] | None,
     return tuple(stop)
 
 
+def are_token_ids(values: Sequence, vocab_size: int) -> bool:
+    """Whether every value is an integer (not a boolean) within 0..vocab_size - 1."""
+    return all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+               for t in values)  # fmt: skip
+
+
 def stop_token_set(stop_token_ids: Sequence[int] | None, vocab_size: int) -> frozenset[int]:
     """Token ids that end a request beside the model's own end ids, checked."""
     ids = list(stop_token_ids or ())
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+    if not are_token_ids(ids, vocab_size):
         raise BadParameter("stop_token_ids", f"must be token ids within 0..{vocab_size - 1}")
     return frozenset(ids)
 

@@ -38,6 +38,7 @@ from llamette.completion import (
     COMPLETION_MAX_TOKENS,
     Answer,
     StopStrings,
+    are_token_ids,
     chat_messages,
     make_sampler,
     max_tokens_for,
@@ -271,8 +272,7 @@ def create_app(served: ServedModel) -> Starlette:
         body = await json_body(http)
         tokens = field(body, "tokens", list)
         vocab_size = served.tokenizer.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
-                   for t in tokens):  # fmt: skip
+        if not are_token_ids(tokens, vocab_size):
             raise ApiError(400, f"tokens: must be token ids within 0..{vocab_size - 1}", "tokens")
         return JSONResponse({"content": served.tokenizer.decode(tokens)})
 
@@ -517,10 +517,7 @@ def parse_embedding_inputs(body: dict, tokenizer: Tokenizer, context: int) -> li
     for item in given:
         if isinstance(item, str):
             tokens = tokenizer.encode(item, bos=tokenizer.add_bos)
-        elif isinstance(item, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < tokenizer.vocab_size
-            for t in item
-        ):
+        elif isinstance(item, list) and are_token_ids(item, tokenizer.vocab_size):
             tokens = list(item)
         else:
             raise ApiError(400, "input: must be a string, an array of strings, or token ids "
