@@ -134,6 +134,31 @@ def randn(*shape) -> np.ndarray:
     return _rng.standard_normal(shape).astype(np.float32)
 
 
+def kv_cache_of(keys: np.ndarray, values: np.ndarray, kv_type: str):
+    """(a KVCache of float32 keys and values (..., head_size) in kv_type, the float32 keys and
+    values it holds): stored and read back by NumPy (F16) and gguf-py (Q8_0: its blocks' int8
+    values, its float16 scales widened to float32)."""
+    from llamette.kernels.kv_cache import KVCache
+
+    def stored(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        no_scales = np.zeros((*x.shape[:-1], 0), np.float32)
+        if kv_type == "f16":
+            halves = x.astype(np.float16)
+            return halves.view(np.uint16), no_scales, halves.astype(np.float32)
+        if kv_type == "q8_0":
+            gguf = pytest.importorskip("gguf")
+            q8_0 = gguf.GGMLQuantizationType.Q8_0
+            blocks = gguf.quants.quantize(x.reshape(-1, 32), q8_0)
+            scales = blocks[:, :2].copy().view(np.float16).astype(np.float32)
+            quants = blocks[:, 2:].copy().view(np.int8)
+            held = gguf.quants.dequantize(blocks, q8_0).reshape(x.shape).astype(np.float32)
+            return quants.reshape(x.shape), scales.reshape(*x.shape[:-1], -1), held
+        return x, no_scales, x
+
+    (k, k_scales, k_held), (v, v_scales, v_held) = stored(keys), stored(values)
+    return KVCache(k, v, k_scales, v_scales), k_held, v_held
+
+
 def runq_quantize(x, group_size):
     """runq.c's quantize in NumPy: float32 scale and quotient, C round (halves away from zero)."""
     groups = x[: len(x) // group_size * group_size].reshape(-1, group_size)

@@ -163,6 +163,9 @@ def test_steps_beyond_the_context_are_clamped_with_a_note(capsys):
         (["-l", "5"], "--logit-bias: '5' is not TOKEN_ID+BIAS or TOKEN_ID-BIAS"),
         (["-l", "512+1"], "--logit-bias: 512 is not a token id within 0..511"),
         (["--stop-token-id", "600"], "--stop-token-id: 600 is not a token id within 0..511"),
+        (["--cache-type", "q4_0"], "argument --cache-type: invalid choice: 'q4_0'"),
+        (["--exact", "--cache-type", "f16"], "--cache-type f16: --exact keeps run.c's float32"),
+        (["--cache-type", "q8_0"], "--cache-type q8_0: heads of 8 values are not whole blocks"),
         (
             ["-z", "tokenizer.bin"],
             "tokenizer.bin: has 32000 pieces but stories260K.bin has a vocabulary of 512",

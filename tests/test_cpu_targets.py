@@ -40,7 +40,7 @@ def test_kernel_tests_pass_compiled_for(target):
     tests = Path(__file__).resolve().parent
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_kernels.py",
-         "test_weight_types.py"],
+         "test_weight_types.py", "test_kv_cache.py"],
         env=env, cwd=tests, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]

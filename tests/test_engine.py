@@ -330,8 +330,9 @@ def test_choices_share_the_prompts_pass_and_each_draws_as_it_would_alone(engine,
     first.siblings = others
     engine.submit(make_request(tokenizer, "The cat", 20))
     engine.submit(first)
+    engine._admit()  # the others take the first's prompt pass: they have nothing to feed
+    assert first.fed == 0 and all(other.fed == len(other.prompt_tokens) for other in others)
     run_until_idle(engine)
-    assert all(choice.prompt_fed == len(choice.prompt_tokens) for choice in choices)
     for i, choice in enumerate(choices):
         alone = make_request(tokenizer, prompt, 30, 1.0, seed=10 + i)
         engine.submit(alone)
@@ -369,7 +370,7 @@ def test_chunked_prefill_keeps_the_others_decoding_and_every_answer_the_same(tok
     assert len(long_one.prompt_tokens) > 4 * SMALL_BATCH
     engine.submit(long_one)
     rounds = 0
-    while long_one.prompt_fed < len(long_one.prompt_tokens):
+    while long_one.fed < len(long_one.prompt_tokens):
         before = [len(r.tokens) for r in running]
         engine.step()
         rounds += 1
@@ -385,7 +386,7 @@ def test_chunked_prefill_keeps_the_others_decoding_and_every_answer_the_same(tok
 
 def test_a_prompt_starting_with_a_finished_requests_tokens_reuses_their_kv_rows(tokenizer):
     """The chunked engine's prompt cache: a second turn that repeats the first turn's prompt
-    and answer starts after them (prompt_fed), and answers as an engine with an empty cache
+    and answer starts after them (fed), and answers as an engine with an empty cache
     does; a prompt that shares nothing takes the least recently freed slot instead."""
     from llamette.metrics import Metrics
 
@@ -403,7 +404,7 @@ def test_a_prompt_starting_with_a_finished_requests_tokens_reuses_their_kv_rows(
     second.prompt_tokens = second_prompt
     cached.submit(second)
     cached._admit()
-    assert second.slot == first_slot(cached, first) and second.prompt_fed == len(held) - 1
+    assert second.slot == first_slot(cached, first) and second.fed == len(held) - 1
     run_until_idle(cached)
     assert cached.metrics.reused_prompt_tokens == len(held) - 1
 
@@ -412,12 +413,12 @@ def test_a_prompt_starting_with_a_finished_requests_tokens_reuses_their_kv_rows(
     alone.prompt_tokens = second_prompt
     fresh.submit(alone)
     run_until_idle(fresh)
-    assert output(alone) == output(second) and alone.prompt_fed == len(second_prompt)
+    assert output(alone) == output(second) and fresh.metrics.reused_prompt_tokens == 0
 
     other = make_request(tokenizer, "A cat sat on a mat and looked at the moon all night.", 5)
     cached.submit(other)
     cached._admit()
-    assert other.prompt_fed == 0 and other.slot != second.slot
+    assert other.fed == 0 and other.slot != second.slot
 
 
 def first_slot(engine: Engine, request: Request) -> int:
@@ -461,13 +462,71 @@ def test_choices_cancelled_mid_prompt_and_drained_while_waiting_all_end(tokenize
         Engine(model, tokenizer).submit(make_request(tokenizer, "", bos=False))
 
 
-def test_rows_from_the_batched_kernels_are_not_cached(tokenizer):
-    """An echo request's prompt goes alone through the batched kernels, whose rows may differ
-    in their last bits from the passes' (K-quants): its slot is not offered to later prompts."""
-    model = Transformer.load(BUNDLED / "model.bin", n_slots=1)
-    engine = Engine(model, tokenizer, chunked_prefill=True)
-    echoed = make_request(tokenizer, "Lily and Tom went to the park to play with a ball.", 5)
+def test_echoed_prompts_go_in_small_passes_and_serve_later_prompts(tokenizer):
+    """In the chunked engine an echo request's prompt goes alone through passes of at most
+    SMALL_BATCH rows, whose rows any pass would compute: its slot serves a later prompt that
+    starts with its tokens, which answers as with an empty cache. An embedding's rows come from
+    the batched kernels: nothing is cached and its memory goes back at once."""
+
+    def engine() -> Engine:
+        return Engine(Transformer.load(BUNDLED / "model.bin", n_slots=1), tokenizer,
+                      chunked_prefill=True)  # fmt: skip
+
+    cached = engine()
+    echoed = make_request(tokenizer, "Lily and Tom went to the park to play with a ball. " * 3, 5)
     echoed.echo_logprobs, echoed.logprobs = True, 0
-    engine.submit(echoed)
-    run_until_idle(engine)
-    assert engine._cached == {}
+    cached.submit(echoed)
+    run_until_idle(cached)
+    assert len(echoed.prompt_tokens) > SMALL_BATCH
+    held = echoed.prompt_tokens + echoed.tokens
+    answers = []
+    for each in (cached, engine()):
+        later = make_request(tokenizer, "", 20, 0.9, seed=3)
+        later.prompt_tokens = held + tokenizer.encode(" Then they went home.", bos=False)
+        each.submit(later)
+        each._admit()
+        reused = later.fed
+        run_until_idle(each)
+        answers.append((reused, output(later)))
+    assert answers[0][0] == len(held) - 1 and answers[1][0] == 0
+    assert answers[0][1] == answers[1][1]
+
+    embedding = make_request(tokenizer, "A cat sat on a mat.", 1)
+    embedding.embed = True
+    cached.submit(embedding)
+    run_until_idle(cached)
+    assert embedding.events[-1].embedding and cached._cached == {}
+    assert cached.model.kv_held.sum() == 0
+
+
+def test_a_kv_budget_preempts_the_latest_request_and_its_tokens_stay_the_same(tokenizer):
+    """Four requests of up to 200 positions cannot all hold their rows within a budget of one
+    context (256 positions): the engine gives back cached rows, then preempts the latest
+    admitted request, which resumes from position 0 when there is room; the memory held never
+    exceeds the budget and every answer is what the request gets alone."""
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=4)
+    budget = model.config.seq_len
+    engine = Engine(model, tokenizer, chunked_prefill=True, kv_budget=budget)
+    specs = [(f"Once upon a time {i}", 190, 0.8, i) for i in range(4)]
+    requests = [make_request(tokenizer, *spec) for spec in specs]
+    for request in requests:
+        engine.submit(request)
+    most_held = 0
+    while not engine.idle():
+        engine.step()
+        most_held = max(most_held, model.kv_held.sum())
+    assert engine.preempted >= 2 and budget - 8 <= most_held <= budget
+    for spec, request in zip(specs, requests, strict=True):
+        alone = make_request(tokenizer, *spec)
+        engine.submit(alone)
+        run_until_idle(engine)
+        assert output(alone) == output(request)
+
+    long_prompt = make_request(tokenizer, "Once upon a time", 5, 1.0)
+    long_prompt.prompt_tokens *= 40
+    long_prompt.siblings = [make_request(tokenizer, "x")]
+    long_prompt.siblings[0].prompt_tokens = long_prompt.prompt_tokens
+    with pytest.raises(llamette.LlametteError, match="2 choices of .* exceed the KV budget of 256"):
+        engine.submit(long_prompt)
+    with pytest.raises(llamette.LlametteError, match="a KV budget needs chunked prefill"):
+        Engine(model, tokenizer, kv_budget=budget)

@@ -9,7 +9,7 @@ import llamette
 from conftest import CHATML, bpe_tokenizer, expected_rows, read_jsonl, shared_path, write_bpe_model
 from llamette import Sampler, Tokenizer, Transformer, chat, generate
 from llamette.chat_template import JinjaTemplate, Message, llama2_chat_prompt, own_template
-from llamette.kernels.layers import KVCache
+from llamette.kernels.kv_cache import KVCache
 
 _models = {}
 
@@ -139,7 +139,11 @@ class ScriptedModel:
         self.config = type("Config", (), {"vocab_size": vocab_size, "seq_len": seq_len})
         self.script = script  # position -> token to make most likely
         self.fed = []
-        self.kv_cache = KVCache(np.zeros((1, 1, 1, 1, 1)), np.zeros((1, 1, 1, 1, 1)))  # one slot
+        self.kv_cache = KVCache(*[np.zeros((1, 1, 1, 1, 1))] * 4)  # one slot
+        self.kv_held = np.zeros(1, np.int64)
+
+    def release_positions(self, slot, keep=0):
+        self.kv_held[slot] = min(self.kv_held[slot], keep)
 
     def forward(self, token, pos, slot=0):
         self.fed.append((token, pos))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from conftest import randn, runq_matmul, runq_quantize
+from conftest import kv_cache_of, randn, runq_matmul, runq_quantize
 from llamette.kernels import (
     SMALL_BATCH,
     attention,
@@ -297,52 +297,56 @@ def test_matmul_f32_bits_do_not_depend_on_the_batch(columns):
             np.testing.assert_array_equal(part, together[start : start + size])
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("head_size", [8, 16, 64, 80])  # in scalar loops; SIMD vectors: 1, 4, 4 + 1
-def test_fast_attention_agrees_with_the_reference(head_size):
+def test_fast_attention_agrees_with_the_reference(head_size, kv_type):
+    """Over each KV-cache type, the reference's attention over the values it holds."""
+    if kv_type == "q8_0" and head_size % 32:
+        pytest.skip("Q8_0 caches hold whole blocks of 32")
     n_heads, seq_len = 4, 40
-    key_cache = randn(1, 1, 2, seq_len, head_size)  # (slots, layers, kv heads, ...)
-    value_cache = randn(1, 1, 2, seq_len, head_size)
+    kv, keys, values = kv_cache_of(randn(1, 1, 2, seq_len, head_size),
+                                   randn(1, 1, 2, seq_len, head_size), kv_type)  # fmt: skip
     q = randn(1, n_heads * head_size)  # one token, decoding
     att = np.zeros((n_heads, seq_len), np.float32)
     for pos in (0, 14, 15, 16, 33):  # keys: a few; whole blocks of 16; blocks and the rest
         expected, out = np.empty_like(q[0]), np.empty_like(q)
-        reference.attention(expected, q[0], key_cache[0, 0], value_cache[0, 0], pos, n_heads, att)
-        attention.attention_rows(out, q, key_cache, value_cache, 0, np.zeros(1, np.int64),
-                                 np.array([pos]), n_heads)  # fmt: skip
+        reference.attention(expected, q[0], keys[0, 0], values[0, 0], pos, n_heads, att)
+        attention.attention_rows(out, q, kv, 0, np.zeros(1, np.int64), np.array([pos]), n_heads)
         np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
 @pytest.mark.parametrize("positions", [np.arange(99, 200), np.array([0, 15, 16, 17, 39])])
-def test_a_row_of_a_batch_attends_as_one_token_decoding_alone(positions):
+def test_a_row_of_a_batch_attends_as_one_token_decoding_alone(positions, kv_type):
     """The engine's batches and the run loop's decode steps give a sequence the same bits: a
     prompt's rows (taken in blocks that share chunks of 128 keys and values) as rows alone."""
     n_heads, n_kv_heads, head_size, seq_len = 4, 2, 64, 200
-    key_cache = randn(1, 1, n_kv_heads, seq_len, head_size)
-    value_cache = randn(1, 1, n_kv_heads, seq_len, head_size)
+    kv, _, _ = kv_cache_of(randn(1, 1, n_kv_heads, seq_len, head_size),
+                           randn(1, 1, n_kv_heads, seq_len, head_size), kv_type)  # fmt: skip
     q = randn(len(positions), n_heads * head_size)
     batched = np.empty_like(q)
     slots = np.zeros(len(positions), np.int64)
-    attention.attention_rows(batched, q, key_cache, value_cache, 0, slots, positions, n_heads)
+    attention.attention_rows(batched, q, kv, 0, slots, positions, n_heads)
     for b, pos in enumerate(positions):
         alone = np.empty((1, q.shape[1]), np.float32)
-        attention.attention_rows(alone, q[b : b + 1], key_cache, value_cache, 0, slots[:1],
-                                 np.array([pos]), n_heads)  # fmt: skip
+        attention.attention_rows(alone, q[b : b + 1], kv, 0, slots[:1], np.array([pos]), n_heads)
         np.testing.assert_array_equal(batched[b], alone[0])
 
 
-def test_batched_attention_agrees_with_the_reference():
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "q8_0"])
+def test_batched_attention_agrees_with_the_reference(kv_type):
     """Eight rows of two sequences (slots) at different positions, grouped-query heads."""
-    n_heads, n_kv_heads, head_size, seq_len = 4, 2, 16, 20
-    key_cache = randn(2, 1, n_kv_heads, seq_len, head_size)  # (slots, layers, kv heads, ...)
-    value_cache = randn(2, 1, n_kv_heads, seq_len, head_size)
+    n_heads, n_kv_heads, head_size, seq_len = 4, 2, 32, 20
+    kv, keys, values = kv_cache_of(randn(2, 1, n_kv_heads, seq_len, head_size),
+                                   randn(2, 1, n_kv_heads, seq_len, head_size), kv_type)  # fmt: skip
     slots = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     positions = np.array([0, 1, 2, 3, 10, 11, 12, 19])
     q = randn(8, n_heads * head_size)
     out = np.empty_like(q)
-    attention.attention_rows(out, q, key_cache, value_cache, 0, slots, positions, n_heads)
+    attention.attention_rows(out, q, kv, 0, slots, positions, n_heads)
     for b in range(8):
         expected, att = np.empty(q.shape[1], np.float32), np.zeros((n_heads, seq_len), np.float32)
-        reference.attention(expected, q[b], key_cache[slots[b], 0], value_cache[slots[b], 0],
+        reference.attention(expected, q[b], keys[slots[b], 0], values[slots[b], 0],
                             positions[b], n_heads, att)  # fmt: skip
         np.testing.assert_allclose(out[b], expected, rtol=1e-5, atol=1e-6)
 

@@ -230,6 +230,20 @@ def test_options_for_llama_cpps_machinery_are_accepted_and_others_refused(gguf):
         llamette.Llama(str(gguf), n_gpu_layer=-1)
 
 
+def test_type_k_and_type_v_choose_the_kv_cache_type(gguf):
+    """ggml's type numbers, as llama-cpp-python takes them: 1 is F16, 8 is Q8_0."""
+    answers = {}
+    for number, dtype in ((None, np.float32), (1, np.uint16), (8, np.int8)):
+        llm = llamette.Llama(str(gguf), type_k=number, type_v=number, verbose=False)
+        assert llm.model.kv_cache.keys.dtype == dtype
+        answers[number] = text_of(llm("Once upon a time", max_tokens=8, temperature=0))
+    assert answers[None] == answers[1]  # halves of the keys change no greedy token here
+    with pytest.raises(ValueError, match="type_k: 2 is not a KV-cache type llamette has"):
+        llamette.Llama(str(gguf), type_k=2, verbose=False)
+    with pytest.raises(ValueError, match="type_v: must be type_k"):
+        llamette.Llama(str(gguf), type_k=1, type_v=8, verbose=False)
+
+
 def test_a_stream_left_early_frees_its_slot(gguf):
     llm = llamette.Llama(str(gguf), verbose=False)
     chunks = llm("Once upon a time", max_tokens=50, temperature=0, stream=True)

@@ -10,7 +10,8 @@ from llamette import Tokenizer, Transformer
 from llamette.formats import read_model
 from llamette.formats.gguf import write_gguf
 from llamette.formats.llama2c import read_llama2c
-from llamette.model import lazily_mapped_zeros
+from llamette.kernels import SMALL_BATCH
+from llamette.model import lazily_mapped_zeros, release_pages
 from llamette.weight_types import Q8Tensor
 
 
@@ -149,6 +150,50 @@ def test_the_kv_cache_takes_memory_only_where_written():
     cache[:, :, 0] = 1.0  # the first position of every kv head
     assert resident_kib() - before < 1024  # 8 pages of 4 KiB, not 8 runs of 2 MiB
     assert not cache[:, :, 1:].any()
+    cache[:, :, :2048] = 2.0  # 8 MiB
+    written = resident_kib()
+    release_pages(cache, 0, cache.nbytes)
+    assert written - resident_kib() > 7 * 1024 and not cache.any()
+
+
+def test_released_kv_positions_read_as_zeros_and_the_rest_stays():
+    """kv_held counts each slot's positions written; release_positions gives back those from
+    `keep` on (whole pages: 64 positions of the bundled model's heads are 2 pages)."""
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=3)
+    model.forward_batch(list(range(1, 97)), list(range(96)), [1] * 96, [])
+    model.forward(5, 0, slot=2)
+    assert list(model.kv_held) == [0, 96, 1]
+    keys, values = model.kv_cache.keys, model.kv_cache.values
+    kept = keys[1, :, :, :64].copy()
+    model.release_positions(1, keep=64)
+    assert list(model.kv_held) == [0, 64, 1]
+    assert (keys[1, :, :, :64] == kept).all() and not keys[1, :, :, 64:].any()
+    assert keys[1, :, :, 63].any() and values[2, :, :, 0].any()
+    model.copy_positions(1, 0, 64)
+    model.release_positions(1)
+    assert list(model.kv_held) == [64, 0, 1] and not keys[1].any() and not values[1].any()
+    assert (keys[0, :, :, :64] == kept).all()
+
+
+@pytest.mark.parametrize(("kv_type", "tolerance"), [("f16", 1e-3), ("q8_0", 2e-2)])
+def test_a_smaller_kv_cache_keeps_logits_close_and_rows_invariant(kv_type, tolerance):
+    """The bundled model over a prompt: logits with an F16 or Q8_0 cache within `tolerance`
+    (relative) of the float32 cache's; a pass of the prompt's rows gets the bits of the rows
+    fed one at a time, as with the float32 cache."""
+    tokens = Tokenizer.load(BUNDLED / "tokenizer.bin").encode("Lily and Tom went to the park.")
+    n = len(tokens)
+    assert 8 < n <= SMALL_BATCH
+
+    def model(kv_type: str) -> Transformer:
+        return Transformer.load(BUNDLED / "model.bin", kv_type=kv_type)
+
+    exact_cache = model("f32").forward_batch(tokens, list(range(n)), [0] * n)
+    smaller = model(kv_type).forward_batch(tokens, list(range(n)), [0] * n)
+    stepping = model(kv_type)
+    one_by_one = np.array([stepping.forward(token, pos).copy() for pos, token in enumerate(tokens)])
+    np.testing.assert_array_equal(smaller, one_by_one)
+    error = np.linalg.norm(smaller - exact_cache) / np.linalg.norm(exact_cache)
+    assert 0 < error < tolerance
 
 
 def test_embeddings_point_where_llama_cpps_mean_pooling_does(tmp_path):

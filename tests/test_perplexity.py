@@ -1,10 +1,12 @@
 """Perplexity and KL divergence, against the same sums over transformers' logits."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import llamette
 from conftest import shared_path, tiny_llama
 from llamette import Transformer
 from llamette.cli import main
@@ -80,6 +82,20 @@ def test_command_scores_a_text_against_a_quantized_copy(tmp_path, capsys):
     assert same["mean_kl"] == pytest.approx(0, abs=1e-9) and same["tokens"] > 60
     # a trained model finds a children's story likely: far below its 512-token vocabulary
     assert 0 < q80["mean_kl"] < 0.01 and same["perplexity"] < 10 and q80["perplexity"] < 10
+
+
+def test_cache_types_show_their_kl_from_the_float32_cache(tmp_path, capsys):
+    """`--cache-type` against the same model with run.c's float32 cache as the reference."""
+    bundled = Path(llamette.__file__).parent / "bundled" / "model.bin"
+    text = tmp_path / "story.txt"
+    text.write_text("Once upon a time, there was a little girl named Lily. She loved to play. " * 8)
+    kl = {}
+    for kv_type in ("f32", "f16", "q8_0"):
+        argv = ["perplexity", bundled, "--text", text, "--reference", bundled, "--json"]
+        assert main([str(a) for a in [*argv, "--cache-type", kv_type]]) == 0
+        kl[kv_type] = json.loads(capsys.readouterr().out)["mean_kl"]
+    assert kl["f32"] == pytest.approx(0, abs=1e-9)
+    assert 0 < kl["f16"] < kl["q8_0"] < 1e-3
 
 
 def test_reference_with_another_vocabulary_is_refused(tmp_path, capsys):

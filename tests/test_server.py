@@ -5,6 +5,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import sentencepiece
 
@@ -542,7 +543,9 @@ def test_metrics_parse_as_prometheus_text_and_count(client, url):
         == value(before["llamette_time_to_first_token_seconds"], le="+Inf") + 1
     )
     assert after["llamette_kv_slots"].samples[0].value == 16
-    assert {"llamette_requests_running", "llamette_requests_waiting",
+    held = after["llamette_kv_positions_used"].samples[0].value  # the answer's rows, cached
+    assert 0 < held <= after["llamette_kv_budget_positions"].samples[0].value
+    assert {"llamette_requests_running", "llamette_requests_waiting", "llamette_preemptions",
             "llamette_inter_token_latency_seconds", "llamette_kv_slots_used"} <= after.keys()  # fmt: skip
 
 
@@ -585,24 +588,30 @@ def test_a_graceful_stop_ends_running_streams_with_a_finish_reason(monkeypatch):
     assert not thread.is_alive()
 
 
-def test_the_kv_budget_sets_how_many_requests_run_at_once(monkeypatch):
-    """Slots of --ctx positions, as many as --max-batch and the budget allow: by default half
-    the memory available beside the weights; a budget too small for one request, or beyond
-    the memory, is a one-line error."""
+def test_the_kv_budget_defaults_to_half_the_memory_beside_the_weights(monkeypatch):
+    """--kv-budget positions for all requests, by default what fits in half the memory
+    available beside the weights, at most --max-batch whole contexts; a budget too small for
+    one request of --ctx positions, or beyond the memory, is a one-line error."""
     from llamette import server
 
     config = llamette.Transformer.load(BUNDLED / "model.bin").config
-    position = 2 * config.n_layers * config.n_kv_heads * config.head_size * 4  # bytes, K and V
+    position = server.kv_position_bytes(config)
+    assert position == 2 * 4 * 2 * 32 * 4  # K and V of 4 layers, 2 kv heads of 32, float32
+    assert server.kv_position_bytes(config, "f16") == position // 2
+    assert server.kv_position_bytes(config, "q8_0") == 2 * 4 * 2 * (32 + 4)  # a scale a block
     monkeypatch.setattr(server, "available_memory", lambda: 1000 * position + 5000)
-    assert server.kv_slots(config, 100, 16, None, weight_bytes=5000) == 5  # 500 positions
-    assert server.kv_slots(config, 100, 3, None, weight_bytes=5000) == 3
-    assert server.kv_slots(config, 100, 16, 250, weight_bytes=5000) == 2
+    assert server.kv_budget_for(config, 100, 16, None, weight_bytes=5000) == 500
+    assert server.kv_budget_for(config, 100, 3, None, weight_bytes=5000) == 300
+    assert server.kv_budget_for(config, 100, 16, 250, weight_bytes=5000) == 250
     with pytest.raises(llamette.LlametteError, match="--kv-budget: 50 positions cannot hold"):
-        server.kv_slots(config, 100, 16, 50, weight_bytes=5000)
-    with pytest.raises(llamette.LlametteError, match="--kv-budget: 4000 positions of it take"):
-        server.kv_slots(config, 250, 16, 5000, weight_bytes=5000)
+        server.kv_budget_for(config, 100, 16, 50, weight_bytes=5000)
+    with pytest.raises(llamette.LlametteError, match="--kv-budget: 4000 positions take"):
+        server.kv_budget_for(config, 250, 16, 5000, weight_bytes=5000)
     with pytest.raises(llamette.LlametteError, match="--ctx: one request of 600 positions"):
-        server.kv_slots(config, 600, 16, None, weight_bytes=5000)
+        server.kv_budget_for(config, 600, 16, None, weight_bytes=5000)
     monkeypatch.undo()  # the machine's own memory
-    served = ServedModel.load(str(BUNDLED / "model.bin"), max_batch=8, ctx=100, kv_budget=300)
-    assert served.engine.n_slots == 3 and served.engine.model.config.seq_len == 100
+    served = ServedModel.load(str(BUNDLED / "model.bin"), max_batch=8, ctx=100, kv_budget=300,
+                              kv_type="q8_0")  # fmt: skip
+    assert served.engine.n_slots == 8 and served.engine.kv_budget == 300
+    assert served.engine.model.config.seq_len == 100
+    assert served.engine.model.kv_cache.keys.dtype == np.int8

@@ -22,6 +22,7 @@ from llamette.formats import find_tokenizer, load_weights
 from llamette.formats.gguf import WRITTEN_TYPES
 from llamette.generate import Generation, chat, generate
 from llamette.kernels import set_threads
+from llamette.kernels.kv_cache import KV_TYPES
 from llamette.kernels.timing import MATMUL_PARTS
 from llamette.model import Transformer
 from llamette.perplexity import evaluate
@@ -152,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the reference kernels: run.c's and runq.c's arithmetic to the bit",
     )
+    add_cache_type_argument(run)
     run.add_argument(
         "--json",
         action="store_true",
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     perplexity.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
     perplexity.add_argument("--json", action="store_true", help="print one JSON object")
+    add_cache_type_argument(perplexity, " (the reference keeps f32)")
     perplexity.set_defaults(handler=cmd_perplexity)
 
     serve = commands.add_parser(
@@ -285,9 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--kv-budget", type=int, metavar="POSITIONS",
-        help="KV-cache positions for all requests together; --max-batch shrinks to what it "
-        "holds (default: what fits in half the memory available beside the weights)",
+        help="KV-cache positions all requests hold together, taken as they are written; beyond, "
+        "the latest request waits to resume (default: what fits in half the memory available "
+        "beside the weights)",
     )  # fmt: skip
+    add_cache_type_argument(serve)
     serve.add_argument("--threads", type=int, metavar="N", help="threads for the kernels")
     serve.add_argument("--name", help="the model's name in the API (default: the file's stem)")
     serve.add_argument(
@@ -357,6 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.code or 0)
 
 
+def add_cache_type_argument(command: argparse.ArgumentParser, note: str = "") -> None:
+    command.add_argument(
+        "--cache-type", choices=list(KV_TYPES), default="f32",
+        help="the KV cache's values: f32 (run.c's), f16 or q8_0 (32-value blocks), in half and "
+        f"about a quarter of the memory{note}",
+    )  # fmt: skip
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     check_sampling_flags(args)
     for flag, given in (("--json", args.json), ("--stop", args.stop),
@@ -364,7 +377,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if given and args.mode == "chat":
             raise LlametteError(f"{flag}: works with -m generate only")
     use_threads(args.threads)
-    model = Transformer.load(args.model, exact=args.exact)
+    model = Transformer.load(args.model, exact=args.exact, kv_type=args.cache_type)
     model.adapt_threads = args.threads is None  # --threads N forces N
     tokenizer = find_tokenizer(args.model, args.tokenizer, model.config.vocab_size, "-z")
     model.warm_up()  # so that the speeds reported are the kernels', not their loading
@@ -463,7 +476,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             text = f.read()
     except UnicodeDecodeError:
         raise LlametteError(f"{args.text}: not UTF-8 text") from None
-    model = Transformer(load_weights(args.model, dequantize=True))
+    model = Transformer(load_weights(args.model, dequantize=True), kv_type=args.cache_type)
     reference = (
         Transformer(load_weights(args.reference, dequantize=True)) if args.reference else None
     )
@@ -510,18 +523,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LlametteError("--api-key: empty (leave it out to serve without a key)")
     served = server.ServedModel.load(
         args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name,
-        args.kv_budget,
+        args.kv_budget, args.cache_type,
     )  # fmt: skip
     served.api_key = args.api_key
     served.max_body = args.max_body or served.max_body
     served.engine.model.adapt_threads = args.threads is None  # --threads N forces N
-    c = served.engine.model.config
-    kv_bytes = sum(cache.nbytes for cache in served.engine.model.kv_cache)
+    engine = served.engine
+    budget_bytes = engine.kv_budget * server.kv_position_bytes(engine.model.config, args.cache_type)
     host, port = sock.getsockname()[:2]
     log.info(
-        f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: "
-        f"{served.engine.n_slots} "
-        f"slots of {c.seq_len} positions (KV cache {kv_bytes / 2**20:.0f} MiB), "
+        f"serving {served.name} ({args.model}) at http://{host}:{port}/v1: up to "
+        f"{engine.n_slots} requests of up to {engine.model.config.seq_len} positions at once, "
+        f"a KV budget of {engine.kv_budget} positions ({args.cache_type}, "
+        f"{budget_bytes / 2**20:.0f} MiB, taken as they are written), "
         f"chat template {served.template.name}" + (", API key required" if served.api_key else "")
     )
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C, cutting the stop short

@@ -4,6 +4,12 @@ finished and cancelled ones leave and free their KV-cache slot. Each request sam
 RNG and the kernels compute a pass's rows independently (see kernels.SMALL_BATCH), so a request
 gets the same tokens alone or in a crowd.
 
+KV memory is taken as positions are written, within a budget of positions shared by all slots:
+when the next round would go beyond it, the engine gives back what finished requests left
+cached (least recently freed first), then preempts the latest admitted request, which waits at
+the head of the queue to be fed again, prompt and answer so far, when there is room (vLLM's
+recompute preemption; its rows get the same bits again, so its tokens stay the same).
+
 The engine is plain Python over `Transformer`: `step()` runs one scheduling round, `start()`
 runs rounds on a thread of its own. Output goes to each request's `on_event` callback.
 """
@@ -25,7 +31,7 @@ from llamette.completion import StopStrings
 from llamette.errors import LlametteError
 from llamette.kernels import SMALL_BATCH
 from llamette.metrics import Metrics
-from llamette.model import PREFILL_CHUNK, Transformer, use_huge_pages
+from llamette.model import PREFILL_CHUNK, Transformer
 from llamette.sampler import Sampler, TokenLogprob, token_logprob
 from llamette.structured import JsonConstraint
 from llamette.tokenizer import StreamDecoder, Tokenizer
@@ -71,7 +77,7 @@ class Request:
 
     # progress, kept by the engine
     slot: int = -1
-    prompt_fed: int = 0  # prompt tokens through the model so far (or found in the cache)
+    fed: int = 0  # positions of prompt and tokens through the model (or found in the cache)
     written: int = 0  # positions of its slot's KV cache written for it
     cacheable: bool = True  # its KV rows came from passes of at most SMALL_BATCH rows
     tokens: list[int] = field(default_factory=list)  # sampled so far, a final EOS/BOS excluded
@@ -89,8 +95,14 @@ class Request:
 
     @property
     def next_pos(self) -> int:
-        """Position of the last sampled token, the next one to feed."""
+        """Position of the last sampled token, the next one to feed (the prompt's last token's
+        before the first draw); its logits give the next token."""
         return len(self.prompt_tokens) + len(self.tokens) - 1
+
+    def token_at(self, pos: int) -> int:
+        """The token at position pos of the prompt followed by the tokens sampled."""
+        n_prompt = len(self.prompt_tokens)
+        return self.prompt_tokens[pos] if pos < n_prompt else self.tokens[pos - n_prompt]
 
 
 class QueueFull(LlametteError):
@@ -105,12 +117,13 @@ class Engine:
     """Schedules requests over the model's KV-cache slots: at most one per slot runs, up to
     `max_queue` more wait. Its thread runs the kernels with `threads` threads (default: as many
     as the thread that made the engine was set to use, see kernels.set_threads). With
-    `chunked_prefill` (the server's), long prompts share the passes instead of stalling them."""
+    `chunked_prefill` (the server's), long prompts share the passes instead of stalling them,
+    and `kv_budget` positions (default: every slot's whole context) bound the KV memory held."""
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, max_queue: int = 64,
         threads: int | None = None, metrics: Metrics | None = None,
-        chunked_prefill: bool = False,
+        chunked_prefill: bool = False, kv_budget: int | None = None,
     ):  # fmt: skip
         self.model = model
         self.tokenizer = tokenizer
@@ -137,6 +150,12 @@ class Engine:
         self.chunked_prefill = chunked_prefill
         self._cached: dict[int, np.ndarray] = {}  # slot: the tokens its KV rows hold
         self._draining = False  # ending every request, taking no more
+        whole = self.n_slots * model.config.seq_len
+        if kv_budget is not None and not (model.config.seq_len <= kv_budget and chunked_prefill):
+            raise LlametteError("a KV budget needs chunked prefill and room for one context")
+        self.kv_budget = min(kv_budget or whole, whole)  # positions held at most, all slots
+        self._budgeted = self.kv_budget < whole  # (else every slot fits its whole context)
+        self.preempted = 0  # times a request gave its memory back to make room
 
     def submit(self, request: Request) -> None:
         """Queue a request (with its siblings, which run beside it from its prompt's pass);
@@ -152,6 +171,9 @@ class Engine:
         group = 1 + len(request.siblings)
         if group > self.n_slots:
             raise LlametteError(f"{group} choices need as many slots; there are {self.n_slots}")
+        if group * len(request.prompt_tokens) > self.kv_budget:  # each holds the prompt's rows
+            raise LlametteError(f"{group} choices of {len(request.prompt_tokens)} prompt tokens "
+                                f"exceed the KV budget of {self.kv_budget} positions")  # fmt: skip
         for member in (request, *request.siblings):
             member.submitted_at = time.perf_counter()
         with self._wakeup:
@@ -168,7 +190,9 @@ class Engine:
     def stats(self) -> dict[str, int]:
         with self._wakeup:
             return {"slots": self.n_slots, "running": len(self._running),
-                    "waiting": len(self._waiting), "cancelled": self.cancelled}  # fmt: skip
+                    "waiting": len(self._waiting), "cancelled": self.cancelled,
+                    "kv_budget": self.kv_budget, "kv_held": int(self.model.kv_held.sum()),
+                    "preempted": self.preempted}  # fmt: skip
 
     def slots_used(self) -> int:
         with self._wakeup:
@@ -179,14 +203,10 @@ class Engine:
             return not self._running and not self._waiting
 
     def warm_up(self) -> None:
-        """Compile (or load) the kernels a step runs: a prompt, a batch of two rows, a draw; and
-        write the whole KV cache once, so that its memory is mapped before any request waits on
-        it (the first write to a fresh page faults: about 0.2 s per slot of stories110M here)."""
-        for cache in self.model.kv_cache:
-            use_huge_pages(cache)  # resident in full anyway: spare attention the TLB misses
-            cache.fill(0.0)
+        """Compile (or load) the kernels a step runs: a prompt, a batch of two rows, a draw."""
         self.model.prefill([BOS_ID], 0, 0)
         self.model.forward_batch([BOS_ID, BOS_ID], [0, 0], [0, 0])
+        self.model.release_positions(0)
         Sampler(self.model.config.vocab_size, temperature=1.0, topp=0.9, seed=1).warm_up()
 
     def step(self) -> None:
@@ -206,12 +226,17 @@ class Engine:
         for request in self._admit():
             if request.embed:
                 self._embed_alone(request)
-            elif request.echo_logprobs or (
-                len(request.prompt_tokens) > SMALL_BATCH and not self.chunked_prefill
+            elif not request.tokens and (  # (a preempted request's rows go in the passes)
+                request.echo_logprobs
+                or (len(request.prompt_tokens) > SMALL_BATCH and not self.chunked_prefill)
             ):
                 self._prefill_alone(request)
         self._drop_cancelled()
         rows = self._rows()  # (request, token, position)
+        if self._budgeted:
+            rows = self._within_budget(rows)
+        for request, _, pos in rows:
+            request.fed = pos + 1
         for start in range(0, len(rows), SMALL_BATCH):
             batch = rows[start : start + SMALL_BATCH]
             # rows whose logits give a token: every decode row, and a prompt's last
@@ -253,17 +278,77 @@ class Engine:
         return request.sampler.sample(logits)
 
     def _rows(self) -> list[tuple[Request, int, int]]:
-        """This round's rows: every decoding request's last token, then prompt tokens up to the
-        end of the last pass of SMALL_BATCH rows (a pass of their own when there is no room)."""
-        rows = [(r, r.tokens[-1], r.next_pos) for r in self._running if r.tokens]
+        """This round's rows: every decoding request's last token, then tokens of prompts (and
+        of preempted requests' answers) up to the end of the last pass of SMALL_BATCH rows (a
+        pass of their own when there is no room)."""
+        rows = [(r, r.tokens[-1], r.next_pos) for r in self._running if r.tokens and
+                r.fed == r.next_pos]  # fmt: skip
         room = SMALL_BATCH - len(rows) % SMALL_BATCH
         for request in self._running:
-            fed, prompt = request.prompt_fed, request.prompt_tokens
-            take = min(room, len(prompt) - fed)
-            rows += [(request, prompt[pos], pos) for pos in range(fed, fed + take)]
-            request.prompt_fed += take
+            if room == 0:
+                break
+            if request.tokens and request.fed == request.next_pos:
+                continue  # decoding
+            take = min(room, request.next_pos + 1 - request.fed)
+            rows += [(request, request.token_at(pos), pos)
+                     for pos in range(request.fed, request.fed + take)]  # fmt: skip
             room -= take
         return rows
+
+    def _within_budget(self, rows: list[tuple[Request, int, int]]) -> list[tuple]:
+        """This round's rows once the KV memory they need is free: cached rows given back, then
+        requests preempted as needed (never the last one holding memory, which fits alone)."""
+        while self._over_budget(rows):
+            if self._evict_cached():
+                continue
+            if not self._preempt_latest():
+                break
+            rows = self._rows()
+        return rows
+
+    def _over_budget(self, rows: list[tuple[Request, int, int]]) -> bool:
+        """Whether the KV positions held, those the rows add and those the choices waiting for
+        their prompt's pass will copy exceed the budget."""
+        held = self.model.kv_held
+        reach: dict[int, int] = {}  # slot: positions it holds after the rows
+        for request, _, pos in rows:
+            reach[request.slot] = max(reach.get(request.slot, held[request.slot]), pos + 1)
+        added = sum(reach[slot] - held[slot] for slot in reach)
+        copies = sum(len(r.prompt_tokens) * len(r.siblings) for r in self._running)
+        return int(held.sum()) + added + copies > self.kv_budget
+
+    def _evict_cached(self, keep: int = -1) -> bool:
+        """Give back the memory of the least recently freed slot holding any (but slot `keep`);
+        whether there was one."""
+        for slot in self._free_slots:
+            if slot != keep and self.model.kv_held[slot] > 0:
+                self.model.release_positions(slot)
+                self._cached.pop(slot, None)
+                return True
+        return False
+
+    def _preempt_latest(self) -> bool:
+        """Send the latest admitted request that holds memory back to the head of the queue, its
+        memory given back, to be fed again from position 0 when there is room; whether one
+        could go (never the only one holding memory, nor one whose choices wait to branch)."""
+        holding = [r for r in self._running if self.model.kv_held[r.slot] > 0]
+        candidates = [r for r in holding if not r.siblings and r.cacheable]
+        if len(holding) < 2 or not candidates:
+            return False
+        victim = max(candidates, key=lambda r: r.admitted_at)
+        self.model.release_positions(victim.slot)
+        with self._wakeup:
+            self._running.remove(victim)
+            self._cached.pop(victim.slot, None)
+            self._free_slots.insert(0, victim.slot)
+            victim.slot, victim.fed, victim.written = -1, 0, 0
+            self._waiting.appendleft(victim)
+        self.preempted += 1
+        if self.metrics is not None:
+            self.metrics.preempted()
+        log.debug(f"preempted a request at position {victim.next_pos} to stay within the KV "
+                  f"budget of {self.kv_budget} positions")  # fmt: skip
+        return True
 
     def _prefill_alone(self, request: Request) -> None:
         try:
@@ -275,8 +360,9 @@ class Engine:
             log.exception("prefill failed")
             self._finish(request, "error", error=str(error))
             return
-        request.prompt_fed = request.written = len(request.prompt_tokens)
-        request.cacheable = False  # batched kernels: other bits than the passes' rows
+        request.fed = request.written = len(request.prompt_tokens)
+        # rows of batched passes get other bits than the passes' rows
+        request.cacheable = self.chunked_prefill
         self._advance(request, self._draw(request, logits), logits)
 
     def _prefill_with_logprobs(self, request: Request) -> np.ndarray:
@@ -284,8 +370,9 @@ class Engine:
         position's logits (vocab_size,)."""
         prompt, top_n = request.prompt_tokens, request.logprobs or 0
         request.token_logprobs.append(TokenLogprob(prompt[0], None))
-        for start in range(0, len(prompt), PREFILL_CHUNK):
-            batch = prompt[start : start + PREFILL_CHUNK]
+        chunk = SMALL_BATCH if self.chunked_prefill else PREFILL_CHUNK  # the passes' bits
+        for start in range(0, len(prompt), chunk):
+            batch = prompt[start : start + chunk]
             positions = np.arange(start, start + len(batch))
             logits = self.model.forward_batch(batch, positions, np.full(len(batch), request.slot))
             for pos, row in zip(positions, logits, strict=True):
@@ -300,6 +387,7 @@ class Engine:
             log.exception("embedding failed")
             self._finish(request, "error", error=str(error))
             return
+        request.cacheable = False  # rows of batched passes
         self._finish(request, "stop", embedding=vector.tolist())
 
     def stream(self, request: Request) -> Iterator[Event]:
@@ -335,7 +423,11 @@ class Engine:
         for request in waiting:
             for member in (request, *request.siblings):
                 member.finished_at = time.perf_counter()
-                member.on_event(Event("", reason))
+                if member.tokens:  # preempted: it ends as a running request would
+                    self._send(member, len(member.text))
+                    if self.metrics is not None:
+                        self.metrics.finished(len(member.tokens))
+                member.on_event(Event("", reason, len(member.tokens)))
         for request in list(self._running):
             if request in self._running:  # a sibling may have ended with its request
                 self._finish(request, reason)
@@ -409,7 +501,8 @@ class Engine:
             self._thread.join()
 
     def _admit(self) -> list[Request]:
-        """Waiting requests that get a slot now, up to about PREFILL_CHUNK prompt tokens."""
+        """Waiting requests that get a slot now, up to about PREFILL_CHUNK tokens to feed, as
+        long as the KV budget has room for them beside the running requests' next rows."""
         admitted, budget = [], PREFILL_CHUNK
         if not self._waiting:  # the common case of a decode step: nothing to take the lock for
             return admitted
@@ -422,15 +515,21 @@ class Engine:
                     continue
                 if len(self._free_slots) < 1 + len(request.siblings):
                     break  # the choices go in together, in their turn
-                self._waiting.popleft()
                 reuse = self.chunked_prefill and not (request.embed or request.echo_logprobs)
-                request.slot, request.prompt_fed = self._take_slot(request.prompt_tokens, reuse)
-                request.written = request.prompt_fed
-                if self.metrics is not None:
-                    self.metrics.admitted(len(request.prompt_tokens), request.prompt_fed)
+                slot, shared = self._choose_slot(request, reuse)
+                to_feed = request.next_pos + 1 - shared
+                if not self._room_for(to_feed + len(request.prompt_tokens) * len(request.siblings),
+                                      slot, shared):  # fmt: skip
+                    break
+                self._waiting.popleft()
+                self._take_slot(request, slot, shared)
                 for sibling in request.siblings:
-                    sibling.slot, _ = self._take_slot(sibling.prompt_tokens, reuse=False)
+                    self._take_slot(sibling, self._free_slots[0], 0)
+                    sibling.fed = len(sibling.prompt_tokens)  # it takes the request's prompt pass
                 for member in (request, *request.siblings):
+                    self._running.append(member)
+                    if member.decoder is not None:
+                        continue  # a preempted request, back
                     member.admitted_at = time.perf_counter()
                     member.decoder = StreamDecoder(
                         self.tokenizer,
@@ -438,30 +537,46 @@ class Engine:
                         if member.strip_leading_space
                         else member.prompt_tokens[-1],
                     )
-                    self._running.append(member)
-                for sibling in request.siblings:  # they take the prompt's pass from the request
-                    sibling.prompt_fed = len(sibling.prompt_tokens)
+                    if self.metrics is not None and member is request:
+                        self.metrics.admitted(len(request.prompt_tokens), shared)
                 admitted.append(request)
-                budget -= len(request.prompt_tokens) - request.prompt_fed
+                budget -= to_feed
         return admitted
 
-    def _take_slot(self, prompt: list[int], reuse: bool) -> tuple[int, int]:
-        """A free slot for a prompt, and how many of the prompt's first tokens its KV rows hold
-        already (never the whole prompt, whose last token gives the first logits): the slot
-        sharing the longest prefix with the prompt if that is at least MIN_REUSED tokens, else
+    def _choose_slot(self, request: Request, reuse: bool) -> tuple[int, int]:
+        """A free slot for a request, and how many of its first tokens (prompt, and answer so far
+        if it was preempted) the slot's KV rows hold already (never the last, whose logits are
+        needed): the slot sharing the longest prefix if that is at least MIN_REUSED tokens, else
         the least recently freed one (with what it shares)."""
         if not reuse:
-            best = self._free_slots[0]
-            self._free_slots.remove(best)
-            return best, 0
-        wanted = np.asarray(prompt[:-1], np.int64)
+            return self._free_slots[0], 0
+        wanted = np.asarray((request.prompt_tokens + request.tokens)[: request.next_pos], np.int64)
         shared = {slot: _shared_prefix(self._cached[slot], wanted) if slot in self._cached else 0
                   for slot in self._free_slots}  # fmt: skip
         best = max(self._free_slots, key=shared.__getitem__)
         if shared[best] < MIN_REUSED:
             best = self._free_slots[0]
-        self._free_slots.remove(best)
         return best, shared[best]
+
+    def _room_for(self, positions: int, slot: int, shared: int) -> bool:
+        """Whether the budget holds `positions` more, and a position for each running request's
+        next row, once free slots' cached rows are given back as needed (and `slot` keeps only
+        its first `shared`). With nothing running, anything goes: a request fits alone."""
+        if not self._running or not self._budgeted:
+            return True
+        held = self.model.kv_held
+        needed = positions + len(self._running) - max(0, int(held[slot]) - shared)
+        while int(held.sum()) + needed > self.kv_budget:
+            if not self._evict_cached(keep=slot):
+                return False
+        return True
+
+    def _take_slot(self, request: Request, slot: int, shared: int) -> None:
+        """Give a request a free slot whose KV rows hold its first `shared` tokens (the rest
+        given back)."""
+        self._free_slots.remove(slot)
+        self.model.release_positions(slot, keep=shared)
+        request.slot, request.fed, request.written = slot, shared, shared
 
     def _drop_cancelled(self) -> None:
         for request in list(self._running):
@@ -543,9 +658,11 @@ class Engine:
             if self.chunked_prefill and request.cacheable:
                 fed = (request.prompt_tokens + request.tokens)[: request.written]
                 self._cached[request.slot] = np.asarray(fed, np.int64)
-            else:
+                self._free_slots.append(request.slot)
+            else:  # nothing to offer later prompts: its memory goes back at once
+                self.model.release_positions(request.slot)
                 self._cached.pop(request.slot, None)
-            self._free_slots.append(request.slot)
+                self._free_slots.insert(0, request.slot)
             request.slot = -1
         request.finished_at = time.perf_counter()
         if self.metrics is not None:

@@ -39,14 +39,28 @@ log = logging.getLogger("llamette")
 
 DEFAULT_SEED = 0xFFFFFFFF  # llama-cpp-python's LLAMA_DEFAULT_SEED: a fresh random seed per call
 
-# Llama() arguments about llama.cpp's machinery (GPU layers, batch sizes, memory mapping, KV-cache
-# types, NUMA): they do not change what is computed, and llamette has no equivalent.
+# Llama() arguments about llama.cpp's machinery (GPU layers, batch sizes, memory mapping, NUMA):
+# they do not change what is computed, and llamette has no equivalent.
 IGNORED_OPTIONS = frozenset({
     "n_gpu_layers", "split_mode", "main_gpu", "tensor_split", "use_mmap", "use_mlock",
     "n_batch", "n_ubatch", "n_threads_batch", "logits_all", "embedding", "offload_kqv",
-    "flash_attn", "op_offload", "swa_full", "no_perf", "numa", "type_k", "type_v",
+    "flash_attn", "op_offload", "swa_full", "no_perf", "numa",
     "pooling_type", "attention_type", "rope_scaling_type",
 })  # fmt: skip
+# type_k and type_v: ggml's type numbers of the KV-cache types llamette has
+GGML_KV_TYPES = {0: "f32", 1: "f16", 8: "q8_0"}
+
+
+def kv_type_of(type_k: int | None, type_v: int | None) -> str:
+    """The KV-cache type of Llama()'s type_k and type_v (ggml's type numbers; default f32)."""
+    for name, value in (("type_k", type_k), ("type_v", type_v)):
+        if value is not None and value not in GGML_KV_TYPES:
+            raise BadParameter(name, f"{value} is not a KV-cache type llamette has: "
+                               + ", ".join(f"{n} ({t})" for n, t in GGML_KV_TYPES.items()))  # fmt: skip
+    if type_v is not None and type_k is not None and type_v != type_k:
+        raise BadParameter("type_v", "must be type_k: llamette keeps keys and values alike")
+    chosen = type_k if type_k is not None else type_v
+    return GGML_KV_TYPES[chosen] if chosen is not None else "f32"
 
 
 class Llama:
@@ -54,7 +68,8 @@ class Llama:
 
     `n_ctx` positions of context (0: the model's own; beyond it, the model's), `n_threads` for
     the kernels (default: llamette's choice), `seed` for every call that gives none (the
-    default: a random one each call), `verbose` for compile notes and timings on stderr.
+    default: a random one each call), `verbose` for compile notes and timings on stderr;
+    `type_k`/`type_v` (ggml's numbers, one type for both) a KV cache in F16 or Q8_0.
     """
 
     def __init__(
@@ -69,6 +84,8 @@ class Llama:
         last_n_tokens_size: int = 64,
         tokenizer_path: str | None = None,
         exact: bool = False,
+        type_k: int | None = None,
+        type_v: int | None = None,
         **options,
     ):
         unknown = sorted(set(options) - IGNORED_OPTIONS)
@@ -79,13 +96,14 @@ class Llama:
                                "chat template (or 'llama-2')")  # fmt: skip
         if n_ctx < 0:
             raise BadParameter("n_ctx", f"must be 0 (the model's) or more, not {n_ctx}")
+        kv_type = kv_type_of(type_k, type_v)
         if verbose:
             report_to_stderr()
         self.model_path = os.fspath(model_path)
         self.verbose = verbose
         weights = load_weights(self.model_path)
         context = min(n_ctx or weights.config.seq_len, weights.config.seq_len)
-        self.model = Transformer(weights, exact=exact, seq_len=context)
+        self.model = Transformer(weights, exact=exact, seq_len=context, kv_type=kv_type)
         if n_threads is not None:
             set_threads(n_threads)
             self.model.adapt_threads = False

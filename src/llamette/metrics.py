@@ -41,6 +41,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.reused_prompt_tokens = 0
         self.completion_tokens = 0
+        self.preemptions = 0
         self.time_to_first_token = Histogram()
         self.inter_token_latency = Histogram()
 
@@ -61,6 +62,11 @@ class Metrics:
     def next_token(self, seconds: float) -> None:
         with self._lock:
             self.inter_token_latency.observe(seconds)
+
+    def preempted(self) -> None:
+        """A request gave back its KV memory, to be fed again when there is room."""
+        with self._lock:
+            self.preemptions += 1
 
     def finished(self, completion_tokens: int) -> None:
         """A choice ended with these tokens (as its usage counts them)."""
@@ -87,6 +93,10 @@ class Metrics:
                         [f"llamette_prompt_tokens_reused_total {self.reused_prompt_tokens}"]),
                 *family("llamette_completion_tokens_total", "counter", "Tokens generated.",
                         [f"llamette_completion_tokens_total {self.completion_tokens}"]),
+                *family("llamette_preemptions_total", "counter",
+                        "Requests that gave back their KV memory to wait for room (each resumes "
+                        "with the same tokens).",
+                        [f"llamette_preemptions_total {self.preemptions}"]),
                 *family("llamette_time_to_first_token_seconds", "histogram",
                         "From a request's arrival to its first token.",
                         self.time_to_first_token.lines("llamette_time_to_first_token_seconds")),

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import mmap
 import os
+import sys
 import time
 from dataclasses import replace
 from typing import NamedTuple
@@ -29,8 +30,8 @@ from llamette.kernels import (
 from llamette.kernels import timing as t
 from llamette.kernels.dispatch import product
 from llamette.kernels.int8 import Int8Inputs, new_input
+from llamette.kernels.kv_cache import KV_TYPES, Q8_BLOCK, KVCache, scale_columns
 from llamette.kernels.layers import (
-    KVCache,
     add,
     attention,
     embed,
@@ -256,26 +257,45 @@ def transformer_block(w, layer, a, kv, positions, slots, n_heads, norm_eps, exac
     t.tick(profile, t.RESIDUALS)
 
 
-def lazily_mapped_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros in memory that becomes resident 4 KiB page by page as it is written.
+def lazily_mapped_zeros(shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    """Zeros (float32 by default) in memory that becomes resident 4 KiB page by page as it is
+    written, and that release_pages gives back.
 
-    For the KV cache: NumPy asks for 2 MiB pages, and the first position written to a kv head's
-    run of seq_len positions would fault in the whole run (all of a 7B model's 4 GiB cache).
-    `use_huge_pages` turns them back on where the whole cache is to be written anyway.
+    For the KV cache, whose memory is taken as positions are written (as an operating system
+    pages in what a process touches): NumPy would ask for 2 MiB pages, and the first position
+    written to a kv head's run of seq_len positions would fault in the whole run. The mapping
+    reserves no swap, so that many slots' worth of addresses can stand behind a smaller budget.
     """
     if not hasattr(mmap, "MAP_PRIVATE"):  # not a POSIX system
-        return np.zeros(shape, np.float32)
-    size = int(np.prod(shape)) * np.dtype(np.float32).itemsize
-    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return np.zeros(shape, dtype)
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+    try:
+        memory = mmap.mmap(-1, max(size, 1), flags=flags)
+    except OSError as error:
+        raise LlametteError(
+            f"a KV cache of {size / 2**30:.1f} GiB of addresses cannot be mapped "
+            f"({error.strerror}): fewer slots or a shorter context"
+        ) from None
     _advise(memory, "MADV_NOHUGEPAGE")  # also where huge pages are the system's default
-    return np.ndarray(shape, np.float32, buffer=memory)
+    return np.ndarray(shape, dtype, buffer=memory)
 
 
-def use_huge_pages(array: np.ndarray) -> None:
-    """Ask for 2 MiB pages for the memory of a lazily_mapped_zeros array not yet written: fewer
-    TLB misses when attention reads many sequences' caches."""
-    if isinstance(array.base, mmap.mmap):
-        _advise(array.base, "MADV_HUGEPAGE")
+# Linux's flag (Python's mmap module has no name for it before 3.13): addresses without swap
+# reserved, which the overcommit heuristic would otherwise count in full
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
+
+
+def release_pages(array: np.ndarray, start: int, stop: int) -> None:
+    """Give the whole pages within bytes start..stop of a lazily_mapped_zeros array back to the
+    system: they read as zeros after, and take memory again when written."""
+    memory = array.base
+    if not isinstance(memory, mmap.mmap) or not hasattr(mmap, "MADV_DONTNEED"):
+        return  # memory that cannot be given back stays as it is
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    last = stop // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        memory.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def _advise(memory: mmap.mmap, advice: str) -> None:
@@ -295,13 +315,32 @@ def fits_in_cache(weight_bytes: int) -> bool:
     return weight_bytes <= min(last_level_cache_bytes(), TRUSTED_CACHE_BYTES) * 3 // 4
 
 
+def new_kv_cache(config: ModelConfig, n_slots: int, kv_type: str, exact: bool) -> KVCache:
+    """An empty KV cache of `kv_type` for n_slots sequences, taking memory as it is written."""
+    if kv_type not in KV_TYPES:
+        raise LlametteError(f"--cache-type: {kv_type!r} is not one of {', '.join(KV_TYPES)}")
+    if kv_type != "f32" and exact:
+        raise LlametteError(f"--cache-type {kv_type}: --exact keeps run.c's float32 KV cache")
+    if kv_type == "q8_0" and config.head_size % Q8_BLOCK:
+        raise LlametteError(f"--cache-type q8_0: heads of {config.head_size} values are not "
+                            f"whole blocks of {Q8_BLOCK}")  # fmt: skip
+    shape = (n_slots, config.n_layers, config.n_kv_heads, config.seq_len)
+    values_shape = (*shape, config.head_size)
+    scales_shape = (*shape, scale_columns(kv_type, config.head_size))
+    dtype = KV_TYPES[kv_type]
+    return KVCache(lazily_mapped_zeros(values_shape, dtype), lazily_mapped_zeros(values_shape, dtype),
+                   lazily_mapped_zeros(scales_shape), lazily_mapped_zeros(scales_shape))  # fmt: skip
+
+
 class Transformer:
     """A model ready to run: weights, KV cache and activation buffers.
 
     `exact=True` selects the reference kernels, which reproduce run.c's and runq.c's arithmetic
     to the bit, in every call (batches too); the default kernels are faster and agree with them.
     The KV cache holds `n_slots` sequences of up to `seq_len` positions (default: the model's
-    context), which forward_batch can advance together.
+    context), which forward_batch can advance together, in `kv_type` ("f32", or "f16" and
+    "q8_0" in half and a quarter of the memory; kernels.kv_cache). Its memory is taken as
+    positions are written (`kv_held` counts them per slot) and given back by release_positions.
 
     Passes run with the threads the calling thread is set to (kernels.set_threads), or with
     `adapt_threads` with that many or one, whichever recent passes of the kind found faster
@@ -311,16 +350,17 @@ class Transformer:
     adapt_threads = True
 
     def __init__(
-        self, weights: Weights, exact: bool = False, n_slots: int = 1, seq_len: int | None = None
-    ):
+        self, weights: Weights, exact: bool = False, n_slots: int = 1, seq_len: int | None = None,
+        kv_type: str = "f32",
+    ):  # fmt: skip
         c = self.config = replace(weights.config, seq_len=seq_len or weights.config.seq_len)
         self.weights = weights
         self.exact = exact
         self.tensors = Tensors.of(weights)
         self.weights_in_cache = fits_in_cache(sum(self._weight_bytes_per_part().values()))
         self.buffers = self._buffers(1)
-        cache_shape = (n_slots, c.n_layers, c.n_kv_heads, c.seq_len, c.head_size)
-        self.kv_cache = KVCache(lazily_mapped_zeros(cache_shape), lazily_mapped_zeros(cache_shape))
+        self.kv_cache = new_kv_cache(c, n_slots, kv_type, exact)
+        self.kv_held = np.zeros(n_slots, np.int64)  # per slot: positions 0.. whose memory it holds
         # a decode step's row, logit row and logits, written over by each step
         self._step_rows, self._step_logit_rows = np.zeros((3, 1), np.int64), np.zeros(1, np.int64)
         self._step_logits = np.zeros((1, c.vocab_size), np.float32)
@@ -332,9 +372,10 @@ class Transformer:
             self._note_misaligned_groups()
 
     @classmethod
-    def load(cls, path: str | os.PathLike, exact: bool = False, n_slots: int = 1) -> Transformer:
+    def load(cls, path: str | os.PathLike, exact: bool = False, n_slots: int = 1,
+             kv_type: str = "f32") -> Transformer:  # fmt: skip
         """Load a model file (memory-mapped) and make it ready to run."""
-        return cls(load_weights(path), exact=exact, n_slots=n_slots)
+        return cls(load_weights(path), exact=exact, n_slots=n_slots, kv_type=kv_type)
 
     def warm_up(self) -> None:
         """Load (or compile) the kernels of a run before it is timed: a batched pass and a decode
@@ -350,6 +391,8 @@ class Transformer:
         rows = self._step_rows
         rows[0, 0], rows[1, 0], rows[2, 0] = token, pos, slot
         self._run(rows, self._step_logit_rows, self._step_logits, self.profile)
+        if pos >= self.kv_held[slot]:
+            self.kv_held[slot] = pos + 1
         self.profiled_steps += len(self.profile) > 0
         return self._step_logits[0]
 
@@ -385,8 +428,28 @@ class Transformer:
 
     def copy_positions(self, from_slot: int, to_slot: int, n: int) -> None:
         """Give to_slot the KV cache's first n positions of from_slot (a shared prompt)."""
-        for cache in self.kv_cache:  # (slots, layers, kv heads, positions, head size)
+        for cache in self.kv_cache:  # (slots, layers, kv heads, positions, values or scales)
             cache[to_slot, :, :, :n] = cache[from_slot, :, :, :n]
+        self.kv_held[to_slot] = max(self.kv_held[to_slot], n)
+
+    def release_positions(self, slot: int, keep: int = 0) -> None:
+        """Give the memory of slot's KV positions from `keep` on back to the system (whole pages
+        of each kv head's run of positions); they read as zeros until written again."""
+        if self.kv_held[slot] <= keep:
+            return
+        c = self.config
+        for cache in self.kv_cache:  # (slots, layers, kv heads, positions, values or scales)
+            position_bytes = cache.shape[4] * cache.itemsize
+            if position_bytes == 0:  # no scales in this type
+                continue
+            run_bytes = c.seq_len * position_bytes  # a kv head's positions in one layer
+            runs = c.n_layers * c.n_kv_heads  # per slot
+            if keep == 0:  # the slot's runs are one stretch of memory
+                release_pages(cache, slot * runs * run_bytes, (slot + 1) * runs * run_bytes)
+                continue
+            for run in range(slot * runs, (slot + 1) * runs):
+                release_pages(cache, run * run_bytes + keep * position_bytes, (run + 1) * run_bytes)
+        self.kv_held[slot] = keep
 
     def forward_batch(
         self, tokens, positions, slots, logit_rows: list[int] | None = None
@@ -404,6 +467,7 @@ class Transformer:
         if n > self.buffers.capacity:
             self.buffers = self._buffers(n)
         self._run(rows, wanted, logits, self._no_profile)
+        np.maximum.at(self.kv_held, rows[2], rows[1] + 1)
         return logits
 
     def _run(self, rows, logit_rows, logits, profile) -> None:

@@ -49,6 +49,7 @@ from llamette.completion import (
 from llamette.engine import Engine, Event, QueueFull, Request, ShuttingDown
 from llamette.errors import BadParameter, LlametteError
 from llamette.formats import find_tokenizer, load_weights
+from llamette.kernels.kv_cache import KV_TYPES, scale_columns
 from llamette.metrics import Metrics
 from llamette.model import Transformer
 from llamette.sampler import MAX_TOP_LOGPROBS, Sampler
@@ -86,10 +87,11 @@ class ServedModel:
     @classmethod
     def load(cls, model_path: str, tokenizer_path: str | None = None, max_batch: int = 16,
              max_queue: int = 64, ctx: int | None = None, name: str | None = None,
-             kv_budget: int | None = None) -> ServedModel:  # fmt: skip
-        """Load a model file for serving: KV-cache slots of `ctx` positions, as many as
-        `max_batch` and `kv_budget` positions allow (see kv_slots). (The engine compiles or loads
-        its kernels when it starts, before the first request.)"""
+             kv_budget: int | None = None, kv_type: str = "f32") -> ServedModel:  # fmt: skip
+        """Load a model file for serving: `max_batch` KV-cache slots of `ctx` positions, whose
+        memory is taken as positions are written, within `kv_budget` positions in all (see
+        kv_budget_for), in `kv_type`. (The engine compiles or loads its kernels when it starts,
+        before the first request.)"""
         weights = load_weights(model_path)
         if ctx is not None and not 1 < ctx <= weights.config.seq_len:
             raise LlametteError(
@@ -99,10 +101,10 @@ class ServedModel:
             raise LlametteError("--max-batch must be 1 or more and --max-queue 0 or more")
         ctx = ctx or weights.config.seq_len
         weight_bytes = sum(getattr(tensor, "nbytes", 0) for tensor in weights.tensors.values())
-        slots = kv_slots(weights.config, ctx, max_batch, kv_budget, weight_bytes)
-        model = Transformer(weights, n_slots=slots, seq_len=ctx)
+        model = Transformer(weights, n_slots=max_batch, seq_len=ctx, kv_type=kv_type)
+        budget = kv_budget_for(weights.config, ctx, max_batch, kv_budget, weight_bytes, kv_type)
         tokenizer = find_tokenizer(model_path, tokenizer_path, model.config.vocab_size, "-z")
-        engine = Engine(model, tokenizer, max_queue, chunked_prefill=True)
+        engine = Engine(model, tokenizer, max_queue, chunked_prefill=True, kv_budget=budget)
         name = name or os.path.splitext(os.path.basename(model_path))[0]
         return cls(name, engine, tokenizer, chat_template_for(model_path),
                    int(os.path.getmtime(model_path)))  # fmt: skip
@@ -123,39 +125,41 @@ def available_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def kv_slots(config: ModelConfig, ctx: int, max_batch: int, kv_budget: int | None,
-             weight_bytes: int) -> int:  # fmt: skip
-    """How many requests of up to `ctx` positions the KV cache holds at once: `max_batch`, or
-    fewer if the budget (`kv_budget` positions; by default what fits in half the memory
-    available beside the weights) holds fewer. A budget that holds none, or that the memory
-    cannot hold, is an error."""
-    position_bytes = 2 * config.n_layers * config.n_kv_heads * config.head_size * 4  # K and V
+def kv_budget_for(config: ModelConfig, ctx: int, max_batch: int, kv_budget: int | None,
+                  weight_bytes: int, kv_type: str = "f32") -> int:  # fmt: skip
+    """KV-cache positions all requests may hold together: `kv_budget`, or by default what fits
+    in half the memory available beside the weights (at most `max_batch` whole contexts). A
+    budget that cannot hold one request of `ctx` positions, or that the memory cannot hold, is
+    an error."""
+    position_bytes = kv_position_bytes(config, kv_type)
     gib = 2**30
     spare = max(0, available_memory() - weight_bytes)
     if kv_budget is None:
-        budget = int(KV_MEMORY_SHARE * spare) // position_bytes
+        budget = min(int(KV_MEMORY_SHARE * spare) // position_bytes, max_batch * ctx)
         if budget < ctx:
             raise LlametteError(
                 f"--ctx: one request of {ctx} positions needs a KV cache of "
                 f"{ctx * position_bytes / gib:.2f} GiB, beyond half the {spare / gib:.1f} GiB "
                 "of memory available beside the weights: lower --ctx or give --kv-budget"
             )
-    else:
-        budget = kv_budget
-        if budget < ctx:
-            raise LlametteError(f"--kv-budget: {budget} positions cannot hold one request of "
-                                f"--ctx {ctx}")  # fmt: skip
-        used = min(budget // ctx, max_batch) * ctx  # the slots' positions
-        if used * position_bytes > spare:
-            raise LlametteError(
-                f"--kv-budget: {used} positions of it take {used * position_bytes / gib:.2f} "
-                f"GiB, more than the {spare / gib:.1f} GiB of memory available beside the weights"
-            )
-    slots = min(max_batch, budget // ctx)
-    if slots < max_batch:
-        log.info(f"--max-batch {max_batch}: the KV budget of {budget} positions holds {slots} "
-                 f"requests of {ctx} positions at a time; the others wait")  # fmt: skip
-    return slots
+        return budget
+    if kv_budget < ctx:
+        raise LlametteError(f"--kv-budget: {kv_budget} positions cannot hold one request of "
+                            f"--ctx {ctx}")  # fmt: skip
+    budget = min(kv_budget, max_batch * ctx)
+    if budget * position_bytes > spare:
+        raise LlametteError(
+            f"--kv-budget: {budget} positions take {budget * position_bytes / gib:.2f} GiB, "
+            f"more than the {spare / gib:.1f} GiB of memory available beside the weights"
+        )
+    return budget
+
+
+def kv_position_bytes(config: ModelConfig, kv_type: str = "f32") -> int:
+    """Bytes of KV cache one position takes: every layer's keys and values (and their scales)."""
+    values = config.head_size * np.dtype(KV_TYPES[kv_type]).itemsize
+    scales = scale_columns(kv_type, config.head_size) * 4
+    return 2 * config.n_layers * config.n_kv_heads * (values + scales)
 
 
 class ApiError(Exception):
@@ -284,6 +288,10 @@ def create_app(served: ServedModel) -> Starlette:
             "llamette_requests_waiting": ("Requests queued for a slot.", stats["waiting"]),
             "llamette_kv_slots": ("KV-cache slots (one request's context each).", stats["slots"]),
             "llamette_kv_slots_used": ("KV-cache slots held by requests.", engine.slots_used()),
+            "llamette_kv_budget_positions": ("KV-cache positions all requests may hold.",
+                                             stats["kv_budget"]),
+            "llamette_kv_positions_used": ("KV-cache positions holding memory (requests' and "
+                                           "the prompt cache's).", stats["kv_held"]),
         }  # fmt: skip
         return Response(served.metrics.render(gauges),
                         media_type="text/plain; version=0.0.4; charset=utf-8")  # fmt: skip

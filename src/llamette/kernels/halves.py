@@ -21,6 +21,16 @@ def float32_from_bits(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def float32_bits(typingctx, value):
+    """The IEEE bits of the float32 `value`, as an int32."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
 @njit(inline="always")
 def f16_to_f32(h):
     """The float32 value of IEEE half bits h (normal and subnormal; no infinities in weights)."""

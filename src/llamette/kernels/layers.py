@@ -6,10 +6,6 @@ The products with weights (and the embedding lookup) are the weight types' own: 
 kernels.dispatch and llamette.weight_types.
 """
 
-from typing import NamedTuple
-
-import numpy as np
-
 from llamette.kernels import kernel, parallel_kernel, reference
 from llamette.kernels.attention import attention_rows
 from llamette.kernels.dispatch import decode_row
@@ -20,17 +16,10 @@ from llamette.kernels.elementwise import (
     rope_rows,
     swiglu_rows,
 )
+from llamette.kernels.kv_cache import store_position
 
 # The steps whose arithmetic is the reference's in both flavours.
 rmsnorm, rope, rope_angles, add = rmsnorm_rows, rope_rows, rope_angles_rows, add_rows
-
-
-class KVCache(NamedTuple):
-    """Every layer's keys and values for every position so far, per sequence (slot): (n_slots,
-    n_layers, n_kv_heads, seq_len, head_size) each, a kv head's positions in one run of memory."""
-
-    keys: np.ndarray
-    values: np.ndarray
 
 
 @kernel
@@ -42,15 +31,17 @@ def embed(out, table, tokens):
 
 @kernel
 def store_kv(kv, layer, slots, positions, k, v):
-    """The batch's keys and values k, v (B, kv_dim) into the cache at their sequences' positions."""
+    """The batch's keys and values k, v (B, kv_dim) into the cache at their sequences' positions,
+    in its type."""
     n_kv_heads, head_size = kv.keys.shape[2], kv.keys.shape[4]
     for b in range(k.shape[0]):
         slot, pos = slots[b], positions[b]
         for h in range(n_kv_heads):
-            keys, values = kv.keys[slot, layer, h, pos], kv.values[slot, layer, h, pos]
-            for i in range(head_size):  # (a loop: a slice assignment compiles shape checks)
-                keys[i] = k[b, h * head_size + i]
-                values[i] = v[b, h * head_size + i]
+            head = slice(h * head_size, (h + 1) * head_size)
+            store_position(kv.keys[slot, layer, h, pos], kv.key_scales[slot, layer, h, pos],
+                           k[b, head])  # fmt: skip
+            store_position(kv.values[slot, layer, h, pos], kv.value_scales[slot, layer, h, pos],
+                           v[b, head])  # fmt: skip
 
 
 @kernel
@@ -65,13 +56,13 @@ def gather_rows(out, x, rows):
 def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
     """Causal grouped-query attention: row b of out (B, dim) from its query q[b] and keys and
     values 0..positions[b] of its sequence (the batch's own already stored). scores (n_heads,
-    seq_len): the reference's scratch, for one row at a time."""
+    seq_len): the reference's scratch, for one row at a time. (`exact`: a float32 cache.)"""
     if exact:
         for b in range(q.shape[0]):
             keys, values = kv.keys[slots[b], layer], kv.values[slots[b], layer]
             reference.attention(out[b], q[b], keys, values, positions[b], n_heads, scores)
     else:
-        attention_rows(out, q, kv.keys, kv.values, layer, slots, positions, n_heads)
+        attention_rows(out, q, kv, layer, slots, positions, n_heads)
 
 
 @parallel_kernel

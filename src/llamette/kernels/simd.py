@@ -37,6 +37,9 @@ WIDE_REGISTERS = "+avx512f" in _FEATURES
 # Whether the CPU multiplies and accumulates in one instruction (AVX-512 VNNI's vpdpwssd), so that
 # a sum of madd_pairs waits for its previous value; elsewhere the products (pmaddwd) do not.
 FUSED_MADD = "+avx512vnni" in _FEATURES
+# Whether the CPU converts halves to floats in one instruction (F16C's vcvtph2ps: every x86-64 CPU
+# with AVX2 has it); elsewhere halves are converted by their bits.
+HALF_CONVERSION = "+f16c" in _FEATURES
 _INT32 = ir.IntType(32)
 _INT8 = ir.IntType(8)
 # Row dot products ask for the row's bytes this far ahead as they go: the hardware prefetchers
@@ -47,6 +50,8 @@ _INT32_LANES = ir.VectorType(_INT32, LANES)
 _FLOAT32_LANES = ir.VectorType(ir.FloatType(), LANES)
 _INT16_PAIRS = ir.VectorType(ir.IntType(16), 2 * LANES)
 _BYTES = ir.VectorType(ir.IntType(8), 4 * LANES)
+_HALF_BITS = ir.VectorType(ir.IntType(16), LANES)
+_INT8_LANES = ir.VectorType(_INT8, LANES)
 
 
 class Int32x16(types.Type):
@@ -335,18 +340,58 @@ def store_lanes(typingctx, out, index, v):
 
 @intrinsic
 def load_lanes(typingctx, array, index):
-    """array[index:index + 16] of a contiguous float32 (int32) array, as a float32x16 (int32x16)."""
-    lanes = {types.float32: float32x16, types.int32: int32x16}.get(array.dtype)
+    """array[index:index + 16] of a contiguous array as 16 lanes: float32 (int32) values as a
+    float32x16 (int32x16); IEEE halves kept as uint16 bits, and int8 values, as a float32x16."""
+    lanes = {types.float32: float32x16, types.int32: int32x16, types.uint16: float32x16,
+             types.int8: float32x16}.get(array.dtype)  # fmt: skip
     if lanes is None:
         return None
 
     def codegen(context, builder, signature, args):
         array, index = args
-        vector_type = _FLOAT32_LANES if lanes is float32x16 else _INT32_LANES
-        pointer = _pointer(context, builder, signature.args[0], array, index, vector_type)
-        return builder.load(pointer, align=4)
+        dtype = signature.args[0].dtype
+        stored = {types.int32: _INT32_LANES, types.uint16: _HALF_BITS,
+                  types.int8: _INT8_LANES}.get(dtype, _FLOAT32_LANES)  # fmt: skip
+        pointer = _pointer(context, builder, signature.args[0], array, index, stored)
+        loaded = builder.load(pointer, align=dtype.bitwidth // 8)
+        if dtype == types.uint16:
+            return _float32_of_halves(builder, loaded)
+        if dtype == types.int8:
+            return builder.sitofp(loaded, _FLOAT32_LANES)
+        return loaded
 
     return lanes(array, index), codegen
+
+
+def _float32_of_halves(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
+    """IEEE halves (16 x i16 bits; finite) as float32 lanes, exactly: F16C's conversion where the
+    CPU has it; elsewhere the magnitude's bits moved into a float's and rescaled by 2**112
+    (subnormals included), then the sign, in integer and float operations every vector unit
+    has."""
+    if HALF_CONVERSION:
+        return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), LANES)),
+                             _FLOAT32_LANES)  # fmt: skip
+
+    def splat(value: int) -> ir.Constant:
+        return ir.Constant(_INT32_LANES, [value] * LANES)
+
+    widened = builder.zext(bits, _INT32_LANES)
+    magnitude = builder.shl(builder.and_(widened, splat(0x7FFF)), splat(13))
+    rescaled = builder.fmul(builder.bitcast(magnitude, _FLOAT32_LANES),
+                            ir.Constant(_FLOAT32_LANES, [2.0**112] * LANES))  # fmt: skip
+    sign = builder.shl(builder.and_(widened, splat(0x8000)), splat(16))
+    signed = builder.or_(builder.bitcast(rescaled, _INT32_LANES), sign)
+    return builder.bitcast(signed, _FLOAT32_LANES)
+
+
+@intrinsic
+def multiply(typingctx, a, b):
+    """a * b lane by lane."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fmul(*args)
+
+    return float32x16(a, b), codegen
 
 
 @intrinsic
