@@ -2,7 +2,8 @@
 that repeats a first one's: how much sooner it answers from the prompt cache.
 
 Usage: python benchmarks/long_prompt.py [--model stories110M] [--type f32] [--prompt-tokens 900]
-                                        [--rounds 3] [--baseline OLD/src]
+                                        [--rounds 3] [--baseline OLD/src] [--ctx 1024]
+                                        [--stream-tokens 160]
 
 `llamette serve` runs 8 streamed completions (greedy, 160 tokens each); in one run nothing else
 arrives, in the other a prompt of about --prompt-tokens tokens arrives once the streams are
@@ -12,7 +13,8 @@ server, the long prompt alone and again with a sentence added (greedy, 16 tokens
 to the first token, and whether the second answer equals that of a server with an empty cache.
 With --baseline, a
 second build (its src folder, e.g. a git worktree of an older commit) runs the same load in
-alternating rounds. Medians over the rounds; the table goes to benchmarks/results/long_prompt.md.
+alternating rounds. Medians over the rounds; the table goes to benchmarks/results/long_prompt.md
+(long_prompt_MODEL_TYPE.md for other models).
 """
 
 from __future__ import annotations
@@ -124,13 +126,17 @@ def median_ms(results: list[dict], key: str) -> str:
 
 
 def main() -> None:
+    global CONTEXT, STREAM_TOKENS  # the servers' context and the streams' length, for this run
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="stories110M")
     parser.add_argument("--type", default="f32")
     parser.add_argument("--prompt-tokens", type=int, default=900)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="another build's src folder")
+    parser.add_argument("--ctx", type=int, default=CONTEXT, help="the server's --ctx")
+    parser.add_argument("--stream-tokens", type=int, default=STREAM_TOKENS)
     args = parser.parse_args()
+    CONTEXT, STREAM_TOKENS = args.ctx, args.stream_tokens
     path = ensure_model(args.model, args.type, DEFAULT_TOKENIZER, ensure_peer())["llamette"]
     words = args.prompt_tokens // 10  # about ten tokens to the nine-word sentence
     builds = {"this build": None, **({"baseline": args.baseline} if args.baseline else {})}
@@ -175,7 +181,8 @@ def main() -> None:
         "with an empty cache.",
     ]
     print("\n".join(lines))
-    (RESULTS / "long_prompt.md").write_text("\n".join(lines) + "\n")
+    name = "" if (args.model, args.type) == ("stories110M", "f32") else f"_{args.model}_{args.type}"
+    (RESULTS / f"long_prompt{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
