@@ -380,3 +380,10 @@ def test_logit_bias_stop_strings_and_stop_tokens_shape_a_greedy_story(capsys):
     dog = tokenizer.encode(" dog", bos=False)[-1]
     forced = json.loads(run_cli(capsys, [*argv, "-l", f"{dog}+100", "-l", f"{third}-inf"])[1])
     assert set(forced["tokens"]) == {dog}
+
+
+def test_replicas_without_ray_say_how_to_install_it(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    status, _, err = run_cli(capsys, ["serve", "--replicas", "2"])
+    assert status == 2 and err.count("\n") == 1
+    assert "--replicas: needs Ray Serve: pip install 'llamette[ray]'" in err

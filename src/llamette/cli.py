@@ -304,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-body", type=int, metavar="BYTES",
         help="answer larger request bodies 413 (default 8 MiB)",
     )  # fmt: skip
+    serve.add_argument(
+        "--replicas", type=int, metavar="N",
+        help="serve with N replicas on a Ray cluster (Ray Serve; --threads each, default 1; "
+        "needs llamette[ray])",
+    )  # fmt: skip
+    serve.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="with --replicas: the Ray cluster to join ('auto': the one this machine is part "
+        "of; default: start one on this machine)",
+    )  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser(
@@ -514,13 +524,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LlametteError(f"serve: {error.name} is missing: pip install llamette") from None
     if not 0 <= args.port <= 65535:
         raise LlametteError(f"--port: {args.port} is outside 0..65535")
-    use_threads(args.threads)
-    sock = server.listen(args.host, args.port)
     name = args.name or ("llamette-stories" if args.model == str(BUNDLED_MODEL) else None)
     if args.max_body is not None and args.max_body < 1:
         raise LlametteError(f"--max-body: {args.max_body} is not a positive number of bytes")
     if args.api_key is not None and not args.api_key.strip():
         raise LlametteError("--api-key: empty (leave it out to serve without a key)")
+    if args.replicas is not None or args.ray_address is not None:
+        return serve_on_ray(args, name)
+    use_threads(args.threads)
+    sock = server.listen(args.host, args.port)
     served = server.ServedModel.load(
         args.model, args.tokenizer, args.max_batch, args.max_queue, args.ctx, name,
         args.kv_budget, args.cache_type,
@@ -540,6 +552,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C, cutting the stop short
         server.run_server(served, sock)
+    log.info("stopped")
+    return 0
+
+
+def serve_on_ray(args: argparse.Namespace, name: str | None) -> int:
+    """`serve --replicas N`: deploy llamette.ray's application on a Ray cluster (joined, or
+    started on this machine), serve until SIGTERM or Ctrl-C, then take it down."""
+    import signal
+    import threading
+
+    try:
+        import ray
+        from ray import serve
+
+        from llamette.ray import app
+    except ImportError:
+        raise LlametteError("--replicas: needs Ray Serve: pip install 'llamette[ray]'") from None
+    if args.replicas is None or args.replicas < 1:
+        raise LlametteError(f"--replicas: {args.replicas} is not a number of replicas (1 or more)")
+    if args.threads is not None and args.threads < 1:
+        raise LlametteError(f"--threads: {args.threads} is not 1 or more")
+    if args.ray_address is None and not os.path.exists(args.model):  # a cluster of this machine
+        raise LlametteError(f"{args.model}: no such file")
+    options = {"model": os.path.abspath(args.model) if args.ray_address is None else args.model,
+               "replicas": args.replicas, "threads": args.threads or 1,
+               "max_batch": args.max_batch, "max_queue": args.max_queue, "ctx": args.ctx,
+               "name": name, "kv_budget": args.kv_budget, "kv_type": args.cache_type,
+               "tokenizer": args.tokenizer, "api_key": args.api_key}  # fmt: skip
+    application = app({key: value for key, value in options.items() if value is not None})
+    ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # in place of ray.init's own
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(application, name="llamette", route_prefix="/")
+        except RuntimeError as error:  # a replica's constructor failed: say its own error
+            status = serve.status().applications.get("llamette")
+            replica = status.deployments.get("Replica") if status else None
+            said = re.findall(r"LlametteError: (.+)", replica.message if replica else "")
+            raise LlametteError(f"--replicas: the replicas did not start: "
+                                f"{said[-1] if said else error}") from None  # fmt: skip
+        log.info(f"serving {name or os.path.basename(args.model)} on Ray: {args.replicas} "
+                 f"replicas of {args.threads or 1} threads at http://{args.host}:{args.port}/v1")  # fmt: skip
+        while not stop.wait(0.5):
+            pass
+        serve.shutdown()
+    finally:
+        ray.shutdown()
     log.info("stopped")
     return 0
 

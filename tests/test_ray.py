@@ -1,0 +1,131 @@
+"""llamette.ray on a Ray cluster that the tests start on this machine: two replicas of the
+bundled model (1 CPU and 1 kernel thread each) behind Ray Serve, answering as `llamette serve`."""
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import llamette
+from conftest import serving
+from llamette.server import ServedModel
+
+ray = pytest.importorskip("ray", reason="Ray is the ray extra's (pip install -e .[test])")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx", reason="httpx is a test dependency")
+openai = pytest.importorskip("openai", reason="openai is a test dependency")
+
+BUNDLED = Path(llamette.__file__).parent / "bundled" / "model.bin"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster_url():
+    """Ray Serve's address, two replicas ready; the cluster stopped after the module."""
+    from llamette.ray import app
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        options = {
+            "model": str(BUNDLED),
+            "replicas": "2",
+            "threads": "1",
+            "name": "llamette-stories",
+        }
+        serve.run(app(options),
+                  name="llamette", route_prefix="/")  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while httpx.get(f"{url}/health", timeout=60).status_code != 200:
+            assert time.monotonic() < deadline, "the replicas did not get ready"
+            time.sleep(0.5)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_the_openai_client_completes_streams_and_chats(cluster_url):
+    client = openai.OpenAI(base_url=f"{cluster_url}/v1", api_key="none")
+    model = client.models.list().data[0].id
+    plain = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
+                                      temperature=0)  # fmt: skip
+    streamed = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12,
+                                         temperature=0, stream=True)  # fmt: skip
+    assert "".join(chunk.choices[0].text for chunk in streamed) == plain.choices[0].text
+    chat = client.chat.completions.create(model=model, max_tokens=12,
+                                          messages=[{"role": "user", "content": "Tell a story"}])  # fmt: skip
+    assert plain.choices[0].text and chat.choices[0].message.content
+
+
+def body(index: int) -> dict:
+    return {"model": "llamette-stories", "prompt": f"Lily and the dog number {index}",
+            "max_tokens": 24, "temperature": 0.8, "seed": index}  # fmt: skip
+
+
+def test_concurrent_seeded_requests_get_llamette_serves_tokens_from_both_replicas(cluster_url):
+    def ask(url: str, index: int) -> tuple[str, str | None]:
+        answer = httpx.post(f"{url}/v1/completions", json=body(index), timeout=300)
+        assert answer.status_code == 200, answer.text
+        return answer.json()["choices"][0]["text"], answer.headers.get("x-llamette-replica")
+
+    with ThreadPoolExecutor(32) as pool:
+        on_ray = list(pool.map(lambda i: ask(cluster_url, i), range(32)))
+    with serving(ServedModel.load(str(BUNDLED), name="llamette-stories")) as url:
+        alone = [ask(url, i)[0] for i in range(32)]
+    assert [text for text, _ in on_ray] == alone
+    assert len({replica for _, replica in on_ray}) == 2
+
+
+def test_app_arguments_are_checked():
+    from llamette.ray import app
+
+    with pytest.raises(llamette.LlametteError, match="model=PATH is needed"):
+        app({"replicas": "2"})
+    with pytest.raises(llamette.LlametteError, match="unknown arguments colour"):
+        app({"model": str(BUNDLED), "colour": "red"})
+    with pytest.raises(llamette.LlametteError, match="replicas='two' is not valid"):
+        app({"model": str(BUNDLED), "replicas": "two"})
+
+
+def llamette_serve(*flags: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "llamette", "serve", "--replicas", "1", *flags]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_the_command_serves_until_sigterm_and_says_why_replicas_fail():
+    port = free_port()
+    server = llamette_serve("--port", str(port))
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+            time.sleep(0.5)
+        time.sleep(1)  # the command waits for the deployment before it takes signals
+        server.send_signal(signal.SIGTERM)
+        _, err = server.communicate(timeout=120)
+        assert server.returncode == 0 and "llamette: stopped" in err
+    finally:
+        server.kill()
+    failing = llamette_serve("--port", str(free_port()), "--ctx", "100000")
+    _, err = failing.communicate(timeout=300)
+    assert failing.returncode == 2
+    assert ("llamette: error: --replicas: the replicas did not start: --ctx: 100000 is outside "
+            "2..256") in err  # fmt: skip
