@@ -89,6 +89,34 @@ def test_concurrent_seeded_requests_get_llamette_serves_tokens_from_both_replica
     assert len({replica for _, replica in on_ray}) == 2
 
 
+def test_a_killed_replica_is_replaced_and_no_request_hangs(cluster_url):
+    """One replica's actor killed during a load: every request ends (answered, or a 5xx for
+    those it held), the other replica goes on answering, and Ray starts a new replica."""
+
+    def ask(index: int) -> tuple[int, str | None]:
+        try:
+            answer = httpx.post(f"{cluster_url}/v1/completions", json=body(index), timeout=120)
+        except httpx.TimeoutException:
+            return -1, None  # a hang
+        return answer.status_code, answer.headers.get("x-llamette-replica")
+
+    before = {ask(i)[1] for i in range(16)}
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(ask, i) for i in range(48)]
+        time.sleep(1.0)
+        ray.kill(ray.get_actor(f"SERVE_REPLICA::llamette#Replica#{victim}", namespace="serve"),
+                 no_restart=True)  # fmt: skip
+        during = [future.result(timeout=300) for future in futures]
+    assert all(status == 200 or 500 <= status < 600 for status, _ in during), during
+    assert any(status == 200 and replica != victim for status, replica in during)
+    deadline = time.monotonic() + 300
+    while not {replica for status, replica in map(ask, range(8)) if status == 200} - before:
+        assert time.monotonic() < deadline, "no new replica"
+        time.sleep(1)  # until a replica Ray started since answers
+
+
 def test_app_arguments_are_checked():
     from llamette.ray import app
 

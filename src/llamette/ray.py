@@ -95,5 +95,8 @@ def app(args: dict[str, str]) -> serve.Application:
     if replicas < 1 or threads < 1:
         raise LlametteError("llamette.ray:app: replicas and threads must be 1 or more")
     scale = {"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": replicas}
-    deployment = Replica.options(ray_actor_options={"num_cpus": threads}, **scale)
+    # as many requests to a replica at once as its engine batches (Ray Serve's default is 5);
+    # the others wait in Ray's router, for whichever replica frees a slot first
+    deployment = Replica.options(ray_actor_options={"num_cpus": threads},
+                                 max_ongoing_requests=options.get("max_batch", 16), **scale)  # fmt: skip
     return deployment.bind(options.pop("model"), threads, **options)
