@@ -90,14 +90,17 @@ def test_concurrent_seeded_requests_get_llamette_serves_tokens_from_both_replica
 
 
 def test_a_killed_replica_is_replaced_and_no_request_hangs(cluster_url):
-    """One replica's actor killed during a load: every request ends (answered, or a 5xx for
-    those it held), the other replica goes on answering, and Ray starts a new replica."""
+    """One replica's actor killed during a load: every request ends, answered or (at most the
+    16 the victim held) failed by Ray's proxy, the other replica goes on answering, and Ray
+    starts a new replica."""
 
     def ask(index: int) -> tuple[int, str | None]:
         try:
             answer = httpx.post(f"{cluster_url}/v1/completions", json=body(index), timeout=120)
         except httpx.TimeoutException:
-            return -1, None  # a hang
+            return -1, "no answer in 120 s"  # a hang
+        if answer.status_code != 200:
+            return answer.status_code, answer.text
         return answer.status_code, answer.headers.get("x-llamette-replica")
 
     before = {ask(i)[1] for i in range(16)}
@@ -109,7 +112,10 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(cluster_url):
         ray.kill(ray.get_actor(f"SERVE_REPLICA::llamette#Replica#{victim}", namespace="serve"),
                  no_restart=True)  # fmt: skip
         during = [future.result(timeout=300) for future in futures]
-    assert all(status == 200 or 500 <= status < 600 for status, _ in during), during
+    # the status Ray's proxy gives a request lost with its replica is Ray's choice (500 where
+    # the actor's death reaches it); what must hold is that each ends, and only those it held
+    failed = [(status, text) for status, text in during if status != 200]
+    assert all(status >= 400 for status, _ in failed) and len(failed) <= 16, failed
     assert any(status == 200 and replica != victim for status, replica in during)
     deadline = time.monotonic() + 300
     while not {replica for status, replica in map(ask, range(8)) if status == 200} - before:
