@@ -1,6 +1,12 @@
 """The choice of thread counts from measured pass times (llamette.threads)."""
 
-from llamette.threads import RETRY, ThreadChooser
+import subprocess
+import sys
+import time
+
+import pytest
+
+from llamette.threads import RETRY, ThreadChooser, first_count, others_running
 
 
 def run(chooser: ThreadChooser, seconds_with, passes: int) -> tuple[float, dict[int, int]]:
@@ -34,3 +40,28 @@ def test_the_choice_follows_the_load_as_it_changes():
     chooser = ThreadChooser(2)
     run(chooser, seconds, 10_000)
     assert chooser.choose() == 2
+
+
+def test_the_first_count_is_tried_first_and_one_by_default():
+    assert ThreadChooser(2, first=2).choose() == 2
+    assert ThreadChooser(2).choose() == 1
+
+
+def test_beside_a_busy_program_the_first_count_is_one():
+    if others_running() is None:
+        pytest.skip("this system does not say how many threads run (no /proc/stat)")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert first_count(2) == 1
+    finally:
+        busy.kill()
+        busy.wait()
+    assert first_count(1) == 1
+
+
+def test_others_running_is_read_from_the_kernels_count(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3 4\nprocs_running 3\nprocs_blocked 0\n")
+    assert others_running(str(stat)) == 2  # beside the thread reading it
+    assert others_running(str(tmp_path / "absent")) is None

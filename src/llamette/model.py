@@ -42,7 +42,7 @@ from llamette.kernels.layers import (
     store_kv,
     swiglu,
 )
-from llamette.threads import ThreadChooser
+from llamette.threads import ThreadChooser, first_count
 from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
 from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
@@ -482,7 +482,9 @@ class Transformer:
         n_rows = rows.shape[1]
         chooser = self._thread_choosers.get(n_rows > 1)
         if chooser is None:  # the most threads: what the caller set before the first pass
-            chooser = self._thread_choosers[n_rows > 1] = ThreadChooser(numba.get_num_threads())
+            most = numba.get_num_threads()
+            chooser = ThreadChooser(most, first=first_count(most))
+            self._thread_choosers[n_rows > 1] = chooser
         threads, most = chooser.choose(), numba.get_num_threads()
         numba.set_num_threads(threads)
         start = time.perf_counter()

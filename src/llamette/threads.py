@@ -10,6 +10,7 @@ machine's load, so the choice is remade from measured times as the passes go.
 from __future__ import annotations
 
 import statistics
+import time
 from collections import deque
 
 RETRY = 50  # a slower count is retried after RETRY times as many passes as it is slower
@@ -20,12 +21,12 @@ class ThreadChooser:
     """The thread count for the next pass of one kind (decode steps, or batches): the count
     whose recent passes were fastest (median of the last SAMPLES), the others retried now and
     then, the more rarely the slower they were, so that retrying costs at most about 1 / RETRY
-    of the time. Counts: one, then every core. One is tried first: on a quiet machine it costs at
-    most the cores' speed-up once, where a pass on every core beside a busy program can cost a
-    hundred times a pass on one."""
+    of the time. Counts: one and every core (`most`), `first` tried first (see first_count)."""
 
-    def __init__(self, most: int):
+    def __init__(self, most: int, first: int = 1):
         self.counts = [1, most] if most > 1 else [1]
+        if first in self.counts:
+            self.counts.sort(key=lambda n: n != first)
         self.times = {n: deque(maxlen=SAMPLES) for n in self.counts}
         self.medians: dict[int, float] = {}  # of each count's recent times, kept by record
         self.retry_at: dict[int, float] = {}  # the pass at which to try a slower count again
@@ -55,3 +56,29 @@ class ThreadChooser:
             self.retry_at[threads] = self.passes + 1  # confirm it at once
         self.times[threads].append(seconds)
         self.medians[threads] = statistics.median(self.times[threads])
+
+
+def first_count(most: int, looks: int = 3) -> int:
+    """The count to try first: every core if none looks taken by another program now, else one.
+    A pass on every core beside a busy program can cost a hundred times a pass on one, and one
+    thread on a quiet machine costs the cores' speed-up (a whole prompt, in a one-off run)."""
+    others = []
+    for _ in range(looks):  # the fewest of a few looks: others' short tasks come and go
+        others.append(others_running())
+        time.sleep(1e-3)
+    if most <= 1 or not others or None in others:
+        return 1
+    return most if min(others) == 0 else 1
+
+
+def others_running(stat_path: str = "/proc/stat") -> int | None:
+    """Threads running or ready to run now, beside the calling one (Linux's procs_running), or
+    None where the system does not say."""
+    try:
+        with open(stat_path, "rb") as f:
+            for line in f:
+                if line.startswith(b"procs_running "):
+                    return max(int(line.split()[1]) - 1, 0)
+    except (OSError, ValueError):
+        pass
+    return None
