@@ -42,39 +42,26 @@ def matmul_f32(out, x, w):
     GEMM_ROWS adjacent rows times all the inputs, in register blocks.
     """
     n_inputs, d = x.shape[0], w.shape[0]
-    if n_inputs < 4:
-        half = d // 2
-        for task in prange(half + d % 2):
+    streaming, half = n_inputs < 4, d // 2
+    n_tasks = half + d % 2 if streaming else (d + GEMM_ROWS - 1) // GEMM_ROWS
+    for task in prange(n_tasks):
+        if streaming:
             r0, r1 = _rows_of_task(task, half)
             w0, w1 = w[r0], w[r1]
             for b in range(n_inputs):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
-        return
-    n_blocks = (d + GEMM_ROWS - 1) // GEMM_ROWS
-    # Two loops, so that each is compiled with one way through the columns; np.int64: a prange
-    # index may be unsigned, and an unsigned times a signed int is a float in Numba.
-    if WIDE_REGISTERS and x.shape[1] > COLUMNS_PER_PASS:
-        for block in prange(n_blocks):
-            _block_in_passes(out, x, w, GEMM_ROWS * np.int64(block))
-    else:
-        for block in prange(n_blocks):
-            _block_in_one_pass(out, x, w, GEMM_ROWS * np.int64(block))
+        else:  # np.int64: a prange index may be unsigned, and unsigned times signed is a float
+            _block(out, x, w, GEMM_ROWS * np.int64(task))
 
 
-# The loops above call their bodies as functions compiled once on their own (inlined into the
-# loops, their code would go through Numba's parallel passes once per loop: seconds of a cold start).
+# One parallel loop, the blocks' code a function compiled once on its own: each parallel loop,
+# and each copy of the register blocks' code, costs seconds of a cold start.
 
 
 @kernel
-def _block_in_passes(out, x, w, i):
-    """out[:, i:i + GEMM_ROWS] = x @ w[i:i + GEMM_ROWS]^T, long rows in passes."""
-    rows_times_inputs(out, x, w, i, i, True)
-
-
-@kernel
-def _block_in_one_pass(out, x, w, i):
-    """out[:, i:i + GEMM_ROWS] = x @ w[i:i + GEMM_ROWS]^T, over the columns in one pass."""
-    rows_times_inputs(out, x, w, i, i, False)
+def _block(out, x, w, i):
+    """out[:, i:i + GEMM_ROWS] = x @ w[i:i + GEMM_ROWS]^T."""
+    rows_times_inputs(out, x, w, i, i)
 
 
 @njit(inline="always")
@@ -88,10 +75,9 @@ def _rows_of_task(task, half):
 
 
 @njit(inline="always")
-def rows_times_inputs(out, x, w, r, i, in_passes):
-    """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T, in register blocks (over the
-    columns in one pass, or in_passes for long rows); a last block with fewer rows, one row at a
-    time."""
+def rows_times_inputs(out, x, w, r, i):
+    """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T, in register blocks; a last
+    block with fewer rows, one row at a time."""
     n_inputs, rows = x.shape[0], min(GEMM_ROWS, w.shape[0] - r)
     if rows < GEMM_ROWS:
         for q in range(rows):
@@ -109,12 +95,7 @@ def rows_times_inputs(out, x, w, r, i, in_passes):
         return
     blocked = n_inputs - n_inputs % 3
     whole = x.shape[1] - x.shape[1] % LANES
-    if in_passes:
-        _blocks_8x3_in_passes(out, x, w, r, i, blocked)
-    else:
-        for b in range(0, blocked, 3):
-            lane_sums = _sweep_8x3(_zeros_8x3(), x, b, w, r, 0, whole)
-            _store_8x3(out, b, i, lane_sums)
+    _blocks_8x3(out, x, w, r, i, blocked)
     if whole < x.shape[1]:
         _add_last_columns(out, x, w, r, i, blocked, GEMM_ROWS, whole)
     w4, w5, w6, w7 = w[r + 4], w[r + 5], w[r + 6], w[r + 7]
@@ -182,11 +163,15 @@ def _dots_2x2(out, b, i, x0, x1, w0, w1):
 
 
 @njit(inline="always")
-def _blocks_8x3_in_passes(out, x, w, r, i, blocked):
-    """out[:blocked, i:i + 8] = x[:blocked] @ w[r:r + 8]^T for long rows, in passes over
-    COLUMNS_PER_PASS columns, each block of 3 inputs' lane sums kept between passes: the same
-    sums as in one pass."""
+def _blocks_8x3(out, x, w, r, i, blocked):
+    """out[:blocked, i:i + 8] = x[:blocked] @ w[r:r + 8]^T, in blocks of 3 inputs; rows of more
+    than COLUMNS_PER_PASS in passes of that many columns, each block's lane sums kept between
+    passes (the same sums as in one pass)."""
     whole = x.shape[1] - x.shape[1] % LANES
+    if x.shape[1] <= COLUMNS_PER_PASS:
+        for b in range(0, blocked, 3):
+            _store_8x3(out, b, i, _sweep_8x3(_zeros_8x3(), x, b, w, r, 0, whole))
+        return
     kept = np.zeros((blocked // 3, 24 * LANES), np.float32)
     for start in range(0, whole, COLUMNS_PER_PASS):
         stop = min(whole, start + COLUMNS_PER_PASS)

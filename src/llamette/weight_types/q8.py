@@ -188,7 +188,7 @@ def _dequantized_blocks_times_inputs(out, x, wq, ws, group_size):
         rows = np.empty((min(GEMM_ROWS, d - i), n), np.float32)
         for r in range(rows.shape[0]):
             _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
-        rows_times_inputs(out, x, rows, 0, i, False)
+        rows_times_inputs(out, x, rows, 0, i)
 
 
 @njit(inline="always")
