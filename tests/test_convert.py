@@ -1,5 +1,7 @@
 """`llamette convert`: Meta, Hugging Face, llama2.c and GGUF sources, byte for byte as export.py."""
 
+import json
+import shutil
 import struct
 import zipfile
 
@@ -81,6 +83,31 @@ def test_meta_shards_are_joined_along_the_right_axis(models):
     for name in ("tok_embeddings.weight", "layers.1.attention.wo.weight", "layers.2.attention.wk.weight",
                  "layers.3.feed_forward.w2.weight", "output.weight", "norm.weight"):  # fmt: skip
         np.testing.assert_array_equal(meta[name], reference[name], err_msg=name)
+
+
+def test_meta_scaled_rope_has_the_frequencies_of_transformers_llama3_rope(tmp_path, models):
+    """use_scaled_rope (Llama 3.1's params.json): Meta's constants, factor 8 over an original
+    context of 8192; a theta of 500,000 puts the 8 frequencies in each of the three bands."""
+    transformers = pytest.importorskip("transformers", reason="transformers is a test dependency")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    folder = tmp_path / "meta"
+    shutil.copytree(models / "rand-gqa-meta", folder)
+    params = json.loads((folder / "params.json").read_text())
+    params.update(use_scaled_rope=True, rope_theta=500000.0)
+    (folder / "params.json").write_text(json.dumps(params))
+    weights = read_meta(folder)
+    assert weights.config.rope_scaled and weights.config.head_size == 16
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}  # fmt: skip
+    config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4,
+                                      max_position_embeddings=131072, rope_parameters=rope)  # fmt: skip
+    expected = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")[0].numpy()
+    unscaled = 500000.0 ** -(np.arange(0, 16, 2) / 16)
+    scaled = unscaled / weights["rope_freqs.weight"]
+    assert len(set(np.round(weights["rope_freqs.weight"], 3))) == 3  # 1, 8 and between
+    np.testing.assert_allclose(scaled, expected, rtol=1e-6)
 
 
 def test_gguf_from_another_project_reads_as_the_llama2c_file(models):

@@ -15,12 +15,15 @@ import numpy as np
 from llamette.errors import LlametteError
 from llamette.formats.jsonfile import read_json_object
 from llamette.formats.pytorch import TorchTensor, read_torch_state_dict
-from llamette.weights import LazyTensors, ModelConfig, Weights
+from llamette.weights import LazyTensors, ModelConfig, Weights, llama3_rope_divisors
 
 # Meta's reference code allocates its caches for 2048 positions unless told otherwise; export.py
 # writes that into every converted header.
 DEFAULT_SEQ_LEN = 2048
 SPLIT_ALONG_COLUMNS = ("tok_embeddings.weight", ".attention.wo.weight", ".feed_forward.w2.weight")
+# use_scaled_rope (Llama 3.1 and later): the constants of Meta's reference code, whatever the
+# model: factor, low and high frequency factors, original context
+META_ROPE_SCALING = (8.0, 1.0, 4.0, 8192)
 
 
 def is_meta_folder(path: str) -> bool:
@@ -72,16 +75,23 @@ def read_meta(folder: str | os.PathLike, seq_len: int | None = None) -> Weights:
         or np.array_equal(joined("output.weight"), joined("tok_embeddings.weight")),
         rope_theta=float(params.get("rope_theta", 10000.0)),
         norm_eps=float(params.get("norm_eps", 1e-5)),
+        rope_scaled=bool(params.get("use_scaled_rope")),
     )
+
+    def load(name: str) -> np.ndarray:
+        if name == "rope_freqs.weight":  # not a tensor of the shards: Meta's fixed scaling
+            return llama3_rope_divisors(config.head_size, config.rope_theta, *META_ROPE_SCALING)
+        return joined(name)
+
     stored_type = shards[0]["layers.0.attention.wq.weight"].weight_type
-    return Weights(config, LazyTensors(config.tensor_shapes(), joined, folder), folder, stored_type)
+    return Weights(config, LazyTensors(config.tensor_shapes(), load, folder), folder, stored_type)
 
 
 def _read_params(folder: str) -> dict:
     path = os.path.join(folder, "params.json")
     params = read_json_object(path)
-    if params.get("use_scaled_rope") or params.get("rope_scaling"):
-        raise LlametteError(f"{path}: scaled RoPE (Llama 3.1 and later) is not supported")
+    if params.get("rope_scaling"):
+        raise LlametteError(f"{path}: rope_scaling is not supported (use_scaled_rope is)")
     if params.get("moe") or params.get("vision_chunk_size"):
         raise LlametteError(f"{path}: not a plain Llama transformer (mixture or vision model)")
     return params
