@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED, llama_cpp_model, numpy_forward, shared_path
-from llamette import Tokenizer, Transformer
+from llamette import LlametteError, Tokenizer, Transformer
 from llamette.formats import read_model
 from llamette.formats.gguf import write_gguf
 from llamette.formats.llama2c import read_llama2c
@@ -143,6 +143,19 @@ def resident_kib() -> int:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_tokens_positions_and_slots_out_of_range_are_refused_before_they_are_run():
+    model = Transformer.load(BUNDLED / "model.bin", n_slots=2)
+    with pytest.raises(LlametteError, match="position 256 is outside the context of 256"):
+        model.forward(1, 256)
+    with pytest.raises(LlametteError, match="token 32000 is outside the vocabulary"):
+        model.forward(32000, 0)
+    with pytest.raises(LlametteError, match="slot 2 is outside the 2 KV cache slots"):
+        model.forward_batch([1, 1], [0, 1], [0, 2])
+    with pytest.raises(LlametteError, match="position -1 is outside"):
+        model.prefill([1, 2], -1)
+    assert model.kv_held.tolist() == [0, 0]  # nothing written
+
+
 def test_the_kv_cache_takes_memory_only_where_written():
     """A 7B model's cache is 4 GiB at full context; a short chat should not make it resident."""
     cache = lazily_mapped_zeros((4, 2, 4096, 128))  # 4 layers x 2 kv heads: 2 MiB per run

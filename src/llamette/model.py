@@ -388,6 +388,9 @@ class Transformer:
 
         The returned array is reused by the next call.
         """
+        c = self.config
+        if not (0 <= token < c.vocab_size and 0 <= pos < c.seq_len and 0 <= slot < self.n_slots):
+            self._check_rows(np.array([[token], [pos], [slot]]))
         rows = self._step_rows
         rows[0, 0], rows[1, 0], rows[2, 0] = token, pos, slot
         self._run(rows, self._step_logit_rows, self._step_logits, self.profile)
@@ -461,6 +464,7 @@ class Transformer:
         of the rows asked for (default: all; -1 is the last), a fresh array.
         """
         rows = np.array([tokens, positions, slots], np.int64).reshape(3, -1)  # (3, B)
+        self._check_rows(rows)
         n = rows.shape[1]
         wanted = np.arange(n) if logit_rows is None else np.asarray(logit_rows, np.int64) % n
         logits = np.empty((len(wanted), self.config.vocab_size), np.float32)
@@ -469,6 +473,22 @@ class Transformer:
         self._run(rows, wanted, logits, self._no_profile)
         np.maximum.at(self.kv_held, rows[2], rows[1] + 1)
         return logits
+
+    @property
+    def n_slots(self) -> int:
+        return self.kv_held.shape[0]
+
+    def _check_rows(self, rows: np.ndarray) -> None:
+        """A LlametteError naming the first token, position or slot of rows (3, B) out of the
+        model's range: compiled code reads and writes where they point, unchecked."""
+        c = self.config
+        limits = (("token", c.vocab_size, "the vocabulary"),
+                  ("position", c.seq_len, f"the context of {c.seq_len}"),
+                  ("slot", self.n_slots, f"the {self.n_slots} KV cache slots"))  # fmt: skip
+        for values, (what, limit, range_name) in zip(rows, limits, strict=True):
+            outside = values[(values < 0) | (values >= limit)]
+            if outside.size:
+                raise LlametteError(f"{what} {outside[0]} is outside {range_name}")
 
     def _run(self, rows, logit_rows, logits, profile) -> None:
         c = self.config
