@@ -233,6 +233,16 @@ def test_start_raises_what_the_warm_up_raised(tokenizer):
     engine.model.prefill = None  # not callable: the warm-up fails
     with pytest.raises(TypeError):
         engine.start()
+    assert engine.fault().startswith("the engine could not start: ")
+
+
+def test_a_stopped_engine_says_so(tokenizer):
+    engine = Engine(Transformer.load(BUNDLED / "model.bin"), tokenizer)
+    assert engine.fault() is None  # not started yet
+    engine.start()
+    assert engine.fault() is None
+    engine.stop()
+    assert engine.fault() == "the engine's thread has stopped"
 
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="one thread is all there is")

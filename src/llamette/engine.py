@@ -491,6 +491,15 @@ class Engine:
             if self.failure:
                 raise self.failure
 
+    def fault(self) -> str | None:
+        """Why the engine can no longer answer (its warm-up failed, or its thread ended), or
+        None while it warms up or runs."""
+        if self.failure is not None:
+            return f"the engine could not start: {self.failure}"
+        if self.ready.is_set() and self._thread is not None and not self._thread.is_alive():
+            return "the engine's thread has stopped"
+        return None
+
     def stop(self) -> None:
         """End the engine's thread after its round; while it still compiles, leave it (a daemon
         thread: it ends with the process) rather than wait for the compiler."""

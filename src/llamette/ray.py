@@ -39,12 +39,9 @@ class Replica:
         return MarkReplica(create_app(self.served), self.replica_id.encode())
 
     def check_health(self) -> None:
-        engine = self.served.engine
-        if engine.failure is not None:
-            raise RuntimeError(f"the engine could not start: {engine.failure}")
-        thread = engine._thread
-        if engine.ready.is_set() and thread is not None and not thread.is_alive():
-            raise RuntimeError("the engine's thread has stopped")
+        fault = self.served.engine.fault()
+        if fault is not None:
+            raise RuntimeError(fault)
 
 
 class MarkReplica:
