@@ -266,6 +266,7 @@ def test_profile_shows_where_a_decode_step_went(capsys):
         (["--kv-budget", "10"], "--kv-budget"),
         (["--max-body", "0"], "--max-body"),
         (["--api-key", " "], "--api-key"),
+        (["--request-timeout", "30"], "--request-timeout: goes with --replicas"),
     ],
 )
 def test_serve_bad_flags_end_in_one_line_and_status_2(capsys, flags, message):

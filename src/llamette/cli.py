@@ -314,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --replicas: the Ray cluster to join ('auto': the one this machine is part "
         "of; default: start one on this machine)",
     )  # fmt: skip
+    serve.add_argument(
+        "--request-timeout", type=float, metavar="SECONDS",
+        help="with --replicas: Ray Serve ends a request unanswered after SECONDS with a 408, "
+        "one lost with a replica that died included (default: no limit)",
+    )  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
     train = commands.add_parser(
@@ -531,6 +536,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise LlametteError("--api-key: empty (leave it out to serve without a key)")
     if args.replicas is not None or args.ray_address is not None:
         return serve_on_ray(args, name)
+    if args.request_timeout is not None:
+        raise LlametteError("--request-timeout: goes with --replicas (Ray Serve's proxy keeps it)")
     use_threads(args.threads)
     sock = server.listen(args.host, args.port)
     served = server.ServedModel.load(
@@ -573,6 +580,8 @@ def serve_on_ray(args: argparse.Namespace, name: str | None) -> int:
         raise LlametteError(f"--replicas: {args.replicas} is not a number of replicas (1 or more)")
     if args.threads is not None and args.threads < 1:
         raise LlametteError(f"--threads: {args.threads} is not 1 or more")
+    if args.request_timeout is not None and not args.request_timeout > 0:
+        raise LlametteError(f"--request-timeout: {args.request_timeout} is not a positive time")
     if args.ray_address is None and not os.path.exists(args.model):  # a cluster of this machine
         raise LlametteError(f"{args.model}: no such file")
     options = {"model": os.path.abspath(args.model) if args.ray_address is None else args.model,
@@ -586,7 +595,8 @@ def serve_on_ray(args: argparse.Namespace, name: str | None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # in place of ray.init's own
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port,
+                                  "request_timeout_s": args.request_timeout})  # fmt: skip
         try:
             serve.run(application, name="llamette", route_prefix="/")
         except RuntimeError as error:  # a replica's constructor failed: say its own error
