@@ -52,9 +52,13 @@ def _attention_rows_task(out, q, kv, layer, slots, positions, n_heads, h, block)
     first = block * ATTENTION_ROWS
     last = min(q.shape[0], first + ATTENTION_ROWS)
     heads = slice(h * head_size, (h + 1) * head_size)
-    if head_size % LANES == 0 and _one_run(slots, positions, first, last):
-        head = _kv_head(kv, slots[first], layer, kv_head)
-        _attend_rows(out[first:last, heads], q[first:last, heads], head, positions[first])
+    if head_size % LANES == 0:
+        b = first
+        while b < last:  # each run of one sequence's consecutive positions in one go
+            stop = _run_end(slots, positions, b, last)
+            head = _kv_head(kv, slots[b], layer, kv_head)
+            _attend_rows(out[b:stop, heads], q[b:stop, heads], head, positions[b])
+            b = stop
         return
     for b in range(first, last):
         scores = np.empty(positions[b] + 1, np.float32)
@@ -74,19 +78,22 @@ ATTENTION_ROWS = 8  # rows of one sequence that attention_rows takes together
 
 
 @njit(inline="always")
-def _one_run(slots, positions, first, last):
-    """Whether rows first..last - 1 are one sequence's consecutive positions."""
+def _run_end(slots, positions, first, last):
+    """The row after the run of one sequence's consecutive positions that starts at row first
+    (at most last)."""
     for b in range(first + 1, last):
         if slots[b] != slots[first] or positions[b] != positions[first] + b - first:
-            return False
-    return True
+            return b
+    return last
 
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
 def _attend_rows(out, q, head, first_position):
-    """`_attend` for rows r of one sequence at positions first_position + r (out, q: (rows,
-    head_size), heads a whole number of SIMD vectors long): the same steps in the same order for
-    each row, taken a chunk of keys (and of values) at a time for all the rows."""
+    """One head for rows r of one sequence at positions first_position + r (out, q: (rows,
+    head_size), heads a whole number of SIMD vectors long): out[r] = softmax(q[r] . keys[t] /
+    sqrt(head_size)) @ values, t <= first_position + r, in explicit lanes (`_key_scores`,
+    `_add_weighted_values`); the same steps in the same order for each row whatever the rows
+    beside it, taken a chunk of keys (and of values) at a time for all of them."""
     keys, key_scales, values, value_scales = head
     n_rows, head_size = q.shape
     n_keys = first_position + n_rows  # the last row's
@@ -112,26 +119,18 @@ ATTENTION_CHUNK_BYTES = 32 * 1024  # keys (or values) taken at a time by a block
 
 @njit(inline="always", error_model="numpy", fastmath={"reassoc", "contract"})
 def _attend(out, q, head, n_keys, scores):
-    """One head: out (head_size,) = softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys;
-    head: its kv head's cache (_kv_head), each position's vector contiguous. Heads a whole
-    number of SIMD vectors long take explicit lanes (`_key_scores`, `_add_weighted_values`);
-    others, loops that LLVM vectorizes as it can."""
+    """One head whose size is not a whole number of SIMD vectors: out (head_size,) =
+    softmax(q . keys[t] / sqrt(head_size)) @ values, t < n_keys, in loops that LLVM vectorizes
+    as it can; head: its kv head's cache (_kv_head)."""
     keys, key_scales, values, value_scales = head
     head_size = q.shape[0]
-    whole_vectors = head_size % LANES == 0
-    if whole_vectors:
-        _key_scores(scores, q, keys, key_scales, 0, n_keys)
-    else:
-        for t in range(n_keys):
-            score = F32(0.0)
-            for i in range(head_size):
-                score += q[i] * kv_value(keys, key_scales, t, i)
-            scores[t] = score
+    for t in range(n_keys):
+        score = F32(0.0)
+        for i in range(head_size):
+            score += q[i] * kv_value(keys, key_scales, t, i)
+        scores[t] = score
     _softmax(scores, n_keys, head_size)
     out[:] = 0.0
-    if whole_vectors:
-        _add_weighted_values(out, scores, values, value_scales, 0, n_keys)
-        return
     for t in range(n_keys):
         for i in range(head_size):
             out[i] += scores[t] * kv_value(values, value_scales, t, i)
