@@ -1,11 +1,15 @@
 """The compiled-kernel cache: a warm start compiles nothing, and the cache follows the source."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
+from conftest import BUNDLED
+from llamette.ahead import SWITCH, CompileAhead
 from llamette.errors import LlametteError
 from llamette.kernels import cache
 
@@ -61,3 +65,45 @@ def test_the_stamp_covers_every_file_with_compiled_code():
         text = path.read_text()
         if any(mark in text for mark in ("@kernel", "@parallel_kernel", "njit(", "@overload")):
             assert path.relative_to(cache.PACKAGE_DIR).as_posix() in files, path
+
+
+FIRST_DRAW = textwrap.dedent("""
+    import json, sys
+    from numba.core import event
+    compiled = set()
+
+    class Names(event.Listener):
+        def on_start(self, e):
+            compiled.add(e.data["dispatcher"].py_func.__name__)
+        def on_end(self, e):
+            pass
+
+    event.register("numba:compile", Names())
+    from llamette import Sampler, Transformer
+    model = Transformer.load(sys.argv[1])
+    logits = model.prefill([1, 2, 3], 0)
+    Sampler(model.config.vocab_size, temperature=1.0, topp=0.9, seed=1).sample(logits)
+    print(json.dumps(sorted(compiled)))
+""")
+HELPERS_KERNELS = {"attention_rows", "swiglu_rows", "add_rows", "rope_rows", "store_kv",
+                   "sample_logits"}  # fmt: skip
+
+
+def test_a_cold_start_finds_what_its_helper_compiled(tmp_path):
+    """The helper (llamette.ahead) compiles for the argument types the forward pass gives: run
+    alone first, it leaves the pass none of its kernels to compile, and the rest."""
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path), SWITCH: "0"}
+    model = str(BUNDLED / "model.bin")
+    subprocess.run([sys.executable, "-m", "llamette.ahead", model, "f32", "fast"], env=env,
+                   check=True, timeout=600)  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", FIRST_DRAW, model], env=env, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(done.stdout))
+    assert not compiled & HELPERS_KERNELS and {"forward", "matmul_f32"} <= compiled
+
+
+def test_a_helper_is_for_model_files_and_starts_none_of_its_own(tmp_path, monkeypatch):
+    assert CompileAhead(str(BUNDLED / "model.bin"), "f32", False).command is not None
+    assert CompileAhead(str(tmp_path), "f32", False).command is None  # a folder, or no file
+    monkeypatch.setenv(SWITCH, "0")  # as the helper runs
+    assert CompileAhead(str(BUNDLED / "model.bin"), "f32", False).command is None

@@ -17,6 +17,7 @@ import numpy as np
 from numba import literal_unroll, typeof, types
 from numba.typed import List
 
+from llamette.ahead import CompileAhead
 from llamette.errors import LlametteError
 from llamette.formats import load_weights
 from llamette.kernels import (
@@ -356,7 +357,9 @@ class Transformer:
         c = self.config = replace(weights.config, seq_len=seq_len or weights.config.seq_len)
         self.weights = weights
         self.exact = exact
-        self.tensors = Tensors.of(weights)
+        self._compile_ahead = CompileAhead(weights.source, kv_type, exact)
+        with self._compile_ahead.watching():  # typed lists are the first compile of a cold run
+            self.tensors = Tensors.of(weights)
         self.weights_in_cache = fits_in_cache(sum(self._weight_bytes_per_part().values()))
         self.buffers = self._buffers(1)
         self.kv_cache = new_kv_cache(c, n_slots, kv_type, exact)
@@ -495,7 +498,8 @@ class Transformer:
         args = (self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
                 c.norm_eps, c.rope_theta, self.exact, profile)  # fmt: skip
         if self._forward is None:  # every call passes arguments of the same types
-            self._forward = entry_point(forward, args)
+            with self._compile_ahead.watching():
+                self._forward = entry_point(forward, args)
         if not self.adapt_threads:
             self._forward(*args)
             return
