@@ -16,7 +16,7 @@ from ray import serve
 
 from llamette.errors import LlametteError
 from llamette.kernels import set_threads
-from llamette.server import ServedModel, create_app
+from llamette.server import MAX_BATCH, ServedModel, create_app
 
 REPLICA_HEADER = b"x-llamette-replica"  # on every answer: which replica gave it
 
@@ -95,5 +95,5 @@ def app(args: dict[str, str]) -> serve.Application:
     # as many requests to a replica at once as its engine batches (Ray Serve's default is 5);
     # the others wait in Ray's router, for whichever replica frees a slot first
     deployment = Replica.options(ray_actor_options={"num_cpus": threads},
-                                 max_ongoing_requests=options.get("max_batch", 16), **scale)  # fmt: skip
+                                 max_ongoing_requests=options.get("max_batch", MAX_BATCH), **scale)  # fmt: skip
     return deployment.bind(options.pop("model"), threads, **options)

@@ -58,6 +58,7 @@ from llamette.tokenizer import Tokenizer
 from llamette.weights import ModelConfig
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a request body's default limit (--max-body)
+MAX_BATCH = 16  # requests decoded together by default (--max-batch), each with a KV-cache slot
 KNOWN_PATHS = frozenset({"/health", "/metrics", "/tokenize", "/detokenize", "/v1/models",
                          "/v1/completions", "/v1/chat/completions", "/v1/embeddings"})  # fmt: skip
 
@@ -85,7 +86,7 @@ class ServedModel:
         return self.engine.model.config.seq_len
 
     @classmethod
-    def load(cls, model_path: str, tokenizer_path: str | None = None, max_batch: int = 16,
+    def load(cls, model_path: str, tokenizer_path: str | None = None, max_batch: int = MAX_BATCH,
              max_queue: int = 64, ctx: int | None = None, name: str | None = None,
              kv_budget: int | None = None, kv_type: str = "f32") -> ServedModel:  # fmt: skip
         """Load a model file for serving: `max_batch` KV-cache slots of `ctx` positions, whose

@@ -62,13 +62,13 @@ def first_count(most: int, looks: int = 3) -> int:
     """The count to try first: every core if none looks taken by another program now, else one.
     A pass on every core beside a busy program can cost a hundred times a pass on one, and one
     thread on a quiet machine costs the cores' speed-up (a whole prompt, in a one-off run)."""
-    others = []
-    for _ in range(looks):  # the fewest of a few looks: others' short tasks come and go
-        others.append(others_running())
-        time.sleep(1e-3)
-    if most <= 1 or not others or None in others:
+    if most <= 1:
         return 1
-    return most if min(others) == 0 else 1
+    others = [others_running()]
+    for _ in range(looks - 1):  # the fewest of a few looks: others' short tasks come and go
+        time.sleep(1e-3)
+        others.append(others_running())
+    return most if None not in others and min(others) == 0 else 1
 
 
 def others_running(stat_path: str = "/proc/stat") -> int | None:
