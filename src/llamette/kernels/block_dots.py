@@ -8,7 +8,8 @@ into bytes, multiplies them with the input's int8 values four at a time into int
 float scale into a float32x16 of running sums, which the row dot adds up once at its end. No
 lane is summed across a run boundary before it is scaled, so no per-run horizontal sum is
 needed (the cost of a run at a time); a row's bits depend on the row and the input alone, not on
-the batch around it.
+the batch around it. With GFNI, a block's bit fields come out by affine transforms of its bytes
+(`fields_of`), one instruction for 64 values.
 
 The input is quantized in groups of 32 (one per run, as for the other int8-family types) with
 each group's int32 sum (`x_sums`), which the types with minimums or offsets multiply.
@@ -34,6 +35,7 @@ _VNNI = "+avx512vnni" in _FEATURES
 _AVX512BW = "+avx512bw" in _FEATURES
 _AVX2 = "+avx2" in _FEATURES
 _SSSE3 = "+ssse3" in _FEATURES
+_GFNI_512 = "+gfni" in _FEATURES and "+avx512f" in _FEATURES and _AVX512BW
 
 I8, I16, I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
 F32 = ir.FloatType()
@@ -69,6 +71,13 @@ class BlockIR:
         address = self.b.gep(self._row, [ir.Constant(I32, offset)])
         bits = self.b.load(self.b.bitcast(address, I16.as_pointer()), align=1)
         return self.b.fpext(self.b.bitcast(bits, ir.HalfType()), F32)
+
+    def halves(self, offset: int, count: int) -> ir.Value:
+        """The `count` fp16 at bytes offset.. of the block, as floats."""
+        address = self.b.gep(self._row, [ir.Constant(I32, offset)])
+        halves_type = vector(ir.HalfType(), count)
+        loaded = self.b.load(self.b.bitcast(address, halves_type.as_pointer()), align=1)
+        return self.b.fpext(loaded, vector(F32, count))
 
     def x(self, offset: int, count: int) -> ir.Value:
         """count int8 values of the input from value `offset` of the block."""
@@ -112,6 +121,31 @@ class BlockIR:
     def nibbles(self, packed: ir.Value) -> ir.Value:
         """The low nibbles of the bytes, then their high nibbles (twice as many lanes)."""
         return self.join(self.bits(packed, 0, 0x0F), self.bits(packed, 4, 0x0F))
+
+    def nibbles_of(self, offset: int) -> ir.Value:
+        """The low nibbles of the block's 32 bytes from `offset`, then their high nibbles (64
+        lanes)."""
+        return self.fields_of(offset, (0, 4, 0), (4, 4, 0))
+
+    def fields_of(self, offset: int, first: tuple, second: tuple) -> ir.Value:
+        """A bit field of each of the block's 32 bytes from `offset`, then another (64 lanes):
+        each field (shift, width, to) is (byte >> shift) & (2^width - 1), moved up `to` bits.
+        With GFNI and AVX-512, the bytes loaded into both halves of one register and one affine
+        transform of bits per half, where the halves apart take three instructions or more."""
+        if not _GFNI_512:
+            packed = self.bytes(offset, 32)
+            fields = [
+                self.bits(packed, shift, (1 << width) - 1) for shift, width, _ in (first, second)
+            ]
+            fields = [self.b.shl(f, self.constant(f, to)) if to else f
+                      for f, (_, _, to) in zip(fields, (first, second), strict=True)]  # fmt: skip
+            return self.join(*fields)
+        both = self.pick(self.bytes(offset, 32), [*range(32), *range(32)])
+        matrices = [
+            byte for field in (first,) * 4 + (second,) * 4 for byte in _field_matrix(*field)
+        ]
+        return self._call("llvm.x86.vgf2p8affineqb.512", vector(I8, 64),
+                          [both, ir.Constant(vector(I8, 64), matrices), ir.Constant(I8, 0)])  # fmt: skip
 
     def lookup(self, indices: ir.Value, table) -> ir.Value:
         """table[i] for each byte i of indices (all below 16; table: 16 byte values), 16 bytes
@@ -188,6 +222,15 @@ class BlockIR:
             self.b.module, ir.FunctionType(returns, [a.type for a in args]), name
         )
         return self.b.call(function, args)
+
+
+def _field_matrix(shift: int, width: int, to: int) -> list[int]:
+    """The eight bytes (of a 64-bit lane, in memory order) of GF2P8AFFINEQB's bit matrix that
+    maps a byte to ((byte >> shift) & (2^width - 1)) << to: its byte 7 - i picks output bit i."""
+    matrix = [0] * 8
+    for i in range(to, to + width):
+        matrix[7 - i] = 1 << (i - to + shift)
+    return matrix
 
 
 def lookup(builder: ir.IRBuilder, indices: ir.Value, table, byte_shuffle: bool) -> ir.Value:

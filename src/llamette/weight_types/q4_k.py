@@ -142,21 +142,26 @@ def unpack_minimums(minimums, w, blocks, _, i):
 
 def scales_and_minimums_in_lanes(block: BlockIR, offset: int):
     """The eight 6-bit scales (lanes 0-7) and minimums (lanes 8-15) packed in the twelve bytes
-    at `offset` of a block (see six_bit_scales_and_minimums), as int32 lanes."""
+    at `offset` of a block (see six_bit_scales_and_minimums), as int32 lanes: their low bits
+    (bytes 0-7 and 8-11 masked, bytes 8-11's high nibbles), then the top two bits of bytes 0-7,
+    in bytes, widened once."""
     packed = block.bytes(offset, 16)  # the last four bytes are not scales: unused
-    low = block.widened(block.pick(packed, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]))
-    low = block.bits(low, [0] * 12 + [4] * 4, [63] * 4 + [15] * 4 + [63] * 4 + [15] * 4)
-    top = block.widened(block.pick(packed, [0] * 4 + [0, 1, 2, 3] + [0] * 4 + [4, 5, 6, 7]))
-    top = block.b.shl(
-        block.bits(top, 6, 3), block.constant(top, [0] * 4 + [4] * 4 + [0] * 4 + [4] * 4)
+    low_bits = block.pick(packed, [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11])
+    masked = block.b.and_(
+        low_bits, block.constant(low_bits, [63] * 4 + [15] * 4 + [63] * 4 + [0] * 4)
     )
-    return block.b.or_(low, block.b.and_(top, block.constant(top, ([0] * 4 + [48] * 4) * 2)))
+    high_nibbles = block.b.and_(block.bits(low_bits, 4, 15),
+                                block.constant(low_bits, [0] * 12 + [15] * 4))  # fmt: skip
+    zeros = block.constant(packed, 0)
+    tops = block.pick(packed, [16] * 4 + [0, 1, 2, 3] + [16] * 4 + [4, 5, 6, 7], zeros)
+    tops = block.b.shl(block.bits(tops, 6, 3), block.constant(tops, 4))
+    return block.widened(block.b.or_(block.b.or_(masked, high_nibbles), tops))
 
 
 def run_terms(block: BlockIR, scales_and_minimums):
     """(d * sc_j) * input scale_j in lanes 0-7 and (dmin * m_j) * input scale_j in lanes 8-15,
     for the block's eight runs j (d, dmin: the block's first two fp16)."""
-    d_dmin = block.join(block.splat(block.half(0), 8), block.splat(block.half(2), 8))
+    d_dmin = block.pick(block.halves(0, 2), [0] * 8 + [1] * 8)
     x_scales = block.x_scales(8)
     return block.times(block.times(block.to_float(scales_and_minimums), d_dmin),
                        block.join(x_scales, x_scales))  # fmt: skip
@@ -177,7 +182,7 @@ def block_terms(block: BlockIR):
     terms = run_terms(block, scales_and_minimums_in_lanes(block, 4))
     acc = block.acc
     for pair in range(4):
-        values = block.nibbles(block.bytes(16 + 32 * pair, 32))  # runs 2 pair, 2 pair + 1
+        values = block.nibbles_of(16 + 32 * pair)  # runs 2 pair, 2 pair + 1
         dots = block.dots(values, block.x(64 * pair, 64))
         scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
         acc = block.multiply_add(acc, block.to_float(dots), scales)

@@ -136,14 +136,11 @@ def unpack_minimums(minimums, w, blocks, _, i):
 def block_terms(block: BlockIR):
     """acc + a block's terms, as Q4_K's (q4_k.block_terms) with each value's fifth bit."""
     terms = run_terms(block, scales_and_minimums_in_lanes(block, SCALES))
-    fifth_bits = block.bytes(HIGH_BITS, 32)
     acc = block.acc
     for pair in range(4):
-        low = block.nibbles(block.bytes(LOW_BITS + 32 * pair, 32))  # runs 2 pair, 2 pair + 1
-        top = block.join(
-            block.bits(fifth_bits, 2 * pair, 1), block.bits(fifth_bits, 2 * pair + 1, 1)
-        )
-        values = block.b.or_(low, block.b.shl(top, block.constant(top, 4)))
+        low = block.nibbles_of(LOW_BITS + 32 * pair)  # runs 2 pair, 2 pair + 1
+        top = block.fields_of(HIGH_BITS, (2 * pair, 1, 4), (2 * pair + 1, 1, 4))
+        values = block.b.or_(low, top)
         dots = block.dots(values, block.x(64 * pair, 64))
         scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
         acc = block.multiply_add(acc, block.to_float(dots), scales)

@@ -159,11 +159,8 @@ def block_terms(block: BlockIR):
     for pair in range(4):
         half, nibble = divmod(pair, 2)
         low = block.bits(block.bytes(64 * half, 64), 4 * nibble, 0x0F)
-        top_bits = block.bytes(HIGH_BITS + 32 * half, 32)
-        top = block.join(
-            block.bits(top_bits, 4 * nibble, 3), block.bits(top_bits, 4 * nibble + 2, 3)
-        )
-        values = block.b.or_(low, block.b.shl(top, block.constant(top, 4)))
+        top = block.fields_of(HIGH_BITS + 32 * half, (4 * nibble, 2, 4), (4 * nibble + 2, 2, 4))
+        values = block.b.or_(low, top)
         acc = block.add_per_sixteen(acc, values, pair, terms, offset=32)
     return acc
 
