@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from llamette.threads import RETRY, ThreadChooser, first_count, others_running
+from llamette.threads import RETRY, TRY_ROWS, ThreadChooser, first_count, others_running
 
 
 def run(chooser: ThreadChooser, seconds_with, passes: int) -> tuple[float, dict[int, int]]:
@@ -45,6 +45,19 @@ def test_the_choice_follows_the_load_as_it_changes():
 def test_the_first_count_is_tried_first_and_one_by_default():
     assert ThreadChooser(2, first=2).choose() == 2
     assert ThreadChooser(2).choose() == 1
+
+
+def test_long_passes_take_the_best_count_known_and_are_never_trials():
+    chooser = ThreadChooser(2, first=2)
+    long_pass = TRY_ROWS + 1
+    assert chooser.choose(long_pass) == 2  # nothing measured yet: the first count
+    chooser.record(2, 1e-3)
+    assert chooser.choose(long_pass) == 2  # one thread untried: not on a long pass
+    assert chooser.choose(TRY_ROWS) == 1  # ...but on a short one
+    chooser.record(1, 0.5e-3)
+    assert chooser.choose(long_pass) == 1  # the faster, once known
+    for _ in range(10 * RETRY):  # two threads are due for a retry long before this
+        assert chooser.choose(long_pass) == 1
 
 
 def test_beside_a_busy_program_the_first_count_is_one():

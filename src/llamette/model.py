@@ -509,7 +509,7 @@ class Transformer:
             most = numba.get_num_threads()
             chooser = ThreadChooser(most, first=first_count(most))
             self._thread_choosers[n_rows > 1] = chooser
-        threads, most = chooser.choose(), numba.get_num_threads()
+        threads, most = chooser.choose(n_rows), numba.get_num_threads()
         numba.set_num_threads(threads)
         start = time.perf_counter()
         try:

@@ -15,13 +15,18 @@ from collections import deque
 
 RETRY = 50  # a slower count is retried after RETRY times as many passes as it is slower
 SAMPLES = 3  # recent times per count whose median stands for it
+# Passes of more rows (long prompts) take the best count known and are never a trial: a whole
+# prompt on the slower count would cost up to the cores' speed-up (a second chat turn's prompt on
+# one thread of two, twice as long).
+TRY_ROWS = 32
 
 
 class ThreadChooser:
     """The thread count for the next pass of one kind (decode steps, or batches): the count
     whose recent passes were fastest (median of the last SAMPLES), the others retried now and
     then, the more rarely the slower they were, so that retrying costs at most about 1 / RETRY
-    of the time. Counts: one and every core (`most`), `first` tried first (see first_count)."""
+    of the time. Counts: one and every core (`most`), `first` tried first (see first_count);
+    trials only on passes of at most TRY_ROWS rows."""
 
     def __init__(self, most: int, first: int = 1):
         self.counts = [1, most] if most > 1 else [1]
@@ -32,12 +37,16 @@ class ThreadChooser:
         self.retry_at: dict[int, float] = {}  # the pass at which to try a slower count again
         self.passes = 0
 
-    def choose(self) -> int:
+    def choose(self, rows: int = 1) -> int:
+        """The count for the next pass, of `rows` rows."""
         self.passes += 1
-        for n in self.counts:
-            if n not in self.medians:
-                return n
         medians = self.medians
+        if rows > TRY_ROWS:
+            measured = [n for n in self.counts if n in medians]
+            return min(measured, key=medians.__getitem__) if measured else self.counts[0]
+        for n in self.counts:
+            if n not in medians:
+                return n
         best = min(self.counts, key=medians.__getitem__)
         for n in self.counts:
             if n == best:
