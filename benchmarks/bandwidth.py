@@ -1,6 +1,9 @@
 """This machine's memory read bandwidth: the ceiling for a decode step that reads every weight.
 
-Usage: python bandwidth.py THREADS  (prints GB/s)
+Usage: python bandwidth.py THREADS         (prints GB/s)
+       python bandwidth.py THREADS FILE    the same, reading FILE through a read-only mapping of
+                                           it (from the page cache once read: what a model's
+                                           weights stream at)
 
 On this shared host the figure is bimodal: runs land near 31 or near 46 GB/s (2 threads), whatever
 the page size, as the host's other tenants come and go; the benchmark measures it again before
@@ -35,8 +38,12 @@ def read_all(data):
 
 def main() -> None:
     numba.set_num_threads(int(sys.argv[1]))
-    data = np.ones(SIZE_BYTES // 4, np.float32)
-    read_all(data)
+    if len(sys.argv) > 2:
+        mapped = np.memmap(sys.argv[2], np.uint8, mode="r")
+        data = mapped[: mapped.shape[0] // 4 * 4].view(np.float32)
+    else:
+        data = np.ones(SIZE_BYTES // 4, np.float32)
+    read_all(data)  # a mapping's first read also maps its pages
     best = min(_timed(read_all, data) for _ in range(7))
     print(f"{data.nbytes / best / 1e9:.2f}")
 

@@ -4,7 +4,8 @@ For each model and weight type: decode tok/s (128 tokens, greedy), prefill tok/s
 prompt), time to first token (process start to the first sampled token of a 16-token prompt,
 warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
 a token reads, divided by the read bandwidth measured just before each pair of runs: the machine
-is shared, and its bandwidth drifts). Engines alternate run by run, each run in a fresh process;
+is shared, and its bandwidth drifts); and against a read of the model file's own mapping (the same
+bytes from the page cache, in 4 KB pages where the plain read has huge pages). Engines alternate run by run, each run in a fresh process;
 figures are medians. Cold start: llamette's process start to its second sampled token (a prompt's
 pass and a decode step, all that a run compiles) on an empty kernel cache, once.
 
@@ -127,9 +128,11 @@ def bandwidth(threads: int) -> float:
     return round(statistics.median(bandwidth_now(threads) for _ in range(3)), 1)
 
 
-def bandwidth_now(threads: int) -> float:
-    """GB/s read by `threads` threads now: the best of seven reads of 2 GB."""
-    return float(run_json([sys.executable, str(HERE / "bandwidth.py"), str(threads)]))
+def bandwidth_now(threads: int, path: Path | None = None) -> float:
+    """GB/s read by `threads` threads now: the best of seven reads of 2 GB, or of the file at
+    path through a mapping of it."""
+    file_arg = [str(path)] if path else []
+    return float(run_json([sys.executable, str(HERE / "bandwidth.py"), str(threads), *file_arg]))
 
 
 def machine() -> dict:
@@ -154,10 +157,12 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
     if baseline:  # the other build, on the same file, with its own kernel cache
         engines["baseline"] = (ours, {"PYTHONPATH": str(baseline.resolve())})
     read_bandwidths = []  # GB/s, measured just before each round of runs
+    file_bandwidths = []  # GB/s, the model file's mapping read just before each round
     samples = {engine: [] for engine in engines}
     ttft = {engine: [] for engine in engines}
     for run in range(runs):  # rotate which engine goes first
         read_bandwidths.append(bandwidth_now(THREADS))
+        file_bandwidths.append(bandwidth_now(THREADS, ours_file))
         order = list(engines)
         for engine in order[run % len(order) :] + order[: run % len(order)]:
             command, env = engines[engine]
@@ -177,6 +182,7 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
     config = {"model": name, "weight_type": weight_type, "file": file_format, "runs": runs,
               "weights_read_per_token_mb": round(bytes_per_token / 1e6, 1), "bandwidth_gb_s": read_bandwidth,
               "bandwidth_samples_gb_s": [round(b, 1) for b in read_bandwidths],
+              "file_bandwidth_gb_s": round(statistics.median(file_bandwidths), 1),
               "ceiling_tok_s": round(ceiling, 1), "cold_first_token_s": round(cold["llamette"], 2)}  # fmt: skip
     for engine in samples:
         config[engine] = {
@@ -192,6 +198,11 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
             for s, gb_s in zip(samples[engine], read_bandwidths, strict=True)
         ]
         config[engine]["ceiling_fraction"] = round(statistics.median(shares), 3)
+        file_shares = [
+            s["decode_tok_s"] * bytes_per_token / (gb_s * 1e9)
+            for s, gb_s in zip(samples[engine], file_bandwidths, strict=True)
+        ]
+        config[engine]["file_ceiling_fraction"] = round(statistics.median(file_shares), 3)
         config[engine]["decode_tok_s_runs"] = [round(s["decode_tok_s"], 1) for s in samples[engine]]
         config[engine]["prefill_tok_s_runs"] = [
             round(s["prefill_tok_s"], 1) for s in samples[engine]
@@ -249,7 +260,8 @@ def time_to_first_token(command: list[str], env: dict | None = None) -> float:
 def summary_line(c: dict) -> str:
     ours, theirs = c["llamette"], c["llama.cpp"]
     line = (f"{c['model']} {c['weight_type']} ({c['file']}): decode {ours['decode_tok_s']} vs {theirs['decode_tok_s']} tok/s "
-            f"(x{c['decode_ratio']}, {ours['ceiling_fraction']:.0%} of ceiling), prefill {ours['prefill_tok_s']} "
+            f"(x{c['decode_ratio']}, {ours['ceiling_fraction']:.0%} of ceiling, {ours['file_ceiling_fraction']:.0%} of the file's read), "
+            f"prefill {ours['prefill_tok_s']} "
             f"vs {theirs['prefill_tok_s']} (x{c['prefill_ratio']})")  # fmt: skip
     if "baseline" in c:
         line += (f"; against the baseline: decode x{c['decode_vs_baseline']}, prefill "
@@ -294,9 +306,12 @@ def markdown(results: dict) -> str:
         "figures include its Python loop and sampling. Ceiling: weight bytes per token over the "
         "read bandwidth measured before each pair of runs; the share is the median of each run's "
         "against its own measurement, the ceiling shown uses their median (this run: "
-        f"{min(seen)} to {max(seen)} GB/s).",
+        f"{min(seen)} to {max(seen)} GB/s). File: the same share against a read of the model "
+        "file's own mapping, measured the same way (the weights' bytes as the engines map them, "
+        "from the page cache).",
         "",
-        "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s at GB/s (llamette's share) "
+        "| model | weights | decode tok/s llamette / llama.cpp (ratio) | ceiling tok/s at GB/s (llamette's share; "
+        "file: GB/s, share) "
         "| prefill tok/s llamette / llama.cpp (ratio) | first token s llamette / llama.cpp "
         "| peak RSS MB llamette / llama.cpp | cold start s |",
         "|---|---|---|---|---|---|---|---|",
@@ -306,7 +321,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {c['model']} | {c['weight_type'].upper()} ({c['weights_read_per_token_mb']} MB/token) "
             f"| {ours['decode_tok_s']} / {theirs['decode_tok_s']} (**{c['decode_ratio']}**) "
-            f"| {c['ceiling_tok_s']} at {c['bandwidth_gb_s']} ({ours['ceiling_fraction']:.0%}) "
+            f"| {c['ceiling_tok_s']} at {c['bandwidth_gb_s']} ({ours['ceiling_fraction']:.0%}; file: "
+            f"{c['file_bandwidth_gb_s']}, {ours['file_ceiling_fraction']:.0%}) "
             f"| {ours['prefill_tok_s']} / {theirs['prefill_tok_s']} (**{c['prefill_ratio']}**) "
             f"| {ours['first_token_s']} / {theirs['first_token_s']} "
             f"| {ours['peak_rss_mb']} / {theirs['peak_rss_mb']} | {c['cold_first_token_s']} |"
