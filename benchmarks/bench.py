@@ -5,8 +5,8 @@ prompt), time to first token (process start to the first sampled token of a 16-t
 warm caches), peak memory, and decode against the memory-bandwidth ceiling (the bytes of weights
 a token reads, divided by the read bandwidth measured just before each pair of runs: the machine
 is shared, and its bandwidth drifts); and against a read of the model file's own mapping (the same
-bytes from the page cache, in 4 KB pages where the plain read has huge pages). Engines alternate run by run, each run in a fresh process;
-figures are medians. Cold start: llamette's process start to its second sampled token (a prompt's
+bytes from the page cache, in 4 KB pages where the plain read has huge pages). Engines alternate
+run by run, each run in a fresh process; figures are medians. Cold start: llamette's process start to its second sampled token (a prompt's
 pass and a decode step, all that a run compiles) on an empty kernel cache, once.
 
 With --baseline SRC (the src folder of another llamette checkout, e.g. a git worktree of an
