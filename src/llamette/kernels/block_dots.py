@@ -118,10 +118,6 @@ class BlockIR:
             v = self.b.lshr(v, self.constant(v, shift))
         return self.b.and_(v, self.constant(v, mask))
 
-    def nibbles(self, packed: ir.Value) -> ir.Value:
-        """The low nibbles of the bytes, then their high nibbles (twice as many lanes)."""
-        return self.join(self.bits(packed, 0, 0x0F), self.bits(packed, 4, 0x0F))
-
     def nibbles_of(self, offset: int) -> ir.Value:
         """The low nibbles of the block's 32 bytes from `offset`, then their high nibbles (64
         lanes)."""
@@ -134,12 +130,12 @@ class BlockIR:
         transform of bits per half, where the halves apart take three instructions or more."""
         if not _GFNI_512:
             packed = self.bytes(offset, 32)
-            fields = [
-                self.bits(packed, shift, (1 << width) - 1) for shift, width, _ in (first, second)
-            ]
-            fields = [self.b.shl(f, self.constant(f, to)) if to else f
-                      for f, (_, _, to) in zip(fields, (first, second), strict=True)]  # fmt: skip
-            return self.join(*fields)
+
+            def field(shift: int, width: int, to: int) -> ir.Value:
+                value = self.bits(packed, shift, (1 << width) - 1)
+                return self.b.shl(value, self.constant(value, to)) if to else value
+
+            return self.join(field(*first), field(*second))
         both = self.pick(self.bytes(offset, 32), [*range(32), *range(32)])
         matrices = [
             byte for field in (first,) * 4 + (second,) * 4 for byte in _field_matrix(*field)
