@@ -118,6 +118,12 @@ class BlockIR:
             v = self.b.lshr(v, self.constant(v, shift))
         return self.b.and_(v, self.constant(v, mask))
 
+    def nibbles(self, packed: ir.Value) -> ir.Value:
+        """The low nibbles of the bytes, then their high nibbles (twice as many lanes). (For
+        IQ4_XS, whose bytes are looked up 16 at a time next: its nibbles through fields_of's
+        affine transform measured 18% slower there.)"""
+        return self.join(self.bits(packed, 0, 0x0F), self.bits(packed, 4, 0x0F))
+
     def nibbles_of(self, offset: int) -> ir.Value:
         """The low nibbles of the block's 32 bytes from `offset`, then their high nibbles (64
         lanes)."""

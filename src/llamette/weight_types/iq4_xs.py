@@ -153,8 +153,9 @@ def block_terms(block: BlockIR):
                         block.x_scales(8))  # fmt: skip
     acc = block.acc
     for pair in range(4):
-        indices = block.pick(block.nibbles_of(INDICES + 32 * pair),
-                             [*range(16), *range(32, 48), *range(16, 32), *range(48, 64)])  # fmt: skip
+        packed = block.bytes(INDICES + 32 * pair, 32)
+        indices = block.pick(block.nibbles(packed), [*range(16), *range(32, 48), *range(16, 32),
+                                                     *range(48, 64)])  # fmt: skip
         values = block.lookup(indices, BIASED_TABLE)
         dots = block.dots(values, block.x(64 * pair, 64), below_128=False)
         scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
