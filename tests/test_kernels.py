@@ -1,6 +1,9 @@
 """Kernels against NumPy: float64 formulas for the fp32 steps, runq.c's integer arithmetic for the
 int8 family. (Each weight type's own products: test_weight_types.)"""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from numba import njit
@@ -391,3 +394,17 @@ def test_fp16_decoders_agree_with_numpy_on_every_finite_half():
     from_bytes = block_scales(bits.astype("<u2").view(np.uint8))
     for decoded in (fast_ones, reference_ones, from_bytes):
         np.testing.assert_array_equal(decoded.view(np.uint32), expected.view(np.uint32))  # -0 too
+
+
+def test_loading_kernels_leaves_scipy_s_linear_algebra_unimported():
+    # Numba's NumPy support checks for BLAS by importing scipy.linalg (0.15 s of a start); no
+    # kernel calls BLAS, so llamette loads that support without it, and the answer stays true
+    pytest.importorskip("scipy")
+    program = (
+        "import sys, numpy as np; from llamette.kernels import elementwise;"
+        "from numba.np import arraymath;"
+        "x = np.ones((2, 8), np.float32); elementwise.add_rows(x, x);"
+        "print('scipy.linalg' in sys.modules, arraymath._HAVE_BLAS)"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert done.stdout.split() == ["False", "True"], done.stderr

@@ -10,7 +10,9 @@ compiled code picks a weight type's own function (the types: llamette.weight_typ
 docs/kernels.md for which kernel runs for which type, batch and CPU.
 """
 
+import importlib.util
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,23 @@ from numba.core.errors import NumbaPerformanceWarning
 
 from llamette.kernels import cache
 
+
+def load_numpy_support() -> None:
+    """Load Numba's NumPy support (which its first compile or cache load does) without the BLAS
+    check it makes at import, an import of SciPy's linear algebra: 0.15 s of a start where SciPy
+    is installed, for BLAS no kernel calls. The check's answer is then whether SciPy is there,
+    as Numba would have found it."""
+    if "numba.np.arraymath" in sys.modules or "scipy.linalg" in sys.modules:
+        return
+    sys.modules["scipy.linalg"] = None  # import scipy.linalg: ImportError
+    try:
+        from numba.np import arraymath
+    finally:
+        del sys.modules["scipy.linalg"]
+    arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
+
+
+load_numpy_support()
 cache.install()  # before the first kernel is defined
 
 # Compiled once and cached on disk; IEEE division (x / 0 is inf or nan, as in C); no fastmath, so
