@@ -179,11 +179,11 @@ def runq_matmul(xq, xs, wq, ws, group_size):
     return out
 
 
-def rounded_to_8_bits(x: np.ndarray) -> np.ndarray:
+def rounded_to_8_bits(x: np.ndarray, group_size: int = 32) -> np.ndarray:
     """x (B, n) rounded as runq.c and llama.cpp round a product's input for int8 weights, in
-    float64: groups of 32 values, scale max|x| / 127 and quotient x / scale in float32, nearest
-    integer (halves away from zero)."""
-    groups = x.reshape(len(x), -1, 32).astype(np.float32)
+    float64: groups of 32 values (256 for llama.cpp's K-quants), scale max|x| / 127 and quotient
+    x / scale in float32, nearest integer (halves away from zero)."""
+    groups = x.reshape(len(x), x.shape[1] // group_size, group_size).astype(np.float32)
     scales = (np.abs(groups).max(axis=2, keepdims=True) / np.float32(127)).astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         q = np.nan_to_num(groups / scales).astype(np.float64)

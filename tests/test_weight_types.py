@@ -121,14 +121,21 @@ def test_products_are_the_float64_products_of_the_values(kind, inputs):
     assert np.abs(out - expected).max() < tolerance * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("inputs", [1, 3, 16, 40])
+@pytest.mark.parametrize("inputs", [1, 3, 16, SMALL_BATCH + 5, 40])
 @pytest.mark.parametrize("kind", [k for k in GGUF_KINDS if k not in ("f16", "bf16")])
 def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
-    """Products of the quantized GGUF types: the input rounded to 8 bits in groups of 32, times
-    the weights' values; float32 sums aside, no other error."""
+    """Products of the quantized GGUF types: the input rounded to 8 bits in groups of 32 (the row
+    dot products of Q4_K, Q5_K and Q6_K: of 256, as llama.cpp's Q8_K), times the weights' values;
+    float32 sums aside, no other error. Above SMALL_BATCH, inputs go 16 in lanes (groups of 32) and a
+    last few, fewer than 8, by row dot products."""
     w = gguf_tensor(kind, randn(40, 512))
     x = randn(inputs, 512)
-    expected = rounded_to_8_bits(x) @ to_float32(w).astype(np.float64).T
+    in_lanes = int8.inputs_in_lanes(inputs) if inputs > SMALL_BATCH else 0
+    row_group = getattr(weight_type(w), "ROW_GROUP", 32)
+    rounded = np.concatenate(
+        [rounded_to_8_bits(x[:in_lanes]), rounded_to_8_bits(x[in_lanes:], row_group)]
+    )
+    expected = rounded @ to_float32(w).astype(np.float64).T
     out, _ = product(w, x)
     assert np.abs(out - expected).max() < 1e-5 * np.abs(expected).max()
 

@@ -12,7 +12,10 @@ the batch around it. With GFNI, a block's bit fields come out by affine transfor
 (`fields_of`), one instruction for 64 values.
 
 The input is quantized in groups of 32 (one per run, as for the other int8-family types) with
-each group's int32 sum (`x_sums`), which the types with minimums or offsets multiply.
+each group's int32 sum (`x_sums`), which the types with minimums or offsets multiply; or, for a
+type whose block step says so, in groups of a whole block, as llama.cpp's Q8_K: one input scale
+a block lets the step apply its runs' integer scales in integers (`scaled_dots`) and convert to
+float once a block.
 """
 
 from collections.abc import Callable
@@ -87,9 +90,18 @@ class BlockIR:
         """The scales of the block's first `count` input groups of 32, <count x float>."""
         return self._load(self._x_scales, 0, vector(F32, count))
 
+    def x_scale(self) -> ir.Value:
+        """The scale of the block's first input group (the block's only one, for inputs in
+        groups of a block), a float."""
+        return self.b.load(self._x_scales)
+
     def x_sums(self, count: int) -> ir.Value:
-        """The int32 sums of the block's first `count` input groups of 32, as floats."""
-        return self.b.sitofp(self._load(self._x_sums, 0, vector(I32, count)), vector(F32, count))
+        """The int32 sums of the block's first `count` runs of 32 input values, as floats."""
+        return self.to_float(self.x_integer_sums(count))
+
+    def x_integer_sums(self, count: int) -> ir.Value:
+        """The int32 sums of the block's first `count` runs of 32 input values."""
+        return self._load(self._x_sums, 0, vector(I32, count))
 
     # Lanes.
 
@@ -208,6 +220,49 @@ class BlockIR:
             total = b.add(total, self.pick(products, range(j, 64, 4)))
         return total
 
+    def scaled_sum(self, dots_and_scales: list) -> ir.Value:
+        """int32 lanes whose sum is that of each (dots, scales) pair's lanes multiplied, for
+        int32x16 pairs within int16 (a block's dot products of four values below 64, 8-bit
+        scales): two dots vectors packed into one of int16 (packssdw), times their scales
+        packed alike in int16 pairs (pmaddwd), a multiply per 32 lanes. The lanes' order is
+        not kept: only their sum is."""
+        b, terms = self.b, []
+        for k in range(0, len(dots_and_scales) - 1, 2):
+            (dots_a, scales_a), (dots_b, scales_b) = dots_and_scales[k : k + 2]
+            terms.append(self._multiply_pairs(self._packed(dots_a, dots_b),
+                                              self._packed(scales_a, scales_b)))  # fmt: skip
+        if len(dots_and_scales) % 2:
+            dots, scales = dots_and_scales[-1]
+            terms.append(b.mul(dots, scales))
+        total = terms[0]
+        for term in terms[1:]:
+            total = b.add(total, term)
+        return total
+
+    def _packed(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        """Two int32x16 within int16 as one int16x32, in packssdw's order (per 128 bits: four
+        of a's lanes, then four of b's)."""
+        if _AVX512BW:
+            return self._call("llvm.x86.avx512.packssdw.512", vector(I16, 32), [a, b])
+        order = [base + k for block in range(4) for base in (4 * block, 16 + 4 * block)
+                 for k in range(4)]  # fmt: skip
+        return self.b.trunc(self.pick(a, order, b), vector(I16, 32))
+
+    def _multiply_pairs(self, a: ir.Value, b: ir.Value) -> ir.Value:
+        """Lane l: a[2l] * b[2l] + a[2l + 1] * b[2l + 1], for int16x32 (pmaddwd)."""
+        if _AVX512BW:
+            return self._call("llvm.x86.avx512.pmaddw.d.512", vector(I32, 16), [a, b])
+        if _AVX2:
+            halves = [self._call("llvm.x86.avx2.pmadd.wd", vector(I32, 8),
+                                 [self.pick(a, range(k, k + 16)), self.pick(b, range(k, k + 16))])
+                      for k in (0, 16)]  # fmt: skip
+            return self.join(*halves)
+        wide = vector(I32, 32)
+        products = self.b.mul(self.b.sext(a, wide), self.b.sext(b, wide))
+        return self.b.add(
+            self.pick(products, range(0, 32, 2)), self.pick(products, range(1, 32, 2))
+        )
+
     def add_per_sixteen(self, acc, values, pair: int, terms, offset: int = 0) -> ir.Value:
         """acc + each lane's dot product of four of the 64 values (each less offset) with the
         input's values of runs 2 pair and 2 pair + 1, times the lane of terms (16) for its 16
@@ -263,13 +318,14 @@ def prefetch(builder: ir.IRBuilder, address: ir.Value, block_bytes: int) -> None
         prefetch_line(builder, builder.gep(address, [ir.Constant(I32, 64 * line)]))
 
 
-def block_step(block_values: int, block_bytes: int) -> Callable:
+def block_step(block_values: int, block_bytes: int, input_group: int = 32) -> Callable:
     """Decorator: an intrinsic step(sums, row, start, x, x_scales, x_sums, block, first) -> sums
     from a function of a BlockIR that returns an input's new running sums: block `block` of a
     uint8 row, which starts at its byte `start`, times the values of that block of inputs
-    first, first + 1, ... (rows of the int8 x (B, n), with their group scales (B, groups) and
-    int32 group sums (B, n / 32)), one input for each float32x16 of the tuple `sums`. The row's
-    side is emitted once per input, alike, and LLVM computes it once."""
+    first, first + 1, ... (rows of the int8 x (B, n), with the scales of their groups of
+    input_group values (B, n / input_group) and the int32 sums of their runs of 32 (B, n / 32)),
+    one input for each float32x16 of the tuple `sums`. The row's side is emitted once per input,
+    alike, and LLVM computes it once."""
 
     def decorate(emit: Callable[[BlockIR], ir.Value]):
         def step(typingctx, sums, row, start, x, x_scales, x_sums, block, first):
@@ -290,7 +346,8 @@ def block_step(block_values: int, block_bytes: int) -> Callable:
                     )
 
                 first_value = builder.mul(block, ir.Constant(block.type, block_values))
-                group = builder.mul(block, ir.Constant(block.type, block_values // 32))
+                group = builder.mul(block, ir.Constant(block.type, block_values // input_group))
+                run = builder.mul(block, ir.Constant(block.type, block_values // 32))
                 row_bytes = builder.gep(
                     context.make_array(signature.args[1])(context, builder, row).data, [start]
                 )
@@ -299,7 +356,7 @@ def block_step(block_values: int, block_bytes: int) -> Callable:
                 for k in range(signature.args[0].count):
                     block_ir = BlockIR(builder, builder.extract_value(sums, k), row_bytes,
                                        pointer(3, k, first_value), pointer(4, k, group),
-                                       pointer(5, k, group))  # fmt: skip
+                                       pointer(5, k, run))  # fmt: skip
                     new_sums.append(emit(block_ir))
                 return context.make_tuple(builder, signature.return_type, new_sums)
 

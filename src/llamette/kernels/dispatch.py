@@ -2,7 +2,8 @@
 kernel, runs the function of the same name in the module of its `w` argument's weight type
 (llamette.weight_types' table), chosen when the kernel is compiled. A type module defines those
 it takes part in: every type `decode_row` and `product`, the decoded family `row_dot`, the int8
-family `group_size`, `int8_arrays`, `unpack_row` (with `scale_group_size` and `unpack_minimums`
+family `group_size` (and `row_group_size` where its row dot products take their input in other
+groups), `int8_arrays`, `unpack_row` (with `scale_group_size` and `unpack_minimums`
 where its scales are not one per input group or it has minimums), `int8_row_dot` (and, where it
 computes several inputs at once, `int8_row_dots`) and `sixteen_rows`.
 """
@@ -37,6 +38,12 @@ def row_dot(w, i, x):
 
 def group_size(w):
     """Values per scale of an int8-family type (the groups its input is quantized in)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def row_group_size(w):
+    """Values per scale of the input of an int8-family type's row dot products (int8_row_dot):
+    the type's own, else group_size(w)."""
     raise NotImplementedError(COMPILED_ONLY)
 
 
@@ -106,6 +113,14 @@ def _row_dot(w, i, x):
 @overload(group_size, inline="always")
 def _group_size(w):
     impl = _own(w, "group_size")
+    return lambda w: impl(w)
+
+
+@overload(row_group_size, inline="always")
+def _row_group_size(w):
+    from llamette.weight_types import type_of
+
+    impl = getattr(type_of(w), "row_group_size", None) or type_of(w).group_size
     return lambda w: impl(w)
 
 

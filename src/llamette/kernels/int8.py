@@ -45,6 +45,7 @@ from llamette.kernels.dispatch import (
     int8_arrays,
     int8_row_dot,
     int8_row_dots,
+    row_group_size,
     scale_group_size,
     sixteen_rows,
     unpack_minimums,
@@ -190,17 +191,23 @@ def lanes_and_rows_product(out, x, w, inputs):
     in_lanes = q.in_lanes
     if in_lanes:
         _matmul_in_lanes(out[:in_lanes], q, w)
-    if in_lanes < x.shape[0]:
-        rest = slice(in_lanes, x.shape[0])
+    if in_lanes == x.shape[0]:
+        return
+    rest = slice(in_lanes, x.shape[0])
+    if row_group_size(w) == group_size(w):
         _matmul_rows(out[rest], q.values[rest], q.scales[rest], q.sums[rest], w)
+        return
+    new_input(inputs)  # the row dot products take their input in groups of their own
+    row_product(out[rest], x[rest], w, inputs)
+    new_input(inputs)  # inputs holds the rest of x only
 
 
 @parallel_kernel
 def row_product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights that have a row dot product
-    only (int8_row_dot): x quantized in groups of 32, each output one row dot product, whatever
-    the batch."""
-    q = quantized(x, inputs, 32)
+    only (int8_row_dot): x quantized in the row dot products' groups (row_group_size), each
+    output one row dot product, whatever the batch."""
+    q = quantized(x, inputs, row_group_size(w))
     _matmul_rows(out, q.values, q.scales, q.sums, w)
 
 

@@ -3,15 +3,18 @@ dmin, twelve bytes packing eight 6-bit scales sc and eight 6-bit minimums m, and
 4-bit values q; run j (values 32j..32j + 31) is the low (j even) or high (j odd) nibbles of bytes
 32 (j // 2).., standing for (d * sc_j) * q - dmin * m_j.
 
-Products quantize the input in groups of 32, one per run, and go a row at a time, block by block
-in SIMD lanes (kernels.block_dots): each lane's int32 dot product of four 4-bit values with the
-input's, times its run's scale (d * sc) and the input's, less each run's minimum (dmin * m) times
-the input's scale and sum (the int8 family, a row at a time). Above SMALL_BATCH inputs, rows
-unpacked to bytes go through the int8 family's lanes, 16 inputs at a time."""
+Products quantize the input in groups of 256, one scale a block as llama.cpp's Q8_K, and go a
+row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product
+of four 4-bit values with the input's times its run's 6-bit scale sc, summed over the block in
+integers, then times d and the input's scale, less the runs' 6-bit minimums m times the input's
+sums over them, times dmin and the input's scale. Above SMALL_BATCH inputs, the input in groups
+of 32 and rows unpacked to bytes go through the int8 family's lanes, 16 inputs at a time."""
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+from llvmlite import ir
 from numba import njit
 
 from llamette.kernels.block_dots import BlockIR, block_step, row_dots
@@ -29,6 +32,7 @@ NAME = "q4_k"
 GGUF_TYPE = 12  # gguf.GGMLQuantizationType.Q4_K
 BLOCK, BLOCK_BYTES = 256, 144  # values per block; d, dmin, 12 bytes of scales, 128 of values
 RUN = 32  # values per scale
+ROW_GROUP = BLOCK  # the row dot products' input: one scale a block (llama.cpp's Q8_K)
 F32 = np.float32
 WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)
 
@@ -111,8 +115,13 @@ def decode_row(out, w, i):
                 out[first + RUN * j + k] = run_scale * F32(q) - run_minimum
 
 
-# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
-# shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product with its input
+# in groups of a block, and the rest shared (row_blocks).
+
+
+@njit(inline="always")
+def row_group_size(w):
+    return ROW_GROUP
 
 
 @njit(inline="always")
@@ -158,35 +167,36 @@ def scales_and_minimums_in_lanes(block: BlockIR, offset: int):
     return block.widened(block.b.or_(block.b.or_(masked, high_nibbles), tops))
 
 
-def run_terms(block: BlockIR, scales_and_minimums):
-    """(d * sc_j) * input scale_j in lanes 0-7 and (dmin * m_j) * input scale_j in lanes 8-15,
-    for the block's eight runs j (d, dmin: the block's first two fp16)."""
-    d_dmin = block.pick(block.halves(0, 2), [0] * 8 + [1] * 8)
-    x_scales = block.x_scales(8)
-    return block.times(block.times(block.to_float(scales_and_minimums), d_dmin),
-                       block.join(x_scales, x_scales))  # fmt: skip
+def terms_in_integers(block: BlockIR, values_of_pair: Callable, scales_offset: int) -> ir.Value:
+    """acc + a block's terms, the input in one group a block: per pair of runs, each lane's dot
+    product of four of its 64 values (values_of_pair(pair): runs 2 pair, 2 pair + 1) times its
+    run's 6-bit scale, summed over the block in int32, times d * input scale; less each run's
+    6-bit minimum times the input's sum over the run, in int32, times dmin * input scale (the
+    12 packed scale bytes at scales_offset)."""
+    scales_and_minimums = scales_and_minimums_in_lanes(block, scales_offset)
+    total = block.scaled_sum([
+        (block.dots(values_of_pair(pair), block.x(64 * pair, 64)),
+         block.pick(scales_and_minimums, [2 * pair] * 8 + [2 * pair + 1] * 8))
+        for pair in range(4)
+    ])  # fmt: skip
+    minimums = block.pick(scales_and_minimums, range(8, 16))
+    minimum_terms = block.b.mul(minimums, block.x_integer_sums(8))
+    minimum_terms = block.join(minimum_terms, block.constant(minimum_terms, 0))
+    x_scale = block.splat(block.x_scale(), 2)
+    d_and_minus_dmin = block.times(block.times(block.halves(0, 2), x_scale),
+                                   block.constant(x_scale, [1.0, -1.0]))  # fmt: skip
+    acc = block.multiply_add(
+        block.acc, block.to_float(total), block.pick(d_and_minus_dmin, [0] * 16)
+    )
+    return block.multiply_add(acc, block.to_float(minimum_terms),
+                              block.pick(d_and_minus_dmin, [1] * 16))  # fmt: skip
 
 
-def minus_minimums(block: BlockIR, acc, terms):
-    """acc - (dmin * m_j) * input scale_j * sum(x over run j), lane by lane (lanes 8-15 of
-    terms hold the minimums' terms; lanes 0-7 add zeros)."""
-    sums = block.x_sums(8)
-    negated = block.times(sums, block.constant(sums, -1.0))
-    return block.multiply_add(acc, terms, block.join(block.constant(sums, 0.0), negated))
-
-
-@block_step(BLOCK, BLOCK_BYTES)
+@block_step(BLOCK, BLOCK_BYTES, input_group=ROW_GROUP)
 def block_terms(block: BlockIR):
-    """acc + a block's terms: per pair of runs (the nibbles of 32 bytes), each lane's dot product
-    of four values times (d * sc) * input scale, then the minimums' terms."""
-    terms = run_terms(block, scales_and_minimums_in_lanes(block, 4))
-    acc = block.acc
-    for pair in range(4):
-        values = block.nibbles_of(16 + 32 * pair)  # runs 2 pair, 2 pair + 1
-        dots = block.dots(values, block.x(64 * pair, 64))
-        scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
-        acc = block.multiply_add(acc, block.to_float(dots), scales)
-    return minus_minimums(block, acc, terms)
+    """acc + a block's terms (terms_in_integers), its values the nibbles of 32 bytes per pair
+    of runs."""
+    return terms_in_integers(block, lambda pair: block.nibbles_of(16 + 32 * pair), 4)
 
 
 int8_row_dot, int8_row_dots = row_dots(block_terms, BLOCK_BYTES)

@@ -4,9 +4,8 @@ scales sc and minimums m packed in twelve bytes) with a fifth bit per value: run
 block, and its fifth from bit j of the 32 bytes before them, standing for (d * sc_j) * q -
 dmin * m_j.
 
-Products quantize the input in groups of 32, one per run, and go as Q4_K's (kernels.block_dots),
-with 5-bit values (the int8 family, a row at a time; above SMALL_BATCH inputs, as Q4_K's, in
-the int8 family's lanes)."""
+Products go as Q4_K's, with 5-bit values: a row at a time with the input in groups of 256
+(kernels.block_dots), above SMALL_BATCH inputs in the int8 family's lanes."""
 
 from typing import NamedTuple
 
@@ -16,12 +15,12 @@ from numba import njit
 from llamette.kernels.block_dots import BlockIR, block_step, row_dots
 from llamette.kernels.halves import block_scale
 from llamette.weight_types import k_quants
-from llamette.weight_types.q4_k import (
-    minus_minimums,
-    run_terms,
+from llamette.weight_types.q4_k import (  # noqa: F401 (row_group_size: the table's)
+    ROW_GROUP,
+    row_group_size,
     scale_and_minimum,
-    scales_and_minimums_in_lanes,
     six_bit_scales_and_minimums,
+    terms_in_integers,
 )
 from llamette.weight_types.row_blocks import (  # noqa: F401 (the table's functions)
     group_size,
@@ -132,19 +131,16 @@ def unpack_minimums(minimums, w, blocks, _, i):
     return True
 
 
-@block_step(BLOCK, BLOCK_BYTES)
+@block_step(BLOCK, BLOCK_BYTES, input_group=ROW_GROUP)
 def block_terms(block: BlockIR):
-    """acc + a block's terms, as Q4_K's (q4_k.block_terms) with each value's fifth bit."""
-    terms = run_terms(block, scales_and_minimums_in_lanes(block, SCALES))
-    acc = block.acc
-    for pair in range(4):
-        low = block.nibbles_of(LOW_BITS + 32 * pair)  # runs 2 pair, 2 pair + 1
+    """acc + a block's terms, as Q4_K's (q4_k.terms_in_integers) with each value's fifth bit."""
+
+    def values_of_pair(pair: int):  # runs 2 pair, 2 pair + 1
+        low = block.nibbles_of(LOW_BITS + 32 * pair)
         top = block.fields_of(HIGH_BITS, (2 * pair, 1, 4), (2 * pair + 1, 1, 4))
-        values = block.b.or_(low, top)
-        dots = block.dots(values, block.x(64 * pair, 64))
-        scales = block.pick(terms, [2 * pair] * 8 + [2 * pair + 1] * 8)
-        acc = block.multiply_add(acc, block.to_float(dots), scales)
-    return minus_minimums(block, acc, terms)
+        return block.b.or_(low, top)
+
+    return terms_in_integers(block, values_of_pair, SCALES)
 
 
 int8_row_dot, int8_row_dots = row_dots(block_terms, BLOCK_BYTES)

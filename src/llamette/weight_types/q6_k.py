@@ -4,10 +4,11 @@ d, q standing for (d * sc) * (q - 32). In each half (128 values) of a block, run
 takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the half's first
 32, odd: its next 32) and its top bits from bits 2k, 2k + 1 of the half's 32 high-bit bytes.
 
-Products quantize the input in groups of 32 and go a row at a time, block by block in SIMD lanes
-(kernels.block_dots): each lane's int32 dot product of four values q - 32 with the input's (q's
-less 32 times the input's), times its 16 values' scale (d * sc) and the input's (the int8 family,
-a row at a time). Above SMALL_BATCH inputs, rows unpacked to q - 32 go through the int8
+Products quantize the input in groups of 256, one scale a block as llama.cpp's Q8_K, and go a
+row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product
+of four values q - 32 with the input's (q's less 32 times the input's) times its 16 values'
+int8 scale sc, summed over the block in integers, then times d and the input's scale. Above
+SMALL_BATCH inputs, the input in groups of 32 and rows unpacked to q - 32 go through the int8
 family's lanes, 16 inputs at a time, two 16-value scales to each input group."""
 
 from typing import NamedTuple
@@ -28,7 +29,8 @@ from llamette.weight_types.row_blocks import lanes_product as product  # noqa: F
 NAME = "q6_k"
 GGUF_TYPE = 14  # gguf.GGMLQuantizationType.Q6_K
 BLOCK, BLOCK_BYTES = 256, 210  # values per block; 128 + 64 bytes of values, 16 scales, d
-RUN = 32  # values per input group
+RUN = 32  # values per input group of the int8 family's lanes
+ROW_GROUP = BLOCK  # the row dot products' input: one scale a block (llama.cpp's Q8_K)
 HIGH_BITS, SCALES, D = 128, 192, 208  # where a block's parts start
 F32 = np.float32
 WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)
@@ -110,8 +112,8 @@ def decode_row(out, w, i):
                 out[first + RUN * run + j] = scale * F32(q - 32)
 
 
-# The int8 family's functions: a row unpacked (long prompts), a row dot product, and the rest
-# shared (row_blocks).
+# The int8 family's functions: a row unpacked (long prompts), a row dot product with its input
+# in groups of a block, and the rest shared (row_blocks).
 
 
 @njit(inline="always")
@@ -146,23 +148,29 @@ def _six_bits_into(out, low, high):
         out[96 + j] = np.int8(((np.int32(low[32 + j]) >> 4) | (((top >> 6) & 3) << 4)) - 32)
 
 
-@block_step(BLOCK, BLOCK_BYTES)
+@njit(inline="always")
+def row_group_size(w):
+    return ROW_GROUP
+
+
+@block_step(BLOCK, BLOCK_BYTES, input_group=ROW_GROUP)
 def block_terms(block: BlockIR):
-    """acc + a block's terms: per pair of runs (64 values: a half's low or high nibbles and two
-    of its top-bit pairs), each lane's dot product of four values (q - 32, as q's dot product
-    less 32 times the input's) times (d * sc) * input scale, the scale of its 16 values."""
-    scales = block.to_float(block.widened(block.bytes(SCALES, 16), signed=True))  # (16,)
-    x_scales = block.x_scales(8)
-    terms = block.times(block.times(scales, block.splat(block.half(D), 16)),
-                        block.pick(x_scales, [k // 2 for k in range(16)]))  # fmt: skip
-    acc = block.acc
+    """acc + a block's terms, the input in one group a block: per pair of runs (64 values: a
+    half's low or high nibbles and two of its top-bit pairs), each lane's dot product of four
+    values q - 32 (q's dot product less 32 times the input's) times the int8 scale of its 16
+    values, summed over the block in int32, then times d and the input's scale."""
+    scales = block.widened(block.bytes(SCALES, 16), signed=True)  # sc, one per 16 values
+    dots_and_scales = []
     for pair in range(4):
         half, nibble = divmod(pair, 2)
         low = block.bits(block.bytes(64 * half, 64), 4 * nibble, 0x0F)
         top = block.fields_of(HIGH_BITS + 32 * half, (4 * nibble, 2, 4), (4 * nibble + 2, 2, 4))
-        values = block.b.or_(low, top)
-        acc = block.add_per_sixteen(acc, values, pair, terms, offset=32)
-    return acc
+        values, x = block.b.or_(low, top), block.x(64 * pair, 64)
+        dots = block.b.sub(block.dots(values, x), block.dots(block.constant(values, 32), x))
+        dots_and_scales.append((dots, block.pick(scales, [4 * pair + k // 4 for k in range(16)])))
+    total = block.to_float(block.scaled_sum(dots_and_scales))
+    d = block.b.fmul(block.half(D), block.x_scale())
+    return block.multiply_add(block.acc, total, block.splat(d, 16))
 
 
 int8_row_dot, int8_row_dots = row_dots(block_terms, BLOCK_BYTES)
