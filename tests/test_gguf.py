@@ -362,7 +362,8 @@ def test_k_quant_files_give_llama_cpp_s_next_token_distributions(tmp_path, model
     """llama.cpp's K-quant file types on rows of whole K blocks: the mean KL between its
     next-token distributions and llamette's over 256 positions is under 1e-3 nats, and llamette's
     are as close to the F32 model's as llama.cpp's (it rounds inputs to K-quant products in
-    groups of 256 values, llamette in groups of 32). The bound holds for models whose residual
+    groups of 256 values; llamette too in Q4_K's, Q5_K's and Q6_K's row dot products, in groups
+    of 32 elsewhere). The bound holds for models whose residual
     stream does not amplify rounding errors (this one: the quantization itself costs 0.03 nats
     for Q4_K_M)."""
     out = quantized_by_llama_cpp(model_of_whole_k_blocks, tmp_path / f"{file_type}.gguf", file_type)

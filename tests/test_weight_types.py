@@ -125,7 +125,7 @@ def test_products_are_the_float64_products_of_the_values(kind, inputs):
 @pytest.mark.parametrize("kind", [k for k in GGUF_KINDS if k not in ("f16", "bf16")])
 def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
     """Products of the quantized GGUF types: the input rounded to 8 bits in groups of 32 (the row
-    dot products of Q4_K, Q5_K and Q6_K: of 256, as llama.cpp's Q8_K), times the weights' values;
+    dot products of Q4_K, Q5_K and Q6_K: of 256, Q8_K's groups in llama.cpp), times the weights' values;
     float32 sums aside, no other error. Above SMALL_BATCH, inputs go 16 in lanes (groups of 32) and a
     last few, fewer than 8, by row dot products."""
     w = gguf_tensor(kind, randn(40, 512))
@@ -226,6 +226,20 @@ def test_products_that_share_an_input_compute_what_they_compute_alone():
     np.testing.assert_array_equal(out2, product(w2, x)[0])
     new_input(shared)
     np.testing.assert_array_equal(product(w2, y, inputs=shared)[0], product(w2, y)[0])
+
+
+def test_products_that_share_an_input_after_re_quantized_last_rows():
+    """Above SMALL_BATCH, Q4_K takes 32 inputs in lanes (groups of 32) and its last 5 by row dot
+    products (groups of 256), quantized again; the next products sharing the input (Q4_K by row
+    dot products only, exact; Q3_K) still compute what they compute alone."""
+    w1, w2 = gguf_tensor("q4_k", randn(24, 512)), gguf_tensor("q3_k", randn(40, 512))
+    x = randn(SMALL_BATCH + 5, 512)
+    out1, shared = product(w1, x)
+    out2, _ = product(w1, x, exact=True, inputs=shared)
+    out3, _ = product(w2, x, inputs=shared)
+    np.testing.assert_array_equal(out1, product(w1, x)[0])
+    np.testing.assert_array_equal(out2, product(w1, x, exact=True)[0])
+    np.testing.assert_array_equal(out3, product(w2, x)[0])
 
 
 def test_q8_reference_keeps_runq_quirk_on_partial_groups():

@@ -34,9 +34,12 @@ def load_numpy_support() -> None:
     sys.modules["scipy.linalg"] = None  # import scipy.linalg: ImportError
     try:
         from numba.np import arraymath
+    except ImportError:  # a Numba that needs SciPy's linear algebra: loaded as Numba loads it
+        return
     finally:
         del sys.modules["scipy.linalg"]
-    arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
+    if hasattr(arraymath, "_HAVE_BLAS"):
+        arraymath._HAVE_BLAS = importlib.util.find_spec("scipy") is not None
 
 
 load_numpy_support()

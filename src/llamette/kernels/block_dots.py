@@ -5,17 +5,18 @@ K-quants, IQ4_XS).
 Each type writes one block's step in LLVM IR through `BlockIR`: it unpacks the block's values
 into bytes, multiplies them with the input's int8 values four at a time into int32 lanes (one
 `vpdpbusd` per 64 values with AVX-512 VNNI), and adds each lane's partial sum times its run's
-float scale into a float32x16 of running sums, which the row dot adds up once at its end. No
-lane is summed across a run boundary before it is scaled, so no per-run horizontal sum is
-needed (the cost of a run at a time); a row's bits depend on the row and the input alone, not on
-the batch around it. With GFNI, a block's bit fields come out by affine transforms of its bytes
+scale into a float32x16 of running sums, which the row dot adds up once at its end. No lane is
+summed across a run boundary before it is scaled, so no per-run horizontal sum is needed (the
+cost of a run at a time); a row's bits depend on the row and the input alone, not on the batch
+around it. With GFNI, a block's bit fields come out by affine transforms of its bytes
 (`fields_of`), one instruction for 64 values.
 
-The input is quantized in groups of 32 (one per run, as for the other int8-family types) with
-each group's int32 sum (`x_sums`), which the types with minimums or offsets multiply; or, for a
-type whose block step says so, in groups of a whole block, as llama.cpp's Q8_K: one input scale
-a block lets the step apply its runs' integer scales in integers (`scaled_dots`) and convert to
-float once a block.
+The input is quantized in groups of 32 (one per run, as for the other int8-family types), each
+lane's sum then scaled by its run's float scale and the input's (Q2_K, Q3_K, IQ4_XS); or, for a
+type whose block step says so, in groups of a whole block (Q8_K's groups in llama.cpp): one
+input scale a block lets the step scale the lanes by its runs' integer scales in integers
+(`scaled_sum`; Q4_K, Q5_K, Q6_K) and convert to float once a block. Either way the int32 sums of
+each run of 32 input values (`x_sums`) are there for the types with minimums or offsets.
 """
 
 from collections.abc import Callable
@@ -50,8 +51,8 @@ def vector(element: ir.Type, count: int) -> ir.VectorType:
 
 class BlockIR:
     """The IR of one block's step of a row dot product with one input: loads from the row at the
-    block's first byte and from the input at the block's first value (its scales and sums at its
-    first group of 32), and the lane arithmetic the types need. Offsets are Python integers, in
+    block's first byte and from the input at the block's first value (its scale and sums at its
+    first group and run of 32), and the lane arithmetic the types need. Offsets are Python integers, in
     bytes of the block or values of the input block."""
 
     def __init__(self, builder, acc, row, x, x_scales, x_sums):
@@ -221,22 +222,20 @@ class BlockIR:
         return total
 
     def scaled_sum(self, dots_and_scales: list) -> ir.Value:
-        """int32 lanes whose sum is that of each (dots, scales) pair's lanes multiplied, for
-        int32x16 pairs within int16 (a block's dot products of four values below 64, 8-bit
+        """int32 lanes whose sum is that of each (dots, scales) pair's lanes multiplied, for an
+        even number of pairs of int32x16 within int16 (a block's dot products of four values below 64, 8-bit
         scales): two dots vectors packed into one of int16 (packssdw), times their scales
         packed alike in int16 pairs (pmaddwd), a multiply per 32 lanes. The lanes' order is
         not kept: only their sum is."""
-        b, terms = self.b, []
-        for k in range(0, len(dots_and_scales) - 1, 2):
+        assert len(dots_and_scales) % 2 == 0, "packed two at a time"
+        terms = []
+        for k in range(0, len(dots_and_scales), 2):
             (dots_a, scales_a), (dots_b, scales_b) = dots_and_scales[k : k + 2]
             terms.append(self._multiply_pairs(self._packed(dots_a, dots_b),
                                               self._packed(scales_a, scales_b)))  # fmt: skip
-        if len(dots_and_scales) % 2:
-            dots, scales = dots_and_scales[-1]
-            terms.append(b.mul(dots, scales))
         total = terms[0]
         for term in terms[1:]:
-            total = b.add(total, term)
+            total = self.b.add(total, term)
         return total
 
     def _packed(self, a: ir.Value, b: ir.Value) -> ir.Value:
@@ -326,6 +325,7 @@ def block_step(block_values: int, block_bytes: int, input_group: int = 32) -> Ca
     input_group values (B, n / input_group) and the int32 sums of their runs of 32 (B, n / 32)),
     one input for each float32x16 of the tuple `sums`. The row's side is emitted once per input,
     alike, and LLVM computes it once."""
+    assert block_values % input_group == 0 and input_group % 32 == 0
 
     def decorate(emit: Callable[[BlockIR], ir.Value]):
         def step(typingctx, sums, row, start, x, x_scales, x_sums, block, first):

@@ -20,7 +20,7 @@ A weight type joins the family with functions of its own, found through kernels.
 `group_size(w)`, `int8_arrays(w)` (its arrays, taken out of w before the loops), `unpack_row`
 (a row's values as integers in -128..127 and their scales, with `scale_group_size` and
 `unpack_minimums` where it has 16-value scales or minimums), `int8_row_dot` (a row times one
-quantized input) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
+quantized input, in groups of `row_group_size` where the type has one) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
 `product`; the 2- to 6-bit types, whose row dot products have block terms of their own, take
 `lanes_and_rows_product` (lanes and row dot products, without sixteen_rows) or, without
 unpack_row, `row_product` (a row at a time at any batch size). Where a type's row dot product
@@ -81,7 +81,8 @@ class Int8Inputs(NamedTuple):
     """Memory for a batch's inputs quantized for int8 products: up to `capacity` inputs of up to
     `width` values, in flat arrays from which each batch takes views of its own shape. `held`
     says what the memory holds: the group size of the input quantized last, or 0 once the input
-    has changed (`new_input`); products that share an input quantize it once."""
+    has changed (`new_input`); products that share an input quantize it once (unless their
+    group sizes differ, or lanes_and_rows_product re-quantizes its last rows)."""
 
     values: np.ndarray  # int8 (capacity * width,): the inputs' values
     scales: np.ndarray  # float32 (capacity * groups,): their groups' scales
@@ -186,7 +187,9 @@ def lanes_and_rows_product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights with an unpack_row and a row
     dot product of their own (int8_row_dot): inputs 16 at a time in SIMD lanes where they fill
     at least half of 16, the rest a row at a time (whether the two give the same bits is the
-    type's matter: weight_types.row_blocks)."""
+    type's matter: weight_types.row_blocks). Where the row dot products take the input in other
+    groups (row_group_size), the rest is quantized again in those, and the next product
+    quantizes its input anew."""
     q = quantized(x, inputs, group_size(w))
     in_lanes = q.in_lanes
     if in_lanes:
@@ -197,7 +200,6 @@ def lanes_and_rows_product(out, x, w, inputs):
     if row_group_size(w) == group_size(w):
         _matmul_rows(out[rest], q.values[rest], q.scales[rest], q.sums[rest], w)
         return
-    new_input(inputs)  # the row dot products take their input in groups of their own
     row_product(out[rest], x[rest], w, inputs)
     new_input(inputs)  # inputs holds the rest of x only
 

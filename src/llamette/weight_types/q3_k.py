@@ -4,9 +4,10 @@ an fp16 scale d. Run r (values 32r..32r + 31) takes its low bits as Q2_K's run r
 high bit from bit r of the 32 high-bit bytes; q = low - 4 where the high bit is clear, else low,
 standing for (d * sc) * q.
 
-Products quantize the input in groups of 32 and go as Q6_K's (kernels.block_dots), with values
-q + 4 less 4 times the input's (the int8 family, a row at a time; above SMALL_BATCH inputs, as
-Q6_K's, in the int8 family's lanes)."""
+Products quantize the input in groups of 32 and go a row at a time, block by block in SIMD lanes
+(kernels.block_dots), each lane's dot product of four values q + 4 (less 4 times the input's)
+times its 16 values' scale d * sc and the input's, as floats; above SMALL_BATCH inputs, as
+Q6_K's, in the int8 family's lanes."""
 
 from typing import NamedTuple
 

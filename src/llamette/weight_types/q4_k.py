@@ -3,7 +3,7 @@ dmin, twelve bytes packing eight 6-bit scales sc and eight 6-bit minimums m, and
 4-bit values q; run j (values 32j..32j + 31) is the low (j even) or high (j odd) nibbles of bytes
 32 (j // 2).., standing for (d * sc_j) * q - dmin * m_j.
 
-Products quantize the input in groups of 256, one scale a block as llama.cpp's Q8_K, and go a
+Products quantize the input in groups of 256, one scale a block (Q8_K's groups in llama.cpp), and go a
 row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product
 of four 4-bit values with the input's times its run's 6-bit scale sc, summed over the block in
 integers, then times d and the input's scale, less the runs' 6-bit minimums m times the input's
@@ -32,7 +32,7 @@ NAME = "q4_k"
 GGUF_TYPE = 12  # gguf.GGMLQuantizationType.Q4_K
 BLOCK, BLOCK_BYTES = 256, 144  # values per block; d, dmin, 12 bytes of scales, 128 of values
 RUN = 32  # values per scale
-ROW_GROUP = BLOCK  # the row dot products' input: one scale a block (llama.cpp's Q8_K)
+ROW_GROUP = BLOCK  # the row dot products' input: one scale a block (as Q8_K)
 F32 = np.float32
 WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)
 

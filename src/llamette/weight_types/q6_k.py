@@ -4,7 +4,7 @@ d, q standing for (d * sc) * (q - 32). In each half (128 values) of a block, run
 takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the half's first
 32, odd: its next 32) and its top bits from bits 2k, 2k + 1 of the half's 32 high-bit bytes.
 
-Products quantize the input in groups of 256, one scale a block as llama.cpp's Q8_K, and go a
+Products quantize the input in groups of 256, one scale a block (Q8_K's groups in llama.cpp), and go a
 row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product
 of four values q - 32 with the input's (q's less 32 times the input's) times its 16 values'
 int8 scale sc, summed over the block in integers, then times d and the input's scale. Above
@@ -30,7 +30,7 @@ NAME = "q6_k"
 GGUF_TYPE = 14  # gguf.GGMLQuantizationType.Q6_K
 BLOCK, BLOCK_BYTES = 256, 210  # values per block; 128 + 64 bytes of values, 16 scales, d
 RUN = 32  # values per input group of the int8 family's lanes
-ROW_GROUP = BLOCK  # the row dot products' input: one scale a block (llama.cpp's Q8_K)
+ROW_GROUP = BLOCK  # the row dot products' input: one scale a block (as Q8_K)
 HIGH_BITS, SCALES, D = 128, 192, 208  # where a block's parts start
 F32 = np.float32
 WRITTEN = True  # by quantize (gguf-py has no K-quant quantizer)

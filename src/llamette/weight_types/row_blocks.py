@@ -1,7 +1,7 @@
 """The int8 family's functions shared by the GGUF types whose values are not int8 (Q4_0, Q4_1,
 Q5_0, Q5_1, IQ4_NL, the K-quants, IQ4_XS): each block has terms of its own, so the input is
-quantized in groups of 32 and each output is one `int8_row_dot` of the type's module, at any
-batch size (`product`); a type that can also unpack its rows to int8 values (`unpack_row`) takes
+quantized in groups of 32 (or of the type's `row_group_size`: Q4_K, Q5_K, Q6_K) and each output
+is one `int8_row_dot` of the type's module, at any batch size (`product`); a type that can also unpack its rows to int8 values (`unpack_row`) takes
 long prompts 16 inputs at a time in SIMD lanes (`lanes_product`), or any batch that fills half
 of 16 where its row dot product adds its blocks' terms in order, as the lanes do
 (`same_bits_lanes_product`). Each of those modules takes
@@ -12,13 +12,14 @@ from numba import njit
 
 from llamette.kernels import SMALL_BATCH, int8, parallel_kernel
 
-INPUT_GROUP = 32  # values per scale of the quantized input
+INPUT_GROUP = 32  # values per scale of the quantized input (the lanes'; a row dot product's unless
+# its type says otherwise)
 
 
 @parallel_kernel
 def product(out, x, w, inputs, exact):
-    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32, a row at a time (the
-    same bits either flavour: there is no run.c counterpart)."""
+    """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in the row dot products' groups, a row at
+    a time (the same bits either flavour: there is no run.c counterpart)."""
     int8.row_product(out, x, w, inputs)
 
 
@@ -42,7 +43,7 @@ def same_bits_lanes_product(out, x, w, inputs, exact):
 
 
 def input_group_size(tensor) -> int:
-    """The groups a product quantizes its input in."""
+    """The smallest groups a product quantizes its input in (they size its memory)."""
     return INPUT_GROUP
 
 
