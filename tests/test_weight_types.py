@@ -230,8 +230,8 @@ def test_products_that_share_an_input_compute_what_they_compute_alone():
 
 def test_products_that_share_an_input_after_re_quantized_last_rows():
     """Above SMALL_BATCH, Q4_K takes 32 inputs in lanes (groups of 32) and its last 5 by row dot
-    products (groups of 256), quantized again; the next products sharing the input (Q4_K by row
-    dot products only, exact; Q3_K) still compute what they compute alone."""
+    products (groups of 256: the input quantized again); the next products sharing the input
+    (Q4_K by row dot products only, exact; Q3_K) still compute what they compute alone."""
     w1, w2 = gguf_tensor("q4_k", randn(24, 512)), gguf_tensor("q3_k", randn(40, 512))
     x = randn(SMALL_BATCH + 5, 512)
     out1, shared = product(w1, x)

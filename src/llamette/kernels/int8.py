@@ -82,7 +82,7 @@ class Int8Inputs(NamedTuple):
     `width` values, in flat arrays from which each batch takes views of its own shape. `held`
     says what the memory holds: the group size of the input quantized last, or 0 once the input
     has changed (`new_input`); products that share an input quantize it once (unless their
-    group sizes differ, or lanes_and_rows_product re-quantizes its last rows)."""
+    group sizes differ)."""
 
     values: np.ndarray  # int8 (capacity * width,): the inputs' values
     scales: np.ndarray  # float32 (capacity * groups,): their groups' scales
@@ -135,7 +135,9 @@ def new_input(inputs):
 @parallel_kernel
 def quantized(x, inputs, group_size):
     """x (B, n) quantized in groups of group_size into views of `inputs`, with what the products
-    read besides (lanes, group sums), unless they hold it already (see Int8Inputs)."""
+    read besides (lanes, group sums), unless they hold it already (see Int8Inputs). Callers pass
+    group_size as an int64, never a literal: a literal compiles this, and all it calls, once per
+    size."""
     n_inputs, n = x.shape
     groups = (n + group_size - 1) // group_size
     whole_groups = n % group_size == 0 and (group_size == 32 or group_size == 64)
@@ -169,7 +171,7 @@ def product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights whose rows are whole groups of
     32 or 64: runq.c's arithmetic to the bit, for any number of inputs (a prompt's rows get the
     bits that decoding them one at a time gives)."""
-    q = quantized(x, inputs, group_size(w))
+    q = quantized(x, inputs, np.int64(group_size(w)))
     in_lanes = q.in_lanes
     if in_lanes:
         _matmul_in_lanes(out[:in_lanes], q, w)
@@ -188,20 +190,18 @@ def lanes_and_rows_product(out, x, w, inputs):
     dot product of their own (int8_row_dot): inputs 16 at a time in SIMD lanes where they fill
     at least half of 16, the rest a row at a time (whether the two give the same bits is the
     type's matter: weight_types.row_blocks). Where the row dot products take the input in other
-    groups (row_group_size), the rest is quantized again in those, and the next product
-    quantizes its input anew."""
-    q = quantized(x, inputs, group_size(w))
+    groups (row_group_size), the input is quantized again in those for the rest (all of it: a
+    fraction of the product's time, and no other specialization to compile)."""
+    q = quantized(x, inputs, np.int64(group_size(w)))
     in_lanes = q.in_lanes
     if in_lanes:
         _matmul_in_lanes(out[:in_lanes], q, w)
     if in_lanes == x.shape[0]:
         return
+    if row_group_size(w) != group_size(w):
+        q = quantized(x, inputs, np.int64(row_group_size(w)))
     rest = slice(in_lanes, x.shape[0])
-    if row_group_size(w) == group_size(w):
-        _matmul_rows(out[rest], q.values[rest], q.scales[rest], q.sums[rest], w)
-        return
-    row_product(out[rest], x[rest], w, inputs)
-    new_input(inputs)  # inputs holds the rest of x only
+    _matmul_rows(out[rest], q.values[rest], q.scales[rest], q.sums[rest], w)
 
 
 @parallel_kernel
@@ -209,7 +209,7 @@ def row_product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights that have a row dot product
     only (int8_row_dot): x quantized in the row dot products' groups (row_group_size), each
     output one row dot product, whatever the batch."""
-    q = quantized(x, inputs, row_group_size(w))
+    q = quantized(x, inputs, np.int64(row_group_size(w)))
     _matmul_rows(out, q.values, q.scales, q.sums, w)
 
 
