@@ -125,9 +125,9 @@ def test_products_are_the_float64_products_of_the_values(kind, inputs):
 @pytest.mark.parametrize("kind", [k for k in GGUF_KINDS if k not in ("f16", "bf16")])
 def test_gguf_int8_products_round_their_input_as_llama_cpp_does(kind, inputs):
     """Products of the quantized GGUF types: the input rounded to 8 bits in groups of 32 (the row
-    dot products of Q4_K, Q5_K and Q6_K: of 256, Q8_K's groups in llama.cpp), times the weights' values;
-    float32 sums aside, no other error. Above SMALL_BATCH, inputs go 16 in lanes (groups of 32) and a
-    last few, fewer than 8, by row dot products."""
+    dot products of Q4_K, Q5_K and Q6_K: of 256, Q8_K's groups in llama.cpp), times the weights'
+    values; float32 sums aside, no other error. Above SMALL_BATCH, inputs go 16 in lanes (groups
+    of 32) and a last few, fewer than 8, by row dot products."""
     w = gguf_tensor(kind, randn(40, 512))
     x = randn(inputs, 512)
     in_lanes = int8.inputs_in_lanes(inputs) if inputs > SMALL_BATCH else 0

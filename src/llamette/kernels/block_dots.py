@@ -52,8 +52,8 @@ def vector(element: ir.Type, count: int) -> ir.VectorType:
 class BlockIR:
     """The IR of one block's step of a row dot product with one input: loads from the row at the
     block's first byte and from the input at the block's first value (its scale and sums at its
-    first group and run of 32), and the lane arithmetic the types need. Offsets are Python integers, in
-    bytes of the block or values of the input block."""
+    first group and run of 32), and the lane arithmetic the types need. Offsets are Python
+    integers, in bytes of the block or values of the input block."""
 
     def __init__(self, builder, acc, row, x, x_scales, x_sums):
         self.b = builder
@@ -223,10 +223,10 @@ class BlockIR:
 
     def scaled_sum(self, dots_and_scales: list) -> ir.Value:
         """int32 lanes whose sum is that of each (dots, scales) pair's lanes multiplied, for an
-        even number of pairs of int32x16 within int16 (a block's dot products of four values below 64, 8-bit
-        scales): two dots vectors packed into one of int16 (packssdw), times their scales
-        packed alike in int16 pairs (pmaddwd), a multiply per 32 lanes. The lanes' order is
-        not kept: only their sum is."""
+        even number of pairs of int32x16 within int16 (a block's dot products of four values
+        below 64, 8-bit scales): two dots vectors packed into one of int16 (packssdw), times
+        their scales packed alike in int16 pairs (pmaddwd), a multiply per 32 lanes. The
+        lanes' order is not kept: only their sum is."""
         assert len(dots_and_scales) % 2 == 0, "packed two at a time"
         terms = []
         for k in range(0, len(dots_and_scales), 2):

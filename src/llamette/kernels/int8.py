@@ -17,16 +17,16 @@ work is laid out, so the layout is chosen for speed alone:
   at a time in lanes, for weights that stay in cache from one step to the next.
 
 A weight type joins the family with functions of its own, found through kernels.dispatch:
-`group_size(w)`, `int8_arrays(w)` (its arrays, taken out of w before the loops), `unpack_row`
-(a row's values as integers in -128..127 and their scales, with `scale_group_size` and
+`group_size(w)`, `int8_arrays(w)` (its arrays, taken out of w before the loops), `unpack_row` (a
+row's values as integers in -128..127 and their scales, with `scale_group_size` and
 `unpack_minimums` where it has 16-value scales or minimums), `int8_row_dot` (a row times one
-quantized input, in groups of `row_group_size` where the type has one) and `sixteen_rows` (a group's dot products and scales for 16 rows), for
-`product`; the 2- to 6-bit types, whose row dot products have block terms of their own, take
-`lanes_and_rows_product` (lanes and row dot products, without sixteen_rows) or, without
-unpack_row, `row_product` (a row at a time at any batch size). Where a type's row dot product
-sums its terms in another order than the lanes (minimums, several runs in SIMD lanes), its
-outputs' bits depend on whether they come from lanes; weight_types.row_blocks takes the lanes
-for those only above SMALL_BATCH inputs.
+quantized input, in groups of `row_group_size` where the type has one) and `sixteen_rows` (a group's
+dot products and scales for 16 rows), for `product`; the 2- to 6-bit types, whose row dot products
+have block terms of their own, take `lanes_and_rows_product` (lanes and row dot products, without
+sixteen_rows) or, without unpack_row, `row_product` (a row at a time at any batch size). Where a
+type's row dot product sums its terms in another order than the lanes (minimums, several runs in
+SIMD lanes), its outputs' bits depend on whether they come from lanes; weight_types.row_blocks takes
+the lanes for those only above SMALL_BATCH inputs.
 """
 
 import math

@@ -3,12 +3,12 @@ dmin, twelve bytes packing eight 6-bit scales sc and eight 6-bit minimums m, and
 4-bit values q; run j (values 32j..32j + 31) is the low (j even) or high (j odd) nibbles of bytes
 32 (j // 2).., standing for (d * sc_j) * q - dmin * m_j.
 
-Products quantize the input in groups of 256, one scale a block (Q8_K's groups in llama.cpp), and go a
-row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product
-of four 4-bit values with the input's times its run's 6-bit scale sc, summed over the block in
-integers, then times d and the input's scale, less the runs' 6-bit minimums m times the input's
-sums over them, times dmin and the input's scale. Above SMALL_BATCH inputs, the input in groups
-of 32 and rows unpacked to bytes go through the int8 family's lanes, 16 inputs at a time."""
+Products quantize the input in groups of 256, one scale a block (Q8_K's groups in llama.cpp), and go
+a row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product of
+four 4-bit values with the input's times its run's 6-bit scale sc, summed over the block in
+integers, then times d and the input's scale, less the runs' 6-bit minimums m times the input's sums
+over them, times dmin and the input's scale. Above SMALL_BATCH inputs, the input in groups of 32 and
+rows unpacked to bytes go through the int8 family's lanes, 16 inputs at a time."""
 
 from collections.abc import Callable
 from typing import NamedTuple

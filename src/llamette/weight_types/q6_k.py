@@ -4,12 +4,12 @@ d, q standing for (d * sc) * (q - 32). In each half (128 values) of a block, run
 takes its low bits from the low (k < 2) or high nibbles of 32 bytes (k even: the half's first
 32, odd: its next 32) and its top bits from bits 2k, 2k + 1 of the half's 32 high-bit bytes.
 
-Products quantize the input in groups of 256, one scale a block (Q8_K's groups in llama.cpp), and go a
-row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product
-of four values q - 32 with the input's (q's less 32 times the input's) times its 16 values'
-int8 scale sc, summed over the block in integers, then times d and the input's scale. Above
-SMALL_BATCH inputs, the input in groups of 32 and rows unpacked to q - 32 go through the int8
-family's lanes, 16 inputs at a time, two 16-value scales to each input group."""
+Products quantize the input in groups of 256, one scale a block (Q8_K's groups in llama.cpp), and go
+a row at a time, block by block in SIMD lanes (kernels.block_dots): each lane's int32 dot product of
+four values q - 32 with the input's (q's less 32 times the input's) times its 16 values' int8 scale
+sc, summed over the block in integers, then times d and the input's scale. Above SMALL_BATCH inputs,
+the input in groups of 32 and rows unpacked to q - 32 go through the int8 family's lanes, 16 inputs
+at a time, two 16-value scales to each input group."""
 
 from typing import NamedTuple
 

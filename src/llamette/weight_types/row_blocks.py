@@ -1,12 +1,12 @@
-"""The int8 family's functions shared by the GGUF types whose values are not int8 (Q4_0, Q4_1,
-Q5_0, Q5_1, IQ4_NL, the K-quants, IQ4_XS): each block has terms of its own, so the input is
-quantized in groups of 32 (or of the type's `row_group_size`: Q4_K, Q5_K, Q6_K) and each output
-is one `int8_row_dot` of the type's module, at any batch size (`product`); a type that can also unpack its rows to int8 values (`unpack_row`) takes
-long prompts 16 inputs at a time in SIMD lanes (`lanes_product`), or any batch that fills half
-of 16 where its row dot product adds its blocks' terms in order, as the lanes do
-(`same_bits_lanes_product`). Each of those modules takes
-these in as its own (kernels.dispatch finds them there); a matrix of these types is a NamedTuple
-holding its file's bytes as `blocks`."""
+"""The int8 family's functions shared by the GGUF types whose values are not int8 (Q4_0, Q4_1, Q5_0,
+Q5_1, IQ4_NL, the K-quants, IQ4_XS): each block has terms of its own, so the input is quantized in
+groups of 32 (or of the type's `row_group_size`: Q4_K, Q5_K, Q6_K) and each output is one
+`int8_row_dot` of the type's module, at any batch size (`product`); a type that can also unpack its
+rows to int8 values (`unpack_row`) takes long prompts 16 inputs at a time in SIMD lanes
+(`lanes_product`), or any batch that fills half of 16 where its row dot product adds its blocks'
+terms in order, as the lanes do (`same_bits_lanes_product`). Each of those modules takes these in as
+its own (kernels.dispatch finds them there); a matrix of these types is a NamedTuple holding its
+file's bytes as `blocks`."""
 
 from numba import njit
 
