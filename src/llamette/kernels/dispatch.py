@@ -3,10 +3,10 @@ kernel, runs the function of the same name in the module of its `w` argument's w
 (llamette.weight_types' table), chosen when the kernel is compiled. A type module defines those
 it takes part in: every type `decode_row` and `product`, the decoded family `row_dot`, the int8
 family `group_size` (and `row_group_size` where its row dot products take their input in other
-groups), `int8_arrays`, `unpack_row` (with `scale_group_size` and `unpack_minimums`
-where its scales are not one per input group or it has minimums), `int8_row_dot` (and, where it
-computes several inputs at once, `int8_row_dots`) and `sixteen_rows`.
-"""
+groups), `int8_arrays`, `unpack_row` (with `scale_group_size` and `unpack_minimums` where its
+scales are not one per input group or it has minimums), `int8_row_dot` (and, where it computes
+several inputs at once, `int8_row_dots`) and `sixteen_rows`. (`two_scales_per_input_group` is
+no type's own: it answers from whether the type has a scale_group_size.)"""
 
 from numba.extending import overload
 
@@ -62,6 +62,13 @@ def unpack_row(values, scales, w, a, b, i):
 
 def scale_group_size(w):
     """Values per scale of the rows unpack_row unpacks: the type's own, else group_size(w)."""
+    raise NotImplementedError(COMPILED_ONLY)
+
+
+def two_scales_per_input_group(w):
+    """None where each scale of int8-family weights w spans an input group; True where two do
+    (scale_group_size(w) 16): an answer in the type, for kernels to branch on with `is None`,
+    which Numba settles as it compiles."""
     raise NotImplementedError(COMPILED_ONLY)
 
 
@@ -142,6 +149,15 @@ def _scale_group_size(w):
 
     impl = getattr(type_of(w), "scale_group_size", None) or type_of(w).group_size
     return lambda w: impl(w)
+
+
+@overload(two_scales_per_input_group, inline="always")
+def _two_scales_per_input_group(w):
+    from llamette.weight_types import type_of
+
+    if hasattr(type_of(w), "scale_group_size"):  # a type's scales of 16 (see scale_group_size)
+        return lambda w: True
+    return lambda w: None
 
 
 @overload(unpack_minimums, inline="always")

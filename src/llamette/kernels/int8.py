@@ -38,7 +38,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from llamette.kernels import aligned_empty, kernel, parallel_kernel
+from llamette.kernels import aligned_empty, inlined_kernel, kernel, parallel_kernel
 from llamette.kernels.block_dots import lookup
 from llamette.kernels.dispatch import (
     group_size,
@@ -48,6 +48,7 @@ from llamette.kernels.dispatch import (
     row_group_size,
     scale_group_size,
     sixteen_rows,
+    two_scales_per_input_group,
     unpack_minimums,
     unpack_row,
 )
@@ -166,7 +167,7 @@ def quantized(x, inputs, group_size):
     return q
 
 
-@parallel_kernel
+@inlined_kernel
 def product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights whose rows are whole groups of
     32 or 64: runq.c's arithmetic to the bit, for any number of inputs (a prompt's rows get the
@@ -184,7 +185,7 @@ def product(out, x, w, inputs):
         _matmul_rows(out[in_lanes:], values, scales, sums, w)
 
 
-@parallel_kernel
+@inlined_kernel
 def lanes_and_rows_product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights with an unpack_row and a row
     dot product of their own (int8_row_dot): inputs 16 at a time in SIMD lanes where they fill
@@ -204,7 +205,7 @@ def lanes_and_rows_product(out, x, w, inputs):
     _matmul_rows(out[rest], q.values[rest], q.scales[rest], q.sums[rest], w)
 
 
-@parallel_kernel
+@inlined_kernel
 def row_product(out, x, w, inputs):
     """out (B, d) = x (B, n) @ w (d, n)^T for int8-family weights that have a row dot product
     only (int8_row_dot): x quantized in the row dot products' groups (row_group_size), each
@@ -496,7 +497,7 @@ def _into_lanes(q, group_size):
     _lane_sums_into(q.lane_sums, values, q.scales[: q.in_lanes], group_size)
 
 
-@parallel_kernel
+@inlined_kernel
 def _matmul_in_lanes(out, q, w):
     """out (B, d) = x @ w^T for the B = q.in_lanes inputs in lanes: quads with VNNI, else
     pairs."""
@@ -548,24 +549,33 @@ ROWS_PER_TASK = 64
 
 @parallel_kernel
 def _matmul_across_inputs(out, pairs, lane_scales, lane_sums, w):
-    """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes (one lane per input): each pair of
-    rows unpacked once into int16 values, float32 scales (and minimums), then rows_times_lanes."""
-    d, n = out.shape[1], pairs.shape[1] // LANES
-    size = scale_group_size(w)
+    """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes (one lane per input),
+    ROWS_PER_TASK rows a task (_pairs_task)."""
+    d = out.shape[1]
     a, b = int8_arrays(w)
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        rows = np.empty((2, n), np.int16)
-        scales = np.empty((2, n // size), np.float32)
-        minimums = np.empty((2, n // size), np.float32)
-        lanes = np.empty(LANES, np.float32)
-        for i0 in range(task * ROWS_PER_TASK, min(d, (task + 1) * ROWS_PER_TASK), 2):
-            i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
-            unpack_row(rows[0], scales[0], w, a, b, i0)
-            unpack_row(rows[1], scales[1], w, a, b, i1)
-            has_minimums = unpack_minimums(minimums[0], w, a, b, i0)
-            unpack_minimums(minimums[1], w, a, b, i1)
-            rows_times_lanes(out, pairs, lane_scales, lane_sums, rows, scales, minimums,
-                             has_minimums, size, i0, i1, lanes)  # fmt: skip
+        _pairs_task(out, pairs, lane_scales, lane_sums, w, a, b, task * ROWS_PER_TASK)
+
+
+@kernel
+def _pairs_task(out, pairs, lane_scales, lane_sums, w, a, b, first):
+    """out[:, first..first + ROWS_PER_TASK]: each pair of rows unpacked once into int16 values,
+    float32 scales (and minimums), then rows_times_lanes. (A function of its own: see
+    _quads_task.)"""
+    d, n = out.shape[1], pairs.shape[1] // LANES
+    size = scale_group_size(w)
+    rows = np.empty((2, n), np.int16)
+    scales = np.empty((2, n // size), np.float32)
+    minimums = np.empty((2, n // size), np.float32)
+    lanes = np.empty(LANES, np.float32)
+    for i0 in range(first, min(d, first + ROWS_PER_TASK), 2):
+        i1 = min(i0 + 1, d - 1)  # an odd last row goes with itself
+        unpack_row(rows[0], scales[0], w, a, b, i0)
+        unpack_row(rows[1], scales[1], w, a, b, i1)
+        has_minimums = unpack_minimums(minimums[0], w, a, b, i0)
+        unpack_minimums(minimums[1], w, a, b, i1)
+        rows_times_lanes(out, pairs, lane_scales, lane_sums, rows, scales, minimums,
+                         has_minimums, size, i0, i1, lanes)  # fmt: skip
 
 
 @njit(inline="always")
@@ -659,25 +669,47 @@ def _group_sums(x_pairs, row0, row1, start, group_size):
 @parallel_kernel
 def _matmul_quads(out, quads, lane_scales, lane_sums, w):
     """out (B, d) = x @ w^T, 16 inputs at a time in SIMD lanes, four columns each (AVX-512
-    VNNI): a task's rows unpacked in one sweep (which the prefetchers follow) into int8 values,
-    float32 scales (and minimums) and biases, then rows_times_quads."""
+    VNNI), ROWS_PER_TASK rows a task (_quads_task)."""
     d, n = out.shape[1], quads.shape[1] // LANES
-    size = scale_group_size(w)
+    groups = n // scale_group_size(w)
     a, b = int8_arrays(w)
     for task in prange((d + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        first = task * ROWS_PER_TASK
         rows = np.empty((ROWS_PER_TASK, n), np.int8)
-        scales = np.empty((ROWS_PER_TASK, n // size), np.float32)
-        minimums = np.empty((ROWS_PER_TASK, n // size), np.float32)
-        biases = np.empty((ROWS_PER_TASK, n // size), np.int32)
-        has_minimums = False
-        for r in range(ROWS_PER_TASK):
-            row = min(first + r, d - 1)  # past the last row, the last again (not stored)
-            unpack_row(rows[r], scales[r], w, a, b, row)
-            has_minimums = unpack_minimums(minimums[r], w, a, b, row)
-            _biases_into(biases[r], rows[r], size)
-        rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
-                         has_minimums, size, first)  # fmt: skip
+        scales = np.empty((ROWS_PER_TASK, groups), np.float32)
+        minimums = np.empty((ROWS_PER_TASK, groups), np.float32)
+        biases = np.empty((ROWS_PER_TASK, groups), np.int32)
+        _quads_task(out, quads, lane_scales, lane_sums, w, a, b, task * ROWS_PER_TASK, rows,
+                    scales, minimums, biases, two_scales_per_input_group(w))  # fmt: skip
+
+
+@kernel
+def _quads_task(out, quads, lane_scales, lane_sums, w, a, b, first, rows, scales, minimums,
+                biases, two_scales):  # fmt: skip
+    """out[:, first..first + R] (R = ROWS_PER_TASK): the rows unpacked in one sweep (which the
+    prefetchers follow) into int8 values `rows` (R, n), float32 scales (and minimums) and biases
+    (R, n / scale_group_size), then eight rows at a time times the inputs. two_scales: None, or
+    True where two weight scales share an input group (a type's; Numba compiles the one branch
+    its type takes). (A function of its own, not the body of _matmul_quads' parallel loop:
+    Numba's parallel passes over a body this large take seconds of a cold start.)"""
+    d, size = out.shape[1], scale_group_size(w)
+    has_minimums = False
+    for r in range(ROWS_PER_TASK):
+        row = min(first + r, d - 1)  # past the last row, the last again (not stored)
+        unpack_row(rows[r], scales[r], w, a, b, row)
+        has_minimums = unpack_minimums(minimums[r], w, a, b, row)
+        _biases_into(biases[r], rows[r], size)
+    lanes = np.empty(LANES, np.float32)
+    if two_scales is None:
+        for r in range(0, min(ROWS_PER_TASK, d - first), 8):
+            _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows[r : r + 8],
+                                    scales[r : r + 8], minimums[r : r + 8], biases[r : r + 8],
+                                    has_minimums, size, first + r, lanes)  # fmt: skip
+    else:
+        for r in range(0, min(ROWS_PER_TASK, d - first), 8):
+            _eight_rows_times_quads_in_halves(out, quads, lane_scales, lane_sums,
+                                              rows[r : r + 8], scales[r : r + 8],
+                                              minimums[r : r + 8], biases[r : r + 8],
+                                              has_minimums, size, first + r, lanes)  # fmt: skip
 
 
 @njit(inline="always")
@@ -715,54 +747,57 @@ def _sum_int8(values):
 
 
 @njit(inline="always")
-def rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
-                     has_minimums, size, first):  # fmt: skip
-    """out[:, first..first + R] for R int8 weight rows (R, n), R a multiple of 8, with their
-    scales, biases (R, n / size) and, if has_minimums, minimums, eight rows at a time. Outputs
-    past out's last column are not stored. (size, the values per weight scale, is a constant
-    where the caller's is: the loops over a group then unroll.)"""
-    lanes = np.empty(LANES, np.float32)
-    for r in range(0, min(rows.shape[0], out.shape[1] - first), 8):
-        _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows[r : r + 8],
-                                scales[r : r + 8], minimums[r : r + 8], biases[r : r + 8],
-                                has_minimums, size, first + r, lanes)  # fmt: skip
-
-
-@njit(inline="always")
 def _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
                             has_minimums, size, i, lanes):  # fmt: skip
-    """out[:, i..i + 7] for eight rows: each lane (input) sums a group's int32 products four
-    columns at a time (from the row's bias), then adds the group's float32 term (less the
-    minimum's), groups in order; the same bits as rows_times_lanes and a row at a time. Each
-    load of four columns of 16 inputs serves eight rows. Where two weight scales (of 16 values)
-    share an input group, their terms are added before the input's scale multiplies them."""
+    """out[:, i..i + 7] for eight rows (8, n) with their scales, biases (8, n / size) and, if
+    has_minimums, minimums, one scale per input group: each lane (input) sums a group's int32
+    products four columns at a time (from the row's bias), then adds the group's float32 term
+    (less the minimum's), groups in order; the same bits as rows_times_lanes and a row at a
+    time. Each load of four columns of 16 inputs serves eight rows. Outputs past out's last
+    column are not stored. (size, the values per weight scale, is a constant where the
+    caller's is: the loops over a group then unroll.)"""
     w = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
-    input_groups = lane_scales.shape[1] // LANES
-    two_scales = scales.shape[1] == 2 * input_groups
     for block in range(quads.shape[0]):
         x_quads, x_scales, x_sums = quads[block], lane_scales[block], lane_sums[block]
         zeros = float32x16_zeros()
         v = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
-        for group in range(input_groups):
-            at = group * LANES
-            if two_scales:
-                g = 2 * group
-                dots = _eight_dots(x_quads, w, biases, g, size)
-                more = _eight_dots(x_quads, w, biases, g + 1, size)
-                v = _add_two_scales_terms(v, dots, more, scales, g, load_lanes(x_scales, at))
-                if has_minimums:
-                    v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
-                    g += 1
-                    v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
-            else:
-                g = group
-                v = _add_terms(v, _eight_dots(x_quads, w, biases, g, size), scales, g, x_scales,
-                               at)  # fmt: skip
-                if has_minimums:
-                    v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
-        for r in range(8):
-            if i + r < out.shape[1]:
-                _store_column(out, i + r, block * LANES, v[r], lanes)
+        for g in range(scales.shape[1]):
+            v = _add_terms(v, _eight_dots(x_quads, w, biases, g, size), scales, g, x_scales,
+                           g * LANES)  # fmt: skip
+            if has_minimums:
+                v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+        _store_columns(out, i, block * LANES, v, lanes)
+
+
+@njit(inline="always")
+def _eight_rows_times_quads_in_halves(out, quads, lane_scales, lane_sums, rows, scales,
+                                      minimums, biases, has_minimums, size, i, lanes):  # fmt: skip
+    """_eight_rows_times_quads where two weight scales (of 16 values) share an input group: their
+    terms are added before the input's scale multiplies them."""
+    w = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
+    for block in range(quads.shape[0]):
+        x_quads, x_scales, x_sums = quads[block], lane_scales[block], lane_sums[block]
+        zeros = float32x16_zeros()
+        v = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
+        for group in range(lane_scales.shape[1] // LANES):
+            g = 2 * group
+            dots = _eight_dots(x_quads, w, biases, g, size)
+            more = _eight_dots(x_quads, w, biases, g + 1, size)
+            v = _add_two_scales_terms(v, dots, more, scales, g,
+                                      load_lanes(x_scales, group * LANES))  # fmt: skip
+            if has_minimums:
+                v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+                g += 1
+                v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+        _store_columns(out, i, block * LANES, v, lanes)
+
+
+@njit(inline="always")
+def _store_columns(out, i, first, v, lanes):
+    """out[first.., i + r] = each of the eight rows' v[r] (columns past out's last not stored)."""
+    for r in range(8):
+        if i + r < out.shape[1]:
+            _store_column(out, i + r, first, v[r], lanes)
 
 
 @njit(inline="always")
