@@ -107,3 +107,26 @@ def test_a_helper_is_for_model_files_and_starts_none_of_its_own(tmp_path, monkey
     assert CompileAhead(str(tmp_path), "f32", False).command is None  # a folder, or no file
     monkeypatch.setenv(SWITCH, "0")  # as the helper runs
     assert CompileAhead(str(BUNDLED / "model.bin"), "f32", False).command is None
+
+
+def test_a_cold_start_of_two_weight_types_shares_their_products_with_its_helper(tmp_path):
+    """Layers in Q8_0 and the classifier in F32: the first process compiles the Q8_0 products,
+    its helper attention and the F32 products, which the pass then loads instead of compiling."""
+    from llamette import Tokenizer
+    from llamette.ahead import shared_products
+    from llamette.formats import load_weights
+    from llamette.formats.gguf import write_gguf
+
+    model = tmp_path / "mixed.gguf"
+    write_gguf(load_weights(BUNDLED / "model.bin"), model, Tokenizer.load(BUNDLED / "tokenizer.bin"),
+               "q8_0", tensor_types={"tok_embeddings.weight": "f32"})  # fmt: skip
+    first, helpers = shared_products(load_weights(model))
+    assert [type(w).__name__ for w in first + helpers] == ["Q8_0Tensor", "ndarray"]
+
+    env = {key: value for key, value in os.environ.items() if key != SWITCH}
+    env["LLAMETTE_CACHE_DIR"] = str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", FIRST_DRAW, str(model)], env=env, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(done.stdout))
+    assert not compiled & {"matmul_f32", "attention_rows"}
+    assert {"forward", "_matmul_rows", "swiglu_rows"} <= compiled

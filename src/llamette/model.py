@@ -17,7 +17,7 @@ import numpy as np
 from numba import literal_unroll, typeof, types
 from numba.typed import List
 
-from llamette.ahead import CompileAhead
+from llamette.ahead import CompileAhead, compile_products, compile_steps, shared_products
 from llamette.errors import LlametteError
 from llamette.formats import load_weights
 from llamette.kernels import (
@@ -44,7 +44,7 @@ from llamette.kernels.layers import (
     swiglu,
 )
 from llamette.threads import ThreadChooser, first_count
-from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
+from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group, weight_type
 from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
 log = logging.getLogger("llamette")
@@ -357,8 +357,11 @@ class Transformer:
         c = self.config = replace(weights.config, seq_len=seq_len or weights.config.seq_len)
         self.weights = weights
         self.exact = exact
-        self._compile_ahead = CompileAhead(weights.source, kv_type, exact)
-        with self._compile_ahead.watching():  # typed lists are the first compile of a cold run
+        self._own_products, helper_products = shared_products(weights)
+        self._compile_ahead = CompileAhead(weights.source, kv_type, exact,
+                                           tuple(weight_type(w).NAME for w in helper_products))  # fmt: skip
+        # typed lists are the first compile of a cold run
+        with self._compile_ahead.watching(share_products=True):
             self.tensors = Tensors.of(weights)
         self.weights_in_cache = fits_in_cache(sum(self._weight_bytes_per_part().values()))
         self.buffers = self._buffers(1)
@@ -498,8 +501,9 @@ class Transformer:
         args = (self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
                 c.norm_eps, c.rope_theta, self.exact, profile)  # fmt: skip
         if self._forward is None:  # every call passes arguments of the same types
-            with self._compile_ahead.watching():
-                self._forward = entry_point(forward, args)
+            self._forward = self._compile_ahead.forward_compiled(
+                self._compile_own_share, lambda: entry_point(forward, args)
+            )
         if not self.adapt_threads:
             self._forward(*args)
             return
@@ -517,6 +521,13 @@ class Transformer:
         finally:
             numba.set_num_threads(most)  # the caller's setting stays the caller's
         chooser.record(threads, (time.perf_counter() - start) / n_rows)
+
+    def _compile_own_share(self) -> None:
+        """A cold start's share of the kernels beside its helper's (llamette.ahead): the
+        products with this process's weight types, the feed-forward's gate, the residual's
+        addition, rotary embedding and the KV cache's store."""
+        compile_products(self._own_products, self.buffers.inputs, self.exact)
+        compile_steps(self.buffers, self.kv_cache, self.exact)
 
     def _buffers(self, capacity: int) -> Buffers:
         smallest_group = smallest_input_group(self.weights.tensors.values())
