@@ -95,7 +95,7 @@ class Tensors(NamedTuple):
         rope_divisors = (weights["rope_freqs.weight"] if c.rope_scaled
                          else np.ones(c.head_size // 2, np.float32))  # fmt: skip
         return cls(weights["tok_embeddings.weight"],
-                   tuple(typed_list(tuple(g)) for g in groups.values()),
+                   tuple(typed_list(g) for g in groups.values()),
                    np.array(layer_group, np.int64), np.array(layer_index, np.int64),
                    weights["norm.weight"], weights.classifier,
                    np.ascontiguousarray(rope_divisors, np.float32))  # fmt: skip
@@ -109,14 +109,26 @@ def layers_of(weights: Weights) -> list[Layer]:
     ]
 
 
-@kernel
-def typed_list(items):
-    """A typed List of the items of a tuple. (Built by the typed List's own methods from Python,
-    it compiles them anew in each process, for seconds; this is compiled once and cached.)"""
-    out = List()
-    for item in items:
-        out.append(item)
+def typed_list(items: list) -> List:
+    """A typed List of items of one Numba type, by kernels compiled once per type and cached (the
+    typed List's own methods, called from Python, compile anew in each process, for seconds;
+    a kernel taking the items as a tuple would compile again for each number of items)."""
+    out = list_of(items[0])
+    for item in items[1:]:
+        append_to(out, item)
     return out
+
+
+@kernel
+def list_of(item):
+    out = List()
+    out.append(item)
+    return out
+
+
+@kernel
+def append_to(items, item):
+    items.append(item)
 
 
 class Buffers(NamedTuple):

@@ -47,12 +47,14 @@ cache.install()  # before the first kernel is defined
 
 # Compiled once and cached on disk; IEEE division (x / 0 is inf or nan, as in C); no fastmath, so
 # float sums keep their order; the GIL released while they run (the server's engine thread runs
-# them beside the event loop). `parallel_kernel` runs prange loops on all threads. A function that
-# calls a parallel kernel must be a parallel kernel too, prange or not: Numba's cache otherwise
-# saves the caller without its link to the callee, and a later process crashes on a null call
-# (numba/numba#4807, #8578).
-kernel = njit(cache=True, nogil=True, error_model="numpy")
-parallel_kernel = njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+# them beside the event loop); no C-callable wrapper (Numba makes one for each function, to pass
+# it as a value, which no kernel is: compile time for nothing). `parallel_kernel` runs prange loops
+# on all threads. A function that calls a parallel kernel must be a parallel kernel too, prange or
+# not: Numba's cache otherwise saves the caller without its link to the callee, and a later process
+# crashes on a null call (numba/numba#4807, #8578).
+CACHED = {"cache": True, "nogil": True, "error_model": "numpy", "no_cfunc_wrapper": True}
+kernel = njit(**CACHED)
+parallel_kernel = njit(**CACHED, parallel=True)
 # A function that only calls kernels (choosing among them, or in order), compiled as part of each
 # caller instead of on its own: a compiled function takes in the code of all it calls, so a
 # separate layer of calls would compile it all twice. Its callers are parallel kernels if it calls
@@ -60,14 +62,10 @@ parallel_kernel = njit(cache=True, nogil=True, error_model="numpy", parallel=Tru
 inlined_kernel = njit(inline="always", error_model="numpy")
 # Reordered float sums (vectorized dot products, fused multiply-add), for the fast flavour's
 # kernels that allow them; nothing else loosened.
-reassociating_kernel = njit(
-    cache=True, nogil=True, error_model="numpy", parallel=True, fastmath={"reassoc", "contract"}
-)
+reassociating_kernel = njit(**CACHED, parallel=True, fastmath={"reassoc", "contract"})
 # ...and the same for the body of such a kernel's parallel loop, compiled once as a function of its
 # own: inlined into the loop, Numba's parallel passes take seconds over a large body (a cold start).
-reassociating_serial_kernel = njit(
-    cache=True, nogil=True, error_model="numpy", fastmath={"reassoc", "contract"}
-)
+reassociating_serial_kernel = njit(**CACHED, fastmath={"reassoc", "contract"})
 
 # Matrix products with at most this many inputs compute each output as a dot product of its own,
 # the same way whatever else is in the batch: a sequence decodes to the same bits alone or beside

@@ -8,7 +8,8 @@ scales are not one per input group or it has minimums), `int8_row_dot` (and, whe
 several inputs at once, `int8_row_dots`) and `sixteen_rows`. (`two_scales_per_input_group` is
 no type's own: it answers from whether the type has a scale_group_size.)"""
 
-from numba.extending import overload
+from numba.core import types
+from numba.extending import intrinsic, overload
 
 COMPILED_ONLY = "runs inside compiled code only"
 
@@ -20,10 +21,19 @@ def _own(w, name: str):
     return getattr(type_of(w), name)
 
 
-def product(out, x, w, inputs, exact):
+@intrinsic
+def product(typingctx, out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T; `inputs`: Int8Inputs, which may hold x quantized
-    already; exact: the reference flavour (run.c's arithmetic where the type has one)."""
-    raise NotImplementedError(COMPILED_ONLY)
+    already; exact: the reference flavour (run.c's arithmetic where the type has one). A call of
+    the type's own product kernel, with no function of its own between (an overload's would
+    compile, and optimize again, all the code of the type's product)."""
+    kernel = types.Dispatcher(_own(w, "product"))
+    signature = typingctx.resolve_function_type(kernel, (out, x, w, inputs, exact), {})
+
+    def call(context, builder, _, args):
+        return context.get_function(kernel, signature)(builder, args)
+
+    return signature, call
 
 
 def decode_row(out, w, i):
@@ -97,12 +107,6 @@ def sixteen_rows(w, a, b, first, g, groups, x):
     their int32 dot products with the group of the int8 input x (an int32x16) and their scales
     (a float32x16)."""
     raise NotImplementedError(COMPILED_ONLY)
-
-
-@overload(product, inline="always")
-def _product(out, x, w, inputs, exact):
-    impl = _own(w, "product")
-    return lambda out, x, w, inputs, exact: impl(out, x, w, inputs, exact)
 
 
 @overload(decode_row, inline="always")
