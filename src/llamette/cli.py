@@ -28,6 +28,7 @@ from llamette.model import Transformer
 from llamette.perplexity import evaluate
 from llamette.sampler import Adjustments, Sampler
 from llamette.tokenizer import Tokenizer
+from llamette.warm_up import COMMON_FILE_TYPES, check_file_type, warm_up
 
 log = logging.getLogger("llamette")
 
@@ -321,6 +322,22 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     serve.set_defaults(handler=cmd_serve)
 
+    warm_up = commands.add_parser(
+        "warm-up",
+        help="compile the kernels of common GGUF file types ahead of their first run",
+        description="Compile, into the kernel cache, what a first run of a model of each file "
+        "type compiles (its weight types' products and its forward pass), on a small stand-in "
+        "model of the type's mix: a downloaded model of that type then starts as on a warm "
+        "cache. Once per llamette version and CPU.",
+    )
+    warm_up.add_argument(
+        "file_types", nargs="*", metavar="TYPE", default=list(COMMON_FILE_TYPES),
+        help=f"llama.cpp file types or weight types (default: {' '.join(COMMON_FILE_TYPES)}; "
+        f"any of {', '.join(WRITTEN_TYPES)})",
+    )  # fmt: skip
+    add_cache_type_argument(warm_up)
+    warm_up.set_defaults(handler=cmd_warm_up)
+
     train = commands.add_parser(
         "train",
         help="train the demo story model (needs llamette[train])",
@@ -613,6 +630,15 @@ def serve_on_ray(args: argparse.Namespace, name: str | None) -> int:
     finally:
         ray.shutdown()
     log.info("stopped")
+    return 0
+
+
+def cmd_warm_up(args: argparse.Namespace) -> int:
+    for file_type in args.file_types:  # all, before the first takes its time
+        check_file_type(file_type)
+    for i, file_type in enumerate(args.file_types, 1):
+        seconds = warm_up(file_type, args.cache_type)
+        log.info("%s ready (%d of %d, %.1f s)", file_type, i, len(args.file_types), seconds)
     return 0
 
 
