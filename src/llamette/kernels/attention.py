@@ -25,10 +25,12 @@ from llamette.kernels.simd import (
     sum_float32x16,
     sums_float32x16,
 )
+from llamette.kernels.symbols import called_by_symbol
 
 F32 = np.float32
 
 
+@called_by_symbol
 @reassociating_kernel
 def attention_rows(out, q, kv, layer, slots, positions, n_heads):
     """Causal grouped-query attention for a batch: row b attends to positions 0..positions[b] of

@@ -89,8 +89,24 @@ def _remove_unused_versions(current: Path) -> None:
             shutil.rmtree(other, ignore_errors=True)
 
 
+class CompileResultKeepingReloads(caching.CompileResultCacheImpl):
+    """Numba's loading of a cached function, which also keeps, with the function's code, what is
+    to run before that code is loaded (its reload_init: the parallel layer's start, the kernels it
+    calls by symbol, kernels.symbols). A function compiled later that links this code into its
+    own then saves them too; Numba drops them (numba/numba#4807), and a later process that loads
+    the later function would miss a symbol."""
+
+    def rebuild(self, target_context, payload):
+        compiled = super().rebuild(target_context, payload)
+        compiled.library._reload_init.update(compiled.reload_init)
+        return compiled
+
+
 def install() -> None:
-    """Make Numba use PackageCacheLocator for llamette's functions (before any is decorated)."""
+    """Make Numba use PackageCacheLocator for llamette's functions (before any is decorated), and
+    keep what cached functions run as they load (CompileResultKeepingReloads)."""
     locators = getattr(caching.CacheImpl, "_locator_classes", None)
     if isinstance(locators, list) and PackageCacheLocator not in locators:
         locators.insert(0, PackageCacheLocator)
+    if caching.FunctionCache._impl_class is caching.CompileResultCacheImpl:
+        caching.FunctionCache._impl_class = CompileResultKeepingReloads

@@ -11,6 +11,8 @@ no type's own: it answers from whether the type has a scale_group_size.)"""
 from numba.core import types
 from numba.extending import intrinsic, overload
 
+from llamette.kernels.symbols import call_by_symbol
+
 COMPILED_ONLY = "runs inside compiled code only"
 
 
@@ -25,13 +27,13 @@ def _own(w, name: str):
 def product(typingctx, out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T; `inputs`: Int8Inputs, which may hold x quantized
     already; exact: the reference flavour (run.c's arithmetic where the type has one). A call of
-    the type's own product kernel, with no function of its own between (an overload's would
-    compile, and optimize again, all the code of the type's product)."""
+    the type's own product kernel by symbol (kernels.symbols), with no function between (an
+    overload's would compile all the code of the type's product again)."""
     kernel = types.Dispatcher(_own(w, "product"))
     signature = typingctx.resolve_function_type(kernel, (out, x, w, inputs, exact), {})
 
     def call(context, builder, _, args):
-        return context.get_function(kernel, signature)(builder, args)
+        return call_by_symbol(context, builder, kernel.dispatcher, signature, args)
 
     return signature, call
 

@@ -8,11 +8,13 @@ from numba import njit, prange
 from llamette.kernels import parallel_kernel, reassociating_kernel
 from llamette.kernels.halves import float32_from_bits
 from llamette.kernels.reference import add, rmsnorm, rope, rope_angles
+from llamette.kernels.symbols import called_by_symbol
 
 F32 = np.float32
 I32 = np.int32
 
 
+@called_by_symbol
 @parallel_kernel
 def rmsnorm_rows(out, x, weight, eps):
     """rmsnorm each row of x (B, dim) into out (B, dim), which may be x."""
@@ -23,6 +25,7 @@ def rmsnorm_rows(out, x, weight, eps):
         rmsnorm(out[b], x[b], weight, eps)
 
 
+@called_by_symbol
 @parallel_kernel
 def rope_angles_rows(cos, sin, positions, head_size, theta, divisors):
     """rope_angles for each position: cos, sin (B, head_size / 2)."""
@@ -33,6 +36,7 @@ def rope_angles_rows(cos, sin, positions, head_size, theta, divisors):
         rope_angles(cos[b], sin[b], positions[b], head_size, theta, divisors)
 
 
+@called_by_symbol
 @parallel_kernel
 def rope_rows(q, k, cos, sin):
     """Rotate each row of q (B, dim) and k (B, kv_dim) by its own angles (rope_angles_rows)."""
@@ -43,6 +47,7 @@ def rope_rows(q, k, cos, sin):
         rope(q[b], k[b], cos[b], sin[b])
 
 
+@called_by_symbol
 @parallel_kernel
 def add_rows(x, y):
     """x += y for a batch (B, dim): the residual connection."""
@@ -53,6 +58,7 @@ def add_rows(x, y):
         add(x[b], y[b])
 
 
+@called_by_symbol
 @reassociating_kernel
 def swiglu_rows(gate, up):
     """gate = silu(gate) * up for a batch (B, hidden) with the vectorizable exp."""

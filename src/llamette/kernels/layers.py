@@ -17,11 +17,13 @@ from llamette.kernels.elementwise import (
     swiglu_rows,
 )
 from llamette.kernels.kv_cache import store_position
+from llamette.kernels.symbols import called_by_symbol
 
 # The steps whose arithmetic is the reference's in both flavours.
 rmsnorm, rope, rope_angles, add = rmsnorm_rows, rope_rows, rope_angles_rows, add_rows
 
 
+@called_by_symbol
 @kernel
 def embed(out, table, tokens):
     """out (B, dim) = rows tokens[b] of the embedding table, as float32."""
@@ -29,6 +31,7 @@ def embed(out, table, tokens):
         decode_row(out[b], table, tokens[b])
 
 
+@called_by_symbol
 @kernel
 def store_kv(kv, layer, slots, positions, k, v):
     """The batch's keys and values k, v (B, kv_dim) into the cache at their sequences' positions,
@@ -44,6 +47,7 @@ def store_kv(kv, layer, slots, positions, k, v):
                            v[b, head])  # fmt: skip
 
 
+@called_by_symbol
 @kernel
 def gather_rows(out, x, rows):
     """out (m, n) = x[rows] (x: (B, n))."""
@@ -52,6 +56,7 @@ def gather_rows(out, x, rows):
             out[r, j] = x[rows[r], j]
 
 
+@called_by_symbol
 @parallel_kernel
 def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
     """Causal grouped-query attention: row b of out (B, dim) from its query q[b] and keys and
@@ -65,6 +70,7 @@ def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
         attention_rows(out, q, kv, layer, slots, positions, n_heads)
 
 
+@called_by_symbol
 @parallel_kernel
 def swiglu(gate, up, exact):
     """gate = silu(gate) * up, (B, hidden_dim): the feed-forward's gated activation."""

@@ -1,0 +1,93 @@
+"""Calls between compiled kernels by symbol. Numba lowers a call of one compiled function from
+another by linking all of the callee's code into the caller, where it is optimized and compiled to
+machine code again: a kernel's code is compiled once more at each level of calls above it (a
+K-quant's product task five times over, the forward pass's compile most of all). A call by symbol
+leaves the callee's code where it is, compiled once, and links to it when the caller is loaded.
+The symbol is one of llamette's own, the same in every process (Numba's names count the functions
+a process has compiled before, so that a cached caller would name a callee that another process
+compiled otherwise), made to point at the callee wherever it is compiled or loaded."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import NamedTuple
+
+from llvmlite import binding
+from numba.core import cgutils, types
+from numba.core.funcdesc import default_mangler
+from numba.core.imputils import lower_builtin
+from numba.core.typing.templates import AbstractTemplate, infer_global
+
+
+class LoadKernel(NamedTuple):
+    """The kernel for argtypes that a cached function calls by symbol: run, as Numba runs a cached
+    function's reload_init, before that function's code is loaded, so that the symbol is there."""
+
+    module: str
+    name: str
+    argtypes: tuple
+
+    def __call__(self) -> None:
+        kernel = getattr(importlib.import_module(self.module), self.name)
+        published(getattr(kernel, "kernel", kernel), self.argtypes)
+
+
+def published(kernel, argtypes: tuple) -> str:
+    """The symbol of kernel's compiled function for argtypes, compiled (or loaded) if need be,
+    pointing at it in this process."""
+    if argtypes not in kernel.overloads:
+        kernel.compile(argtypes)
+    compiled = kernel.overloads[argtypes]
+    address = compiled.library.get_pointer_to_function(compiled.fndesc.mangled_name)
+    if not address:
+        raise RuntimeError(f"{kernel.py_func.__name__}{argtypes}: compiled, but not found")
+    symbol = default_mangler(f"by_symbol.{kernel.py_func.__module__}.{kernel.py_func.__name__}",
+                             argtypes)  # fmt: skip
+    binding.add_symbol(symbol, address)
+    return symbol
+
+
+def call_by_symbol(context, builder, kernel, signature, args):
+    """A call, lowered, of the compiled function of `kernel` (a dispatcher defined at the top
+    level of a module, as a kernel or called_by_symbol) for `signature`, by its symbol."""
+    callee = kernel.overloads[signature.args].fndesc
+    function = cgutils.get_or_insert_function(
+        builder.module,
+        context.call_conv.get_function_type(callee.restype, callee.argtypes),
+        published(kernel, signature.args),
+    )
+    status, value = context.call_conv.call_function(builder, function, callee.restype,
+                                                    callee.argtypes, args)  # fmt: skip
+    with cgutils.if_unlikely(builder, status.is_error):
+        context.call_conv.return_status_propagate(builder, status)
+    load = LoadKernel(kernel.py_func.__module__, kernel.py_func.__name__, signature.args)
+    context.active_code_library._reload_init.add(load)  # saved with the caller in the cache
+    return value
+
+
+class called_by_symbol:  # noqa: N801 (a decorator)
+    """A kernel (a Numba dispatcher) that compiled code calls by symbol: from Python, the kernel
+    itself; its callers take its arguments by position."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        functools.update_wrapper(self, kernel.py_func)
+
+        class Call(AbstractTemplate):
+            key = self
+
+            def generic(self, args, kws):
+                if kws:  # (arguments by position only)
+                    return None
+                signature = self.context.resolve_function_type(types.Dispatcher(kernel), args, {})
+                return signature.replace(pysig=None)
+
+        infer_global(self, types.Function(Call))
+
+        @lower_builtin(self, types.VarArg(types.Any))
+        def lower(context, builder, signature, args):
+            return call_by_symbol(context, builder, kernel, signature, args)
+
+    def __call__(self, *args):
+        return self.kernel(*args)
