@@ -130,3 +130,22 @@ def test_a_cold_start_of_two_weight_types_shares_their_products_with_its_helper(
     compiled = set(json.loads(done.stdout))
     assert not compiled & {"matmul_f32", "attention_rows"}
     assert {"forward", "_matmul_rows", "swiglu_rows"} <= compiled
+
+
+def test_a_helper_with_time_to_spare_compiles_the_input_quantization_of_other_types(tmp_path):
+    """The bundled model's helper (its weights F32) compiles besides the quantization of a
+    product's input that every int8-family type shares: a Q8_0 model's first run then loads it."""
+    from llamette import Tokenizer
+    from llamette.formats import load_weights
+    from llamette.formats.gguf import write_gguf
+
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path / "cache"), SWITCH: "0"}
+    subprocess.run([sys.executable, "-m", "llamette.ahead", str(BUNDLED / "model.bin"), "f32",
+                    "fast"], env=env, check=True, timeout=600)  # fmt: skip
+    model = tmp_path / "q8_0.gguf"
+    write_gguf(load_weights(BUNDLED / "model.bin"), model, Tokenizer.load(BUNDLED / "tokenizer.bin"),
+               "q8_0")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", FIRST_DRAW, str(model)], env=env, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(done.stdout))
+    assert "quantized" not in compiled and "_matmul_rows" in compiled

@@ -155,6 +155,18 @@ def compile_steps(buffers, kv_cache, exact: bool) -> None:
     store_kv(kv_cache, 0, first, first, b.k[:1], b.v[:1])
 
 
+def compile_input_quantization() -> None:
+    """The quantization of a product's input that every int8-family weight type shares
+    (kernels.int8.quantized), for the argument types the forward pass gives it: a helper whose
+    model has none of those types has the time to spare, and a first run of such a type then
+    loads it."""
+    import numpy as np
+
+    from llamette.kernels.int8 import Int8Inputs, quantized
+
+    quantized(np.zeros((1, 256), np.float32), Int8Inputs.sized(1, 256), np.int64(32))
+
+
 def compile_sampler(config) -> None:
     import numpy as np
 
@@ -167,9 +179,9 @@ def compile_sampler(config) -> None:
 
 def main(argv: list[str]) -> int:
     """The helper: the model file's buffers and KV cache as a Transformer makes them (without its
-    weights' typed lists, which the first process compiles), then compile_last_kernels; or, given
-    weight types, attention and those types' products (then a line on stdout), then the
-    sampler."""
+    weights' typed lists, which the first process compiles), then compile_last_kernels (and the
+    input quantization of the int8 family, where the model has none of it); or, given weight
+    types, attention and those types' products (then a line on stdout), then the sampler."""
     from llamette.formats import load_weights
     from llamette.model import Buffers, new_kv_cache
     from llamette.weight_types import smallest_input_group, weight_type
@@ -181,6 +193,9 @@ def main(argv: list[str]) -> int:
     kv_cache = new_kv_cache(config, 1, kv_type, exact)
     if not product_types:
         compile_last_kernels(config, buffers, kv_cache, exact)
+        mine, others = shared_products(weights)
+        if not any(hasattr(weight_type(w), "input_group_size") for w in mine + others):
+            compile_input_quantization()  # for a next model, of another type
         return 0
     compile_attention(config, buffers, kv_cache, exact)
     mine, others = shared_products(weights)

@@ -26,7 +26,6 @@ from llamette.kernels import (
     inlined_kernel,
     kernel,
     last_level_cache_bytes,
-    parallel_kernel,
 )
 from llamette.kernels import timing as t
 from llamette.kernels.dispatch import product
@@ -188,7 +187,7 @@ class Activations(NamedTuple):
     inputs: Int8Inputs
 
 
-@parallel_kernel  # it calls parallel kernels (see llamette.kernels)
+@kernel  # not parallel itself: it calls its parallel kernels by symbol (see llamette.kernels)
 def forward(w, kv, buffers, rows, logit_rows, logits, n_heads, norm_eps, rope_theta, exact,
             profile):  # fmt: skip
     """Tokens through the transformer: token rows[0, b] at position rows[1, b] of the sequence

@@ -49,9 +49,10 @@ cache.install()  # before the first kernel is defined
 # float sums keep their order; the GIL released while they run (the server's engine thread runs
 # them beside the event loop); no C-callable wrapper (Numba makes one for each function, to pass
 # it as a value, which no kernel is: compile time for nothing). `parallel_kernel` runs prange loops
-# on all threads. A function that calls a parallel kernel must be a parallel kernel too, prange or
-# not: Numba's cache otherwise saves the caller without its link to the callee, and a later process
-# crashes on a null call (numba/numba#4807, #8578).
+# on all threads. A function that calls a parallel kernel is a parallel kernel too, prange or not,
+# unless it calls its parallel kernels by symbol (kernels.symbols), which load themselves and the
+# threads they start: Numba's cache alone saved such a caller without the threads' start, and a
+# later process crashed on a null call (numba/numba#4807, #8578; see also cache.py).
 CACHED = {"cache": True, "nogil": True, "error_model": "numpy", "no_cfunc_wrapper": True}
 kernel = njit(**CACHED)
 parallel_kernel = njit(**CACHED, parallel=True)
