@@ -7,7 +7,9 @@ kernels in order: the products first (the longest), then rotary embedding, the K
 attention, the residual's addition and the feed-forward's gate; the sampler after the pass. The
 helper starts at the model's first compile. For a model whose products have one weight type, it
 takes the kernels the pass reaches last, the longest first (attention, the gate); a kernel it has
-not finished by the time the pass reaches it, the pass compiles itself, as it would alone. A
+not finished by the time the pass reaches it, the pass compiles itself, as it would alone. Where
+the model has no int8-family weights, it then compiles the input quantization that those types
+share, for a next model, if the first process has not ended by then (it stops the helper). A
 model of several weight types (Q4_K_M: Q4_K and Q6_K) shares out their products instead: the
 helper compiles attention and every other type's products while the first process compiles the
 rest, then waits for the helper's products before it compiles the pass.
