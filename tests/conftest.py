@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -28,6 +29,28 @@ BUNDLED = Path(__file__).resolve().parents[1] / "src" / "llamette" / "bundled"  
 SHARED = Path(
     os.environ.get("LLAMETTE_SHARED", Path(__file__).resolve().parents[1].parent / "shared")
 )
+
+
+# A first run in a fresh process (a prompt's pass, a draw), printing the names of the functions it
+# compiled: a JSON list, sorted.
+FIRST_DRAW = textwrap.dedent("""
+    import json, sys
+    from numba.core import event
+    compiled = set()
+
+    class Names(event.Listener):
+        def on_start(self, e):
+            compiled.add(e.data["dispatcher"].py_func.__name__)
+        def on_end(self, e):
+            pass
+
+    event.register("numba:compile", Names())
+    from llamette import Sampler, Transformer
+    model = Transformer.load(sys.argv[1])
+    logits = model.prefill([1, 2, 3], 0)
+    Sampler(model.config.vocab_size, temperature=1.0, topp=0.9, seed=1).sample(logits)
+    print(json.dumps(sorted(compiled)))
+""")
 
 
 def shared_path(*parts: str) -> Path:

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from conftest import BUNDLED
+from conftest import BUNDLED, FIRST_DRAW
 from llamette.ahead import SWITCH, CompileAhead
 from llamette.errors import LlametteError
 from llamette.kernels import cache
@@ -67,24 +67,6 @@ def test_the_stamp_covers_every_file_with_compiled_code():
             assert path.relative_to(cache.PACKAGE_DIR).as_posix() in files, path
 
 
-FIRST_DRAW = textwrap.dedent("""
-    import json, sys
-    from numba.core import event
-    compiled = set()
-
-    class Names(event.Listener):
-        def on_start(self, e):
-            compiled.add(e.data["dispatcher"].py_func.__name__)
-        def on_end(self, e):
-            pass
-
-    event.register("numba:compile", Names())
-    from llamette import Sampler, Transformer
-    model = Transformer.load(sys.argv[1])
-    logits = model.prefill([1, 2, 3], 0)
-    Sampler(model.config.vocab_size, temperature=1.0, topp=0.9, seed=1).sample(logits)
-    print(json.dumps(sorted(compiled)))
-""")
 HELPERS_KERNELS = {"attention_rows", "swiglu_rows", "add_rows", "rope_rows", "store_kv",
                    "sample_logits"}  # fmt: skip
 

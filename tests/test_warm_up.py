@@ -5,31 +5,9 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
-from conftest import quantized_by_llama_cpp, random_model_of_whole_k_blocks
+from conftest import FIRST_DRAW, quantized_by_llama_cpp, random_model_of_whole_k_blocks
 from llamette.cli import main
-
-FIRST_RUN_COMPILES = textwrap.dedent("""
-    import json, sys
-    from numba.core import event
-    from llamette import Sampler, Transformer
-
-    compiled = []
-
-    class Compiles(event.Listener):
-        def on_start(self, e):
-            compiled.append(e.data["dispatcher"].py_func.__qualname__)
-
-        def on_end(self, e):
-            pass
-
-    event.register("numba:compile", Compiles())
-    model = Transformer.load(sys.argv[1])
-    model.warm_up()
-    Sampler(model.config.vocab_size).warm_up()
-    print(json.dumps(compiled))
-""")
 
 
 def test_a_q4_k_m_file_from_llama_cpp_starts_without_a_compile_after_warm_up(tmp_path):
@@ -40,7 +18,7 @@ def test_a_q4_k_m_file_from_llama_cpp_starts_without_a_compile_after_warm_up(tmp
                             capture_output=True, text=True, env=env)  # fmt: skip
     assert warmed.returncode == 0, warmed.stderr
     assert "q4_k_m ready (1 of 1" in warmed.stderr
-    first_run = subprocess.run([sys.executable, "-c", FIRST_RUN_COMPILES, str(downloaded)],
+    first_run = subprocess.run([sys.executable, "-c", FIRST_DRAW, str(downloaded)],
                                capture_output=True, text=True, env=env, check=True)  # fmt: skip
     assert json.loads(first_run.stdout) == []
 
