@@ -8,6 +8,8 @@ goes through register blocks of weight rows times inputs, which reuse each loade
 
 import numpy as np
 from numba import njit, prange
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic
 
 from llamette.kernels import kernel, parallel_kernel
 from llamette.kernels.simd import (
@@ -20,6 +22,7 @@ from llamette.kernels.simd import (
     store_each,
     sum_float32x16,
 )
+from llamette.kernels.symbols import called_by_symbol
 
 # Weight rows per block of the fp32 GEMM: with the 32 vector registers of AVX-512, 8 rows by 3
 # inputs (24 sums, each input vector loaded used 8 times, so that the inputs, which stream from L2,
@@ -51,17 +54,30 @@ def matmul_f32(out, x, w):
             for b in range(n_inputs):
                 out[b, r0], out[b, r1] = _dots_1x2(x[b], w0, w1)
         else:  # np.int64: a prange index may be unsigned, and unsigned times signed is a float
-            _block(out, x, w, GEMM_ROWS * np.int64(task))
+            i = GEMM_ROWS * np.int64(task)
+            block_times_inputs(out, x, w, i, i)
 
 
-# One parallel loop, the blocks' code a function compiled once on its own: each parallel loop,
-# and each copy of the register blocks' code, costs seconds of a cold start.
+# One parallel loop, the blocks' code a function compiled once on its own, called by symbol: each
+# parallel loop, and each copy of the register blocks' code, costs seconds of a cold start.
 
 
+@called_by_symbol
 @kernel
-def _block(out, x, w, i):
-    """out[:, i:i + GEMM_ROWS] = x @ w[i:i + GEMM_ROWS]^T."""
-    rows_times_inputs(out, x, w, i, i)
+def block_times_inputs(out, x, w, r, i):
+    """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T (rows_times_inputs)."""
+    rows_times_inputs(out, x, w, r, i)
+
+
+@intrinsic
+def as_weights(typingctx, a):
+    """The array a, typed read-only as memory-mapped weights are: weights decoded into memory
+    of a kernel's own then take the fp32 weights' compiled code, with no compile of their own."""
+
+    def codegen(context, builder, signature, args):
+        return impl_ret_borrowed(context, builder, signature.return_type, args[0])
+
+    return a.copy(readonly=True)(a), codegen
 
 
 @njit(inline="always")

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from llamette.kernels import SMALL_BATCH, int8, parallel_kernel, reference
-from llamette.kernels.gemm import GEMM_ROWS, dot, row_stride, rows_times_inputs
+from llamette.kernels.gemm import GEMM_ROWS, as_weights, block_times_inputs, dot, row_stride
 from llamette.kernels.simd import (
     dot_int8x32,
     dot_int8x64,
@@ -188,7 +188,7 @@ def _dequantized_blocks_times_inputs(out, x, wq, ws, group_size):
         rows = np.empty((min(GEMM_ROWS, d - i), n), np.float32)
         for r in range(rows.shape[0]):
             _dequantize_row(rows[r], wq[i + r], ws, (i + r) * n, group_size)
-        rows_times_inputs(out, x, rows, 0, i)
+        block_times_inputs(out, x, as_weights(rows), 0, i)
 
 
 @njit(inline="always")
