@@ -136,7 +136,7 @@ def new_input(inputs):
 
 # Linked into each product as Numba links calls, not called by symbol (kernels.symbols): by symbol,
 # this and the kernels it calls took 4% off a prompt's speed (stories110M Q4_K_M, 217 tokens).
-@parallel_kernel
+@kernel
 def quantized(x, inputs, group_size):
     """x (B, n) quantized in groups of group_size into views of `inputs`, with what the products
     read besides (lanes, group sums), unless they hold it already (see Int8Inputs). Callers pass
@@ -262,6 +262,7 @@ def _quantize_into(xq, x, scale):
         xq[i] = np.int8(rounded) if rounded == rounded else np.int8(0)
 
 
+@called_by_symbol
 @parallel_kernel
 def q8_quantize_rows(xq, xs, x, group_size):
     """q8_quantize each row of x (B, n) into xq (B, n) and xs (B, groups)."""
@@ -272,7 +273,8 @@ def q8_quantize_rows(xq, xs, x, group_size):
         q8_quantize(xq[b], xs[b], x[b], group_size)
 
 
-@parallel_kernel
+@called_by_symbol
+@kernel
 def _sum_groups_of_32(sums, xq):
     """sums (B, n / 32) = the int8 values xq (B, n) summed in groups of 32."""
     for b in range(xq.shape[0]):
@@ -488,6 +490,7 @@ def _reduce(builder, vector, lanes):
 # Inputs in SIMD lanes: each lane one input, 16 inputs a block.
 
 
+@called_by_symbol
 @parallel_kernel
 def _into_lanes(q, group_size):
     """q's first in_lanes inputs in the layout of the lane kernels: with VNNI, quads (each four
