@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import BUNDLED, FIRST_DRAW
@@ -76,8 +78,8 @@ def test_a_cold_start_finds_what_its_helper_compiled(tmp_path):
     alone first, it leaves the pass none of its kernels to compile, and the rest."""
     env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path), SWITCH: "0"}
     model = str(BUNDLED / "model.bin")
-    subprocess.run([sys.executable, "-m", "llamette.ahead", model, "f32", "fast"], env=env,
-                   check=True, timeout=600)  # fmt: skip
+    subprocess.run([sys.executable, "-m", "llamette.ahead", model, "f32", "fast", "last"],
+                   env=env, check=True, timeout=600)  # fmt: skip
     done = subprocess.run([sys.executable, "-c", FIRST_DRAW, model], env=env, check=True,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     compiled = set(json.loads(done.stdout))
@@ -123,7 +125,7 @@ def test_a_helper_with_time_to_spare_compiles_the_input_quantization_of_other_ty
 
     env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path / "cache"), SWITCH: "0"}
     subprocess.run([sys.executable, "-m", "llamette.ahead", str(BUNDLED / "model.bin"), "f32",
-                    "fast"], env=env, check=True, timeout=600)  # fmt: skip
+                    "fast", "last"], env=env, check=True, timeout=600)  # fmt: skip
     model = tmp_path / "q8_0.gguf"
     write_gguf(load_weights(BUNDLED / "model.bin"), model, Tokenizer.load(BUNDLED / "tokenizer.bin"),
                "q8_0")  # fmt: skip
@@ -131,3 +133,42 @@ def test_a_helper_with_time_to_spare_compiles_the_input_quantization_of_other_ty
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     compiled = set(json.loads(done.stdout))
     assert "quantized" not in compiled and "_matmul_rows" in compiled
+
+
+def test_a_new_weight_types_first_run_loads_the_pass_its_helper_compiled(tmp_path):
+    """After the bundled model's kernels (attention and the other steps cached), a Q8_0 model's
+    first run compiles the Q8_0 products while its helper compiles the pass, which calls them by
+    their symbols alone: the first process loads that pass (linked to its products) and runs it."""
+    from llamette import Tokenizer
+    from llamette.formats import load_weights
+    from llamette.formats.gguf import write_gguf
+
+    cache = str(tmp_path / "cache")
+    subprocess.run([sys.executable, "-m", "llamette.ahead", str(BUNDLED / "model.bin"), "f32",
+                    "fast", "last"], env={**os.environ, "LLAMETTE_CACHE_DIR": cache, SWITCH: "0"},
+                   check=True, timeout=600)  # fmt: skip
+    model = tmp_path / "q8_0.gguf"
+    write_gguf(load_weights(BUNDLED / "model.bin"), model, Tokenizer.load(BUNDLED / "tokenizer.bin"),
+               "q8_0")  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != SWITCH}
+    done = subprocess.run([sys.executable, "-c", FIRST_DRAW, str(model)],
+                          env={**env, "LLAMETTE_CACHE_DIR": cache}, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(done.stdout))
+    assert "forward" not in compiled and "_matmul_rows" in compiled
+    # the same logits as a pass compiled here (its cache files gone, no helper)
+    helpers_pass = _logits(model, cache, env)
+    helpers_files = list(Path(cache).rglob("model.forward-*"))
+    assert helpers_files
+    for path in helpers_files:
+        path.unlink()
+    np.testing.assert_array_equal(_logits(model, cache, {**env, SWITCH: "0"}), helpers_pass)
+
+
+def _logits(model: Path, cache: str, env: dict) -> np.ndarray:
+    script = ("import sys; from llamette import Transformer; "
+              "print(Transformer.load(sys.argv[1]).prefill([1, 2, 3], 0).tolist())")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, str(model)],
+                          env={**env, "LLAMETTE_CACHE_DIR": cache}, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    return np.array(json.loads(done.stdout), np.float32)

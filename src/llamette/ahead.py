@@ -2,19 +2,25 @@
 empty kernel cache), a helper process compiles some of its kernels into the cache, where the
 first process then finds them.
 
-Numba compiles one function at a time under a process-wide lock, and the forward pass takes its
-kernels in order: the products first (the longest), then rotary embedding, the KV cache's store,
-attention, the residual's addition and the feed-forward's gate; the sampler after the pass. The
-helper starts at the model's first compile. For a model whose products have one weight type, it
-takes the kernels the pass reaches last, the longest first (attention, the gate); a kernel it has
-not finished by the time the pass reaches it, the pass compiles itself, as it would alone. Where
-the model has no int8-family weights, it then compiles the input quantization that those types
-share, for a next model, if the first process has not ended by then (it stops the helper). A
-model of several weight types (Q4_K_M: Q4_K and Q6_K) shares out their products instead: the
-helper compiles attention and every other type's products while the first process compiles the
-rest, then waits for the helper's products before it compiles the pass.
+Numba compiles one function at a time under a process-wide lock. A cold start (a model whose
+typed lists of layers are not cached: its first compile) shares the work out, and the first
+process waits for its helper's line before it takes the pass from the cache (or compiles what is
+not there, if the helper stopped short):
+- a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the
+  products of every other type the pass reaches (the first, third...) and the pass's steps; the
+  helper attention and the other types' products, then prints its line;
+- one weight type: the first process compiles the products; the helper attention, and if it was
+  in the cache already (a model of a new weight type, after others), the pass's other steps and
+  the pass itself, calling the first process's products by their symbols alone
+  (kernels.dispatch.products_compiled_elsewhere), then prints its line; if not, it prints its
+  line at once (the first process compiles the pass) and compiles the other steps.
+The helper then compiles the sampler and, where the model has no int8-family weights, the input
+quantization that those types share, for a next model, if the first process has not ended by
+then (it stops the helper). A helper started by a later compile (the pass for another KV-cache
+type) takes the kernels the pass reaches last, the longest first (attention, the gate), which the
+pass, if it gets there first, compiles itself.
 
-Usage (the helper): python -m llamette.ahead MODEL_FILE KV_TYPE fast|exact [WEIGHT_TYPE...]
+Usage (the helper): python -m llamette.ahead MODEL_FILE KV_TYPE fast|exact products|pass|last
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -31,31 +38,34 @@ from numba.core import event
 
 SWITCH = "LLAMETTE_COMPILE_AHEAD"  # "0": no helper
 T = TypeVar("T")
+# Attention loaded within this many seconds was in the cache, as the pass's other steps then are:
+# the helper has the time to compile the pass while the first process compiles the products.
+LOADED_SECONDS = 1.0
 
 
 class CompileAhead(event.Listener):
     """One model's helper: started, at most once, by the first compile while `watching`."""
 
-    def __init__(self, model_file: str, kv_type: str, exact: bool,
-                 helper_products: tuple[str, ...] = ()):  # fmt: skip
+    def __init__(self, model_file: str, kv_type: str, exact: bool, helper_products: bool = False):
         # a llama2.c or GGUF file, whose types the helper loads again; not a model from
         # elsewhere, and not from the helper itself (LLAMETTE_COMPILE_AHEAD=0)
         wanted = os.path.isfile(model_file) and os.environ.get(SWITCH) != "0"
         self.command = [sys.executable, "-m", "llamette.ahead", model_file, kv_type,
                         "exact" if exact else "fast"] if wanted else None  # fmt: skip
-        self.helper_products = helper_products  # weight types whose products the helper takes
+        self.helper_products = helper_products  # whether a cold start shares products out
         self.helper: subprocess.Popen | None = None
-        self._sharing = False  # whether the helper, once started, takes helper_products
+        self._sharing = False  # whether the helper, once started, shares out a cold start
 
     @contextlib.contextmanager
-    def watching(self, share_products: bool = False):
-        """While the block runs, a compile starts the helper (if it has not started yet), with
-        the products to share out if share_products (a cold start's first compile, before the
-        pass: see forward_compiled)."""
+    def watching(self, cold_start: bool = False):
+        """While the block runs, a compile starts the helper (if it has not started yet): one
+        that shares out the work if cold_start (the block builds the model's typed lists, the
+        first compile of a cold start: see forward_compiled), else one that takes the last
+        kernels."""
         if self.command is None or self.helper is not None:
             yield
             return
-        self._sharing = share_products and bool(self.helper_products)
+        self._sharing = cold_start
         event.register("numba:compile", self)
         try:
             yield
@@ -64,10 +74,10 @@ class CompileAhead(event.Listener):
 
     def on_start(self, _: event.Event) -> None:
         if self.helper is None:
-            products = list(self.helper_products) if self._sharing else []
+            role = "last" if not self._sharing else "products" if self.helper_products else "pass"
             self.helper = subprocess.Popen(
-                self.command + products, stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if products else subprocess.DEVNULL,
+                [*self.command, role], stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if self._sharing else subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL, env={**os.environ, SWITCH: "0"},
             )  # fmt: skip
             atexit.register(_stop, self.helper)  # its work is only worth this process's run
@@ -77,21 +87,22 @@ class CompileAhead(event.Listener):
 
     def forward_compiled(self, compile_own_share: Callable[[], None],
                          compile_forward: Callable[[], T]) -> T:  # fmt: skip
-        """compile_forward's result; where the helper shares out the products (it started
-        sharing), compile_own_share first, then wait for the helper's products, which the pass
-        then loads from the cache (or compiles itself, if the helper stopped short)."""
+        """compile_forward's result; where the helper shares out a cold start, compile_own_share
+        first, then wait for the helper's line (its share cached), after which compile_forward
+        loads what the helper compiled."""
         if self._sharing and self.helper is not None:
             self._sharing = False
             compile_own_share()
-            self.helper.stdout.readline()  # its line once its products are cached, or its end
+            self.helper.stdout.readline()  # its line, or its end
         with self.watching():
             return compile_forward()
 
 
 def shared_products(weights) -> tuple[list, list]:
     """The weights the forward pass multiplies by, the first of each type in the order the pass
-    reaches them, split between a cold start's two processes: alternately, this process first
-    (the helper compiles attention besides); none for the helper if there is one type."""
+    reaches them, split between a cold start's two processes: alternately, the first process
+    first (the helper compiles the other steps and the pass besides); none for the helper if
+    there is one type."""
     from llamette.model import layers_of
     from llamette.weight_types import weight_type
 
@@ -180,31 +191,42 @@ def compile_sampler(config) -> None:
 
 
 def main(argv: list[str]) -> int:
-    """The helper: the model file's buffers and KV cache as a Transformer makes them (without its
-    weights' typed lists, which the first process compiles), then compile_last_kernels (and the
-    input quantization of the int8 family, where the model has none of it); or, given weight
-    types, attention and those types' products (then a line on stdout), then the sampler."""
+    """The helper (see the module's docstring): the model file's buffers and KV cache as a
+    Transformer makes them, then its role's kernels."""
     from llamette.formats import load_weights
-    from llamette.model import Buffers, new_kv_cache
+    from llamette.kernels.dispatch import products_compiled_elsewhere
+    from llamette.model import Buffers, Transformer, new_kv_cache
     from llamette.weight_types import smallest_input_group, weight_type
 
-    model_file, kv_type, flavour, *product_types = argv
+    model_file, kv_type, flavour, role = argv
     weights, exact = load_weights(model_file), flavour == "exact"
     config = weights.config
     buffers = Buffers.for_config(config, 1, smallest_input_group(weights.tensors.values()), False)
     kv_cache = new_kv_cache(config, 1, kv_type, exact)
-    if not product_types:
+    first_process_products, helper_products = shared_products(weights)
+    if role == "last":
         compile_last_kernels(config, buffers, kv_cache, exact)
-        mine, others = shared_products(weights)
-        if not any(hasattr(weight_type(w), "input_group_size") for w in mine + others):
-            compile_input_quantization()  # for a next model, of another type
-        return 0
-    compile_attention(config, buffers, kv_cache, exact)
-    mine, others = shared_products(weights)
-    compile_products([w for w in mine + others if weight_type(w).NAME in product_types],
-                     buffers.inputs, exact)  # fmt: skip
-    print("products", flush=True)
-    compile_sampler(config)
+    elif role == "products":
+        compile_attention(config, buffers, kv_cache, exact)
+        compile_products(helper_products, buffers.inputs, exact)
+        print("products", flush=True)
+        compile_sampler(config)
+    else:  # "pass"
+        start = time.perf_counter()
+        compile_attention(config, buffers, kv_cache, exact)
+        if time.perf_counter() - start < LOADED_SECONDS:  # cached, as the other steps will be
+            compile_steps(buffers, kv_cache, exact)
+            model = Transformer(weights, exact=exact, kv_type=kv_type)  # its lists, as cached
+            with products_compiled_elsewhere(weight_type(w).NAME for w in first_process_products):
+                model.compile_pass()
+            print("pass", flush=True)
+        else:  # a cold start of everything: the first process compiles the pass
+            print("no pass", flush=True)
+            compile_steps(buffers, kv_cache, exact)
+        compile_sampler(config)
+    if not any(hasattr(weight_type(w), "input_group_size")
+               for w in first_process_products + helper_products):  # fmt: skip
+        compile_input_quantization()  # for a next model, of another type
     return 0
 
 

@@ -43,7 +43,7 @@ from llamette.kernels.layers import (
     swiglu,
 )
 from llamette.threads import ThreadChooser, first_count
-from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group, weight_type
+from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
 from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
 log = logging.getLogger("llamette")
@@ -368,11 +368,10 @@ class Transformer:
         c = self.config = replace(weights.config, seq_len=seq_len or weights.config.seq_len)
         self.weights = weights
         self.exact = exact
-        self._own_products, helper_products = shared_products(weights)
-        self._compile_ahead = CompileAhead(weights.source, kv_type, exact,
-                                           tuple(weight_type(w).NAME for w in helper_products))  # fmt: skip
+        self._own_products, helper_products = shared_products(weights)  # (llamette.ahead)
+        self._compile_ahead = CompileAhead(weights.source, kv_type, exact, bool(helper_products))
         # typed lists are the first compile of a cold run
-        with self._compile_ahead.watching(share_products=True):
+        with self._compile_ahead.watching(cold_start=True):
             self.tensors = Tensors.of(weights)
         self.weights_in_cache = fits_in_cache(sum(self._weight_bytes_per_part().values()))
         self.buffers = self._buffers(1)
@@ -507,10 +506,18 @@ class Transformer:
             if outside.size:
                 raise LlametteError(f"{what} {outside[0]} is outside {range_name}")
 
-    def _run(self, rows, logit_rows, logits, profile) -> None:
+    def compile_pass(self):
+        """The forward pass compiled (or loaded) for this model's arguments."""
+        return entry_point(forward, self._pass_arguments(self._step_rows, self._step_logit_rows,
+                                                         self._step_logits, self.profile))  # fmt: skip
+
+    def _pass_arguments(self, rows, logit_rows, logits, profile) -> tuple:
         c = self.config
-        args = (self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
+        return (self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
                 c.norm_eps, c.rope_theta, self.exact, profile)  # fmt: skip
+
+    def _run(self, rows, logit_rows, logits, profile) -> None:
+        args = self._pass_arguments(rows, logit_rows, logits, profile)
         if self._forward is None:  # every call passes arguments of the same types
             self._forward = self._compile_ahead.forward_compiled(
                 self._compile_own_share, lambda: entry_point(forward, args)
@@ -535,10 +542,12 @@ class Transformer:
 
     def _compile_own_share(self) -> None:
         """A cold start's share of the kernels beside its helper's (llamette.ahead): the
-        products with this process's weight types, the feed-forward's gate, the residual's
-        addition, rotary embedding and the KV cache's store."""
+        products with this process's weight types; and where the helper takes products too,
+        the feed-forward's gate, the residual's addition, rotary embedding and the KV cache's
+        store."""
         compile_products(self._own_products, self.buffers.inputs, self.exact)
-        compile_steps(self.buffers, self.kv_cache, self.exact)
+        if self._compile_ahead.helper_products:
+            compile_steps(self.buffers, self.kv_cache, self.exact)
 
     def _buffers(self, capacity: int) -> Buffers:
         smallest_group = smallest_input_group(self.weights.tensors.values())

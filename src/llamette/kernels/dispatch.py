@@ -8,12 +8,34 @@ scales are not one per input group or it has minimums), `int8_row_dot` (and, whe
 several inputs at once, `int8_row_dots`) and `sixteen_rows`. (`two_scales_per_input_group` is
 no type's own: it answers from whether the type has a scale_group_size.)"""
 
+import contextlib
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+
 from numba.core import types
 from numba.extending import intrinsic, overload
 
 from llamette.kernels.symbols import call_by_symbol
 
 COMPILED_ONLY = "runs inside compiled code only"
+
+# The names of the weight types whose products another process compiles (see
+# products_compiled_elsewhere).
+_PRODUCTS_ELSEWHERE: ContextVar[frozenset[str]] = ContextVar("products", default=frozenset())
+
+
+@contextlib.contextmanager
+def products_compiled_elsewhere(type_names: Iterable[str]) -> Iterator[None]:
+    """While the block runs, a function compiled here that calls the product of one of these
+    weight types (not compiled in this process) calls it by its symbol alone, unchecked and
+    uncompiled, as another process compiles it (a cold start's helper compiles the forward pass
+    meanwhile, llamette.ahead); the function is then for the cache only (kernels.symbols.stood_in).
+    """
+    token = _PRODUCTS_ELSEWHERE.set(frozenset(type_names))
+    try:
+        yield
+    finally:
+        _PRODUCTS_ELSEWHERE.reset(token)
 
 
 def _own(w, name: str):
@@ -29,11 +51,18 @@ def product(typingctx, out, x, w, inputs, exact):
     already; exact: the reference flavour (run.c's arithmetic where the type has one). A call of
     the type's own product kernel by symbol (kernels.symbols), with no function between (an
     overload's would compile all the code of the type's product again)."""
-    kernel = types.Dispatcher(_own(w, "product"))
-    signature = typingctx.resolve_function_type(kernel, (out, x, w, inputs, exact), {})
+    from llamette.weight_types import type_of
+
+    kernel, argtypes = types.Dispatcher(_own(w, "product")), (out, x, w, inputs, exact)
+    elsewhere = (type_of(w).NAME in _PRODUCTS_ELSEWHERE.get()
+                 and argtypes not in kernel.dispatcher.overloads)  # fmt: skip
+    if elsewhere:  # typed as a product is: it returns nothing
+        signature = types.none(*argtypes)
+    else:
+        signature = typingctx.resolve_function_type(kernel, argtypes, {})
 
     def call(context, builder, _, args):
-        return call_by_symbol(context, builder, kernel.dispatcher, signature, args)
+        return call_by_symbol(context, builder, kernel.dispatcher, signature, args, elsewhere)
 
     return signature, call
 

@@ -9,6 +9,7 @@ compiled otherwise), made to point at the callee wherever it is compiled or load
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import importlib
 from typing import NamedTuple
@@ -42,23 +43,40 @@ def published(kernel, argtypes: tuple) -> str:
     address = compiled.library.get_pointer_to_function(compiled.fndesc.mangled_name)
     if not address:
         raise RuntimeError(f"{kernel.py_func.__name__}{argtypes}: compiled, but not found")
-    symbol = default_mangler(f"by_symbol.{kernel.py_func.__module__}.{kernel.py_func.__name__}",
-                             argtypes)  # fmt: skip
+    symbol = _symbol(kernel, argtypes)
     binding.add_symbol(symbol, address)
     return symbol
 
 
-def call_by_symbol(context, builder, kernel, signature, args):
+def stood_in(kernel, argtypes: tuple) -> str:
+    """The symbol of kernel's function for argtypes, which another process compiles, pointing in
+    this process at C's abort(): for a caller compiled here only to be cached (the kernel is
+    there, for the process that loads the caller)."""
+    symbol = _symbol(kernel, argtypes)
+    binding.add_symbol(symbol, ctypes.cast(ctypes.CDLL(None).abort, ctypes.c_void_p).value)
+    return symbol
+
+
+def _symbol(kernel, argtypes: tuple) -> str:
+    name = f"by_symbol.{kernel.py_func.__module__}.{kernel.py_func.__name__}"
+    return default_mangler(name, argtypes)
+
+
+def call_by_symbol(context, builder, kernel, signature, args, compiled_elsewhere: bool = False):
     """A call, lowered, of the compiled function of `kernel` (a dispatcher defined at the top
-    level of a module, as a kernel or called_by_symbol) for `signature`, by its symbol."""
-    callee = kernel.overloads[signature.args].fndesc
+    level of a module, as a kernel or called_by_symbol) for `signature`, by its symbol; of a
+    function that another process compiles, if compiled_elsewhere (see stood_in)."""
+    if compiled_elsewhere:
+        restype, argtypes = signature.return_type, signature.args
+        symbol = stood_in(kernel, argtypes)
+    else:
+        callee = kernel.overloads[signature.args].fndesc
+        restype, argtypes = callee.restype, callee.argtypes
+        symbol = published(kernel, signature.args)
     function = cgutils.get_or_insert_function(
-        builder.module,
-        context.call_conv.get_function_type(callee.restype, callee.argtypes),
-        published(kernel, signature.args),
+        builder.module, context.call_conv.get_function_type(restype, argtypes), symbol
     )
-    status, value = context.call_conv.call_function(builder, function, callee.restype,
-                                                    callee.argtypes, args)  # fmt: skip
+    status, value = context.call_conv.call_function(builder, function, restype, argtypes, args)
     with cgutils.if_unlikely(builder, status.is_error):
         context.call_conv.return_status_propagate(builder, status)
     load = LoadKernel(kernel.py_func.__module__, kernel.py_func.__name__, signature.args)
