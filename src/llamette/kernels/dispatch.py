@@ -30,6 +30,8 @@ def products_compiled_elsewhere(type_names: Iterable[str]) -> Iterator[None]:
     weight types (not compiled in this process) calls it by its symbol alone, unchecked and
     uncompiled, as another process compiles it (a cold start's helper compiles the forward pass
     meanwhile, llamette.ahead); the function is then for the cache only (kernels.symbols.stood_in).
+    Numba keeps the typing of such a call for the rest of the process: the helper compiles no
+    other call of those products after it.
     """
     token = _PRODUCTS_ELSEWHERE.set(frozenset(type_names))
     try:
