@@ -137,8 +137,9 @@ def test_a_helper_with_time_to_spare_compiles_the_input_quantization_of_other_ty
 
 def test_a_new_weight_types_first_run_loads_the_pass_its_helper_compiled(tmp_path):
     """After the bundled model's kernels (attention and the other steps cached), a Q8_0 model's
-    first run compiles the Q8_0 products while its helper compiles the pass, which calls them by
-    their symbols alone: the first process loads that pass (linked to its products) and runs it."""
+    first run compiles the Q8_0 products while its helper compiles their row kernels and the
+    pass, which calls the products by their symbols alone: the first process loads that pass
+    (linked to its products) and runs it."""
     from llamette import Tokenizer
     from llamette.formats import load_weights
     from llamette.formats.gguf import write_gguf
@@ -155,7 +156,7 @@ def test_a_new_weight_types_first_run_loads_the_pass_its_helper_compiled(tmp_pat
                           env={**env, "LLAMETTE_CACHE_DIR": cache}, check=True,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     compiled = set(json.loads(done.stdout))
-    assert "forward" not in compiled and "_matmul_rows" in compiled
+    assert "forward" not in compiled and "product" in compiled
     # the same logits as a pass compiled here (its cache files gone, no helper)
     helpers_pass = _logits(model, cache, env)
     helpers_files = list(Path(cache).rglob("model.forward-*"))

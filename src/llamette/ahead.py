@@ -10,8 +10,9 @@ not there, if the helper stopped short):
   products of every other type the pass reaches (the first, third...) and the pass's steps; the
   helper attention and the other types' products, then prints its line;
 - one weight type: the first process compiles the products; the helper attention, and if it was
-  in the cache already (a model of a new weight type, after others), the pass's other steps and
-  the pass itself, calling the first process's products by their symbols alone
+  in the cache already (a model of a new weight type, after others), the kernels the products
+  reach last as they compile (the int8 family's row kernels), the pass's other steps and the
+  pass itself, calling the first process's products by their symbols alone
   (kernels.dispatch.products_compiled_elsewhere), then prints its line; if not, it prints its
   line at once (the first process compiles the pass) and compiles the other steps.
 The helper then compiles the sampler and, where the model has no int8-family weights, the input
@@ -130,6 +131,18 @@ def compile_products(weights, inputs, exact: bool) -> None:
     inputs.held[0] = 0
 
 
+def compile_row_kernels(weights) -> None:
+    """The kernels that the products with these weights (of the int8 family) reach last as they
+    compile, the rows in lanes, then a row at a time (kernels.int8.compile_row_kernels)."""
+    from llamette.kernels.int8 import compile_row_kernels
+    from llamette.weight_types import weight_type
+
+    for w in weights:
+        kind = weight_type(w)
+        if hasattr(kind, "input_group_size"):  # the int8 family's
+            compile_row_kernels(w, in_lanes=hasattr(kind, "sixteen_rows"))
+
+
 def _stop(helper: subprocess.Popen) -> None:
     if helper.poll() is None:
         helper.kill()
@@ -215,6 +228,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
         if time.perf_counter() - start < LOADED_SECONDS:  # cached, as the other steps will be
+            compile_row_kernels(first_process_products)
             compile_steps(buffers, kv_cache, exact)
             model = Transformer(weights, exact=exact, kv_type=kv_type)  # its lists, as cached
             with products_compiled_elsewhere(weight_type(w).NAME for w in first_process_products):

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -324,6 +324,16 @@ def _matmul_rows_in_lanes(out, xq, xs, x_sums, w):
     for i in range(blocks * LANES, d):  # the last rows, fewer than 16
         for k in range(xq.shape[0]):
             out[k, i] = int8_row_dot(w, a, b, i, xq[k], xs[k], x_sums[k])
+
+
+def compile_row_kernels(w, in_lanes: bool) -> None:
+    """Compile (or load) the row-at-a-time kernels of int8-family weights w, with 16 rows in
+    lanes too if in_lanes, for the argument types their product gives them: a cold start's
+    helper compiles them while the first process compiles the product (llamette.ahead)."""
+    arrays = (types.float32[:, ::1], types.int8[:, ::1], types.float32[:, ::1],
+              types.int32[:, ::1])  # out, xq, xs, x_sums  # fmt: skip
+    for row_kernel in (_matmul_rows_in_lanes, _matmul_rows) if in_lanes else (_matmul_rows,):
+        row_kernel.kernel.compile((*arrays, typeof(w)))
 
 
 @intrinsic
