@@ -135,12 +135,10 @@ def compile_row_kernels(weights) -> None:
     """The kernels that the products with these weights (of the int8 family) reach last as they
     compile, the rows in lanes, then a row at a time (kernels.int8.compile_row_kernels)."""
     from llamette.kernels.int8 import compile_row_kernels
-    from llamette.weight_types import weight_type
+    from llamette.weight_types import is_int8_family, weight_type
 
-    for w in weights:
-        kind = weight_type(w)
-        if hasattr(kind, "input_group_size"):  # the int8 family's
-            compile_row_kernels(w, in_lanes=hasattr(kind, "sixteen_rows"))
+    for w in filter(is_int8_family, weights):
+        compile_row_kernels(w, in_lanes=hasattr(weight_type(w), "sixteen_rows"))
 
 
 def _stop(helper: subprocess.Popen) -> None:
@@ -209,7 +207,7 @@ def main(argv: list[str]) -> int:
     from llamette.formats import load_weights
     from llamette.kernels.dispatch import products_compiled_elsewhere
     from llamette.model import Buffers, Transformer, new_kv_cache
-    from llamette.weight_types import smallest_input_group, weight_type
+    from llamette.weight_types import is_int8_family, smallest_input_group, weight_type
 
     model_file, kv_type, flavour, role = argv
     weights, exact = load_weights(model_file), flavour == "exact"
@@ -238,8 +236,7 @@ def main(argv: list[str]) -> int:
             print("no pass", flush=True)
             compile_steps(buffers, kv_cache, exact)
         compile_sampler(config)
-    if not any(hasattr(weight_type(w), "input_group_size")
-               for w in first_process_products + helper_products):  # fmt: skip
+    if not any(map(is_int8_family, first_process_products + helper_products)):
         compile_input_quantization()  # for a next model, of another type
     return 0
 

@@ -507,7 +507,8 @@ class Transformer:
                 raise LlametteError(f"{what} {outside[0]} is outside {range_name}")
 
     def compile_pass(self):
-        """The forward pass compiled (or loaded) for this model's arguments."""
+        """The forward pass compiled (or loaded) for this model's arguments (every pass gives
+        arguments of the same types: a decode step's)."""
         return entry_point(forward, self._pass_arguments(self._step_rows, self._step_logit_rows,
                                                          self._step_logits, self.profile))  # fmt: skip
 
@@ -520,7 +521,7 @@ class Transformer:
         args = self._pass_arguments(rows, logit_rows, logits, profile)
         if self._forward is None:  # every call passes arguments of the same types
             self._forward = self._compile_ahead.forward_compiled(
-                self._compile_own_share, lambda: entry_point(forward, args)
+                self._compile_own_share, self.compile_pass
             )
         if not self.adapt_threads:
             self._forward(*args)

@@ -84,14 +84,15 @@ def to_float32(tensor: Tensor) -> np.ndarray:
     return tensor if isinstance(tensor, np.ndarray) else tensor.dequantize()
 
 
+def is_int8_family(tensor: Tensor) -> bool:
+    """Whether products with the tensor quantize their input to int8 (kernels.int8)."""
+    return hasattr(weight_type(tensor), "input_group_size")
+
+
 def smallest_input_group(tensors: Iterable[Tensor]) -> int:
     """The smallest group that an int8-family weight quantizes its input in (it sizes the
     memory for the input's scales); 32 where there is no such weight."""
-    sizes = []
-    for tensor in tensors:
-        kind = weight_type(tensor)
-        if hasattr(kind, "input_group_size"):  # the int8 family's
-            sizes.append(kind.input_group_size(tensor))
+    sizes = [weight_type(t).input_group_size(t) for t in tensors if is_int8_family(t)]
     return min(sizes, default=32)
 
 
