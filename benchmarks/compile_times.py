@@ -1,12 +1,14 @@
 """What each function costs to compile: a cold run (an empty kernel cache) of one model.
 
-Usage: python benchmarks/compile_times.py [MODEL] [--top N]
+Usage: python benchmarks/compile_times.py [MODEL] [--top N] [--after OTHER_MODEL] [--runs N]
 
 Runs, in a fresh process with an empty LLAMETTE_CACHE_DIR, what `llamette run` runs first (a
 prompt's pass, a decode step, a draw): once as a first run goes (with its helper process, see
 llamette.ahead), for the time to the first draw; once without the helper, recording Numba's
 compile events, to print each compiled function's own time (its compile less the compiles it set
-off) and its total, the largest first.
+off) and its total, the largest first. With --after, the cache holds OTHER_MODEL's kernels first
+(the bundled model's: a new weight type's first use, as a user meets it after the README's first
+command); with --runs N, the time to the first draw is the median of N runs.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,11 +55,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=str(BUNDLED))
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--after", help="a model whose kernels the cache holds first")
+    parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
-    helped = cold_run(args.model, helper=True)
-    print(f"{args.model}: {helped['seconds']:.1f} s to the first draw, as a first run goes "
-          "(its helper process compiling beside it, llamette.ahead)")  # fmt: skip
-    result = cold_run(args.model, helper=False)
+    with tempfile.TemporaryDirectory() as cache:
+        warmed = args.after and cache
+        if args.after:
+            measured_run(args.after, helper=True, cache=cache)
+        seconds = [cold_run(args.model, True, warmed)["seconds"] for _ in range(args.runs)]
+        after = f" after {args.after}'s" if args.after else ""
+        print(f"{args.model}: {statistics.median(seconds):.1f} s to the first draw{after}, as a "
+              f"first run goes (its helper process compiling beside it, llamette.ahead; "
+              f"{', '.join(f'{s:.1f}' for s in seconds)})")  # fmt: skip
+        result = cold_run(args.model, helper=False, warmed=warmed)
     spans = result["spans"]
     own = {}
     for i, (name, start, end, depth) in enumerate(spans):
@@ -69,16 +81,23 @@ def main() -> None:
         print(f"{name:60} {mine:8.2f} {total:8.2f}")
 
 
-def cold_run(model: str, helper: bool) -> dict:
-    """MEASURE's result in a fresh process on an empty kernel cache."""
+def cold_run(model: str, helper: bool, warmed: str | None = None) -> dict:
+    """MEASURE's result in a fresh process on an empty kernel cache, or on a copy of `warmed`."""
     with tempfile.TemporaryDirectory() as cache:
-        env = {
-            **os.environ,
-            "LLAMETTE_CACHE_DIR": cache,
-            "LLAMETTE_COMPILE_AHEAD": "1" if helper else "0",
-        }
-        done = subprocess.run([sys.executable, "-c", MEASURE, model], capture_output=True,
-                              text=True, env=env)  # fmt: skip
+        if warmed:
+            shutil.copytree(warmed, cache, dirs_exist_ok=True)
+        return measured_run(model, helper, cache)
+
+
+def measured_run(model: str, helper: bool, cache: str) -> dict:
+    """MEASURE's result in a fresh process on the kernel cache `cache`."""
+    env = {
+        **os.environ,
+        "LLAMETTE_CACHE_DIR": cache,
+        "LLAMETTE_COMPILE_AHEAD": "1" if helper else "0",
+    }
+    done = subprocess.run([sys.executable, "-c", MEASURE, model], capture_output=True,
+                          text=True, env=env)  # fmt: skip
     if done.returncode:
         raise SystemExit(done.stderr)
     return json.loads(done.stdout.splitlines()[-1])

@@ -7,14 +7,17 @@ typed lists of layers are not cached: its first compile) shares the work out, an
 process waits for its helper's line before it takes the pass from the cache (or compiles what is
 not there, if the helper stopped short):
 - a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the
-  products of every other type the pass reaches (the first, third...) and the pass's steps; the
-  helper attention and the other types' products, then prints its line;
-- one weight type: the first process compiles the products; the helper attention, and if it was
-  in the cache already (a model of a new weight type, after others), the kernels the products
-  reach last as they compile (the int8 family's row kernels), the pass's other steps and the
-  pass itself, calling the first process's products by their symbols alone
-  (kernels.dispatch.products_compiled_elsewhere), then prints its line; if not, it prints its
-  line at once (the first process compiles the pass) and compiles the other steps.
+  input quantization that the int8 family's products share, then the products of every other
+  type the pass reaches (the first, third...), each type's own kernels first, and the pass's
+  steps; the helper attention, then the other types' products, their own kernels first (by
+  then the first process has cached the quantization, which they load), then prints its line;
+- one weight type: the first process compiles the products, the type's own kernels first (the
+  inputs in lanes, the rows: kernels.int8.compile_kernels); the helper attention, and if it was
+  in the cache already (a model of a new weight type, after others), the input quantization
+  (which the product then loads), the pass's other steps and the pass itself, calling the first
+  process's products by their symbols alone (kernels.dispatch.products_compiled_elsewhere), then
+  prints its line; if not, it prints its line at once (the first process compiles the pass) and
+  compiles the other steps.
 The helper then compiles the sampler and, where the model has no int8-family weights, the input
 quantization that those types share, for a next model, if the first process has not ended by
 then (it stops the helper). A helper started by a later compile (the pass for another KV-cache
@@ -131,14 +134,15 @@ def compile_products(weights, inputs, exact: bool) -> None:
     inputs.held[0] = 0
 
 
-def compile_row_kernels(weights) -> None:
-    """The kernels that the products with these weights (of the int8 family) reach last as they
-    compile, the rows in lanes, then a row at a time (kernels.int8.compile_row_kernels)."""
-    from llamette.kernels.int8 import compile_row_kernels
+def compile_type_kernels(weights) -> None:
+    """The kernels that the products with these weights (of the int8 family) reach after the
+    input's quantization, which a process compiles before the products: the inputs in lanes, the
+    rows in lanes, a row at a time (kernels.int8.compile_kernels)."""
+    from llamette.kernels.int8 import compile_kernels
     from llamette.weight_types import is_int8_family, weight_type
 
     for w in filter(is_int8_family, weights):
-        compile_row_kernels(w, in_lanes=hasattr(weight_type(w), "sixteen_rows"))
+        compile_kernels(w, in_lanes=hasattr(weight_type(w), "sixteen_rows"))
 
 
 def _stop(helper: subprocess.Popen) -> None:
@@ -219,6 +223,7 @@ def main(argv: list[str]) -> int:
         compile_last_kernels(config, buffers, kv_cache, exact)
     elif role == "products":
         compile_attention(config, buffers, kv_cache, exact)
+        compile_type_kernels(helper_products)  # meanwhile the first process the quantization
         compile_products(helper_products, buffers.inputs, exact)
         print("products", flush=True)
         compile_sampler(config)
@@ -226,7 +231,8 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
         if time.perf_counter() - start < LOADED_SECONDS:  # cached, as the other steps will be
-            compile_row_kernels(first_process_products)
+            if any(map(is_int8_family, first_process_products)):
+                compile_input_quantization()  # meanwhile the first process its type's kernels
             compile_steps(buffers, kv_cache, exact)
             model = Transformer(weights, exact=exact, kv_type=kv_type)  # its lists, as cached
             with products_compiled_elsewhere(weight_type(w).NAME for w in first_process_products):

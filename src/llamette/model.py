@@ -17,7 +17,14 @@ import numpy as np
 from numba import literal_unroll, typeof, types
 from numba.typed import List
 
-from llamette.ahead import CompileAhead, compile_products, compile_steps, shared_products
+from llamette.ahead import (
+    CompileAhead,
+    compile_input_quantization,
+    compile_products,
+    compile_steps,
+    compile_type_kernels,
+    shared_products,
+)
 from llamette.errors import LlametteError
 from llamette.formats import load_weights
 from llamette.kernels import (
@@ -43,7 +50,7 @@ from llamette.kernels.layers import (
     swiglu,
 )
 from llamette.threads import ThreadChooser, first_count
-from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
+from llamette.weight_types import Q8Tensor, Tensor, is_int8_family, nbytes, smallest_input_group
 from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
 log = logging.getLogger("llamette")
@@ -543,11 +550,16 @@ class Transformer:
 
     def _compile_own_share(self) -> None:
         """A cold start's share of the kernels beside its helper's (llamette.ahead): the
-        products with this process's weight types; and where the helper takes products too,
-        the feed-forward's gate, the residual's addition, rotary embedding and the KV cache's
-        store."""
+        products with this process's weight types, their own kernels first; and where the helper
+        takes products too, first the input's quantization that the int8 family's products share,
+        and last the feed-forward's gate, the residual's addition, rotary embedding and the KV
+        cache's store."""
+        several_types = self._compile_ahead.helper_products
+        if several_types and any(map(is_int8_family, self.weights.tensors.values())):
+            compile_input_quantization()  # the helper's products load it
+        compile_type_kernels(self._own_products)  # (one type: the helper the quantization)
         compile_products(self._own_products, self.buffers.inputs, self.exact)
-        if self._compile_ahead.helper_products:
+        if several_types:
             compile_steps(self.buffers, self.kv_cache, self.exact)
 
     def _buffers(self, capacity: int) -> Buffers:

@@ -12,8 +12,10 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 
+from numba import njit
 from numba.core import types
-from numba.extending import intrinsic, overload
+from numba.core.typing.templates import infer, infer_global, make_overload_template
+from numba.extending import intrinsic
 
 from llamette.kernels.symbols import call_by_symbol
 
@@ -22,6 +24,41 @@ COMPILED_ONLY = "runs inside compiled code only"
 # The names of the weight types whose products another process compiles (see
 # products_compiled_elsewhere).
 _PRODUCTS_ELSEWHERE: ContextVar[frozenset[str]] = ContextVar("products", default=frozenset())
+
+
+def _inlined(function):
+    """Registers an implementation chooser for `function`, as numba.extending.overload does, whose
+    code Numba inlines where it is called, typed but never compiled alone (see _typed_only)."""
+
+    def register(choose):
+        overload_template = make_overload_template(function, choose, _OVERLOAD_JIT_OPTIONS,
+                                                   strict=True, inline="always")  # fmt: skip
+        template = type(overload_template)(overload_template.__name__, (overload_template,),
+                                           {"_build_impl": _typed_only})  # fmt: skip
+        infer(template)
+        infer_global(function, types.Function(template))
+        return choose
+
+    return register
+
+
+_OVERLOAD_JIT_OPTIONS = {"no_cpython_wrapper": True}
+
+
+def _typed_only(template, cache_key, args, kws):
+    """The implementation `template` chooses for these argument types, as Numba's overload template
+    builds it (_build_impl) but for its compile: Numba compiles each implementation as a function
+    of its own, to check it, though code inlined where it is called never runs alone (a second of
+    a new weight type's first run). Unable to compile, the implementation is typed only, where it
+    is inlined."""
+    implementation = template._overload_func(*args, **kws)
+    if implementation is None:
+        template._impl_cache[cache_key] = None, None
+        return None, None
+    dispatcher = njit(**_OVERLOAD_JIT_OPTIONS)(implementation)
+    dispatcher._can_compile = False  # (disable_compile() asks for a compiled signature first)
+    template._impl_cache[cache_key] = dispatcher, args
+    return dispatcher, args
 
 
 @contextlib.contextmanager
@@ -142,25 +179,25 @@ def sixteen_rows(w, a, b, first, g, groups, x):
     raise NotImplementedError(COMPILED_ONLY)
 
 
-@overload(decode_row, inline="always")
+@_inlined(decode_row)
 def _decode_row(out, w, i):
     impl = _own(w, "decode_row")
     return lambda out, w, i: impl(out, w, i)
 
 
-@overload(row_dot, inline="always")
+@_inlined(row_dot)
 def _row_dot(w, i, x):
     impl = _own(w, "row_dot")
     return lambda w, i, x: impl(w, i, x)
 
 
-@overload(group_size, inline="always")
+@_inlined(group_size)
 def _group_size(w):
     impl = _own(w, "group_size")
     return lambda w: impl(w)
 
 
-@overload(row_group_size, inline="always")
+@_inlined(row_group_size)
 def _row_group_size(w):
     from llamette.weight_types import type_of
 
@@ -168,19 +205,19 @@ def _row_group_size(w):
     return lambda w: impl(w)
 
 
-@overload(int8_arrays, inline="always")
+@_inlined(int8_arrays)
 def _int8_arrays(w):
     impl = _own(w, "int8_arrays")
     return lambda w: impl(w)
 
 
-@overload(unpack_row, inline="always")
+@_inlined(unpack_row)
 def _unpack_row(values, scales, w, a, b, i):
     impl = _own(w, "unpack_row")
     return lambda values, scales, w, a, b, i: impl(values, scales, w, a, b, i)
 
 
-@overload(scale_group_size, inline="always")
+@_inlined(scale_group_size)
 def _scale_group_size(w):
     from llamette.weight_types import type_of
 
@@ -188,7 +225,7 @@ def _scale_group_size(w):
     return lambda w: impl(w)
 
 
-@overload(two_scales_per_input_group, inline="always")
+@_inlined(two_scales_per_input_group)
 def _two_scales_per_input_group(w):
     from llamette.weight_types import type_of
 
@@ -197,7 +234,7 @@ def _two_scales_per_input_group(w):
     return lambda w: None
 
 
-@overload(unpack_minimums, inline="always")
+@_inlined(unpack_minimums)
 def _unpack_minimums(minimums, w, a, b, i):
     from llamette.weight_types import type_of
 
@@ -207,13 +244,13 @@ def _unpack_minimums(minimums, w, a, b, i):
     return lambda minimums, w, a, b, i: impl(minimums, w, a, b, i)
 
 
-@overload(int8_row_dot, inline="always")
+@_inlined(int8_row_dot)
 def _int8_row_dot(w, a, b, i, x, x_scales, x_sums):
     impl = _own(w, "int8_row_dot")
     return lambda w, a, b, i, x, x_scales, x_sums: impl(w, a, b, i, x, x_scales, x_sums)
 
 
-@overload(int8_row_dots, inline="always")
+@_inlined(int8_row_dots)
 def _int8_row_dots(out, w, a, b, i, xq, xs, x_sums):
     from llamette.weight_types import type_of
 
@@ -230,7 +267,7 @@ def _int8_row_dots(out, w, a, b, i, xq, xs, x_sums):
     return each_input
 
 
-@overload(sixteen_rows, inline="always")
+@_inlined(sixteen_rows)
 def _sixteen_rows(w, a, b, first, g, groups, x):
     impl = _own(w, "sixteen_rows")
     return lambda w, a, b, first, g, groups, x: impl(w, a, b, first, g, groups, x)

@@ -326,14 +326,18 @@ def _matmul_rows_in_lanes(out, xq, xs, x_sums, w):
             out[k, i] = int8_row_dot(w, a, b, i, xq[k], xs[k], x_sums[k])
 
 
-def compile_row_kernels(w, in_lanes: bool) -> None:
-    """Compile (or load) the row-at-a-time kernels of int8-family weights w, with 16 rows in
-    lanes too if in_lanes, for the argument types their product gives them: a cold start's
-    helper compiles them while the first process compiles the product (llamette.ahead)."""
-    arrays = (types.float32[:, ::1], types.int8[:, ::1], types.float32[:, ::1],
-              types.int32[:, ::1])  # out, xq, xs, x_sums  # fmt: skip
+def compile_kernels(w, in_lanes: bool) -> None:
+    """Compile (or load) the kernels of int8-family weights w that their product reaches after
+    the input's quantization, for the argument types it gives them: the inputs in lanes, then the
+    rows in lanes if in_lanes, then a row at a time. A cold start's first process compiles them
+    before the product, while its helper compiles the quantization (llamette.ahead)."""
+    matrix = types.float32[:, ::1]
+    lanes = types.uint8[:, ::1] if FUSED_MADD else types.int16[:, ::1]
+    lanes_kernel = _matmul_quads if FUSED_MADD else _matmul_across_inputs
+    lanes_kernel.kernel.compile((matrix, lanes, matrix, matrix, typeof(w)))
+    quantized_rows = (matrix, types.int8[:, ::1], matrix, types.int32[:, ::1])  # xq, xs, x_sums
     for row_kernel in (_matmul_rows_in_lanes, _matmul_rows) if in_lanes else (_matmul_rows,):
-        row_kernel.kernel.compile((*arrays, typeof(w)))
+        row_kernel.kernel.compile((*quantized_rows, typeof(w)))
 
 
 @intrinsic
