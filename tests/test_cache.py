@@ -137,7 +137,7 @@ def test_a_helper_with_time_to_spare_compiles_the_input_quantization_of_other_ty
 
 def test_a_new_weight_types_first_run_loads_the_pass_its_helper_compiled(tmp_path):
     """After the bundled model's kernels (attention and the other steps cached), a Q8_0 model's
-    first run compiles the Q8_0 products while its helper compiles their row kernels and the
+    first run compiles the Q8_0 products while its helper compiles the input quantization and the
     pass, which calls the products by their symbols alone: the first process loads that pass
     (linked to its products) and runs it."""
     from llamette import Tokenizer
@@ -164,6 +164,41 @@ def test_a_new_weight_types_first_run_loads_the_pass_its_helper_compiled(tmp_pat
     for path in helpers_files:
         path.unlink()
     np.testing.assert_array_equal(_logits(model, cache, {**env, SWITCH: "0"}), helpers_pass)
+
+
+def test_a_helper_done_first_with_its_products_compiles_the_pass_of_several_weight_types(tmp_path):
+    """After the bundled model's kernels, a model of Q8_0 layers and an F32 classifier: its
+    helper loads the F32 products and, while the first process has not said that its Q8_0
+    products are done, compiles the pass, which calls those by their symbols alone. A first run
+    that compiles the Q8_0 products loads that pass and gets the logits of a pass compiled in
+    process."""
+    from llamette import Tokenizer
+    from llamette.formats import load_weights
+    from llamette.formats.gguf import write_gguf
+
+    cache = str(tmp_path / "cache")
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": cache, SWITCH: "0"}
+    subprocess.run([sys.executable, "-m", "llamette.ahead", str(BUNDLED / "model.bin"), "f32",
+                    "fast", "last"], env=env, check=True, timeout=600)  # fmt: skip
+    model = tmp_path / "mixed.gguf"
+    write_gguf(load_weights(BUNDLED / "model.bin"), model, Tokenizer.load(BUNDLED / "tokenizer.bin"),
+               "q8_0", tensor_types={"tok_embeddings.weight": "f32"})  # fmt: skip
+    helper = subprocess.Popen([sys.executable, "-m", "llamette.ahead", str(model), "f32", "fast",
+                               "products"], env=env, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert helper.stdout.readline() == "pass\n"
+    finally:
+        helper.stdin.close()
+        helper.wait(timeout=600)
+    done = subprocess.run([sys.executable, "-c", FIRST_DRAW, str(model)], env=env, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(done.stdout))
+    assert "forward" not in compiled and "product" in compiled
+    helpers_pass = _logits(model, cache, env)
+    for path in Path(cache).rglob("model.forward-*"):
+        path.unlink()
+    np.testing.assert_array_equal(_logits(model, cache, env), helpers_pass)
 
 
 def _logits(model: Path, cache: str, env: dict) -> np.ndarray:

@@ -9,8 +9,10 @@ not there, if the helper stopped short):
 - a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the
   input quantization that the int8 family's products share, then the products of every other
   type the pass reaches (the first, third...), each type's own kernels first, and the pass's
-  steps; the helper attention, then the other types' products, their own kernels first (by
-  then the first process has cached the quantization, which they load), then prints its line;
+  steps, then tells the helper (on its stdin) that its share is done; the helper attention,
+  then the other types' products, their own kernels first (by then the first process has cached
+  the quantization, which they load), then, if attention was cached and the first process has
+  not said that it is done, the pass as below, then prints its line;
 - one weight type: the first process compiles the products, the type's own kernels first (the
   inputs in lanes, the rows: kernels.int8.compile_kernels); the helper attention, and if it was
   in the cache already (a model of a new weight type, after others), the input quantization
@@ -32,6 +34,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import select
 import subprocess
 import sys
 import time
@@ -79,10 +82,10 @@ class CompileAhead(event.Listener):
     def on_start(self, _: event.Event) -> None:
         if self.helper is None:
             role = "last" if not self._sharing else "products" if self.helper_products else "pass"
+            talks = subprocess.PIPE if self._sharing else subprocess.DEVNULL
             self.helper = subprocess.Popen(
-                [*self.command, role], stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if self._sharing else subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, env={**os.environ, SWITCH: "0"},
+                [*self.command, role], stdin=talks, stdout=talks, stderr=subprocess.DEVNULL,
+                env={**os.environ, SWITCH: "0"},
             )  # fmt: skip
             atexit.register(_stop, self.helper)  # its work is only worth this process's run
 
@@ -97,6 +100,9 @@ class CompileAhead(event.Listener):
         if self._sharing and self.helper is not None:
             self._sharing = False
             compile_own_share()
+            with contextlib.suppress(OSError):  # (a helper that has ended)
+                self.helper.stdin.write(b"done\n")
+                self.helper.stdin.close()
             self.helper.stdout.readline()  # its line, or its end
         with self.watching():
             return compile_forward()
@@ -205,13 +211,29 @@ def compile_sampler(config) -> None:
     )
 
 
+def compile_pass(weights, exact: bool, kv_type: str, first_process_products: list) -> None:
+    """The forward pass, for the cache: the products of the first process's weight types called
+    by their symbols alone, as that process compiles them (see main)."""
+    from llamette.kernels.dispatch import products_compiled_elsewhere
+    from llamette.model import Transformer
+    from llamette.weight_types import weight_type
+
+    model = Transformer(weights, exact=exact, kv_type=kv_type)  # its lists, as cached
+    with products_compiled_elsewhere(weight_type(w).NAME for w in first_process_products):
+        model.compile_pass()
+
+
+def _first_process_done() -> bool:
+    """Whether the first process has said that its share is compiled (or has ended)."""
+    return bool(select.select([sys.stdin], [], [], 0)[0])
+
+
 def main(argv: list[str]) -> int:
     """The helper (see the module's docstring): the model file's buffers and KV cache as a
     Transformer makes them, then its role's kernels."""
     from llamette.formats import load_weights
-    from llamette.kernels.dispatch import products_compiled_elsewhere
-    from llamette.model import Buffers, Transformer, new_kv_cache
-    from llamette.weight_types import is_int8_family, smallest_input_group, weight_type
+    from llamette.model import Buffers, new_kv_cache
+    from llamette.weight_types import is_int8_family, smallest_input_group
 
     model_file, kv_type, flavour, role = argv
     weights, exact = load_weights(model_file), flavour == "exact"
@@ -222,10 +244,16 @@ def main(argv: list[str]) -> int:
     if role == "last":
         compile_last_kernels(config, buffers, kv_cache, exact)
     elif role == "products":
+        start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
+        steps_cached = time.perf_counter() - start < LOADED_SECONDS  # as attention was
         compile_type_kernels(helper_products)  # meanwhile the first process the quantization
         compile_products(helper_products, buffers.inputs, exact)
-        print("products", flush=True)
+        if steps_cached and not _first_process_done():  # its products still compiling
+            compile_pass(weights, exact, kv_type, first_process_products)
+            print("pass", flush=True)
+        else:
+            print("products", flush=True)
         compile_sampler(config)
     else:  # "pass"
         start = time.perf_counter()
@@ -234,9 +262,7 @@ def main(argv: list[str]) -> int:
             if any(map(is_int8_family, first_process_products)):
                 compile_input_quantization()  # meanwhile the first process its type's kernels
             compile_steps(buffers, kv_cache, exact)
-            model = Transformer(weights, exact=exact, kv_type=kv_type)  # its lists, as cached
-            with products_compiled_elsewhere(weight_type(w).NAME for w in first_process_products):
-                model.compile_pass()
+            compile_pass(weights, exact, kv_type, first_process_products)
             print("pass", flush=True)
         else:  # a cold start of everything: the first process compiles the pass
             print("no pass", flush=True)
