@@ -201,6 +201,49 @@ def test_a_helper_done_first_with_its_products_compiles_the_pass_of_several_weig
     np.testing.assert_array_equal(_logits(model, cache, env), helpers_pass)
 
 
+FAST_STEPS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from numba.core import event
+    compiled = set()
+
+    class Names(event.Listener):
+        def on_start(self, e):
+            compiled.add(e.data["dispatcher"].py_func.__name__)
+        def on_end(self, e):
+            pass
+
+    event.register("numba:compile", Names())
+    from llamette import Transformer
+    from llamette.ahead import compile_attention, compile_products, compile_steps
+    model = Transformer.load(sys.argv[1])
+    b = model.buffers
+    compile_products([model.weights.tensors["layers.0.attention.wq.weight"]], b.inputs, exact=False)
+    compile_attention(model.config, b, model.kv_cache, exact=False)
+    compile_steps(b, model.kv_cache, exact=False)
+    print(json.dumps(sorted(compiled)))
+""")
+
+
+def test_the_fast_kernels_compile_none_of_the_references_code(tmp_path):
+    """The fast flavour's exact is None (kernels.flavour), which rules the reference's branches
+    out as Numba compiles: a Q8_0 product, attention and the gate compile no runq.c matmul, no
+    run.c attention and no run.c gate."""
+    from llamette import Tokenizer
+    from llamette.formats import load_weights
+    from llamette.formats.gguf import write_gguf
+
+    model = tmp_path / "q8_0.gguf"
+    write_gguf(load_weights(BUNDLED / "model.bin"), model, Tokenizer.load(BUNDLED / "tokenizer.bin"),
+               "q8_0")  # fmt: skip
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path / "cache"), SWITCH: "0"}
+    done = subprocess.run([sys.executable, "-c", FAST_STEPS, str(model)], env=env, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(done.stdout))
+    assert {"product", "attention", "swiglu", "attention_rows"} <= compiled
+    assert not compiled & {"q8_0_matmul", "attend", "softmax"}
+
+
 def _logits(model: Path, cache: str, env: dict) -> np.ndarray:
     script = ("import sys; from llamette import Transformer; "
               "print(Transformer.load(sys.argv[1]).prefill([1, 2, 3], 0).tolist())")  # fmt: skip

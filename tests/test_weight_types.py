@@ -8,7 +8,7 @@ import pytest
 from numba import njit
 
 from conftest import randn, rounded_to_8_bits, runq_matmul, runq_quantize
-from llamette.kernels import SMALL_BATCH, int8, reference
+from llamette.kernels import SMALL_BATCH, flavour, int8, reference
 from llamette.kernels.int8 import Int8Inputs, new_input
 from llamette.kernels.layers import embed
 from llamette.weight_types import (
@@ -62,12 +62,13 @@ KINDS = list(tensors(randn(4, 256)))
 
 
 def product(w, x, exact=False, weights_in_cache=False, inputs=None):
-    """x (B, n) @ w^T through the weight type's own product; and the Int8Inputs it used."""
+    """x (B, n) @ w^T through the weight type's own product, exact given as the forward pass
+    gives it; and the Int8Inputs it used."""
     out = np.full((x.shape[0], w.shape[0]), np.nan, np.float32)
     if inputs is None:
         inputs = Int8Inputs.sized(x.shape[0], x.shape[1], 8, weights_in_cache)
         new_input(inputs)
-    weight_type(w).product(out, x, w, inputs, exact)
+    weight_type(w).product(out, x, w, inputs, flavour(exact))
     return out, inputs
 
 

@@ -130,13 +130,14 @@ def compile_products(weights, inputs, exact: bool) -> None:
     the argument types the forward pass gives them."""
     import numpy as np
 
+    from llamette.kernels import flavour
     from llamette.weight_types import weight_type
 
     for w in weights:
         rows, cols = w.shape
         inputs.held[0] = 0  # a new input (kernels.int8.new_input)
         weight_type(w).product(np.zeros((1, rows), np.float32), np.zeros((1, cols), np.float32),
-                               w, inputs, exact)  # fmt: skip
+                               w, inputs, flavour(exact))  # fmt: skip
     inputs.held[0] = 0
 
 
@@ -169,21 +170,23 @@ def compile_last_kernels(config, buffers, kv_cache, exact: bool) -> None:
 def compile_attention(config, buffers, kv_cache, exact: bool) -> None:
     import numpy as np
 
+    from llamette.kernels import flavour
     from llamette.kernels.layers import attention
 
     b, first = buffers, np.zeros(1, np.int64)  # the rows' positions and slots: rows[1], rows[2]
     attention(b.attended[:1], b.q[:1], kv_cache, 0, first, first, config.n_heads, b.scores,
-              exact)  # fmt: skip
+              flavour(exact))  # fmt: skip
 
 
 def compile_steps(buffers, kv_cache, exact: bool) -> None:
     """The feed-forward's gate, the residual's addition, rotary embedding, the KV cache's store."""
     import numpy as np
 
+    from llamette.kernels import flavour
     from llamette.kernels.layers import add, rope, store_kv, swiglu
 
     b, first = buffers, np.zeros(1, np.int64)
-    swiglu(b.gate[:1], b.up[:1], exact)
+    swiglu(b.gate[:1], b.up[:1], flavour(exact))
     add(b.x[:1], b.out[:1])
     rope(b.q[:1], b.k[:1], b.cos[:1], b.sin[:1])
     store_kv(kv_cache, 0, first, first, b.k[:1], b.v[:1])
@@ -235,8 +238,8 @@ def main(argv: list[str]) -> int:
     from llamette.model import Buffers, new_kv_cache
     from llamette.weight_types import is_int8_family, smallest_input_group
 
-    model_file, kv_type, flavour, role = argv
-    weights, exact = load_weights(model_file), flavour == "exact"
+    model_file, kv_type, kind, role = argv
+    weights, exact = load_weights(model_file), kind == "exact"
     config = weights.config
     buffers = Buffers.for_config(config, 1, smallest_input_group(weights.tensors.values()), False)
     kv_cache = new_kv_cache(config, 1, kv_type, exact)

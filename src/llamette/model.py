@@ -30,6 +30,7 @@ from llamette.formats import load_weights
 from llamette.kernels import (
     aligned_empty,
     entry_point,
+    flavour,
     inlined_kernel,
     kernel,
     last_level_cache_bytes,
@@ -202,7 +203,8 @@ def forward(w, kv, buffers, rows, logit_rows, logits, n_heads, norm_eps, rope_th
     are cached); the logits of the rows logit_rows into logits (len(logit_rows), vocab_size).
 
     Rows attend causally within their own sequence, earlier rows of the batch included. exact:
-    run.c's arithmetic to the bit, row by row. profile: empty, or cycle counts per part of the
+    True, run.c's arithmetic to the bit, row by row, or None, the fast kernels (kernels.flavour).
+    profile: empty, or cycle counts per part of the
     pass to add to (see kernels.timing).
     """
     n = rows.shape[1]
@@ -522,7 +524,7 @@ class Transformer:
     def _pass_arguments(self, rows, logit_rows, logits, profile) -> tuple:
         c = self.config
         return (self.tensors, self.kv_cache, self.buffers, rows, logit_rows, logits, c.n_heads,
-                c.norm_eps, c.rope_theta, self.exact, profile)  # fmt: skip
+                c.norm_eps, c.rope_theta, flavour(self.exact), profile)  # fmt: skip
 
     def _run(self, rows, logit_rows, logits, profile) -> None:
         args = self._pass_arguments(rows, logit_rows, logits, profile)

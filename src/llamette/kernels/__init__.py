@@ -68,6 +68,15 @@ reassociating_kernel = njit(**CACHED, parallel=True, fastmath={"reassoc", "contr
 # own: inlined into the loop, Numba's parallel passes take seconds over a large body (a cold start).
 reassociating_serial_kernel = njit(**CACHED, fastmath={"reassoc", "contract"})
 
+
+def flavour(exact: bool) -> bool | None:
+    """`exact` as compiled code takes it: True for the reference flavour, None for the fast one.
+    Numba types None apart from a bool and drops the branches that `exact is not None and
+    exact` (or `exact is None or not exact`) rules out as it compiles, so that the fast kernels
+    compile none of the reference's code (a bool compiles both)."""
+    return True if exact else None
+
+
 # Matrix products with at most this many inputs compute each output as a dot product of its own,
 # the same way whatever else is in the batch: a sequence decodes to the same bits alone or beside
 # others, and a short prompt gets the same bits in one pass or spread over several (the server

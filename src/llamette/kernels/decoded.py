@@ -24,7 +24,7 @@ def product(out, x, w, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T, rows in parallel."""
     n_inputs, n = x.shape
     for i in prange(out.shape[1]):
-        if n_inputs <= SMALL_BATCH or exact:
+        if n_inputs <= SMALL_BATCH or (exact is not None and exact):
             for b in range(n_inputs):
                 out[b, i] = row_dot(w, i, x[b])
         else:

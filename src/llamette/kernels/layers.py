@@ -62,7 +62,7 @@ def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
     """Causal grouped-query attention: row b of out (B, dim) from its query q[b] and keys and
     values 0..positions[b] of its sequence (the batch's own already stored). scores (n_heads,
     seq_len): the reference's scratch, for one row at a time. (`exact`: a float32 cache.)"""
-    if exact:
+    if exact is not None and exact:
         for b in range(q.shape[0]):
             keys, values = kv.keys[slots[b], layer], kv.values[slots[b], layer]
             reference.attention(out[b], q[b], keys, values, positions[b], n_heads, scores)
@@ -74,7 +74,7 @@ def attention(out, q, kv, layer, slots, positions, n_heads, scores, exact):
 @parallel_kernel
 def swiglu(gate, up, exact):
     """gate = silu(gate) * up, (B, hidden_dim): the feed-forward's gated activation."""
-    if exact:
+    if exact is not None and exact:
         for b in range(gate.shape[0]):
             reference.swiglu(gate[b], up[b])
     else:

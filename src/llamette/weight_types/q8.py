@@ -75,7 +75,7 @@ def decode_row(out, w, i):
 def product(out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T, x quantized as runq.c quantizes it."""
     n = x.shape[1]
-    if exact:
+    if exact is not None and exact:
         groups = n // w.group_size
         xq, xs = inputs.values[:n], inputs.scales[:groups]
         for b in range(x.shape[0]):

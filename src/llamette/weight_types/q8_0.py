@@ -64,7 +64,7 @@ def decode_row(out, w, i):
 @parallel_kernel
 def product(out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 as runq.c quantizes it."""
-    if not exact:
+    if exact is None or not exact:
         int8.product(out, x, w, inputs)
         return
     n = x.shape[1]

@@ -28,7 +28,7 @@ def lanes_product(out, x, w, inputs, exact):
     """product, but for more than SMALL_BATCH inputs (a long prompt) and not exact: inputs 16
     at a time in SIMD lanes, rows unpacked to int8 values once for all of them. Their bits then
     depend on the batch, as F16's do (see kernels.SMALL_BATCH)."""
-    if exact or x.shape[0] <= SMALL_BATCH:
+    if (exact is not None and exact) or x.shape[0] <= SMALL_BATCH:
         int8.row_product(out, x, w, inputs)
     else:
         int8.lanes_and_rows_product(out, x, w, inputs)
