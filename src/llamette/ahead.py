@@ -7,12 +7,13 @@ typed lists of layers are not cached: its first compile) shares the work out, an
 process waits for its helper's line before it takes the pass from the cache (or compiles what is
 not there, if the helper stopped short):
 - a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the
-  input quantization that the int8 family's products share, then the products of every other
-  type the pass reaches (the first, third...), each type's own kernels first, and the pass's
-  steps, then tells the helper (on its stdin) that its share is done; the helper attention,
-  then the other types' products, their own kernels first (by then the first process has cached
-  the quantization, which they load), then, if attention was cached and the first process has
-  not said that it is done, the pass as below, then prints its line;
+  products of every other type the pass reaches (the first, third...), each type's own kernels
+  first, and the pass's steps, then tells the helper (on its stdin) that its share is done; the
+  helper attention, then the other types' products, their own kernels first, then, if attention
+  was cached and the first process has not said that it is done, the pass as below, then prints
+  its line. The process with fewer products to compile (the first where the counts are equal)
+  compiles first the input quantization that the int8 family's products share, which the
+  other's products then load (helper_quantizes);
 - one weight type: the first process compiles the products, the type's own kernels first (the
   inputs in lanes, the rows: kernels.int8.compile_kernels); the helper attention, and if it was
   in the cache already (a model of a new weight type, after others), the input quantization
@@ -123,6 +124,13 @@ def shared_products(weights) -> tuple[list, list]:
     first_of_type.setdefault(weight_type(weights.classifier).NAME, weights.classifier)
     firsts = list(first_of_type.values())
     return firsts[0::2], firsts[1::2]
+
+
+def helper_quantizes(first_process_products: list, helper_products: list) -> bool:
+    """Whether a cold start's helper compiles the input quantization that the int8 family's
+    products share (before its own kernels), being the process with fewer products to compile;
+    else the first process compiles it first. Either way the other's products then load it."""
+    return len(helper_products) < len(first_process_products)
 
 
 def compile_products(weights, inputs, exact: bool) -> None:
@@ -244,13 +252,16 @@ def main(argv: list[str]) -> int:
     buffers = Buffers.for_config(config, 1, smallest_input_group(weights.tensors.values()), False)
     kv_cache = new_kv_cache(config, 1, kv_type, exact)
     first_process_products, helper_products = shared_products(weights)
+    int8_products = any(map(is_int8_family, first_process_products + helper_products))
     if role == "last":
         compile_last_kernels(config, buffers, kv_cache, exact)
     elif role == "products":
         start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
         steps_cached = time.perf_counter() - start < LOADED_SECONDS  # as attention was
-        compile_type_kernels(helper_products)  # meanwhile the first process the quantization
+        if int8_products and helper_quantizes(first_process_products, helper_products):
+            compile_input_quantization()
+        compile_type_kernels(helper_products)
         compile_products(helper_products, buffers.inputs, exact)
         if steps_cached and not _first_process_done():  # its products still compiling
             compile_pass(weights, exact, kv_type, first_process_products)
@@ -262,7 +273,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
         if time.perf_counter() - start < LOADED_SECONDS:  # cached, as the other steps will be
-            if any(map(is_int8_family, first_process_products)):
+            if int8_products:  # (helper_quantizes: one type)
                 compile_input_quantization()  # meanwhile the first process its type's kernels
             compile_steps(buffers, kv_cache, exact)
             compile_pass(weights, exact, kv_type, first_process_products)
@@ -271,7 +282,7 @@ def main(argv: list[str]) -> int:
             print("no pass", flush=True)
             compile_steps(buffers, kv_cache, exact)
         compile_sampler(config)
-    if not any(map(is_int8_family, first_process_products + helper_products)):
+    if not int8_products:
         compile_input_quantization()  # for a next model, of another type
     return 0
 

@@ -23,6 +23,7 @@ from llamette.ahead import (
     compile_products,
     compile_steps,
     compile_type_kernels,
+    helper_quantizes,
     shared_products,
 )
 from llamette.errors import LlametteError
@@ -377,8 +378,9 @@ class Transformer:
         c = self.config = replace(weights.config, seq_len=seq_len or weights.config.seq_len)
         self.weights = weights
         self.exact = exact
-        self._own_products, helper_products = shared_products(weights)  # (llamette.ahead)
-        self._compile_ahead = CompileAhead(weights.source, kv_type, exact, bool(helper_products))
+        self._own_products, self._helper_products = shared_products(weights)  # (llamette.ahead)
+        self._compile_ahead = CompileAhead(weights.source, kv_type, exact,
+                                           bool(self._helper_products))  # fmt: skip
         # typed lists are the first compile of a cold run
         with self._compile_ahead.watching(cold_start=True):
             self.tensors = Tensors.of(weights)
@@ -552,16 +554,16 @@ class Transformer:
 
     def _compile_own_share(self) -> None:
         """A cold start's share of the kernels beside its helper's (llamette.ahead): the
-        products with this process's weight types, their own kernels first; and where the helper
-        takes products too, first the input's quantization that the int8 family's products share,
-        and last the feed-forward's gate, the residual's addition, rotary embedding and the KV
-        cache's store."""
-        several_types = self._compile_ahead.helper_products
-        if several_types and any(map(is_int8_family, self.weights.tensors.values())):
+        products with this process's weight types, their own kernels first, and before them the
+        input's quantization that the int8 family's products share, unless the helper compiles
+        it; where the helper takes products too, then the feed-forward's gate, the residual's
+        addition, rotary embedding and the KV cache's store."""
+        own, helpers = self._own_products, self._helper_products
+        if not helper_quantizes(own, helpers) and any(map(is_int8_family, own + helpers)):
             compile_input_quantization()  # the helper's products load it
-        compile_type_kernels(self._own_products)  # (one type: the helper the quantization)
-        compile_products(self._own_products, self.buffers.inputs, self.exact)
-        if several_types:
+        compile_type_kernels(own)
+        compile_products(own, self.buffers.inputs, self.exact)
+        if helpers:
             compile_steps(self.buffers, self.kv_cache, self.exact)
 
     def _buffers(self, capacity: int) -> Buffers:
