@@ -203,7 +203,6 @@ def test_a_helper_done_first_with_its_products_compiles_the_pass_of_several_weig
 
 FAST_STEPS = textwrap.dedent("""
     import json, sys
-    import numpy as np
     from numba.core import event
     compiled = set()
 
@@ -227,8 +226,8 @@ FAST_STEPS = textwrap.dedent("""
 
 def test_the_fast_kernels_compile_none_of_the_references_code(tmp_path):
     """The fast flavour's exact is None (kernels.flavour), which rules the reference's branches
-    out as Numba compiles: a Q8_0 product, attention and the gate compile no runq.c matmul, no
-    run.c attention and no run.c gate."""
+    out as Numba compiles: a Q8_0 product, attention and the gate compile neither runq.c's Q8_0
+    matmul nor run.c's attention (its attend and softmax)."""
     from llamette import Tokenizer
     from llamette.formats import load_weights
     from llamette.formats.gguf import write_gguf
