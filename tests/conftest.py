@@ -31,9 +31,8 @@ SHARED = Path(
 )
 
 
-# A first run in a fresh process (a prompt's pass, a draw), printing the names of the functions it
-# compiled: a JSON list, sorted.
-FIRST_DRAW = textwrap.dedent("""
+# The start of a script that records the names of the functions it compiles in `compiled`.
+RECORDING_COMPILES = textwrap.dedent("""
     import json, sys
     from numba.core import event
     compiled = set()
@@ -45,6 +44,11 @@ FIRST_DRAW = textwrap.dedent("""
             pass
 
     event.register("numba:compile", Names())
+""")
+
+# A first run in a fresh process (a prompt's pass, a draw), printing the names of the functions it
+# compiled: a JSON list, sorted.
+FIRST_DRAW = RECORDING_COMPILES + textwrap.dedent("""
     from llamette import Sampler, Transformer
     model = Transformer.load(sys.argv[1])
     logits = model.prefill([1, 2, 3], 0)

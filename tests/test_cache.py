@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BUNDLED, FIRST_DRAW
+from conftest import BUNDLED, FIRST_DRAW, RECORDING_COMPILES
 from llamette.ahead import SWITCH, CompileAhead
 from llamette.errors import LlametteError
 from llamette.kernels import cache
@@ -201,18 +201,7 @@ def test_a_helper_done_first_with_its_products_compiles_the_pass_of_several_weig
     np.testing.assert_array_equal(_logits(model, cache, env), helpers_pass)
 
 
-FAST_STEPS = textwrap.dedent("""
-    import json, sys
-    from numba.core import event
-    compiled = set()
-
-    class Names(event.Listener):
-        def on_start(self, e):
-            compiled.add(e.data["dispatcher"].py_func.__name__)
-        def on_end(self, e):
-            pass
-
-    event.register("numba:compile", Names())
+FAST_STEPS = RECORDING_COMPILES + textwrap.dedent("""
     from llamette import Transformer
     from llamette.ahead import compile_attention, compile_products, compile_steps
     model = Transformer.load(sys.argv[1])
