@@ -14,6 +14,7 @@ from conftest import BUNDLED, FIRST_DRAW, RECORDING_COMPILES
 from llamette.ahead import SWITCH, CompileAhead
 from llamette.errors import LlametteError
 from llamette.kernels import cache
+from llamette.kernels.simd import FUSED_MADD
 
 RUN_ONE_STEP = textwrap.dedent("""
     import json, sys
@@ -230,6 +231,34 @@ def test_the_fast_kernels_compile_none_of_the_references_code(tmp_path):
     compiled = set(json.loads(done.stdout))
     assert {"product", "attention", "swiglu", "attention_rows"} <= compiled
     assert not compiled & {"q8_0_matmul", "attend", "softmax"}
+
+
+LANE_KERNELS = RECORDING_COMPILES + textwrap.dedent("""
+    import numpy as np
+    from llamette.kernels.int8 import compile_kernels
+    from llamette.weight_types import BY_NAME
+    kind = BY_NAME[sys.argv[1]]
+    matrix = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    compile_kernels(kind.from_gguf(kind.quantize(matrix), matrix.shape), in_lanes=False)
+    print(json.dumps(sorted(compiled)))
+""")
+
+
+@pytest.mark.skipif(not FUSED_MADD, reason="the lanes' tasks of a CPU with AVX-512 VNNI")
+def test_a_second_k_quant_type_shares_the_lanes_multiplication_of_the_first(tmp_path):
+    """A prompt's lanes multiply unpacked rows by code every weight type shares: after Q4_K's
+    kernels, Q5_K's compile their own unpacking (_quads_task), not the multiplication."""
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path), SWITCH: "0"}
+
+    def compiled_for(type_name: str) -> set[str]:
+        done = subprocess.run([sys.executable, "-c", LANE_KERNELS, type_name], env=env,
+                              check=True, capture_output=True, text=True, timeout=600)  # fmt: skip
+        return set(json.loads(done.stdout))
+
+    assert {"_quads_task", "_rows_times_quads"} <= compiled_for("q4_k")
+    second = compiled_for("q5_k")
+    assert "_quads_task" in second
+    assert "_rows_times_quads" not in second
 
 
 def _logits(model: Path, cache: str, env: dict) -> np.ndarray:

@@ -704,19 +704,18 @@ def _matmul_quads(out, quads, lane_scales, lane_sums, w):
         minimums = np.empty((ROWS_PER_TASK, groups), np.float32)
         biases = np.empty((ROWS_PER_TASK, groups), np.int32)
         _quads_task(out, quads, lane_scales, lane_sums, w, a, b, task * ROWS_PER_TASK, rows,
-                    scales, minimums, biases, two_scales_per_input_group(w))  # fmt: skip
+                    scales, minimums, biases)  # fmt: skip
 
 
 @called_by_symbol
 @kernel
 def _quads_task(out, quads, lane_scales, lane_sums, w, a, b, first, rows, scales, minimums,
-                biases, two_scales):  # fmt: skip
+                biases):  # fmt: skip
     """out[:, first..first + R] (R = ROWS_PER_TASK): the rows unpacked in one sweep (which the
     prefetchers follow) into int8 values `rows` (R, n), float32 scales (and minimums) and biases
-    (R, n / scale_group_size), then eight rows at a time times the inputs. two_scales: None, or
-    True where two weight scales share an input group (a type's; Numba compiles the one branch
-    its type takes). (A function of its own, not the body of _matmul_quads' parallel loop:
-    Numba's parallel passes over a body this large take seconds of a cold start.)"""
+    (R, n / scale_group_size), then times the inputs (_rows_times_quads). (A function of its
+    own, not the body of _matmul_quads' parallel loop: Numba's parallel passes over a body this
+    large take seconds of a cold start.)"""
     d, size = out.shape[1], scale_group_size(w)
     has_minimums = False
     for r in range(ROWS_PER_TASK):
@@ -724,6 +723,20 @@ def _quads_task(out, quads, lane_scales, lane_sums, w, a, b, first, rows, scales
         unpack_row(rows[r], scales[r], w, a, b, row)
         has_minimums = unpack_minimums(minimums[r], w, a, b, row)
         _biases_into(biases[r], rows[r], size)
+    _rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
+                      has_minimums, size, first, two_scales_per_input_group(w))  # fmt: skip
+
+
+@called_by_symbol
+@kernel
+def _rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
+                      has_minimums, size, first, two_scales):  # fmt: skip
+    """out[:, first..first + R] for R unpacked rows (see _quads_task), eight at a time: code
+    that every weight type shares, compiled (or loaded from the cache) once for the types whose
+    scales each span an input group (two_scales None) and once for those where two share one
+    (two_scales True; Numba compiles the one branch). size, has_minimums: run-time values, so
+    that types of other sizes and with or without minimums share it too."""
+    d = out.shape[1]
     lanes = np.empty(LANES, np.float32)
     if two_scales is None:
         for r in range(0, min(ROWS_PER_TASK, d - first), 8):
@@ -780,8 +793,7 @@ def _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, mi
     products four columns at a time (from the row's bias), then adds the group's float32 term
     (less the minimum's), groups in order; the same bits as rows_times_lanes and a row at a
     time. Each load of four columns of 16 inputs serves eight rows. Outputs past out's last
-    column are not stored. (size, the values per weight scale, is a constant where the
-    caller's is: the loops over a group then unroll.)"""
+    column are not stored. (size: the values per weight scale.)"""
     w = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
     for block in range(quads.shape[0]):
         x_quads, x_scales, x_sums = quads[block], lane_scales[block], lane_sums[block]
