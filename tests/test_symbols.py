@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from llamette.kernels.int8 import _sum_groups_of_32
+
 
 def test_code_that_calls_by_symbol_loads_from_the_cache_however_it_was_compiled(tmp_path):
     """inner is compiled in one process; the next loads it from the cache and compiles outer,
@@ -24,3 +29,10 @@ def test_code_that_calls_by_symbol_loads_from_the_cache_however_it_was_compiled(
     assert run("k.inner(1.5)") == "4.0"
     assert run("k.outer(1.5), k.outer.stats.cache_misses") == "12.0 Counter({(float64,): 1})"
     assert run("k.outer(1.5), k.outer.stats.cache_hits") == "12.0 Counter({(float64,): 1})"
+
+
+def test_a_kernel_without_a_python_wrapper_refuses_a_call_from_python():
+    """Kernels that only compiled code calls are compiled without the wrapper a call from Python
+    goes through; such a call is an error, not a crash."""
+    with pytest.raises(TypeError, match="_sum_groups_of_32 is called by compiled code only"):
+        _sum_groups_of_32(np.zeros((1, 1), np.int32), np.zeros((1, 32), np.int8))

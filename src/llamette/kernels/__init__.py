@@ -56,6 +56,12 @@ cache.install()  # before the first kernel is defined
 CACHED = {"cache": True, "nogil": True, "error_model": "numpy", "no_cfunc_wrapper": True}
 kernel = njit(**CACHED)
 parallel_kernel = njit(**CACHED, parallel=True)
+# Kernels that only compiled code calls, by symbol (kernels.symbols), never Python: compiled
+# without the CPython wrapper Numba makes for each function (a tenth of a second each, where the
+# arguments are tuples of arrays), which a call from Python would need (called_by_symbol refuses
+# it).
+internal_kernel = njit(**CACHED, no_cpython_wrapper=True)
+internal_parallel_kernel = njit(**CACHED, parallel=True, no_cpython_wrapper=True)
 # A function that only calls kernels (choosing among them, or in order), compiled as part of each
 # caller instead of on its own: a compiled function takes in the code of all it calls, so a
 # separate layer of calls would compile it all twice. Its callers are parallel kernels if it calls

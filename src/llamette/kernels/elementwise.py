@@ -5,7 +5,7 @@ not). A batch's rows run in parallel; one row (a decode step) runs without wakin
 import numpy as np
 from numba import njit, prange
 
-from llamette.kernels import parallel_kernel, reassociating_kernel
+from llamette.kernels import internal_parallel_kernel, parallel_kernel, reassociating_kernel
 from llamette.kernels.halves import float32_from_bits
 from llamette.kernels.reference import add, rmsnorm, rope, rope_angles
 from llamette.kernels.symbols import called_by_symbol
@@ -15,7 +15,7 @@ I32 = np.int32
 
 
 @called_by_symbol
-@parallel_kernel
+@internal_parallel_kernel
 def rmsnorm_rows(out, x, weight, eps):
     """rmsnorm each row of x (B, dim) into out (B, dim), which may be x."""
     if x.shape[0] == 1:
@@ -26,7 +26,7 @@ def rmsnorm_rows(out, x, weight, eps):
 
 
 @called_by_symbol
-@parallel_kernel
+@internal_parallel_kernel
 def rope_angles_rows(cos, sin, positions, head_size, theta, divisors):
     """rope_angles for each position: cos, sin (B, head_size / 2)."""
     if positions.shape[0] == 1:

@@ -11,7 +11,7 @@ from numba import njit, prange
 from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic
 
-from llamette.kernels import kernel, parallel_kernel
+from llamette.kernels import internal_kernel, parallel_kernel
 from llamette.kernels.simd import (
     LANES,
     WIDE_REGISTERS,
@@ -63,7 +63,7 @@ def matmul_f32(out, x, w):
 
 
 @called_by_symbol
-@kernel
+@internal_kernel
 def block_times_inputs(out, x, w, r, i):
     """out[:, i:i + GEMM_ROWS] = x (B, n) @ w[r:r + GEMM_ROWS]^T (rows_times_inputs)."""
     rows_times_inputs(out, x, w, r, i)

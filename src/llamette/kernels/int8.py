@@ -38,7 +38,14 @@ from numba import njit, prange, typeof, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from llamette.kernels import aligned_empty, inlined_kernel, kernel, parallel_kernel
+from llamette.kernels import (
+    aligned_empty,
+    inlined_kernel,
+    internal_kernel,
+    internal_parallel_kernel,
+    kernel,
+    parallel_kernel,
+)
 from llamette.kernels.block_dots import lookup
 from llamette.kernels.dispatch import (
     group_size,
@@ -263,7 +270,7 @@ def _quantize_into(xq, x, scale):
 
 
 @called_by_symbol
-@parallel_kernel
+@internal_parallel_kernel
 def q8_quantize_rows(xq, xs, x, group_size):
     """q8_quantize each row of x (B, n) into xq (B, n) and xs (B, groups)."""
     if x.shape[0] == 1:  # decode: not worth waking the other threads
@@ -274,7 +281,7 @@ def q8_quantize_rows(xq, xs, x, group_size):
 
 
 @called_by_symbol
-@kernel
+@internal_kernel
 def _sum_groups_of_32(sums, xq):
     """sums (B, n / 32) = the int8 values xq (B, n) summed in groups of 32."""
     for b in range(xq.shape[0]):
@@ -289,7 +296,7 @@ def _sum_groups_of_32(sums, xq):
 
 
 @called_by_symbol
-@parallel_kernel
+@internal_parallel_kernel
 def _matmul_rows(out, xq, xs, x_sums, w):
     """out (B, d) = x @ w^T, one row at a time (the type's int8_row_dot), each weight row read
     once for all inputs."""
@@ -299,7 +306,7 @@ def _matmul_rows(out, xq, xs, x_sums, w):
 
 
 @called_by_symbol
-@parallel_kernel
+@internal_parallel_kernel
 def _matmul_rows_in_lanes(out, xq, xs, x_sums, w):
     """What _matmul_rows computes, to the bit, with 16 rows in SIMD lanes: per group the 16
     rows' int32 dot products at once (the type's sixteen_rows), then runq.c's float steps lane
@@ -505,7 +512,7 @@ def _reduce(builder, vector, lanes):
 
 
 @called_by_symbol
-@parallel_kernel
+@internal_parallel_kernel
 def _into_lanes(q, group_size):
     """q's first in_lanes inputs in the layout of the lane kernels: with VNNI, quads (each four
     columns of 16 inputs side by side, plus 128); elsewhere pairs; and each group's 16 scales and
@@ -581,7 +588,7 @@ def _matmul_across_inputs(out, pairs, lane_scales, lane_sums, w):
 
 
 @called_by_symbol
-@kernel
+@internal_kernel
 def _pairs_task(out, pairs, lane_scales, lane_sums, w, a, b, first):
     """out[:, first..first + ROWS_PER_TASK]: each pair of rows unpacked once into int16 values,
     float32 scales (and minimums), then rows_times_lanes. (A function of its own: see
@@ -708,7 +715,7 @@ def _matmul_quads(out, quads, lane_scales, lane_sums, w):
 
 
 @called_by_symbol
-@kernel
+@internal_kernel
 def _quads_task(out, quads, lane_scales, lane_sums, w, a, b, first, rows, scales, minimums,
                 biases):  # fmt: skip
     """out[:, first..first + R] (R = ROWS_PER_TASK): the rows unpacked in one sweep (which the
@@ -728,7 +735,7 @@ def _quads_task(out, quads, lane_scales, lane_sums, w, a, b, first, rows, scales
 
 
 @called_by_symbol
-@kernel
+@internal_kernel
 def _rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
                       has_minimums, size, first, two_scales):  # fmt: skip
     """out[:, first..first + R] for R unpacked rows (see _quads_task), eight at a time: code

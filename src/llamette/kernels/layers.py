@@ -6,7 +6,7 @@ The products with weights (and the embedding lookup) are the weight types' own: 
 kernels.dispatch and llamette.weight_types.
 """
 
-from llamette.kernels import kernel, parallel_kernel, reference
+from llamette.kernels import internal_kernel, kernel, parallel_kernel, reference
 from llamette.kernels.attention import attention_rows
 from llamette.kernels.dispatch import decode_row
 from llamette.kernels.elementwise import (
@@ -48,7 +48,7 @@ def store_kv(kv, layer, slots, positions, k, v):
 
 
 @called_by_symbol
-@kernel
+@internal_kernel
 def gather_rows(out, x, rows):
     """out (m, n) = x[rows] (x: (B, n))."""
     for r in range(rows.shape[0]):

@@ -108,4 +108,6 @@ class called_by_symbol:  # noqa: N801 (a decorator)
             return call_by_symbol(context, builder, kernel, signature, args)
 
     def __call__(self, *args):
+        if self.kernel.targetoptions.get("no_cpython_wrapper"):  # (Numba's call would crash)
+            raise TypeError(f"{self.__name__} is called by compiled code only")
         return self.kernel(*args)
