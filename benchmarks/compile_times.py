@@ -1,6 +1,6 @@
 """What each function costs to compile: a cold run (an empty kernel cache) of one model.
 
-Usage: python benchmarks/compile_times.py [MODEL] [--top N] [--after OTHER_MODEL] [--runs N]
+Usage: python benchmarks/compile_times.py [MODEL] [--top N] [--after OTHER_MODEL ...] [--runs N]
 
 Runs, in a fresh process with an empty LLAMETTE_CACHE_DIR, what `llamette run` runs first (a
 prompt's pass, a decode step, a draw): once as a first run goes (with its helper process, see
@@ -8,7 +8,8 @@ llamette.ahead), for the time to the first draw; once without the helper, record
 compile events, to print each compiled function's own time (its compile less the compiles it set
 off) and its total, the largest first. With --after, the cache holds OTHER_MODEL's kernels first
 (the bundled model's: a new weight type's first use, as a user meets it after the README's first
-command); with --runs N, the time to the first draw is the median of N runs.
+command; --after again adds another model's, run in that order); with --runs N, the time to the
+first draw is the median of N runs; --top 0 prints that alone (no run without the helper).
 """
 
 from __future__ import annotations
@@ -55,18 +56,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default=str(BUNDLED))
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--after", help="a model whose kernels the cache holds first")
+    parser.add_argument("--after", action="append", default=[],
+                        help="a model whose kernels the cache holds first (repeatable)")  # fmt: skip
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
         warmed = args.after and cache
-        if args.after:
-            measured_run(args.after, helper=True, cache=cache)
+        for other in args.after:
+            measured_run(other, helper=True, cache=cache)
         seconds = [cold_run(args.model, True, warmed)["seconds"] for _ in range(args.runs)]
-        after = f" after {args.after}'s" if args.after else ""
+        after = f" after {', '.join(args.after)}'s" if args.after else ""
         print(f"{args.model}: {statistics.median(seconds):.1f} s to the first draw{after}, as a "
               f"first run goes (its helper process compiling beside it, llamette.ahead; "
               f"{', '.join(f'{s:.1f}' for s in seconds)})")  # fmt: skip
+        if args.top == 0:
+            return
         result = cold_run(args.model, helper=False, warmed=warmed)
     spans = result["spans"]
     own = {}
