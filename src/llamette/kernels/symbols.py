@@ -86,7 +86,8 @@ def call_by_symbol(context, builder, kernel, signature, args, compiled_elsewhere
 
 class called_by_symbol:  # noqa: N801 (a decorator)
     """A kernel (a Numba dispatcher) that compiled code calls by symbol: from Python, the kernel
-    itself; its callers take its arguments by position."""
+    itself, unless it is compiled without a CPython wrapper (kernels.internal_kernel); its
+    callers take its arguments by position."""
 
     def __init__(self, kernel):
         self.kernel = kernel
