@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache:
-        warmed = args.after and cache
+        warmed = cache if args.after else None
         for other in args.after:
             measured_run(other, helper=True, cache=cache)
         seconds = [cold_run(args.model, True, warmed)["seconds"] for _ in range(args.runs)]

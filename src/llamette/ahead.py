@@ -13,7 +13,7 @@ not there, if the helper stopped short):
   was cached and the first process has not said that it is done, the pass as below, then prints
   its line. The process with fewer products to compile (the first where the counts are equal)
   compiles first the input quantization that the int8 family's products share, which the
-  other's products then load (helper_quantizes);
+  other's products then load (quantizing_process);
 - one weight type: the first process compiles the products, the type's own kernels first (the
   inputs in lanes, the rows: kernels.int8.compile_kernels); the helper attention, and if it was
   in the cache already (a model of a new weight type, after others), the input quantization
@@ -126,11 +126,16 @@ def shared_products(weights) -> tuple[list, list]:
     return firsts[0::2], firsts[1::2]
 
 
-def helper_quantizes(first_process_products: list, helper_products: list) -> bool:
-    """Whether a cold start's helper compiles the input quantization that the int8 family's
-    products share (before its own kernels), being the process with fewer products to compile;
-    else the first process compiles it first. Either way the other's products then load it."""
-    return len(helper_products) < len(first_process_products)
+def quantizing_process(first_process_products: list, helper_products: list) -> str | None:
+    """Which process of a cold start compiles the input quantization that the int8 family's
+    products share, before its own kernels: "helper" or "first", the one with fewer products to
+    compile (the first where the counts are equal), whose products the other's then load; None
+    where no product is of the int8 family."""
+    from llamette.weight_types import is_int8_family
+
+    if not any(map(is_int8_family, first_process_products + helper_products)):
+        return None
+    return "helper" if len(helper_products) < len(first_process_products) else "first"
 
 
 def compile_products(weights, inputs, exact: bool) -> None:
@@ -244,7 +249,7 @@ def main(argv: list[str]) -> int:
     Transformer makes them, then its role's kernels."""
     from llamette.formats import load_weights
     from llamette.model import Buffers, new_kv_cache
-    from llamette.weight_types import is_int8_family, smallest_input_group
+    from llamette.weight_types import smallest_input_group
 
     model_file, kv_type, kind, role = argv
     weights, exact = load_weights(model_file), kind == "exact"
@@ -252,14 +257,14 @@ def main(argv: list[str]) -> int:
     buffers = Buffers.for_config(config, 1, smallest_input_group(weights.tensors.values()), False)
     kv_cache = new_kv_cache(config, 1, kv_type, exact)
     first_process_products, helper_products = shared_products(weights)
-    int8_products = any(map(is_int8_family, first_process_products + helper_products))
+    quantizer = quantizing_process(first_process_products, helper_products)
     if role == "last":
         compile_last_kernels(config, buffers, kv_cache, exact)
     elif role == "products":
         start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
         steps_cached = time.perf_counter() - start < LOADED_SECONDS  # as attention was
-        if int8_products and helper_quantizes(first_process_products, helper_products):
+        if quantizer == "helper":
             compile_input_quantization()
         compile_type_kernels(helper_products)
         compile_products(helper_products, buffers.inputs, exact)
@@ -273,7 +278,7 @@ def main(argv: list[str]) -> int:
         start = time.perf_counter()
         compile_attention(config, buffers, kv_cache, exact)
         if time.perf_counter() - start < LOADED_SECONDS:  # cached, as the other steps will be
-            if int8_products:  # (helper_quantizes: one type)
+            if quantizer == "helper":  # (one type: the helper's)
                 compile_input_quantization()  # meanwhile the first process its type's kernels
             compile_steps(buffers, kv_cache, exact)
             compile_pass(weights, exact, kv_type, first_process_products)
@@ -282,7 +287,7 @@ def main(argv: list[str]) -> int:
             print("no pass", flush=True)
             compile_steps(buffers, kv_cache, exact)
         compile_sampler(config)
-    if not int8_products:
+    if quantizer is None:
         compile_input_quantization()  # for a next model, of another type
     return 0
 

@@ -23,7 +23,7 @@ from llamette.ahead import (
     compile_products,
     compile_steps,
     compile_type_kernels,
-    helper_quantizes,
+    quantizing_process,
     shared_products,
 )
 from llamette.errors import LlametteError
@@ -52,7 +52,7 @@ from llamette.kernels.layers import (
     swiglu,
 )
 from llamette.threads import ThreadChooser, first_count
-from llamette.weight_types import Q8Tensor, Tensor, is_int8_family, nbytes, smallest_input_group
+from llamette.weight_types import Q8Tensor, Tensor, nbytes, smallest_input_group
 from llamette.weights import LAYER_TENSORS, ModelConfig, Weights
 
 log = logging.getLogger("llamette")
@@ -559,7 +559,7 @@ class Transformer:
         it; where the helper takes products too, then the feed-forward's gate, the residual's
         addition, rotary embedding and the KV cache's store."""
         own, helpers = self._own_products, self._helper_products
-        if not helper_quantizes(own, helpers) and any(map(is_int8_family, own + helpers)):
+        if quantizing_process(own, helpers) == "first":
             compile_input_quantization()  # the helper's products load it
         compile_type_kernels(own)
         compile_products(own, self.buffers.inputs, self.exact)
