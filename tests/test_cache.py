@@ -247,7 +247,8 @@ LANE_KERNELS = RECORDING_COMPILES + textwrap.dedent("""
 @pytest.mark.skipif(not FUSED_MADD, reason="the lanes' tasks of a CPU with AVX-512 VNNI")
 def test_a_second_k_quant_type_shares_the_lanes_multiplication_of_the_first(tmp_path):
     """A prompt's lanes multiply unpacked rows by code every weight type shares: after Q4_K's
-    kernels, Q5_K's compile their own unpacking (_quads_task), not the multiplication."""
+    kernels (a scale per input group, minimums), Q6_K's (two scales per input group, none)
+    compile their own unpacking (_quads_task), not the multiplication."""
     env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path), SWITCH: "0"}
 
     def compiled_for(type_name: str) -> set[str]:
@@ -256,7 +257,7 @@ def test_a_second_k_quant_type_shares_the_lanes_multiplication_of_the_first(tmp_
         return set(json.loads(done.stdout))
 
     assert {"_quads_task", "_rows_times_quads"} <= compiled_for("q4_k")
-    second = compiled_for("q5_k")
+    second = compiled_for("q6_k")
     assert "_quads_task" in second
     assert "_rows_times_quads" not in second
 

@@ -5,8 +5,7 @@ it takes part in: every type `decode_row` and `product`, the decoded family `row
 family `group_size` (and `row_group_size` where its row dot products take their input in other
 groups), `int8_arrays`, `unpack_row` (with `scale_group_size` and `unpack_minimums` where its
 scales are not one per input group or it has minimums), `int8_row_dot` (and, where it computes
-several inputs at once, `int8_row_dots`) and `sixteen_rows`. (`two_scales_per_input_group` is
-no type's own: it answers from whether the type has a scale_group_size.)"""
+several inputs at once, `int8_row_dots`) and `sixteen_rows`."""
 
 import contextlib
 from collections.abc import Iterable, Iterator
@@ -145,13 +144,6 @@ def scale_group_size(w):
     raise NotImplementedError(COMPILED_ONLY)
 
 
-def two_scales_per_input_group(w):
-    """None where each scale of int8-family weights w spans an input group; True where two do
-    (scale_group_size(w) 16): an answer in the type, for kernels to branch on with `is None`,
-    which Numba settles as it compiles."""
-    raise NotImplementedError(COMPILED_ONLY)
-
-
 def unpack_minimums(minimums, w, a, b, i):
     """Whether the int8-family weights w have minimums (a value stands for its int8 value times
     its scale, less its minimum); if so, row i's minimums into `minimums` (float32, one per
@@ -223,15 +215,6 @@ def _scale_group_size(w):
 
     impl = getattr(type_of(w), "scale_group_size", None) or type_of(w).group_size
     return lambda w: impl(w)
-
-
-@_inlined(two_scales_per_input_group)
-def _two_scales_per_input_group(w):
-    from llamette.weight_types import type_of
-
-    if hasattr(type_of(w), "scale_group_size"):  # a type's scales of 16 (see scale_group_size)
-        return lambda w: True
-    return lambda w: None
 
 
 @_inlined(unpack_minimums)

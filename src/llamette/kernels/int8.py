@@ -55,7 +55,6 @@ from llamette.kernels.dispatch import (
     row_group_size,
     scale_group_size,
     sixteen_rows,
-    two_scales_per_input_group,
     unpack_minimums,
     unpack_row,
 )
@@ -67,6 +66,7 @@ from llamette.kernels.simd import (
     add_group_terms,
     add_int32x16,
     add_row_group_terms,
+    add_scaled_term,
     float32x16_of,
     float32x16_zeros,
     int32x16_of,
@@ -75,10 +75,10 @@ from llamette.kernels.simd import (
     madd_pairs,
     madd_quads,
     multiply_add,
+    scaled_term,
     store_lanes,
     sum_16,
     target_features,
-    two_terms,
 )
 from llamette.kernels.symbols import called_by_symbol
 
@@ -731,31 +731,23 @@ def _quads_task(out, quads, lane_scales, lane_sums, w, a, b, first, rows, scales
         has_minimums = unpack_minimums(minimums[r], w, a, b, row)
         _biases_into(biases[r], rows[r], size)
     _rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
-                      has_minimums, size, first, two_scales_per_input_group(w))  # fmt: skip
+                      has_minimums, size, first)  # fmt: skip
 
 
 @called_by_symbol
 @internal_kernel
 def _rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
-                      has_minimums, size, first, two_scales):  # fmt: skip
+                      has_minimums, size, first):  # fmt: skip
     """out[:, first..first + R] for R unpacked rows (see _quads_task), eight at a time: code
-    that every weight type shares, compiled (or loaded from the cache) once for the types whose
-    scales each span an input group (two_scales None) and once for those where two share one
-    (two_scales True; Numba compiles the one branch). size, has_minimums: run-time values, so
-    that types of other sizes and with or without minimums share it too."""
+    that every weight type shares, compiled (or loaded from the cache) once. size, has_minimums
+    and whether two weight scales share an input group: run-time values, branched on per group,
+    not per product of four columns."""
     d = out.shape[1]
     lanes = np.empty(LANES, np.float32)
-    if two_scales is None:
-        for r in range(0, min(ROWS_PER_TASK, d - first), 8):
-            _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows[r : r + 8],
-                                    scales[r : r + 8], minimums[r : r + 8], biases[r : r + 8],
-                                    has_minimums, size, first + r, lanes)  # fmt: skip
-    else:
-        for r in range(0, min(ROWS_PER_TASK, d - first), 8):
-            _eight_rows_times_quads_in_halves(out, quads, lane_scales, lane_sums,
-                                              rows[r : r + 8], scales[r : r + 8],
-                                              minimums[r : r + 8], biases[r : r + 8],
-                                              has_minimums, size, first + r, lanes)  # fmt: skip
+    for r in range(0, min(ROWS_PER_TASK, d - first), 8):
+        _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows[r : r + 8],
+                                scales[r : r + 8], minimums[r : r + 8], biases[r : r + 8],
+                                has_minimums, size, first + r, lanes)  # fmt: skip
 
 
 @njit(inline="always")
@@ -796,44 +788,32 @@ def _sum_int8(values):
 def _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums, biases,
                             has_minimums, size, i, lanes):  # fmt: skip
     """out[:, i..i + 7] for eight rows (8, n) with their scales, biases (8, n / size) and, if
-    has_minimums, minimums, one scale per input group: each lane (input) sums a group's int32
-    products four columns at a time (from the row's bias), then adds the group's float32 term
-    (less the minimum's), groups in order; the same bits as rows_times_lanes and a row at a
-    time. Each load of four columns of 16 inputs serves eight rows. Outputs past out's last
-    column are not stored. (size: the values per weight scale.)"""
+    has_minimums, minimums: each lane (input) sums a weight group's int32 products four columns
+    at a time (from the row's bias), then adds the group's float32 term (less the minimum's),
+    groups in order; the same bits as rows_times_lanes and a row at a time. Each load of four
+    columns of 16 inputs serves eight rows. Where two weight scales (of 16 values) share an input
+    group, their two terms are added before the input's scale multiplies them. Outputs past out's
+    last column are not stored. (size: the values per weight scale.)"""
     w = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
+    halves = scales.shape[1] // (lane_scales.shape[1] // LANES) - 1  # 1: two scales per group
     for block in range(quads.shape[0]):
         x_quads, x_scales, x_sums = quads[block], lane_scales[block], lane_sums[block]
         zeros = float32x16_zeros()
         v = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
+        first_half = v  # the terms of an input group's first weight group, where it has two
         for g in range(scales.shape[1]):
-            v = _add_terms(v, _eight_dots(x_quads, w, biases, g, size), scales, g, x_scales,
-                           g * LANES)  # fmt: skip
-            if has_minimums:
-                v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
-        _store_columns(out, i, block * LANES, v, lanes)
-
-
-@njit(inline="always")
-def _eight_rows_times_quads_in_halves(out, quads, lane_scales, lane_sums, rows, scales,
-                                      minimums, biases, has_minimums, size, i, lanes):  # fmt: skip
-    """_eight_rows_times_quads where two weight scales (of 16 values) share an input group: their
-    terms are added before the input's scale multiplies them."""
-    w = (rows[0], rows[1], rows[2], rows[3], rows[4], rows[5], rows[6], rows[7])
-    for block in range(quads.shape[0]):
-        x_quads, x_scales, x_sums = quads[block], lane_scales[block], lane_sums[block]
-        zeros = float32x16_zeros()
-        v = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
-        for group in range(lane_scales.shape[1] // LANES):
-            g = 2 * group
             dots = _eight_dots(x_quads, w, biases, g, size)
-            more = _eight_dots(x_quads, w, biases, g + 1, size)
-            v = _add_two_scales_terms(v, dots, more, scales, g,
-                                      load_lanes(x_scales, group * LANES))  # fmt: skip
+            at = (g >> halves) * LANES  # the input group's scales
+            if halves == 0:
+                v = _add_terms(v, dots, scales, g, x_scales, at)
+            elif g % 2 == 0:
+                first_half = _terms(dots, scales, g)
+                continue
+            else:
+                v = _add_second_terms(v, first_half, dots, scales, g, load_lanes(x_scales, at))
             if has_minimums:
-                v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
-                g += 1
-                v = _less_minimums(v, _scaled_sums(x_sums, g * size, size), minimums, g)
+                for h in range(g - halves, g + 1):  # the minimums of the groups just added
+                    v = _less_minimums(v, _scaled_sums(x_sums, h * size, size), minimums, h)
         _store_columns(out, i, block * LANES, v, lanes)
 
 
@@ -879,17 +859,32 @@ def _add_terms(v, dots, scales, g, x_scales, at):
 
 
 @njit(inline="always")
-def _add_two_scales_terms(v, dots, more, scales, g, x_scale):
-    """Each row's v + (float32(dots) * its scale g + float32(more) * its scale g + 1) * x_scale."""
+def _terms(dots, scales, g):
+    """Each row's float32(dots) * its scale g."""
     return (
-        multiply_add(v[0], two_terms(dots[0], scales[0, g], more[0], scales[0, g + 1]), x_scale),
-        multiply_add(v[1], two_terms(dots[1], scales[1, g], more[1], scales[1, g + 1]), x_scale),
-        multiply_add(v[2], two_terms(dots[2], scales[2, g], more[2], scales[2, g + 1]), x_scale),
-        multiply_add(v[3], two_terms(dots[3], scales[3, g], more[3], scales[3, g + 1]), x_scale),
-        multiply_add(v[4], two_terms(dots[4], scales[4, g], more[4], scales[4, g + 1]), x_scale),
-        multiply_add(v[5], two_terms(dots[5], scales[5, g], more[5], scales[5, g + 1]), x_scale),
-        multiply_add(v[6], two_terms(dots[6], scales[6, g], more[6], scales[6, g + 1]), x_scale),
-        multiply_add(v[7], two_terms(dots[7], scales[7, g], more[7], scales[7, g + 1]), x_scale),
+        scaled_term(dots[0], scales[0, g]),
+        scaled_term(dots[1], scales[1, g]),
+        scaled_term(dots[2], scales[2, g]),
+        scaled_term(dots[3], scales[3, g]),
+        scaled_term(dots[4], scales[4, g]),
+        scaled_term(dots[5], scales[5, g]),
+        scaled_term(dots[6], scales[6, g]),
+        scaled_term(dots[7], scales[7, g]),
+    )
+
+
+@njit(inline="always")
+def _add_second_terms(v, first, dots, scales, g, x_scale):
+    """Each row's v + (first + float32(dots) * its scale g) * x_scale, each step fused."""
+    return (
+        multiply_add(v[0], add_scaled_term(first[0], dots[0], scales[0, g]), x_scale),
+        multiply_add(v[1], add_scaled_term(first[1], dots[1], scales[1, g]), x_scale),
+        multiply_add(v[2], add_scaled_term(first[2], dots[2], scales[2, g]), x_scale),
+        multiply_add(v[3], add_scaled_term(first[3], dots[3], scales[3, g]), x_scale),
+        multiply_add(v[4], add_scaled_term(first[4], dots[4], scales[4, g]), x_scale),
+        multiply_add(v[5], add_scaled_term(first[5], dots[5], scales[5, g]), x_scale),
+        multiply_add(v[6], add_scaled_term(first[6], dots[6], scales[6, g]), x_scale),
+        multiply_add(v[7], add_scaled_term(first[7], dots[7], scales[7, g]), x_scale),
     )
 
 

@@ -234,20 +234,29 @@ def nibbles_64(typingctx, out, out_index, packed, index):
 
 
 @intrinsic
-def two_terms(typingctx, a, a_scale, b, b_scale):
-    """float32(a) * a_scale + float32(b) * b_scale for int32x16 a and b, lane by lane (the
-    second product fused with the sum)."""
+def scaled_term(typingctx, acc, scale):
+    """float32(acc) * scale for an int32x16 acc, lane by lane."""
 
     def codegen(context, builder, signature, args):
-        a, a_scale, b, b_scale = args
-        a_term = builder.fmul(builder.sitofp(a, _FLOAT32_LANES),
-                              _broadcast(builder, a_scale, _FLOAT32_LANES))  # fmt: skip
+        acc, scale = args
+        return builder.fmul(builder.sitofp(acc, _FLOAT32_LANES),
+                            _broadcast(builder, scale, _FLOAT32_LANES))  # fmt: skip
+
+    return float32x16(acc, types.float32), codegen
+
+
+@intrinsic
+def add_scaled_term(typingctx, term, acc, scale):
+    """term + float32(acc) * scale for an int32x16 acc, lane by lane, rounded once (fused)."""
+
+    def codegen(context, builder, signature, args):
+        term, acc, scale = args
         fma = ir.FunctionType(_FLOAT32_LANES, [_FLOAT32_LANES] * 3)
         fma = cgutils.get_or_insert_function(builder.module, fma, "llvm.fma.v16f32")
-        b_scales = _broadcast(builder, b_scale, _FLOAT32_LANES)
-        return builder.call(fma, [builder.sitofp(b, _FLOAT32_LANES), b_scales, a_term])
+        scales = _broadcast(builder, scale, _FLOAT32_LANES)
+        return builder.call(fma, [builder.sitofp(acc, _FLOAT32_LANES), scales, term])
 
-    return float32x16(a, types.float32, b, types.float32), codegen
+    return float32x16(term, acc, types.float32), codegen
 
 
 @intrinsic
