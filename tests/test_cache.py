@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BUNDLED, FIRST_DRAW, RECORDING_COMPILES
+from conftest import BUNDLED, FIRST_DRAW, RECORDING_COMPILES, random_model_of_whole_k_blocks
 from llamette.ahead import SWITCH, CompileAhead
 from llamette.errors import LlametteError
 from llamette.kernels import cache
@@ -262,10 +262,44 @@ def test_a_second_k_quant_type_shares_the_lanes_multiplication_of_the_first(tmp_
     assert "_rows_times_quads" not in second
 
 
-def _logits(model: Path, cache: str, env: dict) -> np.ndarray:
+HELPER_RECORDING = RECORDING_COMPILES + textwrap.dedent("""
+    from llamette.ahead import main
+    main(sys.argv[1:])
+    print(json.dumps(sorted(compiled)))
+""")
+
+
+@pytest.mark.skipif(not FUSED_MADD, reason="the lanes' tasks of a CPU with AVX-512 VNNI")
+def test_a_helper_leaves_the_lane_kernels_every_type_shares_to_the_first_process(tmp_path):
+    """A cold start of Q4_K layers and a Q6_K classifier: the helper compiles Q6_K's lane task
+    calling the multiplication that every type shares by its symbol alone (the first process
+    compiles it, with Q4_K's); the first process then loads that task and runs it, linked to its
+    own multiplication: a long prompt's logits (in lanes) are those of a run compiled alone."""
+    from llamette import Tokenizer
+    from llamette.formats import load_weights
+    from llamette.formats.gguf import write_gguf
+
+    f32 = random_model_of_whole_k_blocks(tmp_path / "f32.gguf", n_layers=1)
+    model = tmp_path / "q4_k.gguf"
+    write_gguf(load_weights(f32), model, Tokenizer.load(BUNDLED / "tokenizer.bin"), "q4_k",
+               tensor_types={"output.weight": "q6_k"})  # fmt: skip
+    cache = str(tmp_path / "cache")
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": cache, SWITCH: "0"}
+    helper = subprocess.run([sys.executable, "-c", HELPER_RECORDING, str(model), "f32", "fast",
+                             "products"], env=env, stdin=subprocess.DEVNULL, check=True,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    compiled = set(json.loads(helper.stdout.splitlines()[-1]))
+    assert "_quads_task" in compiled and "_rows_times_quads" not in compiled
+    prompt = tuple(range(1, 41))  # 40 rows: 32 in lanes
+    with_helpers = _logits(model, cache, env, prompt)
+    alone = _logits(model, str(tmp_path / "alone"), env, prompt)
+    np.testing.assert_array_equal(with_helpers, alone)
+
+
+def _logits(model: Path, cache: str, env: dict, prompt: tuple = (1, 2, 3)) -> np.ndarray:
     script = ("import sys; from llamette import Transformer; "
-              "print(Transformer.load(sys.argv[1]).prefill([1, 2, 3], 0).tolist())")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", script, str(model)],
+              "print(Transformer.load(sys.argv[1]).prefill([int(t) for t in sys.argv[2:]], 0).tolist())")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", script, str(model), *map(str, prompt)],
                           env={**env, "LLAMETTE_CACHE_DIR": cache}, check=True,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     return np.array(json.loads(done.stdout), np.float32)

@@ -6,14 +6,16 @@ Numba compiles one function at a time under a process-wide lock. A cold start (a
 typed lists of layers are not cached: its first compile) shares the work out, and the first
 process waits for its helper's line before it takes the pass from the cache (or compiles what is
 not there, if the helper stopped short):
-- a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the
-  products of every other type the pass reaches (the first, third...), each type's own kernels
-  first, and the pass's steps, then tells the helper (on its stdin) that its share is done; the
-  helper attention, then the other types' products, their own kernels first, then, if attention
-  was cached and the first process has not said that it is done, the pass as below, then prints
-  its line. The process with fewer products to compile (the first where the counts are equal)
-  compiles first the input quantization that the int8 family's products share, which the
-  other's products then load (quantizing_process);
+- a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the own
+  kernels of half the types, every other one the pass reaches (the first, the third...), then the products of all
+  types but the helper's outside the int8 family (products_compiled_by), and the pass's steps,
+  then tells the helper (on its stdin) that its share is done; the helper attention, then the
+  other types' own kernels (calling the lane kernels that every int8-family type shares, which
+  the first process compiles, by their symbols alone) and the products of those outside the
+  int8 family, then, if attention was cached and the first process has not said that it is
+  done, the pass as below, then prints its line. The input quantization that the int8 family's
+  products share is the helper's to compile first where the first process has int8-family
+  types, else the first process's (quantizing_process);
 - one weight type: the first process compiles the products, the type's own kernels first (the
   inputs in lanes, the rows: kernels.int8.compile_kernels); the helper attention, and if it was
   in the cache already (a model of a new weight type, after others), the input quantization
@@ -128,14 +130,26 @@ def shared_products(weights) -> tuple[list, list]:
 
 def quantizing_process(first_process_products: list, helper_products: list) -> str | None:
     """Which process of a cold start compiles the input quantization that the int8 family's
-    products share, before its own kernels: "helper" or "first", the one with fewer products to
-    compile (the first where the counts are equal), whose products the other's then load; None
-    where no product is of the int8 family."""
+    products share, before its own kernels: the helper where the first process has int8-family
+    products (it compiles the lane kernels those share, kernels.int8.SHARED_LANE_KERNELS, with
+    the first of them), else the first process; None where no product is of the int8 family."""
     from llamette.weight_types import is_int8_family
 
     if not any(map(is_int8_family, first_process_products + helper_products)):
         return None
-    return "helper" if len(helper_products) < len(first_process_products) else "first"
+    return "helper" if any(map(is_int8_family, first_process_products)) else "first"
+
+
+def products_compiled_by(first_process_products: list, helper_products: list) -> tuple[list, list]:
+    """The products that each process of a cold start compiles, (the first's, the helper's): the
+    first process its own weight types', then the helper's int8-family types', whose kernels the
+    helper compiles meanwhile (a product over compiled kernels is a short compile, which evens out
+    the two shares); the helper those of its other types (their products are their kernels)."""
+    from llamette.weight_types import is_int8_family
+
+    helpers_int8 = [w for w in helper_products if is_int8_family(w)]
+    helpers_other = [w for w in helper_products if not is_int8_family(w)]
+    return first_process_products + helpers_int8, helpers_other
 
 
 def compile_products(weights, inputs, exact: bool) -> None:
@@ -152,6 +166,18 @@ def compile_products(weights, inputs, exact: bool) -> None:
         weight_type(w).product(np.zeros((1, rows), np.float32), np.zeros((1, cols), np.float32),
                                w, inputs, flavour(exact))  # fmt: skip
     inputs.held[0] = 0
+
+
+def shared_lane_kernels_elsewhere(first_process_products: list):
+    """A block in which the helper's lane kernels call those that every int8-family type shares
+    (kernels.int8.SHARED_LANE_KERNELS) by symbol alone, uncompiled, where the first process
+    compiles them with its own int8-family products (the two compiled them side by side)."""
+    from llamette.kernels.int8 import SHARED_LANE_KERNELS
+    from llamette.kernels.symbols import compiled_elsewhere
+    from llamette.weight_types import is_int8_family
+
+    first_compiles = any(map(is_int8_family, first_process_products))
+    return compiled_elsewhere(SHARED_LANE_KERNELS if first_compiles else ())
 
 
 def compile_type_kernels(weights) -> None:
@@ -211,10 +237,12 @@ def compile_input_quantization() -> None:
     model has none of those types has the time to spare, and a first run of such a type then
     loads it."""
     import numpy as np
+    from numba import typeof
 
     from llamette.kernels.int8 import Int8Inputs, quantized
 
-    quantized(np.zeros((1, 256), np.float32), Int8Inputs.sized(1, 256), np.int64(32))
+    args = np.zeros((1, 256), np.float32), Int8Inputs.sized(1, 256), np.int64(32)
+    quantized.compile(tuple(map(typeof, args)))  # (compiled code's only: no call from Python)
 
 
 def compile_sampler(config) -> None:
@@ -228,8 +256,8 @@ def compile_sampler(config) -> None:
 
 
 def compile_pass(weights, exact: bool, kv_type: str, first_process_products: list) -> None:
-    """The forward pass, for the cache: the products of the first process's weight types called
-    by their symbols alone, as that process compiles them (see main)."""
+    """The forward pass, for the cache: the products that the first process compiles called by
+    their symbols alone (see main)."""
     from llamette.kernels.dispatch import products_compiled_elsewhere
     from llamette.model import Transformer
     from llamette.weight_types import weight_type
@@ -266,10 +294,12 @@ def main(argv: list[str]) -> int:
         steps_cached = time.perf_counter() - start < LOADED_SECONDS  # as attention was
         if quantizer == "helper":
             compile_input_quantization()
-        compile_type_kernels(helper_products)
-        compile_products(helper_products, buffers.inputs, exact)
+        with shared_lane_kernels_elsewhere(first_process_products):
+            compile_type_kernels(helper_products)
+        firsts, helpers = products_compiled_by(first_process_products, helper_products)
+        compile_products(helpers, buffers.inputs, exact)
         if steps_cached and not _first_process_done():  # its products still compiling
-            compile_pass(weights, exact, kv_type, first_process_products)
+            compile_pass(weights, exact, kv_type, firsts)
             print("pass", flush=True)
         else:
             print("products", flush=True)

@@ -23,6 +23,7 @@ from llamette.ahead import (
     compile_products,
     compile_steps,
     compile_type_kernels,
+    products_compiled_by,
     quantizing_process,
     shared_products,
 )
@@ -556,13 +557,14 @@ class Transformer:
         """A cold start's share of the kernels beside its helper's (llamette.ahead): the
         products with this process's weight types, their own kernels first, and before them the
         input's quantization that the int8 family's products share, unless the helper compiles
-        it; where the helper takes products too, then the feed-forward's gate, the residual's
+        it; then the products of the helper's int8-family types (whose kernels the helper
+        compiles) and, where the helper takes products, the feed-forward's gate, the residual's
         addition, rotary embedding and the KV cache's store."""
         own, helpers = self._own_products, self._helper_products
         if quantizing_process(own, helpers) == "first":
             compile_input_quantization()  # the helper's products load it
         compile_type_kernels(own)
-        compile_products(own, self.buffers.inputs, self.exact)
+        compile_products(products_compiled_by(own, helpers)[0], self.buffers.inputs, self.exact)
         if helpers:
             compile_steps(self.buffers, self.kv_cache, self.exact)
 

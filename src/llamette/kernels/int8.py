@@ -143,7 +143,7 @@ def new_input(inputs):
 
 # Linked into each product as Numba links calls, not called by symbol (kernels.symbols): by symbol,
 # this and the kernels it calls took 4% off a prompt's speed (stories110M Q4_K_M, 217 tokens).
-@kernel
+@internal_kernel
 def quantized(x, inputs, group_size):
     """x (B, n) quantized in groups of group_size into views of `inputs`, with what the products
     read besides (lanes, group sums), unless they hold it already (see Int8Inputs). Callers pass
@@ -536,13 +536,13 @@ def _matmul_in_lanes(out, q, w):
         _matmul_across_inputs(out, q.pairs, q.lane_scales, q.lane_sums, w)
 
 
-@parallel_kernel
+@njit(inline="always")
 def _interleave(out, xq, per_lane, offset):
     """out (blocks, n * 16) = xq (B, n) + offset in blocks of 16 inputs, runs of per_lane columns
     (k..k + per_lane - 1) of the 16 inputs side by side (n is a multiple of per_lane: whole
     groups of 32 or 64); a last block's missing inputs are zeros (their outputs are not kept)."""
     n = xq.shape[1]
-    out[out.shape[0] - 1, :] = 0
+    _zero(out[out.shape[0] - 1])
     for run in prange(n // per_lane):
         k = per_lane * np.int64(run)
         for b in range(xq.shape[0]):
@@ -552,11 +552,19 @@ def _interleave(out, xq, per_lane, offset):
 
 
 @njit(inline="always")
+def _zero(values):
+    """values (n,) = 0, in a loop: in a parallel kernel, `values[:] = 0` would be a parallel loop
+    of its own, compiled as a function of its own (a tenth of a second or more of a first run)."""
+    for k in range(values.shape[0]):
+        values[k] = 0
+
+
+@njit(inline="always")
 def _lanes_of_groups(lanes, per_group):
     """lanes (blocks, groups * 16) = per_group (B, groups), each group's values of 16 inputs side
     by side, zeros past the last input."""
     n_inputs, groups = per_group.shape
-    lanes[lanes.shape[0] - 1, :] = 0
+    _zero(lanes[lanes.shape[0] - 1])
     for b in range(n_inputs):
         for g in range(groups):
             lanes[b // LANES, g * LANES + b % LANES] = per_group[b, g]
@@ -566,7 +574,7 @@ def _lanes_of_groups(lanes, per_group):
 def _lane_sums_into(lanes, xq, xs, group_size):
     """lanes (blocks, n / 16 * 16) = each 16 values of each input summed, times their group's
     scale (the input's part of a minimum's term), 16 inputs side by side."""
-    lanes[lanes.shape[0] - 1, :] = 0
+    _zero(lanes[lanes.shape[0] - 1])
     for b in range(xq.shape[0]):
         for s in range(xq.shape[1] // 16):
             total = F32(_sum_int8(xq[b, 16 * s : 16 * (s + 1)]))
@@ -748,6 +756,11 @@ def _rows_times_quads(out, quads, lane_scales, lane_sums, rows, scales, minimums
         _eight_rows_times_quads(out, quads, lane_scales, lane_sums, rows[r : r + 8],
                                 scales[r : r + 8], minimums[r : r + 8], biases[r : r + 8],
                                 has_minimums, size, first + r, lanes)  # fmt: skip
+
+
+# The lane kernels that every int8-family weight type shares, which a cold start's helper leaves to
+# the first process (llamette.ahead).
+SHARED_LANE_KERNELS = (_rows_times_quads,)
 
 
 @njit(inline="always")

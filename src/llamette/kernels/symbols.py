@@ -9,9 +9,12 @@ compiled otherwise), made to point at the callee wherever it is compiled or load
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import NamedTuple
 
 from llvmlite import binding
@@ -19,6 +22,9 @@ from numba.core import cgutils, types
 from numba.core.funcdesc import default_mangler
 from numba.core.imputils import lower_builtin
 from numba.core.typing.templates import AbstractTemplate, infer_global
+
+# The kernels (called_by_symbol) that another process compiles (see compiled_elsewhere).
+_ELSEWHERE: ContextVar[frozenset] = ContextVar("kernels_elsewhere", default=frozenset())
 
 
 class LoadKernel(NamedTuple):
@@ -99,6 +105,8 @@ class called_by_symbol:  # noqa: N801 (a decorator)
             def generic(self, args, kws):
                 if kws:  # (arguments by position only)
                     return None
+                if _is_elsewhere(kernel, args):  # typed as the kernel is: it returns nothing
+                    return types.none(*map(types.unliteral, args))
                 signature = self.context.resolve_function_type(types.Dispatcher(kernel), args, {})
                 return signature.replace(pysig=None)
 
@@ -106,9 +114,27 @@ class called_by_symbol:  # noqa: N801 (a decorator)
 
         @lower_builtin(self, types.VarArg(types.Any))
         def lower(context, builder, signature, args):
-            return call_by_symbol(context, builder, kernel, signature, args)
+            elsewhere = _is_elsewhere(kernel, signature.args)
+            return call_by_symbol(context, builder, kernel, signature, args, elsewhere)
 
     def __call__(self, *args):
         if self.kernel.targetoptions.get("no_cpython_wrapper"):  # (Numba's call would crash)
             raise TypeError(f"{self.__name__} is called by compiled code only")
         return self.kernel(*args)
+
+
+@contextlib.contextmanager
+def compiled_elsewhere(kernels) -> Iterator[None]:
+    """While the block runs, a function compiled here that calls one of these kernels (of those
+    called_by_symbol, returning nothing), not compiled in this process, calls it by its symbol
+    alone, unchecked and uncompiled, as another process compiles it: the function is then for
+    the cache only (stood_in). (A cold start's helper, llamette.ahead.)"""
+    token = _ELSEWHERE.set(frozenset(k.kernel for k in kernels))
+    try:
+        yield
+    finally:
+        _ELSEWHERE.reset(token)
+
+
+def _is_elsewhere(kernel, args: tuple) -> bool:
+    return kernel in _ELSEWHERE.get() and tuple(map(types.unliteral, args)) not in kernel.overloads
