@@ -233,6 +233,31 @@ def test_the_fast_kernels_compile_none_of_the_references_code(tmp_path):
     assert not compiled & {"q8_0_matmul", "attend", "softmax"}
 
 
+Q8_PRODUCTS = RECORDING_COMPILES + textwrap.dedent("""
+    import numpy as np
+    from llamette.ahead import compile_products
+    from llamette.kernels.int8 import Int8Inputs
+    from llamette.weight_types import quantize_q8
+    matrix = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    for group_size in (64, 16):
+        compile_products([quantize_q8(matrix, group_size)], Int8Inputs.sized(1, 256, 16), False)
+        print(json.dumps(sorted(compiled)))
+        compiled.clear()
+""")
+
+
+def test_llama2c_q8_in_whole_groups_of_64_compiles_no_float_products(tmp_path):
+    """llama2.c's Q8 in groups of 64 takes the int8 family's integer products: its product
+    compiles none of the float products over dequantized values that groups of 16 take."""
+    env = {**os.environ, "LLAMETTE_CACHE_DIR": str(tmp_path), SWITCH: "0"}
+    done = subprocess.run([sys.executable, "-c", Q8_PRODUCTS], env=env, check=True,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    groups_of_64, groups_of_16 = (set(json.loads(line)) for line in done.stdout.splitlines())
+    float_products = {"_dequantize_rows", "_dequantized_rows_times_inputs"}
+    assert "_matmul_rows" in groups_of_64 and not groups_of_64 & float_products
+    assert float_products <= groups_of_16
+
+
 LANE_KERNELS = RECORDING_COMPILES + textwrap.dedent("""
     import numpy as np
     from llamette.kernels.int8 import compile_kernels

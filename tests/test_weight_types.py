@@ -294,7 +294,7 @@ def random_q8_0(d, n):
     values = _rng.integers(-128, 128, (d, n), dtype=np.int8)
     scales = _rng.uniform(0.5, 2, (d, n // 32)) * 2.0 ** _rng.integers(-24, 2, (d, n // 32))
     scales = (scales * _rng.choice([-1, 1], scales.shape)).astype(np.float16)
-    regrouped = Q8Tensor(values, scales.astype(np.float32).ravel(), 32)
+    regrouped = Q8Tensor.of(values, scales.astype(np.float32).ravel(), 32)
     return Q8_0Tensor(q8_0_blocks(values, scales)), regrouped
 
 

@@ -183,12 +183,16 @@ def shared_lane_kernels_elsewhere(first_process_products: list):
 def compile_type_kernels(weights) -> None:
     """The kernels that the products with these weights (of the int8 family) reach after the
     input's quantization, which a process compiles before the products: the inputs in lanes, the
-    rows in lanes, a row at a time (kernels.int8.compile_kernels)."""
+    rows in lanes, a row at a time (kernels.int8.compile_kernels); none for weights whose type
+    says that their products take other kernels (`runs_int8_kernels`: llama2.c's Q8 in groups
+    that do not tile the rows)."""
     from llamette.kernels.int8 import compile_kernels
     from llamette.weight_types import is_int8_family, weight_type
 
     for w in filter(is_int8_family, weights):
-        compile_kernels(w, in_lanes=hasattr(weight_type(w), "sixteen_rows"))
+        kind = weight_type(w)
+        if getattr(kind, "runs_int8_kernels", lambda _: True)(w):
+            compile_kernels(w, in_lanes=hasattr(kind, "sixteen_rows"))
 
 
 def _stop(helper: subprocess.Popen) -> None:

@@ -189,7 +189,7 @@ def _map_tensors(
         elif kind == "q8":
             values = np.frombuffer(buffer, np.int8, numel, offset).reshape(shape)
             scales = np.frombuffer(buffer, np.float32, numel // group_size, offset + numel)
-            tensors[name] = Q8Tensor(values, scales, group_size)
+            tensors[name] = Q8Tensor.of(values, scales, group_size)
         offset += nbytes
     return tensors
 

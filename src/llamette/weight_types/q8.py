@@ -14,7 +14,13 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from llamette.kernels import SMALL_BATCH, int8, parallel_kernel, reference
+from llamette.kernels import (
+    SMALL_BATCH,
+    int8,
+    internal_parallel_kernel,
+    parallel_kernel,
+    reference,
+)
 from llamette.kernels.gemm import GEMM_ROWS, as_weights, block_times_inputs, dot, row_stride
 from llamette.kernels.simd import (
     dot_int8x32,
@@ -23,6 +29,7 @@ from llamette.kernels.simd import (
     prefetch_ahead,
     row_group_dots,
 )
+from llamette.kernels.symbols import called_by_symbol
 
 NAME = "llama2c-q8"
 GGUF_TYPE = None  # llama2.c's own layout
@@ -35,6 +42,16 @@ class Q8Tensor(NamedTuple):
     values: np.ndarray  # int8 (rows, cols)
     scales: np.ndarray  # float32 (rows * cols // group_size,)
     group_size: int
+    # None where groups of 64 or 32 tile the rows (products in the int8 family's integers), True
+    # otherwise (any groups: products over dequantized values): None a type of its own, which
+    # compiled code settles as it compiles, so that such a file compiles its products only
+    float_products: bool | None = True
+
+    @classmethod
+    def of(cls, values: np.ndarray, scales: np.ndarray, group_size: int) -> "Q8Tensor":
+        """values (rows, cols) with a scale per group_size of them, in integers where they can."""
+        tiled = values.shape[1] % group_size == 0 and group_size in (64, 32)
+        return cls(values, scales, group_size, None if tiled else True)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,7 +79,7 @@ def quantize_q8(weights: np.ndarray, group_size: int) -> Q8Tensor:
     with np.errstate(divide="ignore", invalid="ignore"):
         values = np.round(flat / scales[:, None])
     values = np.nan_to_num(values).astype(np.int8)
-    return Q8Tensor(values.reshape(weights.shape), scales.astype(np.float32), group_size)
+    return Q8Tensor.of(values.reshape(weights.shape), scales.astype(np.float32), group_size)
 
 
 @njit(inline="always")
@@ -82,7 +99,18 @@ def product(out, x, w, inputs, exact):
             reference.q8_quantize(xq, xs, x[b], w.group_size)
             reference.q8_matmul(out[b], xq, xs, w.values, w.scales, w.group_size)
         int8.new_input(inputs)  # (it holds the last row only)
-    elif n % w.group_size == 0 and (w.group_size == 64 or w.group_size == 32):
+    else:
+        _fast_product(out, x, w, inputs, w.float_products)
+
+
+@called_by_symbol
+@internal_parallel_kernel
+def _fast_product(out, x, w, inputs, float_products):
+    """The fast flavour's product: the int8 family's where groups of 64 or 32 tile the rows
+    (float_products None), else the quantized input and the rows dequantized, products in float.
+    (An argument, which Numba settles as it compiles where it is None: such a file compiles the
+    int8 family's product only.)"""
+    if float_products is None:
         int8.product(out, x, w, inputs)
     else:
         q = int8.quantized(x, inputs, w.group_size)
@@ -95,6 +123,11 @@ def product(out, x, w, inputs, exact):
 
 
 # The int8 family's functions (see kernels.int8): groups of 64 or 32 that tile the rows.
+
+
+def runs_int8_kernels(tensor: Q8Tensor) -> bool:
+    """Whether products with the tensor run the int8 family's row and lane kernels."""
+    return tensor.float_products is None
 
 
 def input_group_size(tensor: Q8Tensor) -> int:
