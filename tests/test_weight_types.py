@@ -16,6 +16,7 @@ from llamette.weight_types import (
     TYPES,
     Q8_0Tensor,
     Q8Tensor,
+    call_product,
     quantize_q8,
     to_float32,
     weight_type,
@@ -68,7 +69,7 @@ def product(w, x, exact=False, weights_in_cache=False, inputs=None):
     if inputs is None:
         inputs = Int8Inputs.sized(x.shape[0], x.shape[1], 8, weights_in_cache)
         new_input(inputs)
-    weight_type(w).product(out, x, w, inputs, flavour(exact))
+    call_product(out, x, w, inputs, flavour(exact))
     return out, inputs
 
 

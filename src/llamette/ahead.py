@@ -7,15 +7,15 @@ typed lists of layers are not cached: its first compile) shares the work out, an
 process waits for its helper's line before it takes the pass from the cache (or compiles what is
 not there, if the helper stopped short):
 - a model of several weight types (Q4_K_M: Q4_K and Q6_K): the first process compiles the own
-  kernels of half the types, every other one the pass reaches (the first, the third...), then the products of all
-  types but the helper's outside the int8 family (products_compiled_by), and the pass's steps,
-  then tells the helper (on its stdin) that its share is done; the helper attention, then the
-  other types' own kernels (calling the lane kernels that every int8-family type shares, which
-  the first process compiles, by their symbols alone) and the products of those outside the
-  int8 family, then, if attention was cached and the first process has not said that it is
-  done, the pass as below, then prints its line. The input quantization that the int8 family's
-  products share is the helper's to compile first where the first process has int8-family
-  types, else the first process's (quantizing_process);
+  kernels of half the types, every other one the pass reaches (the first, the third...), then
+  the products of all types but the helper's outside the int8 family (products_compiled_by),
+  and the pass's steps, then tells the helper (on its stdin) that its share is done; the helper
+  attention, then the other types' own kernels (calling the lane kernels that every int8-family
+  type shares, which the first process compiles, by their symbols alone) and the products of
+  those outside the int8 family, then, if attention was cached and the first process has not
+  said that it is done, the pass as below, then prints its line. The input quantization that
+  the int8 family's products share is the helper's to compile first where the first process has
+  int8-family types, else the first process's (quantizing_process);
 - one weight type: the first process compiles the products, the type's own kernels first (the
   inputs in lanes, the rows: kernels.int8.compile_kernels); the helper attention, and if it was
   in the cache already (a model of a new weight type, after others), the input quantization
@@ -153,19 +153,19 @@ def products_compiled_by(first_process_products: list, helper_products: list) ->
 
 
 def compile_products(weights, inputs, exact: bool) -> None:
-    """Compile (by running each once, on a row of zeros) the products with these weights, for
-    the argument types the forward pass gives them."""
+    """Compile (or load) the products with these weights, for the argument types the forward
+    pass gives them."""
     import numpy as np
+    from numba import typeof
 
     from llamette.kernels import flavour
     from llamette.weight_types import weight_type
 
     for w in weights:
         rows, cols = w.shape
-        inputs.held[0] = 0  # a new input (kernels.int8.new_input)
-        weight_type(w).product(np.zeros((1, rows), np.float32), np.zeros((1, cols), np.float32),
-                               w, inputs, flavour(exact))  # fmt: skip
-    inputs.held[0] = 0
+        args = (np.zeros((1, rows), np.float32), np.zeros((1, cols), np.float32), w, inputs,
+                flavour(exact))  # fmt: skip
+        weight_type(w).product.compile(tuple(map(typeof, args)))
 
 
 def shared_lane_kernels_elsewhere(first_process_products: list):

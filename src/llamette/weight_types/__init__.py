@@ -7,7 +7,9 @@ embedding lookup) and `product` (x @ w^T for a batch of inputs, in the flavour a
 those of the kernel family it belongs to (kernels.int8, kernels.decoded). Compiled code reaches a
 type's functions through kernels.dispatch, which finds them here.
 
-Adding a type is writing its module and adding it to TYPES.
+Adding a type is writing its module and adding it to TYPES. A type's `product` is compiled for
+compiled code only (without the wrapper a call from Python goes through, a fifth of a second of
+its compile): Python calls it through `call_product`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 from numba import types
 from numba.core.errors import TypingError
 
+from llamette.kernels import kernel
+from llamette.kernels.dispatch import product
 from llamette.weight_types import (
     bf16,
     f16,
@@ -59,6 +63,13 @@ def weight_type(tensor: Tensor) -> ModuleType:
         if isinstance(tensor, kind.Tensor):
             return kind
     raise TypeError(f"{type(tensor).__name__} is not a weight type of llamette's")
+
+
+@kernel
+def call_product(out, x, w, inputs, exact):
+    """out (B, d) = x (B, n) @ w (d, n)^T by w's weight type's own product, from Python (tests):
+    exact as compiled code passes it (kernels.flavour), inputs an Int8Inputs."""
+    product(out, x, w, inputs, exact)
 
 
 def type_of(numba_type: types.Type) -> ModuleType:

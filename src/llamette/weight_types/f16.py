@@ -5,7 +5,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llamette.kernels import decoded, parallel_kernel
+from llamette.kernels import decoded, internal_parallel_kernel
 from llamette.kernels.halves import f16_to_f32
 
 NAME = "f16"
@@ -49,6 +49,6 @@ def row_dot(w, i, x):
     return acc
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def product(out, x, w, inputs, exact):
     decoded.product(out, x, w, exact)

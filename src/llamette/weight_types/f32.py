@@ -4,7 +4,7 @@ tensors hold them (and every norm weight, a vector)."""
 import numpy as np
 from numba import njit
 
-from llamette.kernels import parallel_kernel, reference
+from llamette.kernels import internal_parallel_kernel, reference
 from llamette.kernels.gemm import matmul_f32
 
 NAME = "f32"
@@ -25,7 +25,7 @@ def decode_row(out, w, i):
         out[j] = w[i, j]
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def product(out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T: run.c's matmul row by row (exact), or the GEMM."""
     if exact is not None and exact:

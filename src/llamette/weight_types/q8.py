@@ -88,7 +88,7 @@ def decode_row(out, w, i):
     reference.q8_dequantize_row(out, w.values, w.scales, i, w.group_size)
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def product(out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T, x quantized as runq.c quantizes it."""
     n = x.shape[1]

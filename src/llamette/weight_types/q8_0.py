@@ -7,7 +7,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit
 
-from llamette.kernels import int8, parallel_kernel, reference
+from llamette.kernels import int8, internal_parallel_kernel, reference
 from llamette.kernels.gemm import row_stride
 from llamette.kernels.halves import block_scale
 from llamette.kernels.int8 import biased_dot_32
@@ -61,7 +61,7 @@ def decode_row(out, w, i):
                         block_scale(row, start))  # fmt: skip
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def product(out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in groups of 32 as runq.c quantizes it."""
     if exact is None or not exact:

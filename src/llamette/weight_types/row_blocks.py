@@ -10,20 +10,20 @@ file's bytes as `blocks`."""
 
 from numba import njit
 
-from llamette.kernels import SMALL_BATCH, int8, parallel_kernel
+from llamette.kernels import SMALL_BATCH, int8, internal_parallel_kernel
 
 INPUT_GROUP = 32  # values per scale of the quantized input (the lanes'; a row dot product's unless
 # its type says otherwise)
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def product(out, x, w, inputs, exact):
     """out (B, d) = x (B, n) @ w (d, n)^T, x quantized in the row dot products' groups, a row at
     a time (the same bits either flavour: there is no run.c counterpart)."""
     int8.row_product(out, x, w, inputs)
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def lanes_product(out, x, w, inputs, exact):
     """product, but for more than SMALL_BATCH inputs (a long prompt) and not exact: inputs 16
     at a time in SIMD lanes, rows unpacked to int8 values once for all of them. Their bits then
@@ -34,7 +34,7 @@ def lanes_product(out, x, w, inputs, exact):
         int8.lanes_and_rows_product(out, x, w, inputs)
 
 
-@parallel_kernel
+@internal_parallel_kernel
 def same_bits_lanes_product(out, x, w, inputs, exact):
     """product, with inputs 16 at a time in SIMD lanes wherever they fill at least half of 16:
     for types whose row dot product sums block by block in order, which the lanes do too, so
