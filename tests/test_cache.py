@@ -296,8 +296,8 @@ HELPER_RECORDING = RECORDING_COMPILES + textwrap.dedent("""
 
 @pytest.mark.skipif(not FUSED_MADD, reason="the lanes' tasks of a CPU with AVX-512 VNNI")
 def test_a_helper_leaves_the_lane_kernels_every_type_shares_to_the_first_process(tmp_path):
-    """A cold start of Q4_K layers and a Q6_K classifier: the helper compiles Q6_K's lane task
-    calling the multiplication that every type shares by its symbol alone (the first process
+    """A cold start of Q4_K weights but a Q6_K down projection: the helper compiles Q6_K's lane
+    task calling the multiplication that every type shares by its symbol alone (the first process
     compiles it, with Q4_K's); the first process then loads that task and runs it, linked to its
     own multiplication: a long prompt's logits (in lanes) are those of a run compiled alone."""
     from llamette import Tokenizer
@@ -307,7 +307,7 @@ def test_a_helper_leaves_the_lane_kernels_every_type_shares_to_the_first_process
     f32 = random_model_of_whole_k_blocks(tmp_path / "f32.gguf", n_layers=1)
     model = tmp_path / "q4_k.gguf"
     write_gguf(load_weights(f32), model, Tokenizer.load(BUNDLED / "tokenizer.bin"), "q4_k",
-               tensor_types={"output.weight": "q6_k"})  # fmt: skip
+               tensor_types={"layers.0.feed_forward.w2.weight": "q6_k"})  # fmt: skip
     cache = str(tmp_path / "cache")
     env = {**os.environ, "LLAMETTE_CACHE_DIR": cache, SWITCH: "0"}
     helper = subprocess.run([sys.executable, "-c", HELPER_RECORDING, str(model), "f32", "fast",
