@@ -156,16 +156,15 @@ def compile_products(weights, inputs, exact: bool) -> None:
     """Compile (or load) the products with these weights, for the argument types the forward
     pass gives them."""
     import numpy as np
-    from numba import typeof
 
-    from llamette.kernels import flavour
+    from llamette.kernels import entry_point, flavour
     from llamette.weight_types import weight_type
 
     for w in weights:
         rows, cols = w.shape
         args = (np.zeros((1, rows), np.float32), np.zeros((1, cols), np.float32), w, inputs,
                 flavour(exact))  # fmt: skip
-        weight_type(w).product.compile(tuple(map(typeof, args)))
+        entry_point(weight_type(w).product, args)
 
 
 def shared_lane_kernels_elsewhere(first_process_products: list):
@@ -241,12 +240,12 @@ def compile_input_quantization() -> None:
     model has none of those types has the time to spare, and a first run of such a type then
     loads it."""
     import numpy as np
-    from numba import typeof
 
+    from llamette.kernels import entry_point
     from llamette.kernels.int8 import Int8Inputs, quantized
 
     args = np.zeros((1, 256), np.float32), Int8Inputs.sized(1, 256), np.int64(32)
-    quantized.compile(tuple(map(typeof, args)))  # (compiled code's only: no call from Python)
+    entry_point(quantized, args)  # (compiled code's only: no call from Python)
 
 
 def compile_sampler(config) -> None:
