@@ -27,6 +27,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from llamette.kernels.simd import (
+    WIDE_REGISTERS,
     float32x16,
     float32x16_zeros,
     prefetch_line,
@@ -368,7 +369,23 @@ def block_step(block_values: int, block_bytes: int, input_group: int = 32) -> Ca
     return decorate
 
 
-INPUTS_AT_ONCE = 4  # inputs whose dot products with a row go through its blocks together
+# Inputs whose dot products with a row go through its blocks together, sharing its unpacking: each
+# keeps a float32x16 of running sums live, as many as the registers hold without spilling (AVX-512's
+# 32 hold eight and the row's values; AVX2's 16 of half the width, four). A 16-token prompt on
+# Llama-2-7B Q4_K_M: 0.84 s with four, 0.75 with eight.
+INPUTS_AT_ONCE = 8 if WIDE_REGISTERS else 4
+
+
+@intrinsic
+def _zero_sums(typingctx):
+    """INPUTS_AT_ONCE float32x16 of zeros, a tuple."""
+    sums = types.UniTuple(float32x16, INPUTS_AT_ONCE)
+
+    def codegen(context, builder, signature, args):
+        zeros = ir.Constant(vector(F32, 16), None)
+        return context.make_tuple(builder, sums, [zeros] * INPUTS_AT_ONCE)
+
+    return sums(), codegen
 
 
 def row_dots(block_terms, block_bytes: int):
@@ -383,8 +400,7 @@ def row_dots(block_terms, block_bytes: int):
         n_blocks = row.shape[0] // block_bytes
         n_inputs = xq.shape[0]
         for first in range(0, n_inputs - n_inputs % INPUTS_AT_ONCE, INPUTS_AT_ONCE):
-            zeros = float32x16_zeros()
-            sums = (zeros, zeros, zeros, zeros)  # INPUTS_AT_ONCE
+            sums = _zero_sums()
             for block in range(n_blocks):
                 sums = block_terms(sums, row, block * block_bytes, xq, xs, x_sums, block, first)
             for k in range(INPUTS_AT_ONCE):
