@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED, FIRST_DRAW, RECORDING_COMPILES, random_model_of_whole_k_blocks
-from llamette.ahead import SWITCH, CompileAhead
+from llamette.ahead import SWITCH, CompileAhead, run
 from llamette.errors import LlametteError
 from llamette.kernels import cache
 from llamette.kernels.simd import FUSED_MADD
@@ -92,6 +92,14 @@ def test_a_helper_is_for_model_files_and_starts_none_of_its_own(tmp_path, monkey
     assert CompileAhead(str(tmp_path), "f32", False).command is None  # a folder, or no file
     monkeypatch.setenv(SWITCH, "0")  # as the helper runs
     assert CompileAhead(str(BUNDLED / "model.bin"), "f32", False).command is None
+
+
+def test_a_helper_started_by_hand_tells_a_bad_file_or_bad_arguments_in_one_line(tmp_path, capsys):
+    missing = tmp_path / "missing.gguf"
+    assert run([str(missing), "f32", "fast", "products"]) == 2
+    assert capsys.readouterr().err == f"llamette.ahead: {missing}: no such file\n"
+    assert run([str(missing), "f32", "quick", "products"]) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m llamette.ahead MODEL_FILE")
 
 
 def test_a_cold_start_of_two_weight_types_shares_their_products_with_its_helper(tmp_path):

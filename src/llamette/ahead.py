@@ -46,6 +46,8 @@ from typing import TypeVar
 
 from numba.core import event
 
+from llamette.errors import LlametteError
+
 SWITCH = "LLAMETTE_COMPILE_AHEAD"  # "0": no helper
 T = TypeVar("T")
 # Attention loaded within this many seconds was in the cache, as the pass's other steps then are:
@@ -325,5 +327,21 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+ROLES = ("products", "pass", "last")
+USAGE = f"usage: python -m llamette.ahead MODEL_FILE KV_TYPE fast|exact {'|'.join(ROLES)}"
+
+
+def run(argv: list[str]) -> int:
+    """main, with bad arguments or a bad model file told in one line (exit 2)."""
+    if len(argv) != 4 or argv[2] not in ("fast", "exact") or argv[3] not in ROLES:
+        print(USAGE, file=sys.stderr)
+        return 2
+    try:
+        return main(argv)
+    except LlametteError as error:
+        print(f"llamette.ahead: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))

@@ -370,9 +370,9 @@ def block_step(block_values: int, block_bytes: int, input_group: int = 32) -> Ca
 
 
 # Inputs whose dot products with a row go through its blocks together, sharing its unpacking: each
-# keeps a float32x16 of running sums live, as many as the registers hold without spilling (AVX-512's
-# 32 hold eight and the row's values; AVX2's 16 of half the width, four). A 16-token prompt on
-# Llama-2-7B Q4_K_M: 0.84 s with four, 0.75 with eight.
+# keeps a float32x16 of running sums live. AVX-512's 32 registers hold eight and the row's values
+# (a 16-token prompt on Llama-2-7B Q4_K_M: 0.84 s with four, 0.75 with eight); AVX2's 16, of half
+# the width, take four.
 INPUTS_AT_ONCE = 8 if WIDE_REGISTERS else 4
 
 
