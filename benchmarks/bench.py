@@ -96,6 +96,8 @@ def main() -> None:
             if args.types and weight_type not in args.types.split(","):
                 continue
             paths = ensure_model(name, weight_type, args.tokenizer, peer_python)
+            for path in set(paths.values()):  # once, for every format measured
+                settle_page_cache(path)
             for file_format in ["gguf"] if weight_type in GGUF_ONLY else formats:
                 config = measure(name, weight_type, paths, peer_python, runs, file_format,
                                  args.baseline)  # fmt: skip
@@ -176,8 +178,6 @@ def measure(name: str, weight_type: str, paths: dict, peer_python: Path, runs: i
     }  # fmt: skip
     if baseline:  # the other build, on the same file, with its own kernel cache
         engines["baseline"] = (ours, {"PYTHONPATH": str(baseline.resolve())})
-    for path in {ours_file, paths["llama.cpp"]}:
-        settle_page_cache(path)
     read_bandwidths = []  # GB/s, measured just before each round of runs
     file_bandwidths = []  # GB/s, the model file's mapping read just before each round
     samples = {engine: [] for engine in engines}
